@@ -1,0 +1,48 @@
+"""The two layers a backend may swap for kernels: GroupNorm(+activation) and the attention core.
+
+Model code builds these and nothing else for normalisation and attention, so a backend can
+substitute kernel-backed modules at load time (see runtime/backends/substitute.py) without the
+models knowing. Both keep the parameter names of their torch / diffusers counterparts, so the
+state-dict keys stay identical to diffusers.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = (None, "silu")
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm with an optional activation fused after it.
+
+    Diffusers applies GroupNorm and SiLU as two modules; here they are one so that a kernel can do
+    both in a single pass over memory. Parameters are `weight` and `bias`, as in nn.GroupNorm.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 activation: str | None = None):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"GroupNorm activation must be one of {ACTIVATIONS}, got {activation!r}")
+        super().__init__(num_groups, num_channels, eps=eps, affine=affine)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return F.silu(x) if self.activation == "silu" else x
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", activation={self.activation}"
+
+
+class AttentionCore(nn.Module):
+    """softmax(q @ k^T * scale) @ v, not causal, no mask.
+
+    q: [B, H, Nq, D], k and v: [B, H, Nk, D] -> [B, H, Nq, D]. Inputs may be strided views (the
+    head split of a projection's output); implementations must not require contiguity.
+    Holds no parameters.
+    """
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v)
