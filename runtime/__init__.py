@@ -1,0 +1,32 @@
+"""A fast Stable Diffusion inference runtime.
+
+    import runtime
+    pipe = runtime.load("path/to/model", backend="triton", device="cuda", dtype="fp16")
+    images = pipe.generate("an astronaut riding a horse", seed=0)
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["load"]
+
+
+def load(path, backend: str = "torch", device: str | torch.device = "cpu",
+         dtype: str | torch.dtype = torch.float32, *, variant: str | None = None,
+         allow_pickle: bool = False, tokenizer_path=None, prediction_type: str | None = None,
+         **backend_options):
+    """Load a diffusers folder or a single-file checkpoint and return a ready `Pipeline`.
+
+    backend: "torch" (eager reference) or "triton" (our kernels); backend_options go to the backend.
+    dtype: a torch.dtype or a name ("fp32", "fp16", "bf16", ...).
+    Pickle checkpoints (.ckpt/.bin) are refused unless allow_pickle=True (then read weights-only).
+    """
+    from runtime import backends
+    from runtime.pipeline import Pipeline
+    from runtime.weights import load_components
+
+    components = load_components(path, device=device, dtype=dtype, variant=variant,
+                                 allow_pickle=allow_pickle, tokenizer_path=tokenizer_path,
+                                 prediction_type=prediction_type)
+    components = backends.prepare(backend, components, **backend_options)
+    return Pipeline(components, backend=backend)

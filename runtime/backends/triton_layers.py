@@ -1,0 +1,33 @@
+"""Kernel-backed versions of runtime.models.layers, used by the `triton` backend."""
+from __future__ import annotations
+
+import torch
+
+import kernels
+from runtime.models.layers import AttentionCore, GroupNorm
+
+# The attention kernel handles head dims up to this; the VAE's single 512-wide head falls back to SDPA.
+MAX_KERNEL_HEAD_DIM = 256
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class TritonGroupNorm(GroupNorm):
+    """GroupNorm(+SiLU) computed by kernels.group_norm; same parameters, same state-dict keys."""
+
+    @classmethod
+    def from_module(cls, old: GroupNorm) -> "TritonGroupNorm":
+        new = cls.__new__(cls)
+        new.__dict__ = old.__dict__.copy()  # shares the Parameters, keeps hooks and flags
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation)
+
+
+class TritonAttentionCore(AttentionCore):
+    """Attention computed by kernels.attention where the kernel supports the shape and dtype."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if q.shape[-1] <= MAX_KERNEL_HEAD_DIM and q.dtype in KERNEL_DTYPES:
+            return kernels.attention(q, k, v)
+        return super().forward(q, k, v)
