@@ -1,0 +1,400 @@
+"""txt2img, img2img and inpainting over loaded components; numerically the diffusers pipelines.
+
+Stages are separate methods so a benchmark can time them and a faster backend can replace one:
+    encode_prompt -> prepare latents -> denoise (a loop over `_denoise_step`) -> decode_latents -> to_pil
+`_denoise_step` is the unit a CUDA-graph runner swaps: it only does tensor work (no host syncs).
+
+Random draws reproduce diffusers' for the same seed, in diffusers' order, from one CPU generator:
+  txt2img:  initial noise                                                  then per-step noise
+  img2img:  VAE posterior sample of the image, noise for add_noise        then per-step noise
+  inpaint:  [VAE sample of the image (4-channel UNet, or strength < 1)], initial noise,
+            VAE sample of the masked image                                 then per-step noise
+Per-step (ancestral) noise comes from `scheduler.draw_noise` up front, after those draws: rows [S, ...]
+indexed by step; for img2img the scheduler draws only from its begin index (set by img2img_start) on.
+
+Cancelling: `callback(step_index, timestep, latents)` returning False raises `GenerationCancelled`
+(holding the latents reached); no image is decoded, so a cancelled run costs no VAE time.
+"""
+from __future__ import annotations
+
+import secrets
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from runtime import images as imageio
+from runtime.images import GenerationInfo
+from runtime.schedulers import SCHEDULER_NAMES, make_scheduler
+
+# diffusers' scheduler class names -> our names, for the default scheduler's name in metadata.
+_SCHEDULER_NAME_BY_CLASS = {
+    "DDIMScheduler": "ddim",
+    "PNDMScheduler": "pndm",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a",
+    "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "LCMScheduler": "lcm",
+}
+
+
+class GenerationCancelled(RuntimeError):
+    """The step callback returned False. `step_index` is the last step run; `latents` the latents after it."""
+
+    def __init__(self, step_index: int, latents: torch.Tensor):
+        super().__init__(f"generation cancelled by the callback after step {step_index}")
+        self.step_index = step_index
+        self.latents = latents
+
+
+@dataclass
+class _LatentBlend:
+    """4-channel inpainting: after each step, the unmasked region is reset to the image's latents
+    noised to the next step's level (diffusers' StableDiffusionInpaintPipeline for 4-channel UNets)."""
+
+    image_latents: torch.Tensor  # [B, 4, h, w], scaled
+    mask: torch.Tensor           # [B, 1, h, w], 1 = repaint
+    noise: torch.Tensor          # the initial noise, reused to noise the image at each level
+
+
+@dataclass(frozen=True)
+class _Request:
+    """One validated call: everything decided before any network runs."""
+
+    mode: str
+    prompts: list[str]
+    negatives: list[str]
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    seed: int
+    num_images: int
+    scheduler: str | None          # the caller's choice; None: the checkpoint's own scheduler
+    scheduler_name: str            # what ran, for metadata
+    strength: float | None
+
+
+class Pipeline:
+    """Stable Diffusion over `components` (runtime.weights.Components) prepared by a backend."""
+
+    def __init__(self, components, backend: str = "torch"):
+        self.components = components
+        self.backend = backend
+        self.unet = components.unet
+        self.vae = components.vae
+        self.text_encoder = components.text_encoder
+        self.tokenizer = components.tokenizer
+        self.scheduler_config = dict(components.scheduler_config)
+        self.scheduler = None  # the scheduler of the latest run, set by each call
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        parameter = next(self.unet.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+
+    # ------------------------------------------------------------------ public entry points
+    def generate(self, prompt, *, negative_prompt=None, steps: int = 30, guidance: float = 7.5,
+                 width: int | None = None, height: int | None = None, seed: int | None = None,
+                 num_images: int = 1, scheduler: str | None = None, callback=None,
+                 progress: bool = True) -> list[PIL.Image.Image]:
+        """Text to image. Returns `len(prompts) * num_images` PIL images (each prompt's images together);
+        each image's `info` holds the generation parameters (seed included) as PNG text entries."""
+        request = self._request("txt2img", prompt, negative_prompt, steps, guidance, width, height,
+                                seed, num_images, scheduler, None)
+        return self._run(request, callback=callback, progress=progress)
+
+    def img2img(self, image, prompt, *, strength: float = 0.75, negative_prompt=None, steps: int = 30,
+                guidance: float = 7.5, width: int | None = None, height: int | None = None,
+                seed: int | None = None, num_images: int = 1, scheduler: str | None = None,
+                callback=None, progress: bool = True) -> list[PIL.Image.Image]:
+        """Image to image: `image` (PIL or path) noised to `strength` then denoised. The output size is
+        width x height, by default the image's own size rounded down to a multiple of 8."""
+        image = imageio.load_image(image, "init image")
+        width, height = self._size_for_image(image, width, height)
+        request = self._request("img2img", prompt, negative_prompt, steps, guidance, width, height,
+                                seed, num_images, scheduler, strength)
+        return self._run(request, image=image, callback=callback, progress=progress)
+
+    def inpaint(self, image, mask, prompt, *, strength: float = 1.0, negative_prompt=None,
+                steps: int = 30, guidance: float = 7.5, width: int | None = None,
+                height: int | None = None, seed: int | None = None, num_images: int = 1,
+                scheduler: str | None = None, callback=None, progress: bool = True) -> list[PIL.Image.Image]:
+        """Repaint where `mask` is white (>= 50% gray), keep the rest. 9-channel inpainting UNets get the
+        mask and masked image as input; ordinary 4-channel UNets blend the known region back each step."""
+        image = imageio.load_image(image, "init image")
+        mask = imageio.load_image(mask, "mask")
+        if mask.size != image.size:
+            raise ValueError(f"mask size {mask.size[0]}x{mask.size[1]} differs from the image size "
+                             f"{image.size[0]}x{image.size[1]}; give a mask of the same size")
+        if self.unet.config.in_channels not in (4, 9):
+            raise ValueError(f"inpainting needs a UNet with 4 or 9 input channels, this one has "
+                             f"in_channels={self.unet.config.in_channels}")
+        width, height = self._size_for_image(image, width, height)
+        request = self._request("inpaint", prompt, negative_prompt, steps, guidance, width, height,
+                                seed, num_images, scheduler, strength)
+        return self._run(request, image=image, mask=mask, callback=callback, progress=progress)
+
+    # ------------------------------------------------------------------ validation
+    def native_size(self) -> tuple[int, int]:
+        """(width, height) the UNet was trained at: sample_size * the VAE factor."""
+        sample_size = self.unet.config.sample_size
+        if isinstance(sample_size, int):
+            sample_size = (sample_size, sample_size)
+        height, width = sample_size
+        return width * self.vae_scale_factor, height * self.vae_scale_factor
+
+    def _size_for_image(self, image, width, height) -> tuple[int, int]:
+        if width is not None and height is not None:
+            return width, height
+        factor = self.vae_scale_factor
+        image_width, image_height = image.size
+        rounded = (image_width - image_width % factor, image_height - image_height % factor)
+        if rounded[0] < factor or rounded[1] < factor:
+            raise ValueError(f"init image is {image_width}x{image_height}; it must be at least {factor}x{factor}")
+        if rounded != image.size and (width is None or height is None):
+            warnings.warn(f"init image size {image_width}x{image_height} is not a multiple of {factor}; "
+                          f"it is resized to {rounded[0]}x{rounded[1]}", stacklevel=3)
+        return (width if width is not None else rounded[0]), (height if height is not None else rounded[1])
+
+    def _request(self, mode, prompt, negative_prompt, steps, guidance, width, height, seed, num_images,
+                 scheduler, strength) -> _Request:
+        prompts = _prompt_list(prompt, "prompt")
+        if negative_prompt is None:
+            negatives = [""] * len(prompts)
+        elif isinstance(negative_prompt, str):
+            negatives = [negative_prompt] * len(prompts)
+        else:
+            negatives = _prompt_list(negative_prompt, "negative_prompt")
+            if len(negatives) != len(prompts):
+                raise ValueError(f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        if not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 1:
+            raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
+        if not isinstance(guidance, (int, float)) or guidance < 0:
+            raise ValueError(f"guidance must be a number >= 0 (<= 1 turns guidance off), got {guidance!r}")
+        if guidance <= 1 and negative_prompt:
+            warnings.warn(f"guidance {guidance} <= 1 turns classifier-free guidance off: "
+                          "the negative prompt is ignored", stacklevel=3)
+        default_width, default_height = self.native_size()
+        width = default_width if width is None else width
+        height = default_height if height is None else height
+        for name, value in (("width", width), ("height", height)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < self.vae_scale_factor \
+                    or value % self.vae_scale_factor:
+                raise ValueError(f"{name} must be a positive multiple of {self.vae_scale_factor} "
+                                 f"(the VAE factor), got {value!r}")
+        if strength is not None:
+            if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+                raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+            if int(steps * strength) < 1:
+                raise ValueError(f"strength {strength} with {steps} steps leaves no denoising step "
+                                 f"(int(steps * strength) = 0); raise steps or strength")
+        if scheduler is not None and scheduler not in SCHEDULER_NAMES:
+            raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
+        if seed is None:
+            seed = secrets.randbelow(2**32)
+        elif not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+        return _Request(mode=mode, prompts=prompts, negatives=negatives, steps=steps, guidance=float(guidance),
+                        width=width, height=height, seed=seed, num_images=num_images, scheduler=scheduler,
+                        scheduler_name=scheduler or self.default_scheduler_name(), strength=strength)
+
+    def default_scheduler_name(self) -> str:
+        """Our name for the scheduler the checkpoint's config names."""
+        class_name = self.scheduler_config.get("_class_name", "")
+        name = _SCHEDULER_NAME_BY_CLASS.get(class_name, class_name or "unknown")
+        if name == "dpmpp_2m" and self.scheduler_config.get("use_karras_sigmas"):
+            name = "dpmpp_2m_karras"
+        return name
+
+    # ------------------------------------------------------------------ the run
+    @torch.inference_mode()
+    def _run(self, request: _Request, *, image=None, mask=None, callback=None, progress=True):
+        self.scheduler = scheduler = make_scheduler(request.scheduler, self.scheduler_config)
+        scheduler.set_timesteps(request.steps, device=self.device)
+        context = self.encode_prompt(request.prompts, request.negatives, request.guidance, request.num_images)
+        generator = torch.Generator("cpu").manual_seed(request.seed)
+        batch = len(request.prompts) * request.num_images
+        shape = (batch, self.vae.config.latent_channels,
+                 request.height // self.vae_scale_factor, request.width // self.vae_scale_factor)
+        start, conditioning, blend = 0, None, None
+        if request.mode == "txt2img":
+            latents = self._randn(shape, generator) * scheduler.init_noise_sigma
+        elif request.mode == "img2img":
+            start = scheduler.img2img_start(request.strength)
+            latents = self._img2img_latents(image, request, shape, start, generator)
+        else:
+            start = scheduler.img2img_start(request.strength)
+            latents, conditioning, blend = self._inpaint_latents(image, mask, request, shape, start,
+                                                                 context.shape[0] != batch, generator)
+        noise = scheduler.draw_noise(generator, shape, self.dtype, self.device)
+        latents = self.denoise(latents, context, request.guidance, start=start, noise=noise,
+                               conditioning=conditioning, blend=blend, callback=callback, progress=progress)
+        return self._finish(self.decode_latents(latents), request)
+
+    def encode_prompt(self, prompts: list[str], negatives: list[str] | None, guidance: float,
+                      num_images: int = 1) -> torch.Tensor:
+        """Text-encoder context [B, 77, C], B = len(prompts) * num_images, each prompt repeated in place;
+        with guidance > 1 the unconditional half comes first: [uncond; cond], 2B rows."""
+        guided = guidance > 1
+        texts = (list(negatives) if guided else []) + list(prompts)
+        ids = self._tokenize(texts, first_prompt_index=len(texts) - len(prompts))
+        context = self.text_encoder(ids.to(self.device))
+        context = context.to(self.dtype).repeat_interleave(num_images, dim=0)
+        return context
+
+    def _tokenize(self, texts: list[str], first_prompt_index: int) -> torch.Tensor:
+        """Token ids [len(texts), 77]; a warning per text that was cut, naming it and the dropped words."""
+        if not hasattr(self.tokenizer, "tokenize_with_info"):
+            return self.tokenizer(texts)
+        result = self.tokenizer.tokenize_with_info(texts)
+        for cut in result.truncated:
+            if cut.index >= first_prompt_index:
+                which = f"prompt {cut.index - first_prompt_index}"
+            else:
+                which = f"negative prompt {cut.index}"
+            warnings.warn(f"{which} is longer than the text encoder's {result.input_ids.shape[1]} tokens and "
+                          f"was truncated; these words were dropped: {cut.dropped_text!r}", UserWarning,
+                          stacklevel=4)
+        return result.input_ids
+
+    def _randn(self, shape, generator) -> torch.Tensor:
+        """diffusers' randn_tensor with a CPU generator: drawn on the CPU in fp32, then moved."""
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
+
+    def _encode_image(self, pixels: torch.Tensor, generator) -> torch.Tensor:
+        """A sample of the VAE posterior, scaled: mean + std * randn(generator), as diffusers'
+        `latent_dist.sample(generator)` (one draw of the latent shape per call)."""
+        pixels = pixels.to(self.device, self.dtype)
+        mean, logvar = self._vae_moments(pixels)
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        sample = mean + std * self._randn(mean.shape, generator)
+        return sample * self.vae.config.scaling_factor
+
+    def _vae_moments(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if hasattr(self.vae, "encode_moments"):
+            return self.vae.encode_moments(pixels)
+        # Our AutoencoderKL keeps diffusers' submodule names (the state-dict contract), so the posterior
+        # moments are quant_conv(encoder(x)) split in two along channels, as in diffusers.
+        moments = self.vae.encoder(pixels)
+        if getattr(self.vae, "quant_conv", None) is not None:
+            moments = self.vae.quant_conv(moments)
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, logvar
+
+    def _img2img_latents(self, image, request, shape, start, generator) -> torch.Tensor:
+        pixels = imageio.image_to_tensor(image, request.width, request.height)
+        image_latents = self._encode_image(pixels, generator).expand(shape[0], -1, -1, -1)
+        noise = self._randn(shape, generator)
+        return self.scheduler.add_noise(image_latents, noise, start)
+
+    def _inpaint_latents(self, image, mask, request, shape, start, guided, generator):
+        pixels = imageio.image_to_tensor(image, request.width, request.height)
+        mask_pixels = imageio.mask_to_tensor(mask, request.width, request.height)
+        four_channel = self.unet.config.in_channels == 4
+        full_strength = request.strength == 1.0
+        image_latents = None
+        if four_channel or not full_strength:
+            image_latents = self._encode_image(pixels, generator).expand(shape[0], -1, -1, -1)
+        noise = self._randn(shape, generator)
+        if full_strength:
+            latents = noise * self.scheduler.init_noise_sigma
+        else:
+            latents = self.scheduler.add_noise(image_latents, noise, start)
+        # diffusers encodes the masked image even for 4-channel UNets: the draw keeps the stream aligned.
+        masked_latents = self._encode_image(pixels * (mask_pixels < 0.5), generator)
+        latent_mask = F.interpolate(mask_pixels, size=shape[-2:]).to(self.device, self.dtype)
+        latent_mask = latent_mask.expand(shape[0], -1, -1, -1)
+        if four_channel:
+            return latents, None, _LatentBlend(image_latents, latent_mask, noise)
+        conditioning = torch.cat([latent_mask, masked_latents.expand(shape[0], -1, -1, -1)], dim=1)
+        if guided:
+            conditioning = torch.cat([conditioning, conditioning])
+        return latents, conditioning, None
+
+    def denoise(self, latents: torch.Tensor, context: torch.Tensor, guidance: float, *, start: int = 0,
+                noise: torch.Tensor | None = None, conditioning: torch.Tensor | None = None,
+                blend: _LatentBlend | None = None, callback=None, progress: bool = True) -> torch.Tensor:
+        """Run steps start..S-1 of `self.scheduler` (already set up); return the final latents."""
+        scheduler = self.scheduler
+        scheduler.reset()
+        last = scheduler.num_steps - 1
+        for i in tqdm(range(start, scheduler.num_steps), disable=not progress, desc="denoising"):
+            noise_i = None if noise is None else noise[i]
+            latents = self._denoise_step(latents, i, context, guidance, noise_i, conditioning)
+            if blend is not None:
+                known = blend.image_latents
+                if i < last:
+                    known = scheduler.add_noise(known, blend.noise, i + 1)
+                latents = (1 - blend.mask) * known + blend.mask * latents
+            if callback is not None and callback(i - start, scheduler.timesteps[i], latents) is False:
+                raise GenerationCancelled(i - start, latents)
+        return latents
+
+    def _denoise_step(self, latents: torch.Tensor, i: int, context: torch.Tensor, guidance: float,
+                      noise_i: torch.Tensor | None, conditioning: torch.Tensor | None = None) -> torch.Tensor:
+        """One step: UNet once on the guided batch [uncond; cond], guidance combine, scheduler step.
+
+        Guided iff `context` has twice the rows of `latents`. Pure tensor work, no host sync.
+        `conditioning` (9-channel inpainting: mask and masked-image latents) is appended to the channels.
+        """
+        guided = context.shape[0] != latents.shape[0]
+        model_input = torch.cat([latents, latents]) if guided else latents
+        model_input = self.scheduler.scale_model_input(model_input, i)
+        if conditioning is not None:
+            model_input = torch.cat([model_input, conditioning], dim=1)
+        prediction = self.unet(model_input, self.scheduler.timesteps[i], context)
+        if guided:
+            uncond, cond = prediction.chunk(2)
+            prediction = uncond + guidance * (cond - uncond)
+        return self.scheduler.step(prediction, i, latents, noise=noise_i)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images [B, 3, H, W] in [0, 1]. If the decode overflows to NaN (fp16 VAEs do), decode
+        again with the VAE in fp32 once, with a warning; if that is NaN too, raise rather than return black."""
+        scaled = latents / self.vae.config.scaling_factor
+        decoded = self.vae.decode(scaled)
+        if torch.isnan(decoded).any():
+            vae_dtype = next(self.vae.parameters()).dtype
+            if vae_dtype == torch.float32:
+                raise FloatingPointError("the VAE decoded NaN in fp32: the latents or the VAE weights are broken")
+            warnings.warn(f"the VAE decoded NaN in {vae_dtype}; decoding again in fp32", stacklevel=2)
+            try:
+                self.vae.to(torch.float32)
+                decoded = self.vae.decode(scaled.float())
+            finally:
+                self.vae.to(vae_dtype)
+            if torch.isnan(decoded).any():
+                raise FloatingPointError("the VAE decoded NaN even in fp32: the latents or the VAE weights "
+                                         "are broken")
+        return imageio.denormalize(decoded)
+
+    def to_pil(self, images: torch.Tensor) -> list[PIL.Image.Image]:
+        return imageio.to_pil(images)
+
+    def _finish(self, decoded: torch.Tensor, request: _Request) -> list[PIL.Image.Image]:
+        pil_images = self.to_pil(decoded)
+        source = getattr(self.components, "source", None)
+        base = GenerationInfo(prompt="", negative_prompt="", seed=request.seed, steps=request.steps,
+                              guidance=request.guidance, scheduler=request.scheduler_name,
+                              width=request.width, height=request.height, mode=request.mode,
+                              strength=request.strength, model=Path(str(source)).name if source else None)
+        for index, pil_image in enumerate(pil_images):
+            prompt_index = index // request.num_images
+            info = replace(base, prompt=request.prompts[prompt_index],
+                           negative_prompt=request.negatives[prompt_index] if request.guidance > 1 else "",
+                           batch_index=index)
+            pil_image.info.update(info.as_text_chunks())
+        return pil_images
+
+
+def _prompt_list(prompt, name: str) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    raise TypeError(f"{name} must be a string or a non-empty list of strings, got {prompt!r:.80}")
