@@ -1,0 +1,381 @@
+"""GroupNorm with an optional fused SiLU: two Triton kernels, a launcher and a pure-torch reference.
+
+Design (forward only, inference):
+- The input is viewed as [B, C, P] with P = H*W, through its strides, so NCHW-contiguous and
+  channels_last tensors take the same code path; Triton specialises the stride that equals 1, so the
+  contiguous axis is vectorised in either layout. The output is written through its own strides
+  (`torch.empty_like` keeps the input's memory format).
+- A group is a [Cg, P] slab (Cg = C / G) cut into tiles of [BLOCK_HW, BLOCK_C] elements.
+- Pass 1, `_group_norm_stats_kernel`, grid (B*G, SPLIT): at batch 2 the 32 groups of SD give only 64
+  (batch, group) pairs, too few for a 132-SM H100, so each group is split into SPLIT chunks of whole
+  tiles. Each program writes (count, mean, M2) of its chunk: per tile a two-pass mean/M2 in registers,
+  merged across tiles with Chan's formula, so the variance never goes through E[x^2] - E[x]^2.
+- Pass 2, `_group_norm_apply_kernel`, grid (B*G, P tiles, channel tiles), one tile per program: it
+  first merges its group's SPLIT partials (at most MAX_SPLIT * 3 floats, from L2: cheaper than a third
+  launch), folds mean, rstd, weight and bias into a per-channel scale and shift, then writes
+  y = x * scale + shift (then y * sigmoid(y)).
+- Memory traffic is the minimum for a two-kernel design: read x, read x again, write y. The second read
+  mostly hits L2 (50 MB on H100; the largest UNet GroupNorm input is 2*320*64*64*2 B = 5 MB at SD1.5
+  batch 2), so the cost approaches one read plus one write.
+
+Registered as the torch custom ops `kernels::group_norm` (functional) and `kernels::group_norm_out`
+(writes into `out`), with fake implementations, so the kernels survive CUDA-graph capture,
+torch.compile and torch.export. `torch.library.custom_op` is used rather than `triton_op` because
+`wrap_triton` does not accept the interpreter's kernels, and CPU tests run under TRITON_INTERPRET=1.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+ACTIVATIONS = (None, "silu")
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Elements per tile. 4096 fp16 = 8 KB per program in flight, 32 elements per thread at 4 warps:
+# enough bytes in flight per SM to cover HBM latency without spilling registers (see test_sass).
+MAX_TILE = 4096
+# Upper bound on chunks per group: keeps the partial-merge in pass 2 (SPLIT * 12 bytes per program)
+# small next to the 8 KB tile each program streams, and SPLIT_PAD a bounded set of compile variants.
+MAX_SPLIT = 64
+# Programs of pass 1 to aim for, per SM: several resident programs per SM keep loads in flight.
+STATS_PROGRAMS_PER_SM = 8
+# SM count assumed when not on CUDA (interpreter tests): the H100's, so the split path is exercised.
+DEFAULT_SM_COUNT = 132
+
+
+@triton.jit
+def _group_norm_stats_kernel(
+    x_ptr,  # *T input, logical [B, C, P]: element (b, c, p) at b*stride_xb + c*stride_xc + p*stride_xp
+    partial_ptr,  # *fp32 output, [B*G, SPLIT, 3]: (count, mean, M2) of each chunk of each group
+    stride_xb,  # x: elements between consecutive batch items
+    stride_xc,  # x: elements between consecutive channels (1 for channels_last)
+    stride_xp,  # x: elements between consecutive spatial positions h*W+w (1 for NCHW-contiguous)
+    CG,  # channels per group
+    HW,  # spatial positions per channel, H*W
+    G,  # number of groups
+    NUM_C_TILES,  # channel tiles per group, cdiv(CG, BLOCK_C)
+    NUM_TILES,  # tiles per group, NUM_C_TILES * cdiv(HW, BLOCK_HW)
+    TILES_PER_PROG,  # consecutive tiles reduced by one program
+    SPLIT,  # programs per group (grid axis 1)
+    BLOCK_HW: tl.constexpr,  # tile extent along spatial positions (power of two)
+    BLOCK_C: tl.constexpr,  # tile extent along channels (power of two)
+):
+    pid_bg = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    batch = pid_bg // G
+    group = pid_bg % G
+    x_base = x_ptr + batch.to(tl.int64) * stride_xb + (group * CG).to(tl.int64) * stride_xc
+    offs_p = tl.arange(0, BLOCK_HW)
+    offs_c = tl.arange(0, BLOCK_C)
+
+    count = 0.0
+    mean = 0.0
+    m2 = 0.0
+    for i in range(TILES_PER_PROG):
+        tile = pid_s * TILES_PER_PROG + i  # may run past NUM_TILES in the last chunk: then empty
+        tile_p = tile // NUM_C_TILES
+        tile_c = tile % NUM_C_TILES
+        pos = tile_p * BLOCK_HW + offs_p
+        chan = tile_c * BLOCK_C + offs_c
+        mask = ((pos < HW)[:, None] & (chan < CG)[None, :]) & (tile < NUM_TILES)
+        x = tl.load(x_base + pos[:, None] * stride_xp + chan[None, :] * stride_xc, mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        rows = tl.minimum(tl.maximum(HW - tile_p * BLOCK_HW, 0), BLOCK_HW)
+        cols = tl.minimum(tl.maximum(CG - tile_c * BLOCK_C, 0), BLOCK_C)
+        tile_count = tl.where(tile < NUM_TILES, rows * cols, 0).to(tl.float32)
+        # Two-pass statistics of the tile, held in registers: sound even when |mean| >> std.
+        tile_mean = tl.sum(tl.sum(x, axis=1), axis=0) / tl.maximum(tile_count, 1.0)
+        centred = tl.where(mask, x - tile_mean, 0.0)
+        tile_m2 = tl.sum(tl.sum(centred * centred, axis=1), axis=0)
+        # Chan et al. merge of (count, mean, m2) with the tile's.
+        new_count = count + tile_count
+        delta = tile_mean - mean
+        weight = tile_count / tl.maximum(new_count, 1.0)
+        mean = mean + delta * weight
+        m2 = m2 + tile_m2 + delta * delta * count * weight
+        count = new_count
+
+    out = partial_ptr + (pid_bg * SPLIT + pid_s) * 3
+    tl.store(out, count)
+    tl.store(out + 1, mean)
+    tl.store(out + 2, m2)
+
+
+@triton.jit
+def _group_norm_apply_kernel(
+    x_ptr,  # *T input, logical [B, C, P], addressed through the x strides below
+    y_ptr,  # *T output, logical [B, C, P], addressed through the y strides below
+    w_ptr,  # *fp32|fp16|bf16 weight [C], contiguous; unused when HAS_WEIGHT is False
+    b_ptr,  # *fp32|fp16|bf16 bias [C], contiguous; unused when HAS_BIAS is False
+    partial_ptr,  # *fp32 [B*G, SPLIT, 3]: (count, mean, M2) per chunk, written by the stats kernel
+    stride_xb,  # x: elements between consecutive batch items
+    stride_xc,  # x: elements between consecutive channels
+    stride_xp,  # x: elements between consecutive spatial positions h*W+w
+    stride_yb,  # y: elements between consecutive batch items
+    stride_yc,  # y: elements between consecutive channels
+    stride_yp,  # y: elements between consecutive spatial positions
+    CG,  # channels per group
+    HW,  # spatial positions per channel, H*W
+    G,  # number of groups
+    SPLIT,  # chunks per group in partial_ptr
+    eps,  # added to the variance before the reciprocal square root
+    BLOCK_HW: tl.constexpr,  # tile extent along spatial positions (power of two)
+    BLOCK_C: tl.constexpr,  # tile extent along channels (power of two)
+    SPLIT_PAD: tl.constexpr,  # next power of two >= SPLIT
+    HAS_WEIGHT: tl.constexpr,  # multiply by weight[c]
+    HAS_BIAS: tl.constexpr,  # add bias[c]
+    APPLY_SILU: tl.constexpr,  # y = y * sigmoid(y) after the affine
+):
+    pid_bg = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    batch = pid_bg // G
+    group = pid_bg % G
+
+    # Merge the group's partial statistics: weighted mean of means, then the exact parallel M2.
+    split = tl.arange(0, SPLIT_PAD)
+    split_mask = split < SPLIT
+    partial = partial_ptr + pid_bg * SPLIT * 3 + split * 3
+    counts = tl.load(partial, mask=split_mask, other=0.0)
+    means = tl.load(partial + 1, mask=split_mask, other=0.0)
+    m2s = tl.load(partial + 2, mask=split_mask, other=0.0)
+    total = tl.sum(counts, axis=0)
+    mean = tl.sum(counts * means, axis=0) / total
+    spread = means - mean
+    m2 = tl.sum(m2s + counts * spread * spread, axis=0)
+    rstd = 1.0 / tl.sqrt(m2 / total + eps)
+
+    # Fold normalisation and affine into one multiply-add per element.
+    chan = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    chan_mask = chan < CG
+    if HAS_WEIGHT:
+        scale = tl.load(w_ptr + group * CG + chan, mask=chan_mask, other=0.0).to(tl.float32) * rstd
+    else:
+        scale = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
+    shift = -mean * scale
+    if HAS_BIAS:
+        shift += tl.load(b_ptr + group * CG + chan, mask=chan_mask, other=0.0).to(tl.float32)
+
+    pos = pid_p * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    mask = (pos < HW)[:, None] & chan_mask[None, :]
+    x_base = x_ptr + batch.to(tl.int64) * stride_xb + (group * CG).to(tl.int64) * stride_xc
+    x = tl.load(x_base + pos[:, None] * stride_xp + chan[None, :] * stride_xc, mask=mask, other=0.0)
+    y = x.to(tl.float32) * scale[None, :] + shift[None, :]
+    if APPLY_SILU:
+        y = y * tl.sigmoid(y)
+    y_base = y_ptr + batch.to(tl.int64) * stride_yb + (group * CG).to(tl.int64) * stride_yc
+    tl.store(y_base + pos[:, None] * stride_yp + chan[None, :] * stride_yc,
+             y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile shape and grid of one GroupNorm call (see `choose_config` for the reasoning)."""
+
+    block_hw: int  # tile extent along spatial positions
+    block_c: int  # tile extent along channels
+    num_c_tiles: int  # channel tiles per group
+    num_tiles: int  # tiles per group
+    tiles_per_prog: int  # tiles reduced by one stats program
+    split: int  # stats programs per group
+    num_warps: int
+
+
+def _pow2_at_most(n: int) -> int:
+    return 1 << (max(n, 1).bit_length() - 1)
+
+
+def _least_waste_block(extent: int, limit: int) -> int:
+    """Power of two <= limit that covers `extent` with the fewest masked lanes (ties: the larger)."""
+    best, best_waste = 1, 0
+    block = 1
+    while block <= limit:
+        waste = triton.cdiv(extent, block) * block - extent
+        if block == 1 or waste <= best_waste:
+            best, best_waste = block, waste
+        block *= 2
+    return best
+
+
+def choose_config(batch: int, channels_per_group: int, hw: int, groups: int, channels_contiguous: bool,
+                  sm_count: int = DEFAULT_SM_COUNT) -> LaunchConfig:
+    """Tile shape and split, chosen from the shape and the memory format.
+
+    - The tile's long side runs along the contiguous axis, so loads are wide and coalesced:
+      NCHW: up to MAX_TILE spatial positions; channels only fill the rest, in a power of two that
+      wastes the fewest masked lanes (Cg = 10, 20, 40 tile exactly as 2, 4, 8).
+      channels_last: a group's channels are a short contiguous run, so the tile spans all of them
+      (next power of two: Cg = 10 reads 10 of 16 lanes; the memory traffic is still exact) and as many
+      spatial rows as fit in MAX_TILE.
+    - Warps: one per 1024 elements (at most 4), so each thread holds <= 32 elements without spills.
+    - Split: enough stats programs to give each SM about STATS_PROGRAMS_PER_SM, at most MAX_SPLIT
+      chunks per group; a program reduces TILES_PER_PROG consecutive tiles.
+    """
+    cg_pow2 = triton.next_power_of_2(channels_per_group)
+    if channels_contiguous:
+        block_c = min(cg_pow2, MAX_TILE)
+        block_hw = min(triton.next_power_of_2(hw), _pow2_at_most(MAX_TILE // block_c))
+    else:
+        block_hw = min(triton.next_power_of_2(hw), MAX_TILE)
+        block_c = _least_waste_block(channels_per_group, max(MAX_TILE // block_hw, 1))
+    num_c_tiles = triton.cdiv(channels_per_group, block_c)
+    num_tiles = num_c_tiles * triton.cdiv(hw, block_hw)
+    wanted_split = triton.cdiv(STATS_PROGRAMS_PER_SM * sm_count, batch * groups)
+    split = max(1, min(num_tiles, MAX_SPLIT, wanted_split))
+    tiles_per_prog = triton.cdiv(num_tiles, split)
+    split = triton.cdiv(num_tiles, tiles_per_prog)  # no program left without a tile
+    num_warps = max(1, min(4, block_hw * block_c // 1024))
+    return LaunchConfig(block_hw, block_c, num_c_tiles, num_tiles, tiles_per_prog, split, num_warps)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _spatial_stride(t: torch.Tensor) -> int | None:
+    """Stride of the flattened H*W axis, or None when H and W cannot be flattened without a copy."""
+    _, _, h, w = t.shape
+    if h == 1:
+        return t.stride(3) if w > 1 else 1
+    if w == 1:
+        return t.stride(2)
+    return t.stride(3) if t.stride(2) == w * t.stride(3) else None
+
+
+def _check_inputs(x, num_groups, weight, bias, eps, activation, out=None) -> None:
+    """Clear errors for bad input, before any kernel sees it."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"group_norm: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"group_norm: x must be 4-D [B, C, H, W], got shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"group_norm: x dtype {x.dtype} is not supported; use one of {SUPPORTED_DTYPES}")
+    channels = x.shape[1]
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"group_norm: num_groups must be a positive int, got {num_groups!r}")
+    if channels % num_groups != 0:
+        raise ValueError(f"group_norm: channels ({channels}) must be divisible by num_groups ({num_groups})")
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is None:
+            continue
+        if not isinstance(param, torch.Tensor):
+            raise TypeError(f"group_norm: {name} must be a tensor or None, got {type(param).__name__}")
+        if tuple(param.shape) != (channels,):
+            raise ValueError(f"group_norm: {name} must have shape ({channels},) for {channels} channels, "
+                             f"got {tuple(param.shape)}")
+        if param.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"group_norm: {name} dtype {param.dtype} is not supported; use one of "
+                            f"{SUPPORTED_DTYPES}")
+        if param.device != x.device:
+            raise ValueError(f"group_norm: {name} is on {param.device} but x is on {x.device}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
+        raise ValueError(f"group_norm: eps must be a non-negative float, got {eps!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"group_norm: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if channels * x.shape[2] * x.shape[3] >= 2**31:
+        raise ValueError(f"group_norm: one batch item of shape {tuple(x.shape[1:])} has >= 2**31 elements; "
+                         "in-batch offsets are 32-bit")
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"group_norm: out must be a tensor, got {type(out).__name__}")
+        if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+            raise ValueError(f"group_norm: out must match x in shape, dtype and device: out is "
+                             f"{tuple(out.shape)} {out.dtype} {out.device}, x is "
+                             f"{tuple(x.shape)} {x.dtype} {x.device}")
+        if _spatial_stride(out) is None:
+            raise ValueError(f"group_norm: out strides {out.stride()} do not allow flattening H and W")
+
+
+def _launch(x: torch.Tensor, num_groups: int, weight, bias, eps: float, activation, out: torch.Tensor,
+            config: LaunchConfig | None = None) -> None:
+    """Run both kernels, writing into `out`. `config` overrides `choose_config` (tests use it)."""
+    if out.numel() == 0:
+        return
+    if _spatial_stride(x) is None:
+        x = x.contiguous()
+    batch, channels, h, w = x.shape
+    hw = h * w
+    cg = channels // num_groups
+    stride_xp = _spatial_stride(x)
+    channels_contiguous = x.stride(1) == 1 and channels > 1 and stride_xp != 1
+    if config is None:
+        sm_count = _sm_count(x.device.index or 0) if x.is_cuda else DEFAULT_SM_COUNT
+        config = choose_config(batch, cg, hw, num_groups, channels_contiguous, sm_count)
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
+
+    partial = torch.empty((batch * num_groups, config.split, 3), dtype=torch.float32, device=x.device)
+    _group_norm_stats_kernel[(batch * num_groups, config.split)](
+        x, partial, x.stride(0), x.stride(1), stride_xp,
+        cg, hw, num_groups, config.num_c_tiles, config.num_tiles, config.tiles_per_prog, config.split,
+        BLOCK_HW=config.block_hw, BLOCK_C=config.block_c, num_warps=config.num_warps,
+    )
+    apply_grid = (batch * num_groups, triton.cdiv(hw, config.block_hw), config.num_c_tiles)
+    _group_norm_apply_kernel[apply_grid](
+        x, out, weight if weight is not None else x, bias if bias is not None else x, partial,
+        x.stride(0), x.stride(1), stride_xp, out.stride(0), out.stride(1), _spatial_stride(out),
+        cg, hw, num_groups, config.split, float(eps),
+        BLOCK_HW=config.block_hw, BLOCK_C=config.block_c, SPLIT_PAD=triton.next_power_of_2(config.split),
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, APPLY_SILU=activation == "silu",
+        num_warps=config.num_warps,
+    )
+
+
+@torch.library.custom_op("kernels::group_norm", mutates_args=())
+def _group_norm_op(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   eps: float, activation: str | None) -> torch.Tensor:
+    out = torch.empty_like(x)
+    _launch(x, num_groups, weight, bias, eps, activation, out)
+    return out
+
+
+@_group_norm_op.register_fake
+def _group_norm_fake(x, num_groups, weight, bias, eps, activation):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("kernels::group_norm_out", mutates_args=("out",))
+def _group_norm_out_op(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
+                       bias: torch.Tensor | None, eps: float, activation: str | None, out: torch.Tensor) -> None:
+    _launch(x, num_groups, weight, bias, eps, activation, out)
+
+
+@_group_norm_out_op.register_fake
+def _group_norm_out_fake(x, num_groups, weight, bias, eps, activation, out):
+    return None
+
+
+def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, eps: float = 1e-5, activation: str | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """GroupNorm over [B, C, H, W] (NCHW-contiguous or channels_last), then `activation` (None | "silu").
+
+    Statistics are computed in fp32; the result has x's dtype and memory format. With `out`, the result
+    is written there (any strides that flatten H and W) and `out` is returned.
+    """
+    _check_inputs(x, num_groups, weight, bias, eps, activation, out)
+    if out is None:
+        return torch.ops.kernels.group_norm(x, num_groups, weight, bias, float(eps), activation)
+    torch.ops.kernels.group_norm_out(x, num_groups, weight, bias, float(eps), activation, out)
+    return out
+
+
+def group_norm_reference(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
+                         bias: torch.Tensor | None = None, eps: float = 1e-5, activation: str | None = None,
+                         upcast: bool = True) -> torch.Tensor:
+    """Pure-torch GroupNorm(+SiLU). upcast=True computes in fp32 (fp64 stays fp64), then casts back."""
+    compute = (torch.float64 if x.dtype == torch.float64 else torch.float32) if upcast else x.dtype
+    y = F.group_norm(x.to(compute), num_groups,
+                     weight.to(compute) if weight is not None else None,
+                     bias.to(compute) if bias is not None else None, eps)
+    if activation == "silu":
+        y = F.silu(y)
+    elif activation is not None:
+        raise ValueError(f"group_norm_reference: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return y.to(x.dtype)
