@@ -1,0 +1,109 @@
+"""The Stable Diffusion 1.x / 2.x configs a single-file checkpoint does not carry.
+
+An original-layout (CompVis / A1111) checkpoint holds tensors only. Sizes (channels, layer
+counts, vocabulary) are read from the tensor shapes by runtime/single_file.py; everything
+here is what shapes cannot tell: head counts, activations, norm groups, the noise schedule,
+the default resolution and the tokenizer's pad token. Values are those of the reference
+diffusers repositories: stable-diffusion-v1-5 (SD 1.x) and stabilityai/stable-diffusion-2-1
+(SD 2.x, 768-v). Every call returns fresh dicts, so callers may edit them.
+"""
+from __future__ import annotations
+
+import copy
+
+KINDS = ("sd1", "sd2")
+
+# Head counts are not visible in weight shapes. SD 1.x uses 8 heads at every UNet level; SD 2.x
+# uses 64-wide heads (the diffusers config calls the head COUNT `attention_head_dim`, a
+# historical misnomer). Both text encoders (CLIP ViT-L/14 and OpenCLIP ViT-H/14) use 64-wide heads.
+SD1_UNET_HEADS = 8
+SD2_UNET_HEAD_WIDTH = 64
+TEXT_HEAD_WIDTH = 64
+# GroupNorm group count of every SD UNet and VAE.
+NORM_GROUPS = 32
+
+_UNET_COMMON = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "center_input_sample": False,
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": NORM_GROUPS,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+
+_VAE = {
+    "_class_name": "AutoencoderKL",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": NORM_GROUPS,
+    "scaling_factor": 0.18215,
+}
+
+_TEXT_COMMON = {
+    "architectures": ["CLIPTextModel"],
+    "model_type": "clip_text_model",
+    "vocab_size": 49408,
+    "max_position_embeddings": 77,
+    "layer_norm_eps": 1e-05,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+}
+
+_SCHEDULER_COMMON = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "trained_betas": None,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "skip_prk_steps": True,
+    "timestep_spacing": "leading",
+}
+
+_DEFAULTS = {
+    "sd1": {
+        "unet": {**_UNET_COMMON, "sample_size": 64, "cross_attention_dim": 768,
+                 "attention_head_dim": SD1_UNET_HEADS, "use_linear_projection": False, "upcast_attention": False},
+        "vae": {**_VAE, "sample_size": 512},
+        "text_encoder": {**_TEXT_COMMON, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                         "num_attention_heads": 12, "hidden_act": "quick_gelu"},
+        "scheduler": {**_SCHEDULER_COMMON, "_class_name": "PNDMScheduler", "prediction_type": "epsilon"},
+        "tokenizer": {"pad_token": "<|endoftext|>", "model_max_length": 77},
+    },
+    "sd2": {
+        "unet": {**_UNET_COMMON, "sample_size": 96, "cross_attention_dim": 1024,
+                 "attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True, "upcast_attention": True},
+        "vae": {**_VAE, "sample_size": 768},
+        # 23 layers: SD 2.x conditions on the penultimate of OpenCLIP ViT-H's 24 blocks.
+        "text_encoder": {**_TEXT_COMMON, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23,
+                         "num_attention_heads": 16, "hidden_act": "gelu"},
+        # SD 2.x (768-v) predicts v; the 512 "base" model predicts epsilon: pass prediction_type then.
+        "scheduler": {**_SCHEDULER_COMMON, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction"},
+        "tokenizer": {"pad_token": "!", "model_max_length": 77},
+    },
+}
+
+
+def default_configs(kind: str) -> dict[str, dict]:
+    """{"unet", "vae", "text_encoder", "scheduler", "tokenizer"} -> config dict for `kind` ("sd1" | "sd2")."""
+    if kind not in _DEFAULTS:
+        raise ValueError(f"unknown model kind {kind!r}; expected one of {KINDS}")
+    return copy.deepcopy(_DEFAULTS[kind])
