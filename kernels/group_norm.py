@@ -40,7 +40,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # enough bytes in flight per SM to cover HBM latency without spilling registers (see test_sass).
 MAX_TILE = 4096
 # Upper bound on chunks per group: keeps the partial-merge in pass 2 (SPLIT * 12 bytes per program)
-# small next to the 8 KB tile each program streams, and SPLIT_PAD a bounded set of compile variants.
+# small next to the 8 KB tile each program streams; pass 2 always reads MAX_SPLIT masked slots, so the
+# split never causes a recompile.
 MAX_SPLIT = 64
 # Programs of pass 1 to aim for, per SM: several resident programs per SM keep loads in flight.
 STATS_PROGRAMS_PER_SM = 8
@@ -126,7 +127,7 @@ def _group_norm_apply_kernel(
     eps,  # added to the variance before the reciprocal square root
     BLOCK_HW: tl.constexpr,  # tile extent along spatial positions (power of two)
     BLOCK_C: tl.constexpr,  # tile extent along channels (power of two)
-    SPLIT_PAD: tl.constexpr,  # next power of two >= SPLIT
+    MAX_SPLIT: tl.constexpr,  # power of two >= SPLIT: one compiled variant serves every split
     HAS_WEIGHT: tl.constexpr,  # multiply by weight[c]
     HAS_BIAS: tl.constexpr,  # add bias[c]
     APPLY_SILU: tl.constexpr,  # y = y * sigmoid(y) after the affine
@@ -138,7 +139,7 @@ def _group_norm_apply_kernel(
     group = pid_bg % G
 
     # Merge the group's partial statistics: weighted mean of means, then the exact parallel M2.
-    split = tl.arange(0, SPLIT_PAD)
+    split = tl.arange(0, MAX_SPLIT)
     split_mask = split < SPLIT
     partial = partial_ptr + pid_bg * SPLIT * 3 + split * 3
     counts = tl.load(partial, mask=split_mask, other=0.0)
@@ -321,7 +322,7 @@ def _launch(x: torch.Tensor, num_groups: int, weight, bias, eps: float, activati
         x, out, weight if weight is not None else x, bias if bias is not None else x, partial,
         x.stride(0), x.stride(1), stride_xp, out.stride(0), out.stride(1), _spatial_stride(out),
         cg, hw, num_groups, config.split, float(eps),
-        BLOCK_HW=config.block_hw, BLOCK_C=config.block_c, SPLIT_PAD=triton.next_power_of_2(config.split),
+        BLOCK_HW=config.block_hw, BLOCK_C=config.block_c, MAX_SPLIT=MAX_SPLIT,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, APPLY_SILU=activation == "silu",
         num_warps=config.num_warps,
     )
@@ -379,3 +380,88 @@ def group_norm_reference(x: torch.Tensor, num_groups: int, weight: torch.Tensor 
     elif activation is not None:
         raise ValueError(f"group_norm_reference: activation must be one of {ACTIVATIONS}, got {activation!r}")
     return y.to(x.dtype)
+
+
+# Shapes the SD 1.x / 2.x / SDXL UNets and the SD VAE normalise, as (channels, H*W), at 32 groups.
+_UNET_CHANNELS = (320, 640, 960, 1280, 1920, 2560)
+_UNET_SIDES = (64, 32, 16, 8, 96, 48, 24, 12, 128)  # latent 64 (SD1.5), 96 (SD2 768), 128 (SDXL)
+_VAE_CHANNELS = (128, 256, 512)
+_VAE_SIDES = (64, 128, 256, 512)
+
+
+# Scalars used only for loop bounds and partial-buffer indexing: their divisibility does not change the
+# generated code's memory access, so AOT configs drop it (keeps the SASS test's compile count small).
+_COUNT_ARGS = ("G", "SPLIT", "NUM_C_TILES", "NUM_TILES", "TILES_PER_PROG")
+
+
+def _signature_like_jit(fn, args: dict, constexprs: dict) -> tuple[dict, dict]:
+    """Signature and constexprs as Triton's JIT would specialise these argument values: an int equal
+    to 1 becomes a constexpr; ints and pointers divisible by 16 get the ":16" divisibility suffix
+    (the notation of triton/tools/compile.py; torch allocations are 16-byte aligned), except the
+    _COUNT_ARGS, whose divisibility is irrelevant to code generation."""
+    signature, constants = {}, dict(constexprs)
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        value = args[name]
+        if isinstance(value, torch.dtype):
+            signature[name] = "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[value] + ":16"
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif value == 1:
+            signature[name] = "constexpr"
+            constants[name] = 1
+        else:
+            signature[name] = "i32:16" if value % 16 == 0 and name not in _COUNT_ARGS else "i32"
+    return signature, constants
+
+
+def _aot_configs_for(batch: int, channels: int, hw: int, channels_last: bool, dtype: torch.dtype,
+                     activation: str | None, affine: bool) -> list[tuple]:
+    groups = 32
+    cg = channels // groups
+    config = choose_config(batch, cg, hw, groups, channels_last)
+    stride_c, stride_p = (1, channels) if channels_last else (hw, 1)
+    common = dict(stride_xb=channels * hw, stride_xc=stride_c, stride_xp=stride_p, CG=cg, HW=hw, G=groups,
+                  SPLIT=config.split)
+    stats_args = dict(common, x_ptr=dtype, partial_ptr=torch.float32, NUM_C_TILES=config.num_c_tiles,
+                      NUM_TILES=config.num_tiles, TILES_PER_PROG=config.tiles_per_prog)
+    stats = _signature_like_jit(_group_norm_stats_kernel, stats_args,
+                                dict(BLOCK_HW=config.block_hw, BLOCK_C=config.block_c))
+    apply_args = dict(common, x_ptr=dtype, y_ptr=dtype, w_ptr=dtype, b_ptr=dtype, partial_ptr=torch.float32,
+                      stride_yb=channels * hw, stride_yc=stride_c, stride_yp=stride_p, eps=1e-5)
+    apply = _signature_like_jit(_group_norm_apply_kernel, apply_args, dict(
+        BLOCK_HW=config.block_hw, BLOCK_C=config.block_c, MAX_SPLIT=MAX_SPLIT,
+        HAS_WEIGHT=affine, HAS_BIAS=affine, APPLY_SILU=activation == "silu"))
+    return [(_group_norm_stats_kernel, *stats, config.num_warps, 3),
+            (_group_norm_apply_kernel, *apply, config.num_warps, 3)]
+
+
+def _aot_configs() -> list[tuple]:
+    """Every (kernel, signature, constexprs, num_warps, num_stages) the launcher compiles for the real
+    model shapes at batch 1 and 2 in either memory format and dtype, with and without SiLU, plus the
+    no-affine and odd-size variants; duplicates removed."""
+    shapes = [(c, s * s) for c in _UNET_CHANNELS for s in _UNET_SIDES]
+    shapes += [(c, s * s) for c in _VAE_CHANNELS for s in _VAE_SIDES]
+    configs = []
+    for batch in (1, 2):
+        for channels, hw in shapes:
+            for channels_last in (False, True):
+                for dtype in SUPPORTED_DTYPES:
+                    for activation in ACTIVATIONS:
+                        configs += _aot_configs_for(batch, channels, hw, channels_last, dtype, activation, True)
+    configs += _aot_configs_for(2, 320, 64 * 64, False, torch.float16, "silu", False)
+    configs += _aot_configs_for(2, 320, 7 * 9, True, torch.float16, "silu", True)
+    unique = {}
+    for fn, signature, constants, num_warps, num_stages in configs:
+        key = (fn.__name__, tuple(signature.items()), tuple(constants.items()), num_warps, num_stages)
+        unique.setdefault(key, (fn, signature, constants, num_warps, num_stages))
+    return list(unique.values())
+
+
+def __getattr__(name: str):
+    # AOT_CONFIGS is built on first access (PEP 562), so importing the module stays free of work.
+    if name == "AOT_CONFIGS":
+        return _aot_configs()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
