@@ -200,7 +200,8 @@ def open_clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]
     OpenAI CLIP / open_clip / transformers' vocab.json do it: the 256 byte characters, the same with
     `</w>`, one token per merge in rank order, then BOS and EOS."""
     path = _open_clip_bpe_path()
-    lines = gzip.open(path).read().decode("utf-8").split("\n")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
     merges = [_parse_merge(line, f"{path} line {i + 1}")
               for i, line in enumerate(lines[1:_OPEN_CLIP_MERGE_COUNT + 1])]
     byte_chars = list(_bytes_to_unicode().values())
