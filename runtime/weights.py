@@ -1,0 +1,510 @@
+"""Load Stable Diffusion weights into our models: diffusers folders and single-file checkpoints.
+
+    components = load_components("path/to/sd15", dtype="fp16", device="cuda")
+    components.unet, components.vae, components.text_encoder, components.tokenizer, components.scheduler_config
+
+Two sources:
+- a diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/),
+  weights in .safetensors, optionally sharded (*.safetensors.index.json) or as a variant (*.fp16.*);
+- an original-layout (CompVis / A1111) single .safetensors file; see runtime/single_file.py.
+
+Memory: models are built with their parameters on the meta device (no storage), every tensor is
+checked against the model by name and shape from the file headers before any data is read, then
+read one at a time, cast to the requested dtype on its way to the device, and assigned in place.
+No full-precision copy of the model ever exists when a lower precision is asked for.
+
+Pickle files (.ckpt, .pt, .pth, .bin) can run code when unpickled; they are refused unless
+allow_pickle=True, and then read only with torch.load(weights_only=True).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from runtime import single_file
+from runtime.single_file import OriginalTensor
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+          "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+# Weight file stems per component folder, as diffusers / transformers write them.
+_WEIGHT_STEMS = {"unet": ("diffusion_pytorch_model",), "vae": ("diffusion_pytorch_model",),
+                 "text_encoder": ("model", "pytorch_model")}
+_COMPONENT_FOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_SHOWN = 5  # how many offending names an error lists
+
+
+class WeightLoadError(ValueError):
+    """Weights or configs that cannot be loaded; the message names the file and the key or field."""
+
+
+@dataclass
+class Components:
+    """Everything a Stable Diffusion pipeline needs, loaded and ready (eval mode, no grad)."""
+
+    unet: nn.Module
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: Any  # runtime.tokenizer.CLIPTokenizer
+    scheduler_config: dict  # diffusers scheduler_config.json contents (with any prediction_type override)
+    source: str  # the folder or file loaded
+    kind: str  # "sd1" | "sd2" | "sdxl-unet" (a folder whose UNet is SDXL-shaped)
+
+
+# ----------------------------------------------------------------------------- arguments
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """torch.float16 or a name ("fp16", "float16", "half", "bf16", "fp32", ...) -> torch.dtype."""
+    if isinstance(dtype, torch.dtype):
+        if dtype in DTYPES.values():
+            return dtype
+        raise WeightLoadError(f"dtype {dtype} is not supported; use one of {sorted(set(map(str, DTYPES.values())))}")
+    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.lower().removeprefix("torch.")]
+    raise WeightLoadError(f"unknown dtype {dtype!r}; valid names: {', '.join(DTYPES)}")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'cpu', 'cuda', 'cuda:1' or a torch.device -> torch.device, checked to exist on this machine."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise WeightLoadError(f"device {device!r} is not a valid torch device: {error}") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise WeightLoadError(f"device {device!r} requested but CUDA is not available on this machine "
+                                  f"(torch.cuda.is_available() is False); use device='cpu'")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise WeightLoadError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA "
+                                  f"device(s) exist")
+    elif resolved.type != "cpu":
+        raise WeightLoadError(f"device {device!r} is not supported; use 'cpu' or 'cuda[:N]'")
+    return resolved
+
+
+def _check_prediction_type(prediction_type: str | None) -> None:
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise WeightLoadError(f"prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}")
+
+
+# ----------------------------------------------------------------------------- tensor files
+
+class TensorStore:
+    """The tensors of one model: a .safetensors file, a set of shards, or a (pickle) dict.
+
+    `shapes` comes from the file headers without reading tensor data; `read` reads one tensor.
+    Use as a context manager: safetensors handles are closed on exit.
+    """
+
+    def __init__(self, label: str):
+        self.label = label  # file (or index) named in errors
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self._readers: dict[str, Callable[[str], torch.Tensor]] = {}
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "TensorStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def read(self, key: str) -> torch.Tensor:
+        return self._readers[key](key)
+
+    def add_safetensors(self, path: Path, only: set[str] | None = None) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            handle = self._stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+            keys = list(handle.keys())
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in keys}
+        except SafetensorError as error:
+            raise WeightLoadError(f"{path}: not a readable .safetensors file (truncated or corrupt?): {error}") \
+                from None
+        if only is not None:
+            absent = sorted(only - set(shapes))
+            if absent:
+                raise WeightLoadError(f"{self.label}: the index maps {len(absent)} key(s) to {path.name} that "
+                                      f"the file does not hold: {_few(absent)}")
+            shapes = {k: v for k, v in shapes.items() if k in only}
+        for key in shapes:
+            self._readers[key] = handle.get_tensor
+        self.shapes.update(shapes)
+
+    def add_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        for key, tensor in tensors.items():
+            if isinstance(tensor, torch.Tensor):
+                self.shapes[key] = tuple(tensor.shape)
+                self._readers[key] = tensors.__getitem__
+
+
+def _few(names) -> str:
+    names = list(names)
+    more = f" ... and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
+    return ", ".join(names[:_SHOWN]) + more
+
+
+def _refuse_pickle(path: Path) -> WeightLoadError:
+    return WeightLoadError(
+        f"{path} is a pickle file ({path.suffix}): unpickling can execute arbitrary code, so it is not "
+        f"read by default. Prefer a .safetensors copy; or, if you trust the file, pass allow_pickle=True "
+        f"(it is then read with torch.load(weights_only=True), which refuses anything but tensors).")
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        data = torch.load(str(path), weights_only=True, map_location="cpu")
+    except Exception as error:  # torch raises several types (UnpicklingError, RuntimeError, EOFError)
+        raise WeightLoadError(f"{path}: could not be read with torch.load(weights_only=True): {error}") from None
+    if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
+        data = data["state_dict"]  # Lightning-style checkpoints nest the weights
+    if not isinstance(data, Mapping):
+        raise WeightLoadError(f"{path}: expected a dict of tensors, found {type(data).__name__}")
+    return dict(data)
+
+
+# ----------------------------------------------------------------------------- building and filling models
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Build modules with parameters on the meta device and buffers real.
+
+    Parameters get their values from the file, so allocating and initialising them would be wasted
+    work (and memory). Buffers keep the values their constructors compute, so a buffer a file does
+    not hold (position ids, cached tables) is correct without the loader knowing about it (the same
+    approach as accelerate's init_empty_weights(include_buffers=False)). Not thread-safe: it swaps
+    nn.Module.register_parameter while the model is constructed.
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _build(what: str, model_cls, config_cls, config: dict, config_label: str) -> nn.Module:
+    try:
+        parsed = config_cls.from_dict(config)
+    except (ValueError, TypeError) as error:
+        raise WeightLoadError(f"{what} config ({config_label}): {error}") from None
+    with _parameters_on_meta():
+        return model_cls(parsed)
+
+
+def _fill(model: nn.Module, plan: Mapping[str, OriginalTensor], store: TensorStore, *, unexpected: list[str],
+          dtype: torch.dtype, device: torch.device, what: str, config_label: str) -> nn.Module:
+    """Check `plan` (model key -> tensor in `store`) against the model, then read, cast and assign."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    buffers = {name for name, _ in model.named_buffers()}
+    missing = [k for k in expected if k not in plan and k not in buffers]
+    extra = sorted(set(unexpected) | {k for k in plan if k not in expected})
+    absent = [k for k in expected if k in plan and plan[k].key not in store.shapes]
+    mismatched = []
+    for key, where in plan.items():
+        if key in expected and where.key in store.shapes:
+            found = where.converted_shape(store.shapes[where.key])
+            if found != expected[key]:
+                mismatched.append(f"{where.key}: file {list(found)} vs config {list(expected[key])}")
+    problems = []
+    if missing or absent:
+        names = missing + [plan[k].key for k in absent]
+        problems.append(f"{len(names)} missing key(s): {_few(names)}")
+    if extra:
+        problems.append(f"{len(extra)} unexpected key(s): {_few(extra)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es): {_few(mismatched)}")
+    if problems:
+        raise WeightLoadError(f"{what} weights in {store.label} do not match the model built from "
+                              f"{config_label}: " + "; ".join(problems))
+    state = {}
+    for key, where in plan.items():
+        tensor = where.convert(store.read(where.key))
+        if where.op != "copy":
+            tensor = tensor.contiguous()  # a view would keep the whole fused / 4-D source alive
+        state[key] = tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor.to(device)
+        del tensor  # the file-dtype tensor dies here, before the next one is read
+    model.load_state_dict(state, strict=False, assign=True)
+    model.to(device=device, dtype=dtype)  # buffers only: parameters are already there
+    still_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still_meta:
+        raise WeightLoadError(f"{what}: internal error, tensors left unloaded: {_few(still_meta)}")
+    return model.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- configs
+
+def _read_json(path: Path, expected: str) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: expected {expected}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise WeightLoadError(f"{path}: not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise WeightLoadError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _kind_of_unet_config(config: dict) -> str:
+    if config.get("addition_embed_type") == "text_time":
+        return "sdxl-unet"
+    if config.get("use_linear_projection") or config.get("cross_attention_dim") == 1024:
+        return "sd2"
+    return "sd1"
+
+
+def _check_context_width(unet_config: dict, text_config: dict, unet_label: str, text_label: str) -> None:
+    context, hidden = unet_config.get("cross_attention_dim"), text_config.get("hidden_size")
+    if isinstance(context, int) and isinstance(hidden, int) and context != hidden:
+        raise WeightLoadError(f"{unet_label} field cross_attention_dim={context} does not match "
+                              f"{text_label} field hidden_size={hidden}: the text encoder does not fit this UNet")
+
+
+def _scheduler_config(config: dict, prediction_type: str | None) -> dict:
+    config = dict(config)
+    if prediction_type is not None:
+        config["prediction_type"] = prediction_type
+    return config
+
+
+def _model_classes():
+    from runtime.models.clip import CLIPTextConfig, CLIPTextModel
+    from runtime.models.unet import UNet, UNetConfig
+    from runtime.models.vae import AutoencoderKL, VAEConfig
+
+    return {"unet": (UNet, UNetConfig), "vae": (AutoencoderKL, VAEConfig),
+            "text_encoder": (CLIPTextModel, CLIPTextConfig)}
+
+
+# ----------------------------------------------------------------------------- diffusers folders
+
+_LEGACY_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_TEXT_POSITION_IDS = ("embeddings.position_ids", "text_model.embeddings.position_ids")
+
+
+def _find_weight_files(folder: Path, component: str, variant: str | None, allow_pickle: bool) -> TensorStore:
+    """The store of one component folder: single file or shards, plain or variant, safetensors or pickle."""
+    present = sorted(p.name for p in folder.iterdir())
+    for stem in _WEIGHT_STEMS[component]:
+        # Without a variant: the plain files; failing those, a variant when it is the only one there.
+        candidates = [variant] if variant else [None] + sorted(
+            {m.group(1) for name in present if (m := re.match(rf"{re.escape(stem)}\.(\w+)[.-].*safetensors", name))}
+            | {m.group(1) for name in present if (m := re.match(rf"{re.escape(stem)}\.safetensors\.index\.(\w+)\.json$", name))})
+        if variant is None and len(candidates) > 2:
+            raise WeightLoadError(f"{folder}: no plain {stem}.safetensors but several variants "
+                                  f"{candidates[1:]}: pass variant=... to choose one")
+        for var in candidates:
+            dot = f".{var}" if var else ""
+            single = folder / f"{stem}{dot}.safetensors"
+            index = folder / (f"{stem}.safetensors.index{dot}.json")
+            if single.is_file():
+                store = TensorStore(str(single))
+                store.add_safetensors(single)
+                return store
+            if index.is_file():
+                return _sharded_store(index)
+            pickled = folder / f"{stem}{dot}.bin"
+            if pickled.is_file():
+                if not allow_pickle:
+                    raise _refuse_pickle(pickled)
+                store = TensorStore(str(pickled))
+                store.add_dict(_load_pickle(pickled))
+                return store
+    wanted = f"variant {variant!r} " if variant else ""
+    raise FileNotFoundError(f"{folder}: no {wanted}weights found for {component} (expected e.g. "
+                            f"{_WEIGHT_STEMS[component][0]}{'.' + variant if variant else ''}.safetensors or a "
+                            f"*.safetensors.index.json); folder holds: {', '.join(present) or 'nothing'}")
+
+
+def _sharded_store(index: Path) -> TensorStore:
+    data = _read_json(index, "a shard index")
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise WeightLoadError(f"{index}: field 'weight_map' is missing or empty")
+    by_file: dict[str, set[str]] = {}
+    for key, name in weight_map.items():
+        by_file.setdefault(name, set()).add(key)
+    for name in by_file:
+        if not (index.parent / name).is_file():
+            raise FileNotFoundError(f"{index}: shard {name!r} listed in 'weight_map' does not exist")
+    store = TensorStore(str(index))
+    for name, keys in sorted(by_file.items()):
+        store.add_safetensors(index.parent / name, only=keys)
+    return store
+
+
+def _folder_plan(component: str, model: nn.Module, store: TensorStore) -> tuple[dict, list[str]]:
+    """model key -> file tensor, accepting the key spellings real folders use; plus unexpected file keys."""
+    model_keys = set(model.state_dict())
+    by_name: dict[str, OriginalTensor] = {}
+    ignored = []
+    for file_key in store.shapes:
+        name, op = file_key, "copy"
+        if component == "text_encoder":
+            if file_key in _TEXT_POSITION_IDS:
+                continue  # transformers < 4.31 saved this buffer; it is 0..76
+            # transformers 4.x: "text_model." prefix; 5.x: none. Our model decides which it wants.
+            bare = single_file.strip_text_model_prefix(file_key)
+            name = bare if bare in model_keys else single_file.HF_TEXT_PREFIX + bare
+        elif component == "vae" and ".mid_block.attentions." in file_key:
+            head, _, leaf = file_key.rpartition(".")
+            parent, _, last = head.rpartition(".")
+            if last in _LEGACY_VAE_ATTENTION:  # diffusers < 0.14 names
+                name = f"{parent}.{_LEGACY_VAE_ATTENTION[last]}.{leaf}"
+            if leaf == "weight" and not head.endswith("group_norm"):
+                op = "to_linear"  # some old files hold these as 1x1 convs
+        if name in by_name:
+            raise WeightLoadError(f"{store.label}: keys {by_name[name].key!r} and {file_key!r} both give "
+                                  f"{component} parameter {name!r}")
+        by_name[name] = OriginalTensor(file_key, op)
+        if name not in model_keys:
+            ignored.append(file_key)
+    return {k: v for k, v in by_name.items() if k in model_keys}, ignored
+
+
+def _load_folder(path: Path, *, device, dtype, variant, allow_pickle, tokenizer_path, prediction_type):
+    model_index = _read_json(path / "model_index.json",
+                             "a diffusers pipeline folder holds model_index.json next to unet/, vae/, "
+                             "text_encoder/, tokenizer/ and scheduler/ (for a single-file checkpoint pass "
+                             "the .safetensors file itself)")
+    if "text_encoder_2" in model_index:
+        raise WeightLoadError(f"{path / 'model_index.json'} lists text_encoder_2 (an SDXL pipeline); only "
+                              f"SD 1.x / 2.x pipelines are supported")
+    needed = [c for c in _COMPONENT_FOLDERS if not (c == "tokenizer" and tokenizer_path is not None)]
+    for component in needed:
+        if not (path / component).is_dir():
+            raise FileNotFoundError(f"{path}: component folder {component}/ is missing (model_index.json "
+                                    f"lists {sorted(k for k in model_index if not k.startswith('_'))})")
+    configs = {c: _read_json(path / c / "config.json", f"the {c} config") for c in ("unet", "vae", "text_encoder")}
+    _check_context_width(configs["unet"], configs["text_encoder"], str(path / "unet" / "config.json"),
+                         str(path / "text_encoder" / "config.json"))
+    scheduler = _read_json(path / "scheduler" / "scheduler_config.json", "the scheduler config")
+    from runtime.tokenizer import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_folder(tokenizer_path if tokenizer_path is not None else path / "tokenizer")
+    classes = _model_classes()
+    models = {}
+    for component, (model_cls, config_cls) in classes.items():
+        config_label = str(path / component / "config.json")
+        with _find_weight_files(path / component, component, variant, allow_pickle) as store:
+            model = _build(component, model_cls, config_cls, configs[component], config_label)
+            plan, unexpected = _folder_plan(component, model, store)
+            models[component] = _fill(model, plan, store, unexpected=unexpected, dtype=dtype, device=device,
+                                      what=component, config_label=config_label)
+    return Components(models["unet"], models["vae"], models["text_encoder"], tokenizer,
+                      _scheduler_config(scheduler, prediction_type), str(path), _kind_of_unet_config(configs["unet"]))
+
+
+# ----------------------------------------------------------------------------- single files
+
+def _single_file_tokenizer(tokenizer_path, pad_token: str, source: Path):
+    from runtime.tokenizer import CLIPTokenizer
+
+    if tokenizer_path is not None:
+        return CLIPTokenizer.from_folder(tokenizer_path)
+    try:
+        return CLIPTokenizer.from_open_clip_bpe(pad_token=pad_token)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{source}: a single-file checkpoint carries no tokenizer, and the bundled "
+                                f"vocabulary is unavailable ({error}); pass tokenizer_path=<folder with "
+                                f"vocab.json + merges.txt> or install open_clip_torch") from None
+
+
+def _load_single_file(path: Path, *, device, dtype, allow_pickle, tokenizer_path, prediction_type):
+    with TensorStore(str(path)) as store:
+        if path.suffix in PICKLE_SUFFIXES:
+            if not allow_pickle:
+                raise _refuse_pickle(path)
+            store.add_dict(_load_pickle(path))
+        else:
+            store.add_safetensors(path)
+        try:
+            layout = single_file.detect_layout(store.shapes, str(path))
+            configs = single_file.infer_configs(store.shapes, layout, str(path))
+        except ValueError as error:
+            raise WeightLoadError(str(error)) from None
+        if layout.text_prefix is None:
+            raise WeightLoadError(f"{path}: no text encoder in the checkpoint (no key under "
+                                  f"{single_file.SD1_TEXT_PREFIX!r} or {single_file.SD2_TEXT_PREFIX!r})")
+        _check_context_width(configs["unet"], configs["text_encoder"], f"{path} (UNet)", f"{path} (text encoder)")
+        tokenizer = _single_file_tokenizer(tokenizer_path, configs["tokenizer"]["pad_token"], path)
+        config_label = f"the {layout.kind.upper()} defaults with sizes read from {path.name}"
+        prefixes = {"unet": single_file.UNET_PREFIX, "vae": single_file.VAE_PREFIX, "text_encoder": layout.text_prefix}
+        models = {}
+        for component, (model_cls, config_cls) in _model_classes().items():
+            model = _build(component, model_cls, config_cls, configs[component], config_label)
+            keys = list(model.state_dict())
+            if component == "unet":
+                mapping = single_file.unet_key_map(keys)
+            elif component == "vae":
+                mapping = single_file.vae_key_map(keys)
+            else:
+                buffers = {name for name, _ in model.named_buffers()}
+                mapping = single_file.text_key_map([k for k in keys if k not in buffers], layout.kind)
+            prefix = prefixes[component]
+            plan = {k: OriginalTensor(prefix + v.key, v.op, v.part) for k, v in mapping.items()}
+            used = {v.key for v in plan.values()}
+            text_layers = configs["text_encoder"]["num_hidden_layers"]
+            unexpected = [k for k in store.shapes if k.startswith(prefix) and k not in used
+                          and not single_file.is_unused_original_key(k, layout, text_layers)]
+            models[component] = _fill(model, plan, store, unexpected=unexpected, dtype=dtype, device=device,
+                                      what=component, config_label=config_label)
+    return Components(models["unet"], models["vae"], models["text_encoder"], tokenizer,
+                      _scheduler_config(configs["scheduler"], prediction_type), str(path), layout.kind)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def load_components(path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                    dtype: str | torch.dtype = torch.float32, variant: str | None = None,
+                    allow_pickle: bool = False, tokenizer_path: str | os.PathLike | None = None,
+                    prediction_type: str | None = None) -> Components:
+    """Load a diffusers pipeline folder or a single-file (CompVis / A1111) checkpoint.
+
+    device: "cpu" or "cuda[:N]". dtype: torch dtype or name ("fp16", "bf16", "fp32", ...).
+    variant: weight-file variant of a folder ("fp16" picks *.fp16.safetensors; without it, plain files
+    are preferred and a variant is used only when it is the only one present).
+    allow_pickle: permit .ckpt / .bin / .pt files (read with torch.load(weights_only=True)).
+    tokenizer_path: a tokenizer folder to use instead of the folder's tokenizer/ or, for a single file,
+    instead of the vocabulary bundled with open_clip. prediction_type: overrides the scheduler config's
+    (a single file cannot tell SD 2.x 768-v, "v_prediction", the default, from 512-base, "epsilon").
+    """
+    resolved_dtype, resolved_device = resolve_dtype(dtype), resolve_device(device)
+    _check_prediction_type(prediction_type)
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist")
+    if tokenizer_path is not None and not Path(tokenizer_path).is_dir():
+        raise FileNotFoundError(f"tokenizer_path {tokenizer_path} is not a folder")
+    if path.is_dir():
+        if (path / "config.json").is_file() and not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"{path} looks like one component folder (config.json, no model_index.json); "
+                                    f"pass the pipeline folder that holds model_index.json")
+        return _load_folder(path, device=resolved_device, dtype=resolved_dtype, variant=variant,
+                            allow_pickle=allow_pickle, tokenizer_path=tokenizer_path, prediction_type=prediction_type)
+    if path.suffix not in (".safetensors", *PICKLE_SUFFIXES):
+        raise WeightLoadError(f"{path}: unsupported file type {path.suffix!r}; expected a .safetensors "
+                              f"single-file checkpoint (or {', '.join(PICKLE_SUFFIXES)} with allow_pickle=True) "
+                              f"or a diffusers folder")
+    if variant is not None:
+        raise WeightLoadError(f"variant={variant!r} applies to diffusers folders only, not to the file {path}")
+    return _load_single_file(path, device=resolved_device, dtype=resolved_dtype, allow_pickle=allow_pickle,
+                             tokenizer_path=tokenizer_path, prediction_type=prediction_type)
