@@ -7,6 +7,9 @@ Shapes are described once, symbolically, with these dimension symbols:
     "B"  the network's batch (the guided UNet and the text encoder see 2x the image batch)
     "H", "W"  image height and width in pixels
     "h", "w"  latent height and width = H / factor, W / factor (factor 8 for every SD VAE)
+
+The VAE encoder outputs the latent distribution's mean ("latent", what AutoencoderKL.encode returns)
+and its log-variance ("latent_logvar"), so img2img can sample the posterior as diffusers does.
 """
 from __future__ import annotations
 
@@ -243,7 +246,8 @@ def vae_encoder_spec(vae_config) -> NetworkSpec:
     return NetworkSpec(
         name="vae_encoder", component="vae", factor=vae_factor(vae_config),
         inputs=(TensorSpec("images", ("B", vae_config.in_channels, "H", "W"), "float"),),
-        outputs=(TensorSpec("latent", ("B", vae_config.latent_channels, "h", "w"), "float"),))
+        outputs=(TensorSpec("latent", ("B", vae_config.latent_channels, "h", "w"), "float"),
+                 TensorSpec("latent_logvar", ("B", vae_config.latent_channels, "h", "w"), "float")))
 
 
 def network_specs(unet_config, vae_config, text_config) -> dict[str, NetworkSpec]:

@@ -1,0 +1,73 @@
+"""python -m export --model PATH --out DIR --format onnx|tensorrt [--dtype ...] [--min/--opt/--max BxHxW]
+
+Writes DIR/text_encoder.onnx, unet.onnx, vae_decoder.onnx, vae_encoder.onnx (and <network>.plan
+engines with --format tensorrt) plus DIR/manifest.json. Running again with the same inputs reuses
+what is there; changed weights or options rebuild only what they affect.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from export.manifest import ArtifactError
+from export.specs import NETWORKS, ImageShape, ShapeProfile
+from export.tensorrt import TensorRTUnavailable
+
+DEFAULTS = ShapeProfile()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="diffusers folder or single-file .safetensors")
+    parser.add_argument("--out", required=True, help="export directory (empty, new, or one of ours)")
+    parser.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx")
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+                        help="onnx: the graphs' dtype, fp32 (default) or fp16. tensorrt: the engine "
+                             "precision, fp16 (default), bf16 or fp32, built from fp32 graphs")
+    for bound in ("min", "opt", "max"):
+        parser.add_argument(f"--{bound}", type=ImageShape.parse, default=getattr(DEFAULTS, bound),
+                            metavar="BxHxW", help=f"{bound} image batch x height x width "
+                                                  f"(default {getattr(DEFAULTS, bound)})")
+    parser.add_argument("--networks", nargs="+", choices=NETWORKS, default=list(NETWORKS))
+    parser.add_argument("--device", default="cpu", help="where to run the model while exporting")
+    parser.add_argument("--refittable", action="store_true", help="tensorrt: build refittable engines")
+    parser.add_argument("--workspace-gb", type=float, default=None,
+                        help="tensorrt: cap on the builder's scratch memory")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        profile = ShapeProfile(args.min, args.opt, args.max)
+        if args.format == "onnx":
+            from export.onnx import ensure_onnx
+
+            if args.dtype == "bf16":
+                raise ValueError("--dtype bf16 applies to --format tensorrt; ONNX export is fp32 or fp16")
+            paths = ensure_onnx(args.out, args.model, dtype=args.dtype or "fp32", profile=profile,
+                                device=args.device, networks=args.networks,
+                                progress=not args.no_progress)
+        else:
+            from export.tensorrt import EngineOptions, ensure_engines
+
+            workspace = int(args.workspace_gb * (1 << 30)) if args.workspace_gb else None
+            options = EngineOptions(precision=args.dtype or "fp16", refittable=args.refittable,
+                                    workspace_bytes=workspace)
+            paths = ensure_engines(args.out, args.model, profile=profile, options=options,
+                                   networks=args.networks, device=args.device,
+                                   progress=not args.no_progress)
+    except (ArtifactError, ValueError, FileNotFoundError, TensorRTUnavailable) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
