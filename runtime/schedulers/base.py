@@ -1,0 +1,151 @@
+"""What every sampler shares: the step-count bookkeeping, img2img start, up-front noise, coefficient tables.
+
+Design rule for all samplers: `set_timesteps` computes every per-step coefficient once (as diffusers
+would compute it at that step, same dtype and order of operations, on the CPU) and stores them as 1-D
+tensors on the target device indexed by the step index i. `step` then does plain tensor math with
+`table[i]` and never branches on tensor values, so a CUDA-graph runner can pass i as a device tensor.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from .config import alphas_cumprod
+
+
+class Scheduler:
+    """Base class; subclasses implement `_schedule`, `_tables`, `step` and optionally the hooks below."""
+
+    name: str = ""
+
+    def __init__(self, config: Mapping[str, Any]):
+        self.config = config
+        self.alphas_cumprod = alphas_cumprod(config, pin_terminal=self._pins_terminal_snr)
+        self.timesteps: torch.Tensor | None = None
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps: int | None = None  # the count asked for (PNDM runs one more)
+        self.begin_index = 0
+        self.device = torch.device("cpu")
+        self._t: dict[str, torch.Tensor] = {}
+        self._needs_noise = False
+
+    _pins_terminal_snr = False
+
+    # ---- the public API -------------------------------------------------------------------------
+    @property
+    def num_steps(self) -> int:
+        self._require_timesteps()
+        return len(self.timesteps)
+
+    @property
+    def needs_noise(self) -> bool:
+        self._require_timesteps()
+        return self._needs_noise
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device = "cpu") -> None:
+        n = num_inference_steps
+        limit = self.config["num_train_timesteps"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {n!r}")
+        if n > limit:
+            raise ValueError(f"num_inference_steps={n} exceeds the scheduler's num_train_timesteps={limit}")
+        self.num_inference_steps = n
+        self.device = torch.device(device)
+        self._schedule(n)
+        self.timesteps = self.timesteps.to(self.device)
+        self.begin_index = 0
+        self._rebuild()
+
+    def img2img_start(self, strength: float) -> int:
+        """First step index for img2img (diffusers' `get_timesteps`); also makes that the begin index.
+
+        Multistep warm-up and ancestral noise draws then start at that index, as in diffusers, where
+        get_timesteps calls `set_begin_index` (PNDM simply starts counting at its first step).
+        """
+        self._require_timesteps()
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+            raise ValueError(f"img2img strength must be in (0, 1], got {strength!r}")
+        n = self.num_inference_steps
+        init_timestep = min(int(n * strength), n)
+        start = max(n - init_timestep, 0)
+        if start >= self.num_steps:
+            raise ValueError(
+                f"img2img strength {strength} with {n} steps leaves no denoising step; raise strength or steps"
+            )
+        self.begin_index = start
+        self._rebuild()
+        return start
+
+    def draw_noise(self, generator: torch.Generator | None, shape, dtype: torch.dtype, device) -> torch.Tensor | None:
+        """All per-step noise [S, *shape], drawn in the order diffusers draws it inside its loop.
+
+        Rows of steps that draw nothing (before the begin index, LCM's last step) stay zero and consume
+        no random numbers. Like diffusers' randn_tensor, a CPU generator draws on the CPU.
+        """
+        if not self.needs_noise:
+            return None
+        shape = tuple(shape)
+        noise = torch.zeros((self.num_steps, *shape), dtype=dtype, device=device)
+        rand_device = generator.device if generator is not None else torch.device(device)
+        for i in range(self.begin_index, self.num_steps):
+            if self._draws_noise(i):
+                noise[i] = torch.randn(shape, generator=generator, dtype=dtype, device=rand_device).to(device)
+        return noise
+
+    def scale_model_input(self, sample: torch.Tensor, i) -> torch.Tensor:
+        return sample
+
+    def reset(self) -> None:
+        """Forget multistep history before a new image (tables stay)."""
+
+    def add_noise(self, original: torch.Tensor, noise: torch.Tensor, i) -> torch.Tensor:
+        """DDPM forward noising to the level of timesteps[i] (DDIM, PNDM, LCM; Euler/DPM override)."""
+        self._require_timesteps()
+        ac = self.alphas_cumprod.to(device=original.device, dtype=original.dtype)
+        t = self.timesteps[i].to(original.device)
+        sqrt_alpha_prod = ac[t] ** 0.5
+        sqrt_one_minus_alpha_prod = (1 - ac[t]) ** 0.5
+        return sqrt_alpha_prod * original + sqrt_one_minus_alpha_prod * noise
+
+    # ---- hooks for the families -------------------------------------------------------------------
+    def _schedule(self, n: int) -> None:
+        """Set self.timesteps (CPU, diffusers' values and dtype) and any schedule arrays such as sigmas."""
+        raise NotImplementedError
+
+    def _tables(self) -> dict[str, list]:
+        """Per-step coefficients as lists of 0-d CPU tensors / floats, one entry per step index."""
+        raise NotImplementedError
+
+    def _draws_noise(self, i: int) -> bool:
+        return False
+
+    # ---- helpers ----------------------------------------------------------------------------------
+    def _rebuild(self) -> None:
+        tables = self._tables()
+        self._t = {k: _stack(v).to(self.device) for k, v in tables.items()}
+        self._needs_noise = any(self._draws_noise(i) for i in range(self.begin_index, self.num_steps))
+        self.reset()
+
+    def _require_timesteps(self) -> None:
+        if self.timesteps is None:
+            raise ValueError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) first")
+
+    def _require_noise(self, noise: torch.Tensor | None) -> None:
+        if noise is None:
+            raise ValueError(f"{self.name} is ancestral: pass noise=draw_noise(...)[i] to step()")
+
+    @staticmethod
+    def _history(buffer: torch.Tensor | None, like: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        """A zeroed history buffer shaped like `like` (or [rows, *like.shape]), kept across steps."""
+        shape = like.shape if rows is None else (rows, *like.shape)
+        if buffer is None or buffer.shape != shape or buffer.dtype != like.dtype or buffer.device != like.device:
+            buffer = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        return buffer
+
+
+def _stack(values: list) -> torch.Tensor:
+    """A 1-D table from per-step values: bools stay bool (for torch.where), numbers become float32."""
+    if all(isinstance(v, bool) for v in values):
+        return torch.tensor(values, dtype=torch.bool)
+    return torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in values]).reshape(-1)
