@@ -36,6 +36,7 @@ _UNET_COMMON = {
     "norm_eps": 1e-05,
     "norm_num_groups": NORM_GROUPS,
     "block_out_channels": [320, 640, 1280, 1280],
+    "transformer_layers_per_block": 1,
     "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
 }
