@@ -143,6 +143,23 @@ def test_txt2img_matches_diffusers_step_by_step(name, config_name, steps):
     assert_trajectories_match(run_ours(ours, latents, direction, seed), run_reference(ref, latents, direction, seed))
 
 
+@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+def test_half_precision_latents_match_diffusers(name):
+    """The GPU pipeline steps fp16 latents: dtype handling (fp32 upcasts, noise dtype) must match too."""
+    ref = reference_scheduler(name, SD1)
+    ours = make_scheduler(name, SD1)
+    ref.set_timesteps(10)
+    ours.set_timesteps(10)
+    noise, direction = random_inputs(11)
+    latents = (noise * ours.init_noise_sigma).half()
+    theirs = run_reference(ref, latents, direction.half(), seed=12)
+    mine = run_ours(ours, latents, direction.half(), seed=12)
+    assert len(mine) == len(theirs)
+    for a, b in zip(mine, theirs):
+        assert a.dtype == b.dtype == torch.float16
+        assert relative_error(a.float(), b.float()) <= 1e-3
+
+
 @pytest.mark.parametrize("config_name", sorted(CONFIGS))
 @pytest.mark.parametrize("name", SCHEDULER_NAMES)
 def test_config_carry_over_matches_diffusers_from_config(name, config_name):
