@@ -154,6 +154,9 @@ class UNetConfig:
             raise ValueError(f"UNetConfig: config field 'mid_block_type' = {self.mid_block_type!r} is not "
                              f"supported (supported: {MID_BLOCK_TYPES})")
         check_silu("UNetConfig", self.act_fn)
+        if not isinstance(self.norm_num_groups, int) or self.norm_num_groups <= 0:
+            raise ValueError(f"UNetConfig: config field 'norm_num_groups' = {self.norm_num_groups!r} is not "
+                             "supported (a positive int is required)")
         for channels in self.block_out_channels:
             if channels % self.norm_num_groups:
                 raise ValueError(f"UNetConfig: config field 'norm_num_groups' = {self.norm_num_groups} does "

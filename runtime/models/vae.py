@@ -87,6 +87,9 @@ class VAEConfig:
                     raise ValueError(f"VAEConfig: config field {name!r} contains {block_type!r}; "
                                      f"only {allowed!r} is supported")
         check_silu("VAEConfig", self.act_fn)
+        if not isinstance(self.norm_num_groups, int) or self.norm_num_groups <= 0:
+            raise ValueError(f"VAEConfig: config field 'norm_num_groups' = {self.norm_num_groups!r} is not "
+                             "supported (a positive int is required)")
         for channels in self.block_out_channels:
             if channels % self.norm_num_groups:
                 raise ValueError(f"VAEConfig: config field 'norm_num_groups' = {self.norm_num_groups} does "

@@ -36,7 +36,7 @@ SDXL_SMALL = dict(
 )
 # Rarely used knobs we claim to honour, all at once.
 KNOBS_SMALL = dict(
-    SD1_SMALL, layers_per_block=(1, 2, 1), only_cross_attention=(True, False, False),
+    SD1_SMALL, layers_per_block=(1, 2, 1), only_cross_attention=(True, False, True),  # the mid block ignores it
     cross_attention_dim=(32, 32, 32), transformer_layers_per_block=(2, 1, 1), mid_block_scale_factor=1.41,
     time_embedding_dim=96, center_input_sample=True, flip_sin_to_cos=False, freq_shift=1,
     conv_in_kernel=1, conv_out_kernel=5, downsample_padding=0, norm_eps=1e-6,
@@ -148,6 +148,7 @@ def test_swappable_layers_are_used(generator):
      "SimpleCrossAttnDownBlock2D"),
     ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn", "mid_block_type"),
     ("act_fn", "gelu", "act_fn"),
+    ("norm_num_groups", None, "norm_num_groups"),
     ("attention_head_dim", [3, 4, 4], "attention_head_dim"),
     ("layers_per_block", [1, 2], "layers_per_block"),
     ("transformer_layers_per_block", [[1, 1], [2, 2], [1, 1]], "transformer_layers_per_block"),
