@@ -34,6 +34,7 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass
+from typing import Optional  # custom-op schemas: older torch cannot parse `float | None`
 
 import torch
 import triton
@@ -246,15 +247,19 @@ def choose_config(head_dim: int, n_keys: int) -> AttentionConfig:
     """Tiling per head-dim bucket (by the padded width BLOCK_D0 + BLOCK_D1) and context length.
 
     Eight warps = two Hopper warpgroups, each owning 64 of the 128 query rows (one wgmma m64 tile),
-    so per thread the score tile costs BLOCK_N/4 fp32 registers and the accumulator width/4:
-      width <= 64  (D=40, 64):  BLOCK_N=128: 32 + 12..16 registers; D=40 is bound by exp2 and
-                                 the softmax arithmetic, so big key blocks amortise the per-block
-                                 rescale. 3 stages of K/V tiles (16 KiB each) hide load latency.
-      width <= 128 (D=80, 128): BLOCK_N=64 keeps scores (16) + accumulator (<= 32) + P small.
-      width <= 256 (D=160, 256): BLOCK_N=64 with a 40..64-register accumulator; 2 stages, because
-                                 a 64x256 K or V tile is already 32 KiB of shared memory.
-    Short contexts (Nk <= 128, CLIP's 77 tokens) use a single masked key block of 128: the work
-    is then loading Q and storing O once, and one block means no rescaling at all.
+    so per thread the fp32 score tile costs BLOCK_N/4 registers and the accumulator width/4.
+    Registers / shared memory below are ptxas's for sm_90 (no spills anywhere; see AOT_CONFIGS):
+      width <= 64  (D=40, 64):   BLOCK_N=128, 3 stages: 170-180 regs, 84-112 KiB. At D=40 the
+                                 exp2 and softmax arithmetic, not the MMAs, bound the loop, so
+                                 large key blocks amortise the per-block rescale of acc.
+      width <= 128 (D=80, 128):  BLOCK_N=64, 3 stages: 126 regs, 80 KiB.
+      width <= 160 (D=160):      BLOCK_N=64, 2 stages: 218 regs, 120 KiB (a 64x160 K or V tile
+                                 is 20 KiB per stage).
+      width <= 256:              BLOCK_N=32, 2 stages: 236 regs; BLOCK_N=64 reaches the 255 cap.
+    Short contexts (Nk <= 128, CLIP's 77 tokens), widths <= 128: one masked key block of 128 and
+    1 stage. The work there is loading Q and storing O once; with no loop to pipeline, stages
+    would only cost shared memory (20-36 KiB instead of 84-140) and so CTAs per SM. At D=160 a
+    128-key block needs all 255 registers, so it keeps its long-context tiling.
     """
     d0, d1 = split_head_dim(head_dim)
     width = d0 + d1
@@ -368,7 +373,7 @@ def _launch_kernel(grid, q, k, v, out, h, n_q, n_k, scale, d, cfg):
 
 
 @torch.library.custom_op("sd_kernels::attention", mutates_args=())
-def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
     out = empty_output(q)
     launch(q, k, v, out, scale)
     return out
@@ -381,7 +386,7 @@ def _attention_fake(q, k, v, scale):
 
 @torch.library.custom_op("sd_kernels::attention_out", mutates_args=("out",))
 def _attention_out_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                      scale: float | None) -> None:
+                      scale: Optional[float]) -> None:
     launch(q, k, v, out, scale)
 
 
@@ -422,19 +427,23 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
 
 
 def _aot_entry(head_dim: int, n_keys: int, dtype: str) -> tuple:
+    """One AOT_CONFIGS entry, specialised as triton's JIT specialises a UNet call: 16-byte-aligned
+    pointers, batch and row strides divisible by 16 (H*D is 320, 640, 1280), head stride D, unit
+    head-dim stride (the JIT turns 1 into a constant). Notation of tests/kernels/sass_compile.py."""
     cfg = choose_config(head_dim, n_keys)
-    pointer = f"*{dtype}"
-    signature = {"Q": pointer, "K": pointer, "V": pointer, "O": pointer}
-    constexprs = {"HEAD_DIM": head_dim, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
-                  "BLOCK_D0": cfg.block_d0, "BLOCK_D1": cfg.block_d1, "VEC": 8, "INTERPRET_BF16": False}
+    head_stride = "i32:16" if head_dim % 16 == 0 else "i32"
+    signature = {name: f"*{dtype}:16" for name in ("Q", "K", "V", "O")}
+    constexprs = {}
     for t in "qkvo":
-        for dim in "bhm" if t in "qo" else "bhn":
-            signature[f"stride_{t}{dim}"] = "i32"
-        # Unit head-dim strides are what every real caller passes; triton's JIT specialises 1 to a constant.
-        signature[f"stride_{t}d"] = "constexpr"
+        row = "m" if t in "qo" else "n"
+        signature.update({f"stride_{t}b": "i32:16", f"stride_{t}h": head_stride, f"stride_{t}{row}": "i32:16",
+                          f"stride_{t}d": "constexpr"})
         constexprs[f"stride_{t}d"] = 1
     signature.update({"H": "i32", "N_Q": "i32", "N_K": "i32", "qk_scale": "fp32"})
-    signature.update({name: "constexpr" for name in constexprs if not name.startswith("stride_")})
+    tiling = {"HEAD_DIM": head_dim, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D0": cfg.block_d0,
+              "BLOCK_D1": cfg.block_d1, "VEC": 8, "INTERPRET_BF16": False}
+    signature.update({name: "constexpr" for name in tiling})
+    constexprs.update(tiling)
     return (_attention_fwd_kernel, signature, constexprs, cfg.num_warps, cfg.num_stages)
 
 
