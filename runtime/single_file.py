@@ -354,6 +354,8 @@ def _infer_text(shapes: Mapping[str, tuple], layout: Layout, source: str) -> dic
 
 def is_unused_original_key(key: str, layout: Layout, text_layers: int) -> bool:
     """Keys under the network prefixes that SD inference does not use (so they are not 'unexpected')."""
+    if key.startswith(VAE_PREFIX + "loss."):
+        return True  # the VAE's training loss (LPIPS / discriminator), kept by some training checkpoints
     if layout.text_prefix is None or not key.startswith(layout.text_prefix):
         return False
     rest = key[len(layout.text_prefix):]

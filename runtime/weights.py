@@ -209,44 +209,70 @@ def _build(what: str, model_cls, config_cls, config: dict, config_label: str) ->
         return model_cls(parsed)
 
 
-def _fill(model: nn.Module, plan: Mapping[str, OriginalTensor], store: TensorStore, *, unexpected: list[str],
-          dtype: torch.dtype, device: torch.device, what: str, config_label: str) -> nn.Module:
-    """Check `plan` (model key -> tensor in `store`) against the model, then read, cast and assign."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    buffers = {name for name, _ in model.named_buffers()}
-    missing = [k for k in expected if k not in plan and k not in buffers]
-    extra = sorted(set(unexpected) | {k for k in plan if k not in expected})
-    absent = [k for k in expected if k in plan and plan[k].key not in store.shapes]
-    mismatched = []
-    for key, where in plan.items():
-        if key in expected and where.key in store.shapes:
-            found = where.converted_shape(store.shapes[where.key])
-            if found != expected[key]:
-                mismatched.append(f"{where.key}: file {list(found)} vs config {list(expected[key])}")
-    problems = []
-    if missing or absent:
-        names = missing + [plan[k].key for k in absent]
-        problems.append(f"{len(names)} missing key(s): {_few(names)}")
-    if extra:
-        problems.append(f"{len(extra)} unexpected key(s): {_few(extra)}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es): {_few(mismatched)}")
-    if problems:
-        raise WeightLoadError(f"{what} weights in {store.label} do not match the model built from "
-                              f"{config_label}: " + "; ".join(problems))
-    state = {}
-    for key, where in plan.items():
-        tensor = where.convert(store.read(where.key))
-        if where.op != "copy":
-            tensor = tensor.contiguous()  # a view would keep the whole fused / 4-D source alive
-        state[key] = tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor.to(device)
-        del tensor  # the file-dtype tensor dies here, before the next one is read
-    model.load_state_dict(state, strict=False, assign=True)
-    model.to(device=device, dtype=dtype)  # buffers only: parameters are already there
-    still_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if still_meta:
-        raise WeightLoadError(f"{what}: internal error, tensors left unloaded: {_few(still_meta)}")
-    return model.eval().requires_grad_(False)
+# Config fields to name when a weight of this kind has the wrong shape.
+_SHAPE_HINTS = {"attn2.to_k.weight": "cross_attention_dim", "attn2.to_v.weight": "cross_attention_dim",
+                "token_embedding.weight": "vocab_size / hidden_size", "conv_in.weight": "in_channels"}
+
+
+@dataclass
+class _Job:
+    """One network to load: the empty model, where each of its tensors is, and what else the file holds."""
+
+    what: str  # "unet" | "vae" | "text_encoder"
+    model: nn.Module
+    plan: Mapping[str, OriginalTensor]  # model key -> tensor in `store`
+    store: TensorStore
+    unexpected: list[str]  # file keys that belong to this network but to no model key
+    config_label: str
+
+    def check(self) -> None:
+        """Names and shapes of every tensor against the model, from the headers alone."""
+        expected = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        buffers = {name for name, _ in self.model.named_buffers()}
+        missing = [k for k in expected if k not in self.plan and k not in buffers]
+        missing += [where.key for k, where in self.plan.items() if k in expected and where.key not in self.store.shapes]
+        extra = sorted(set(self.unexpected) | {k for k in self.plan if k not in expected})
+        mismatched, hints = [], set()
+        for key, where in self.plan.items():
+            if key in expected and where.key in self.store.shapes:
+                found = where.converted_shape(self.store.shapes[where.key])
+                if found != expected[key]:
+                    mismatched.append(f"{where.key}: file {list(found)} vs config {list(expected[key])}")
+                    hints.update(field for suffix, field in _SHAPE_HINTS.items() if key.endswith(suffix))
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing key(s): {_few(missing)}")
+        if extra:
+            problems.append(f"{len(extra)} unexpected key(s): {_few(extra)}")
+        if mismatched:
+            hint = f" (check config field {', '.join(sorted(hints))})" if hints else ""
+            problems.append(f"{len(mismatched)} shape mismatch(es): {_few(mismatched)}{hint}")
+        if problems:
+            raise WeightLoadError(f"{self.what} weights in {self.store.label} do not match the model built from "
+                                  f"{self.config_label}: " + "; ".join(problems))
+
+    def load(self, dtype: torch.dtype, device: torch.device) -> nn.Module:
+        """Read, cast and assign one tensor at a time; returns the model in eval mode without grad."""
+        state = {}
+        for key, where in self.plan.items():
+            tensor = where.convert(self.store.read(where.key))
+            if where.op != "copy":
+                tensor = tensor.contiguous()  # a view would keep the whole fused / 4-D source alive
+            state[key] = tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor.to(device)
+            del tensor  # the file-dtype tensor dies here, before the next one is read
+        model = self.model
+        model.load_state_dict(state, strict=False, assign=True)
+        model.to(device=device, dtype=dtype)  # buffers only: parameters are already there
+        still_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if still_meta:
+            raise WeightLoadError(f"{self.what}: internal error, tensors left unloaded: {_few(still_meta)}")
+        return model.eval().requires_grad_(False)
+
+
+def _run(jobs: list[_Job], dtype: torch.dtype, device: torch.device) -> dict[str, nn.Module]:
+    for job in jobs:  # every header checked before any tensor data is read
+        job.check()
+    return {job.what: job.load(dtype, device) for job in jobs}
 
 
 # ----------------------------------------------------------------------------- configs
@@ -400,15 +426,15 @@ def _load_folder(path: Path, *, device, dtype, variant, allow_pickle, tokenizer_
     from runtime.tokenizer import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_folder(tokenizer_path if tokenizer_path is not None else path / "tokenizer")
-    classes = _model_classes()
-    models = {}
-    for component, (model_cls, config_cls) in classes.items():
-        config_label = str(path / component / "config.json")
-        with _find_weight_files(path / component, component, variant, allow_pickle) as store:
+    with contextlib.ExitStack() as stack:
+        jobs = []
+        for component, (model_cls, config_cls) in _model_classes().items():
+            config_label = str(path / component / "config.json")
+            store = stack.enter_context(_find_weight_files(path / component, component, variant, allow_pickle))
             model = _build(component, model_cls, config_cls, configs[component], config_label)
             plan, unexpected = _folder_plan(component, model, store)
-            models[component] = _fill(model, plan, store, unexpected=unexpected, dtype=dtype, device=device,
-                                      what=component, config_label=config_label)
+            jobs.append(_Job(component, model, plan, store, unexpected, config_label))
+        models = _run(jobs, dtype, device)
     return Components(models["unet"], models["vae"], models["text_encoder"], tokenizer,
                       _scheduler_config(scheduler, prediction_type), str(path), _kind_of_unet_config(configs["unet"]))
 
@@ -448,7 +474,7 @@ def _load_single_file(path: Path, *, device, dtype, allow_pickle, tokenizer_path
         tokenizer = _single_file_tokenizer(tokenizer_path, configs["tokenizer"]["pad_token"], path)
         config_label = f"the {layout.kind.upper()} defaults with sizes read from {path.name}"
         prefixes = {"unet": single_file.UNET_PREFIX, "vae": single_file.VAE_PREFIX, "text_encoder": layout.text_prefix}
-        models = {}
+        jobs = []
         for component, (model_cls, config_cls) in _model_classes().items():
             model = _build(component, model_cls, config_cls, configs[component], config_label)
             keys = list(model.state_dict())
@@ -465,8 +491,8 @@ def _load_single_file(path: Path, *, device, dtype, allow_pickle, tokenizer_path
             text_layers = configs["text_encoder"]["num_hidden_layers"]
             unexpected = [k for k in store.shapes if k.startswith(prefix) and k not in used
                           and not single_file.is_unused_original_key(k, layout, text_layers)]
-            models[component] = _fill(model, plan, store, unexpected=unexpected, dtype=dtype, device=device,
-                                      what=component, config_label=config_label)
+            jobs.append(_Job(component, model, plan, store, unexpected, config_label))
+        models = _run(jobs, dtype, device)
     return Components(models["unet"], models["vae"], models["text_encoder"], tokenizer,
                       _scheduler_config(configs["scheduler"], prediction_type), str(path), layout.kind)
 

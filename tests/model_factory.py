@@ -6,6 +6,7 @@ then written the way real checkpoints are written:
 
     small_configs(kind)                      -> {"unet", "vae", "text_encoder", "scheduler", "tokenizer"} dicts
     build_reference_models(kind, seed=0)     -> {"unet", "vae", "text_encoder"}: diffusers/transformers modules
+    reference_state_dict(kind, network, seed=0) -> the state dict of one of them (shared, read-only)
     save_diffusers_folder(path, kind, ...)   -> a diffusers pipeline folder (model_index.json, unet/, vae/,
                                                 text_encoder/, tokenizer/, scheduler/), safetensors
     save_single_file(path, kind, ...)        -> an original-layout (CompVis / A1111) .safetensors checkpoint
@@ -92,6 +93,12 @@ def build_reference_models(kind: str, seed: int = 0) -> dict[str, torch.nn.Modul
     return copy.deepcopy(_cached_reference_models(kind, seed))
 
 
+def reference_state_dict(kind: str, network: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """State dict of one network ("unet" | "vae" | "text_encoder") of build_reference_models(kind, seed),
+    without copying: read it, do not modify it."""
+    return _cached_reference_models(kind, seed)[network].state_dict()
+
+
 @functools.lru_cache(maxsize=4)
 def _cached_reference_models(kind: str, seed: int) -> dict[str, torch.nn.Module]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -119,6 +126,20 @@ def _scheduler(kind: str):
     return cls(**config)
 
 
+@functools.lru_cache(maxsize=2)
+def _tokenizer_files(pad_token: str) -> dict[str, bytes]:
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = write_sd_tokenizer_folder(Path(scratch), pad_token)
+        return {file.name: file.read_bytes() for file in folder.iterdir()}
+
+
+def _write_tokenizer_folder(folder: Path, pad_token: str) -> None:
+    """tests/tokenizer_fixtures.write_sd_tokenizer_folder, built once per pad token and then copied."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in _tokenizer_files(pad_token).items():
+        (folder / name).write_bytes(data)
+
+
 def save_diffusers_folder(path, kind: str = "sd1", dtype: torch.dtype = torch.float32, variant: str | None = None,
                           shards: bool = False, seed: int = 0) -> Path:
     """Write a diffusers StableDiffusionPipeline folder at `path` and return it.
@@ -129,17 +150,20 @@ def save_diffusers_folder(path, kind: str = "sd1", dtype: torch.dtype = torch.fl
     several files plus a `*.safetensors.index[.variant].json`, as large checkpoints are stored.
     """
     path = Path(path)
-    models = build_reference_models(kind, seed)
+    # The cached models are only read (and cast copies written) unless another dtype is asked for.
+    models = _cached_reference_models(kind, seed)
+    if dtype != torch.float32:
+        models = {name: copy.deepcopy(model).to(dtype) for name, model in models.items()}
     shard_size = "2MB" if shards else "10GB"
     for name, model in models.items():
         # Via a scratch folder: save_pretrained deletes weight files of other variants it finds.
         with tempfile.TemporaryDirectory() as scratch:
-            model.to(dtype).save_pretrained(scratch, variant=variant, max_shard_size=shard_size)
+            model.save_pretrained(scratch, variant=variant, max_shard_size=shard_size)
             (path / name).mkdir(parents=True, exist_ok=True)
             for file in Path(scratch).iterdir():
                 shutil.copy(file, path / name / file.name)
     _scheduler(kind).save_pretrained(path / "scheduler")
-    write_sd_tokenizer_folder(path / "tokenizer", small_configs(kind)["tokenizer"]["pad_token"])
+    _write_tokenizer_folder(path / "tokenizer", small_configs(kind)["tokenizer"]["pad_token"])
     import diffusers
 
     scheduler_class = small_configs(kind)["scheduler"]["_class_name"]
@@ -158,7 +182,7 @@ def single_file_state_dict(kind: str = "sd1", dtype: torch.dtype = torch.float32
     """The original-layout (CompVis) state dict of the models `build_reference_models(kind, seed)` builds."""
     from runtime.single_file import to_original_layout
 
-    models = build_reference_models(kind, seed)
+    models = _cached_reference_models(kind, seed)
     state = {name: {k: v.to(dtype) for k, v in model.state_dict().items()} for name, model in models.items()}
     return to_original_layout(unet=state["unet"], vae=state["vae"], text_encoder=state["text_encoder"], kind=kind)
 
