@@ -45,6 +45,8 @@ MAX_TILE = 4096
 MAX_SPLIT = 64
 # Programs of pass 1 to aim for, per SM: several resident programs per SM keep loads in flight.
 STATS_PROGRAMS_PER_SM = 8
+# Cost of one extra program, in tile lanes, when choosing a channel block (launch, partial merge, tail).
+PROGRAM_OVERHEAD_ELEMENTS = 1024
 # SM count assumed when not on CUDA (interpreter tests): the H100's, so the split path is exercised.
 DEFAULT_SM_COUNT = 132
 
@@ -191,14 +193,16 @@ def _pow2_at_most(n: int) -> int:
     return 1 << (max(n, 1).bit_length() - 1)
 
 
-def _least_waste_block(extent: int, limit: int) -> int:
-    """Power of two <= limit that covers `extent` with the fewest masked lanes (ties: the larger)."""
-    best, best_waste = 1, 0
+def _cheapest_channel_block(channels_per_group: int, block_hw: int, limit: int) -> int:
+    """Power of two <= limit minimising tiles * (tile lanes + per-program overhead): avoids masked lanes
+    (Cg = 10, 20, 40 at large H*W tile exactly as 2, 4, 8) without cutting small groups into many
+    tiny programs (Cg = 30 at 4x3 positions takes one 16x32 tile, not fifteen 16x2 ones)."""
+    best, best_cost = 1, None
     block = 1
     while block <= limit:
-        waste = triton.cdiv(extent, block) * block - extent
-        if block == 1 or waste <= best_waste:
-            best, best_waste = block, waste
+        cost = triton.cdiv(channels_per_group, block) * (block_hw * block + PROGRAM_OVERHEAD_ELEMENTS)
+        if best_cost is None or cost <= best_cost:
+            best, best_cost = block, cost
         block *= 2
     return best
 
@@ -208,8 +212,7 @@ def choose_config(batch: int, channels_per_group: int, hw: int, groups: int, cha
     """Tile shape and split, chosen from the shape and the memory format.
 
     - The tile's long side runs along the contiguous axis, so loads are wide and coalesced:
-      NCHW: up to MAX_TILE spatial positions; channels only fill the rest, in a power of two that
-      wastes the fewest masked lanes (Cg = 10, 20, 40 tile exactly as 2, 4, 8).
+      NCHW: up to MAX_TILE spatial positions; channels fill the rest (`_cheapest_channel_block`).
       channels_last: a group's channels are a short contiguous run, so the tile spans all of them
       (next power of two: Cg = 10 reads 10 of 16 lanes; the memory traffic is still exact) and as many
       spatial rows as fit in MAX_TILE.
@@ -223,7 +226,7 @@ def choose_config(batch: int, channels_per_group: int, hw: int, groups: int, cha
         block_hw = min(triton.next_power_of_2(hw), _pow2_at_most(MAX_TILE // block_c))
     else:
         block_hw = min(triton.next_power_of_2(hw), MAX_TILE)
-        block_c = _least_waste_block(channels_per_group, max(MAX_TILE // block_hw, 1))
+        block_c = _cheapest_channel_block(channels_per_group, block_hw, max(MAX_TILE // block_hw, 1))
     num_c_tiles = triton.cdiv(channels_per_group, block_c)
     num_tiles = num_c_tiles * triton.cdiv(hw, block_hw)
     wanted_split = triton.cdiv(STATS_PROGRAMS_PER_SM * sm_count, batch * groups)

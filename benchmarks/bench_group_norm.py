@@ -1,0 +1,91 @@
+"""GroupNorm(+SiLU): our Triton kernel vs F.group_norm + F.silu (eager and torch.compile) on CUDA.
+
+    python -m benchmarks.bench_group_norm --json benchmarks/results/group_norm.json
+
+Shapes are the GroupNorms of the SD 1.5 / SD 2.x / SDXL UNets and the SD VAE at batch 1 and 2, in
+fp16, NCHW and channels_last. Reports the median time (triton.testing.do_bench), GB/s counting one
+read of x and one write of y (the unavoidable traffic), that as a % of the device copy bandwidth
+measured in the same run, and the speed-up over torch.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks._bench_util import environment, time_ms, write_json
+
+# (label, channels, H, W): each distinct GroupNorm input of the networks at their native resolution.
+SHAPES = [
+    ("sd15-unet-l0", 320, 64, 64), ("sd15-unet-l0-up", 640, 64, 64), ("sd15-unet-l0-up-cat", 960, 64, 64),
+    ("sd15-unet-l1", 640, 32, 32), ("sd15-unet-l1-cat", 1280, 32, 32), ("sd15-unet-l1-up-cat", 1920, 32, 32),
+    ("sd15-unet-l2", 1280, 16, 16), ("sd15-unet-l2-cat", 2560, 16, 16), ("sd15-unet-l3", 1280, 8, 8),
+    ("sd2-768-unet-l0", 320, 96, 96), ("sd2-768-unet-l1", 640, 48, 48),
+    ("sdxl-unet-l0", 320, 128, 128), ("sdxl-unet-l1", 640, 64, 64), ("sdxl-unet-l2", 1280, 32, 32),
+    ("sdxl-unet-l2-cat", 2560, 32, 32),
+    ("vae512-dec-l0", 512, 64, 64), ("vae512-dec-l1", 512, 128, 128), ("vae512-dec-l2", 256, 256, 256),
+    ("vae512-dec-l3", 128, 512, 512),
+]
+
+
+def copy_bandwidth_gbs() -> float:
+    """Device-to-device copy of 1 GiB: bytes read + written per second, the practical ceiling."""
+    src = torch.empty(2**29, dtype=torch.float16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def bench_shape(label, batch, channels, h, w, channels_last, group_norm, compiled_torch) -> dict:
+    x = torch.randn(batch, channels, h, w, device="cuda", dtype=torch.float16) * 2 + 3
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    weight = torch.randn(channels, device="cuda", dtype=torch.float16)
+    bias = torch.randn(channels, device="cuda", dtype=torch.float16)
+    out = torch.empty_like(x)
+    ours_ms = time_ms(lambda: group_norm(x, 32, weight, bias, activation="silu", out=out))
+    torch_ms = time_ms(lambda: F.silu(F.group_norm(x, 32, weight, bias, 1e-5)))
+    compiled_ms = time_ms(lambda: compiled_torch(x, weight, bias)) if compiled_torch else None
+    moved = 2 * x.numel() * x.element_size()
+    return {"shape": label, "batch": batch, "channels": channels, "height": h, "width": w,
+            "memory_format": "channels_last" if channels_last else "nchw", "dtype": "float16",
+            "activation": "silu", "ours_ms": ours_ms, "torch_ms": torch_ms, "torch_compile_ms": compiled_ms,
+            "ours_gbs": moved / ours_ms / 1e6, "speedup_vs_torch": torch_ms / ours_ms,
+            "speedup_vs_torch_compile": compiled_ms / ours_ms if compiled_ms else None}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", required=True, help="where to write the result rows")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA: skipped")
+        return 0
+    group_norm = importlib.import_module("kernels.group_norm").group_norm
+    compiled_torch = None if args.no_compile else torch.compile(
+        lambda x, w, b: F.silu(F.group_norm(x, 32, w, b, 1e-5)), dynamic=False)
+    copy_gbs = copy_bandwidth_gbs()
+    print(f"{environment()['gpu']}: device copy {copy_gbs:.0f} GB/s")
+    rows = []
+    for label, channels, h, w in SHAPES:
+        for batch in (1, 2):
+            for channels_last in (False, True):
+                row = bench_shape(label, batch, channels, h, w, channels_last, group_norm, compiled_torch)
+                row["pct_of_copy_bandwidth"] = 100 * row["ours_gbs"] / copy_gbs
+                rows.append(row)
+                compiled = f"{row['torch_compile_ms']:.4f}" if row["torch_compile_ms"] else "-"
+                print(f"{label:22s} b{batch} {row['memory_format']:13s} ours {row['ours_ms']:.4f} ms "
+                      f"({row['ours_gbs']:.0f} GB/s, {row['pct_of_copy_bandwidth']:.0f}% of copy) "
+                      f"torch {row['torch_ms']:.4f} ms compile {compiled} ms "
+                      f"speed-up {row['speedup_vs_torch']:.2f}x", flush=True)
+    write_json(args.json, rows, {"benchmark": "group_norm", "copy_bandwidth_gbs": copy_gbs})
+    print(f"wrote {len(rows)} rows to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

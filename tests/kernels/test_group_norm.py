@@ -1,0 +1,230 @@
+"""GroupNorm(+SiLU) kernel vs a float64 reference, under the Triton interpreter on CPU (and on CUDA).
+
+Inputs are fresh random tensors with mean 3 and std 2 (a non-zero mean exposes E[x^2]-E[x]^2
+cancellation); weights and biases are random, far from the identity init. Outputs are poisoned with NaN
+through `out=` before every run, so an element the kernel fails to write cannot pass.
+"""
+import importlib
+
+import pytest
+import torch
+
+gn = importlib.import_module("kernels.group_norm")
+group_norm, group_norm_reference = gn.group_norm, gn.group_norm_reference
+
+# dtype -> (atol, rtol). fp32 is compared directly with the float64 reference. For fp16/bf16 the rule is
+# max|kernel - ref64| <= 2 * max|torch same-dtype - ref64| + atol (rtol unused there).
+TOLERANCES = {
+    torch.float32: (2e-5, 1e-5),
+    torch.float16: (1e-3, 0.0),
+    torch.bfloat16: (1e-2, 0.0),
+}
+
+# (B, C, H, W). Spatial sizes are scaled down from the models' (the interpreter is slow); channel counts
+# and group sizes are the real ones, with 32 groups.
+INTERPRETER_SHAPES = [
+    (2, 320, 8, 8),  # SD1.5/SD2/SDXL first UNet level, Cg = 10 (not a power of two), batch 2 (CFG)
+    (1, 640, 4, 4),  # second UNet level, Cg = 20
+    (1, 960, 4, 3),  # up-block concat 640+320, Cg = 30, odd width
+    (1, 1280, 3, 3),  # deepest SD1.5 level, Cg = 40; 3x3 is odd and smaller than any tile
+    (1, 1920, 2, 2),  # SDXL/SD up-block concat 1280+640, Cg = 60
+    (1, 2560, 1, 1),  # up-block concat 1280+1280, Cg = 80, 1x1: every group is 80 scalars
+    (3, 128, 7, 9),  # VAE last level, Cg = 4, batch 3, 7x9 odd sizes and masking on both axes
+    (1, 256, 3, 5),  # VAE, Cg = 8, 3x5 odd
+    (2, 512, 16, 16),  # VAE first level, Cg = 16 (a power of two), more than one tile per group
+    (1, 64, 80, 70),  # many spatial tiles per group (5600 > MAX_TILE positions): the split path
+]
+
+
+def _random_inputs(shape, dtype, device, channels_last, affine=True, seed=None):
+    gen = torch.Generator(device="cpu").manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 3).to(dtype)
+    weight = (torch.randn(shape[1], generator=gen, dtype=torch.float64) * 0.5 + 1).to(dtype) if affine else None
+    bias = (torch.randn(shape[1], generator=gen, dtype=torch.float64) * 0.5).to(dtype) if affine else None
+    x = x.to(device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    return x, (weight.to(device) if affine else None), (bias.to(device) if affine else None)
+
+
+def _poisoned_like(x):
+    return torch.full_like(x, float("nan"))  # full_like keeps x's memory format
+
+
+def _assert_close_to_reference(x, weight, bias, activation, y, eps=1e-5):
+    as64 = lambda t: t.double() if t is not None else None  # noqa: E731
+    ref = group_norm_reference(as64(x), _groups(x), as64(weight), as64(bias), eps, activation)
+    err = (y.double() - ref).abs().max().item()
+    atol, rtol = TOLERANCES[x.dtype]
+    assert torch.isfinite(y).all(), "kernel left unwritten (NaN) or non-finite outputs"
+    if x.dtype == torch.float32:
+        torch.testing.assert_close(y.double(), ref, atol=atol, rtol=rtol)
+        return
+    torch_y = group_norm_reference(x, _groups(x), weight, bias, eps, activation, upcast=False)
+    torch_err = (torch_y.double() - ref).abs().max().item()
+    assert err <= 2 * torch_err + atol, f"{x.dtype}: kernel error {err:.3g} > 2 * torch's {torch_err:.3g} + {atol}"
+
+
+def _groups(x):
+    return 32 if x.shape[1] % 32 == 0 else 1
+
+
+@pytest.mark.parametrize("shape", INTERPRETER_SHAPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_matches_reference_fp32(shape, channels_last, activation):
+    x, weight, bias = _random_inputs(shape, torch.float32, "cpu", channels_last)
+    out = _poisoned_like(x)
+    y = group_norm(x, 32, weight, bias, activation=activation, out=out)
+    assert y is out
+    _assert_close_to_reference(x, weight, bias, activation, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 320, 8, 8), (1, 1280, 3, 3), (3, 128, 7, 9)], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_matches_reference_low_precision(dtype, shape, channels_last):
+    x, weight, bias = _random_inputs(shape, dtype, "cpu", channels_last)
+    y = group_norm(x, 32, weight, bias, activation="silu", out=_poisoned_like(x))
+    assert y.dtype == dtype
+    _assert_close_to_reference(x, weight, bias, "silu", y)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_output_keeps_memory_format(channels_last):
+    x, weight, bias = _random_inputs((2, 64, 5, 6), torch.float32, "cpu", channels_last)
+    y = group_norm(x, 32, weight, bias, activation="silu")  # functional op, allocates its output
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt)
+    _assert_close_to_reference(x, weight, bias, "silu", y)
+
+
+@pytest.mark.parametrize("affine", ["none", "weight_only", "bias_only"])
+def test_weight_and_bias_optional(affine):
+    x, weight, bias = _random_inputs((2, 96, 5, 7), torch.float32, "cpu", False)
+    weight = weight if affine == "weight_only" else None
+    bias = bias if affine == "bias_only" else None
+    y = group_norm(x, 32, weight, bias, out=_poisoned_like(x))
+    _assert_close_to_reference(x, weight, bias, None, y)
+
+
+def test_fp32_weights_with_fp16_input_and_custom_eps():
+    x, weight, bias = _random_inputs((1, 320, 6, 6), torch.float16, "cpu", True)
+    y = group_norm(x, 32, weight.float(), bias.float(), eps=1e-6, activation="silu", out=_poisoned_like(x))
+    _assert_close_to_reference(x, weight.float(), bias.float(), "silu", y, eps=1e-6)
+
+
+def test_large_mean_small_variance_keeps_precision():
+    # mean 1000, std 0.01: E[x^2] - E[x]^2 in fp32 would lose every significant digit.
+    x = torch.randn(2, 64, 9, 11, dtype=torch.float64) * 0.01 + 1000
+    y = group_norm(x.float(), 32, out=torch.full((2, 64, 9, 11), float("nan")))
+    ref = group_norm_reference(x, 32)
+    assert (y.double() - ref).abs().max().item() < 0.05
+
+
+def test_several_tiles_per_program_with_empty_tail_tiles():
+    # Cg = 5 over 2-channel tiles (a masked channel tail), 63 positions over 16-position tiles, and
+    # 12 tiles in chunks of 5: the last program meets two tiles past the end of the group.
+    x, weight, bias = _random_inputs((1, 160, 7, 9), torch.float32, "cpu", False)
+    config = gn.LaunchConfig(block_hw=16, block_c=2, num_c_tiles=3, num_tiles=12, tiles_per_prog=5,
+                             split=3, num_warps=1)
+    out = _poisoned_like(x)
+    gn._launch(x, 32, weight, bias, 1e-5, "silu", out, config)
+    _assert_close_to_reference(x, weight, bias, "silu", out)
+
+
+def test_non_flattenable_input_is_handled():
+    x, weight, bias = _random_inputs((2, 64, 12, 10), torch.float32, "cpu", False)
+    view = x[:, :, ::2, :]  # stride_h != W * stride_w: H and W cannot be flattened
+    y = group_norm(view, 32, weight, bias, out=_poisoned_like(view.contiguous()))
+    _assert_close_to_reference(view, weight, bias, None, y)
+
+
+def test_choose_config_fills_an_h100_at_sd15_batch_2():
+    config = gn.choose_config(2, 10, 64 * 64, 32, channels_contiguous=False, sm_count=132)
+    assert 2 * 32 * config.split >= 2 * 132  # more than the 64 (batch, group) pairs
+    assert config.block_hw * config.block_c <= gn.MAX_TILE
+    assert config.split <= gn.MAX_SPLIT and config.split * config.tiles_per_prog >= config.num_tiles
+
+
+def test_custom_op_under_torch_compile_and_export():
+    x, weight, bias = _random_inputs((1, 64, 4, 5), torch.float32, "cpu", False)
+
+    class Norm(torch.nn.Module):
+        def forward(self, x):
+            return group_norm(x, 32, weight, bias, activation="silu") * 2
+
+    compiled = torch.compile(Norm(), backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), Norm()(x))
+    exported = torch.export.export(Norm(), (x,))
+    assert any(node.target is torch.ops.kernels.group_norm.default for node in exported.graph.nodes)
+    torch.testing.assert_close(exported.module()(x), Norm()(x))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda x, w: group_norm(x[0], 32, w, w), "4-D"),
+    (lambda x, w: group_norm(x, 30, None, None), "divisible by num_groups"),
+    (lambda x, w: group_norm(x, 0, None, None), "num_groups"),
+    (lambda x, w: group_norm(x, 32, w[:10], None), "weight must have shape"),
+    (lambda x, w: group_norm(x, 32, None, w[:, None]), "bias must have shape"),
+    (lambda x, w: group_norm(x.double(), 32, None, None), "dtype"),
+    (lambda x, w: group_norm(x.int(), 32, None, None), "dtype"),
+    (lambda x, w: group_norm(x, 32, w.double(), None), "weight dtype"),
+    (lambda x, w: group_norm(x, 32, None, None, activation="gelu"), "activation"),
+    (lambda x, w: group_norm(x, 32, None, None, eps=-1.0), "eps"),
+    (lambda x, w: group_norm(x, 32, None, None, out=torch.empty(2, 64, 3, 3)), "out must match"),
+    (lambda x, w: group_norm(x, 32, None, None, out=x.half()), "out must match"),
+    (lambda x, w: group_norm(x.numpy(), 32, None, None), "torch.Tensor"),
+])
+def test_bad_input_gives_clear_error(call, message):
+    x = torch.randn(2, 64, 4, 4) + 3
+    w = torch.randn(64)
+    with pytest.raises((ValueError, TypeError), match=message):
+        call(x, w)
+
+
+def test_reference_rejects_unknown_activation():
+    with pytest.raises(ValueError, match="activation"):
+        group_norm_reference(torch.randn(1, 32, 2, 2), 32, activation="relu")
+
+
+# GPU variants at the models' full sizes; skipped without CUDA.
+GPU_SHAPES = [
+    (2, 320, 64, 64),  # SD1.5 first level at batch 2: the headline shape
+    (2, 1280, 8, 8),  # SD1.5 deepest level: tiny groups
+    (2, 2560, 16, 16),  # up-block concat
+    (1, 640, 96, 96),  # SD2 768x768 latent resolution: 9216 positions, not a power of two
+    (2, 1920, 32, 32),  # SDXL concat
+    (1, 128, 512, 512),  # VAE decoder last level: 1M-element groups, capped split
+    (1, 512, 64, 64),  # VAE decoder first level
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_gpu_matches_reference(shape, dtype, channels_last):
+    x, weight, bias = _random_inputs(shape, dtype, "cuda", channels_last)
+    for activation in (None, "silu"):
+        y = group_norm(x, 32, weight, bias, activation=activation, out=_poisoned_like(x))
+        _assert_close_to_reference(x, weight, bias, activation, y)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_cuda_graph_capture_and_compile():
+    x, weight, bias = _random_inputs((2, 320, 64, 64), torch.float16, "cuda", True)
+    eager = group_norm(x, 32, weight, bias, activation="silu")
+    static_out = torch.empty_like(x)
+    group_norm(x, 32, weight, bias, activation="silu", out=static_out)  # compile before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        group_norm(x, 32, weight, bias, activation="silu", out=static_out)
+    x.copy_(torch.randn_like(x) * 2 + 3)
+    graph.replay()
+    torch.testing.assert_close(static_out, group_norm(x, 32, weight, bias, activation="silu"))
+    assert not torch.equal(static_out, eager)
+    compiled = torch.compile(lambda t: group_norm(t, 32, weight, bias, activation="silu"), fullgraph=True)
+    torch.testing.assert_close(compiled(x), static_out)
