@@ -454,6 +454,44 @@ def _single_file_tokenizer(tokenizer_path, pad_token: str, source: Path):
                                 f"vocab.json + merges.txt> or install open_clip_torch") from None
 
 
+def _single_file_configs(store: TensorStore, name: str) -> tuple[single_file.Layout, dict]:
+    try:
+        layout = single_file.detect_layout(store.shapes, store.label)
+        configs = single_file.infer_configs(store.shapes, layout, store.label)
+    except ValueError as error:
+        raise WeightLoadError(str(error)) from None
+    if layout.text_prefix is None:
+        raise WeightLoadError(f"{store.label}: no text encoder in the checkpoint (no key under "
+                              f"{single_file.SD1_TEXT_PREFIX!r} or {single_file.SD2_TEXT_PREFIX!r})")
+    _check_context_width(configs["unet"], configs["text_encoder"], f"{name} (UNet)", f"{name} (text encoder)")
+    return layout, configs
+
+
+def _single_file_jobs(store: TensorStore, layout: single_file.Layout, configs: dict) -> list[_Job]:
+    """The three networks of an original-layout checkpoint, built empty and mapped to its keys."""
+    config_label = f"the {layout.kind.upper()} defaults with sizes read from {store.label}"
+    prefixes = {"unet": single_file.UNET_PREFIX, "vae": single_file.VAE_PREFIX, "text_encoder": layout.text_prefix}
+    text_layers = configs["text_encoder"]["num_hidden_layers"]
+    jobs = []
+    for component, (model_cls, config_cls) in _model_classes().items():
+        model = _build(component, model_cls, config_cls, configs[component], config_label)
+        keys = list(model.state_dict())
+        if component == "unet":
+            mapping = single_file.unet_key_map(keys)
+        elif component == "vae":
+            mapping = single_file.vae_key_map(keys)
+        else:
+            buffers = {name for name, _ in model.named_buffers()}
+            mapping = single_file.text_key_map([k for k in keys if k not in buffers], layout.kind)
+        prefix = prefixes[component]
+        plan = {k: OriginalTensor(prefix + v.key, v.op, v.part) for k, v in mapping.items()}
+        used = {v.key for v in plan.values()}
+        unexpected = [k for k in store.shapes if k.startswith(prefix) and k not in used
+                      and not single_file.is_unused_original_key(k, layout, text_layers)]
+        jobs.append(_Job(component, model, plan, store, unexpected, config_label))
+    return jobs
+
+
 def _load_single_file(path: Path, *, device, dtype, allow_pickle, tokenizer_path, prediction_type):
     with TensorStore(str(path)) as store:
         if path.suffix in PICKLE_SUFFIXES:
@@ -462,37 +500,9 @@ def _load_single_file(path: Path, *, device, dtype, allow_pickle, tokenizer_path
             store.add_dict(_load_pickle(path))
         else:
             store.add_safetensors(path)
-        try:
-            layout = single_file.detect_layout(store.shapes, str(path))
-            configs = single_file.infer_configs(store.shapes, layout, str(path))
-        except ValueError as error:
-            raise WeightLoadError(str(error)) from None
-        if layout.text_prefix is None:
-            raise WeightLoadError(f"{path}: no text encoder in the checkpoint (no key under "
-                                  f"{single_file.SD1_TEXT_PREFIX!r} or {single_file.SD2_TEXT_PREFIX!r})")
-        _check_context_width(configs["unet"], configs["text_encoder"], f"{path} (UNet)", f"{path} (text encoder)")
+        layout, configs = _single_file_configs(store, str(path))
         tokenizer = _single_file_tokenizer(tokenizer_path, configs["tokenizer"]["pad_token"], path)
-        config_label = f"the {layout.kind.upper()} defaults with sizes read from {path.name}"
-        prefixes = {"unet": single_file.UNET_PREFIX, "vae": single_file.VAE_PREFIX, "text_encoder": layout.text_prefix}
-        jobs = []
-        for component, (model_cls, config_cls) in _model_classes().items():
-            model = _build(component, model_cls, config_cls, configs[component], config_label)
-            keys = list(model.state_dict())
-            if component == "unet":
-                mapping = single_file.unet_key_map(keys)
-            elif component == "vae":
-                mapping = single_file.vae_key_map(keys)
-            else:
-                buffers = {name for name, _ in model.named_buffers()}
-                mapping = single_file.text_key_map([k for k in keys if k not in buffers], layout.kind)
-            prefix = prefixes[component]
-            plan = {k: OriginalTensor(prefix + v.key, v.op, v.part) for k, v in mapping.items()}
-            used = {v.key for v in plan.values()}
-            text_layers = configs["text_encoder"]["num_hidden_layers"]
-            unexpected = [k for k in store.shapes if k.startswith(prefix) and k not in used
-                          and not single_file.is_unused_original_key(k, layout, text_layers)]
-            jobs.append(_Job(component, model, plan, store, unexpected, config_label))
-        models = _run(jobs, dtype, device)
+        models = _run(_single_file_jobs(store, layout, configs), dtype, device)
     return Components(models["unet"], models["vae"], models["text_encoder"], tokenizer,
                       _scheduler_config(configs["scheduler"], prediction_type), str(path), layout.kind)
 

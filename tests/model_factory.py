@@ -10,6 +10,8 @@ then written the way real checkpoints are written:
     save_diffusers_folder(path, kind, ...)   -> a diffusers pipeline folder (model_index.json, unet/, vae/,
                                                 text_encoder/, tokenizer/, scheduler/), safetensors
     save_single_file(path, kind, ...)        -> an original-layout (CompVis / A1111) .safetensors checkpoint
+    full_size_meta_models(kind)              -> the reference models at the real SD 1.5 / 2.1 size, on the
+                                                meta device (shapes only: for key / shape checks at full size)
 
 kind is "sd1" (conv proj_in, 8 UNet heads, quick_gelu CLIP, PNDM / epsilon, pad <|endoftext|>) or
 "sd2" (linear proj_in, 64-wide UNet heads, gelu OpenCLIP-style encoder, Euler / v_prediction, pad "!").
@@ -195,3 +197,19 @@ def save_single_file(path, kind: str = "sd1", dtype: torch.dtype = torch.float32
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(single_file_state_dict(kind, dtype, seed), str(path))
     return path
+
+
+def full_size_meta_models(kind: str) -> dict[str, torch.nn.Module]:
+    """diffusers / transformers models at the real SD 1.5 ("sd1") / SD 2.1 ("sd2") size on the meta
+    device: every parameter has its real shape and no storage."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from runtime.default_configs import default_configs
+
+    configs = default_configs(kind)
+    unet, vae = ({k: v for k, v in configs[n].items() if not k.startswith("_")} for n in ("unet", "vae"))
+    text = {k: v for k, v in configs["text_encoder"].items() if k not in ("architectures", "model_type")}
+    with torch.device("meta"):
+        return {"unet": UNet2DConditionModel(**unet), "vae": AutoencoderKL(**vae),
+                "text_encoder": CLIPTextModel(CLIPTextConfig(**text))}

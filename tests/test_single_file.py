@@ -9,7 +9,13 @@ import torch
 from runtime import single_file
 from runtime.default_configs import default_configs
 from runtime.single_file import OriginalTensor, detect_layout, infer_configs, to_original_layout
-from tests.model_factory import KINDS, build_reference_models, single_file_state_dict, small_configs
+from tests.model_factory import (
+    KINDS,
+    build_reference_models,
+    full_size_meta_models,
+    single_file_state_dict,
+    small_configs,
+)
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -63,22 +69,9 @@ def test_original_layout_prefixes_and_vae_conv_attention(kind):
         assert f"{text_prefix}transformer.resblocks.{layers}.ln_1.weight" in original
 
 
-def _meta_reference_models(kind):
-    """diffusers / transformers models at the full SD size, on the meta device (shapes only)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    configs = default_configs(kind)
-    strip = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
-    text_config = {k: v for k, v in configs["text_encoder"].items() if k not in ("architectures", "model_type")}
-    with torch.device("meta"):
-        return {"unet": UNet2DConditionModel(**strip(configs["unet"])), "vae": AutoencoderKL(**strip(configs["vae"])),
-                "text_encoder": CLIPTextModel(CLIPTextConfig(**text_config))}
-
-
 def test_full_size_detection_and_config_inference(kind):
     """At real SD 1.5 / 2.1 sizes: kind detected and every inferable config field recovered."""
-    models = _meta_reference_models(kind)
+    models = full_size_meta_models(kind)
     original = to_original_layout(**{n: m.state_dict() for n, m in models.items()}, kind=kind)
     shapes = {k: tuple(v.shape) for k, v in original.items()}
     layout = detect_layout(shapes)
@@ -91,7 +84,7 @@ def test_full_size_detection_and_config_inference(kind):
 
 def test_real_sd15_key_names():
     """Spot checks against key names of the published SD 1.5 checkpoint."""
-    models = _meta_reference_models("sd1")
+    models = full_size_meta_models("sd1")
     original = set(to_original_layout(**{n: m.state_dict() for n, m in models.items()}, kind="sd1"))
     for key in [
         "model.diffusion_model.input_blocks.0.0.weight",

@@ -10,10 +10,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from runtime import weights
+from runtime.default_configs import default_configs
+from runtime.single_file import to_original_layout
 from runtime.weights import WeightLoadError, load_components
 from tests.model_factory import (
     KINDS,
     build_reference_models,
+    full_size_meta_models,
     reference_state_dict,
     save_diffusers_folder,
     save_single_file,
@@ -43,7 +46,7 @@ def assert_matches_reference(components, kind, seed=0, dtype=torch.float32):
         assert set(loaded) == set(expected), f"{name}: {sorted(set(loaded) ^ set(expected))[:5]}"
         for key, tensor in expected.items():
             assert loaded[key].dtype == dtype, (name, key, loaded[key].dtype)
-            assert torch.equal(loaded[key], tensor.to(dtype)), (name, key)
+            assert torch.equal(loaded[key].cpu(), tensor.to(dtype)), (name, key)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -183,6 +186,46 @@ def test_variant_and_shards(tmp_path):
 
     sharded = save_diffusers_folder(tmp_path / "sharded", "sd2", shards=True)
     assert_matches_reference(load_components(sharded), "sd2")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_full_size_files_match_our_models(kind):
+    """At the real SD 1.5 / 2.1 sizes (headers only, meta tensors): a single file and a folder written
+    by transformers 4.x map onto our models with every name and shape right."""
+    models = full_size_meta_models(kind)
+    original = to_original_layout(**{name: m.state_dict() for name, m in models.items()}, kind=kind)
+    store = weights.TensorStore(f"{kind}-full.safetensors")
+    store.add_dict(original)
+    layout, configs = weights._single_file_configs(store, store.label)
+    assert layout.kind == kind and configs["unet"]["block_out_channels"] == [320, 640, 1280, 1280]
+    for job in weights._single_file_jobs(store, layout, configs):
+        job.check()
+    for name, (model_cls, config_cls) in weights._model_classes().items():
+        state = models[name].state_dict()
+        if name == "text_encoder":
+            state = {"text_model." + k: v for k, v in state.items()}
+        store = weights.TensorStore(f"{kind}/{name}")
+        store.add_dict(state)
+        ours = weights._build(name, model_cls, config_cls, default_configs(kind)[name], "the defaults")
+        plan, unexpected = weights._folder_plan(name, ours, store)
+        weights._Job(name, ours, plan, store, unexpected, "the defaults").check()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fp16_load_allocates_only_the_fp16_model(saved):
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    components = load_components(saved["sd1"][1], device="cuda", dtype="fp16")
+    tensors = [t for name in NETWORKS for t in getattr(components, name).state_dict().values()]
+    assert all(t.is_cuda and t.dtype == torch.float16 for t in tensors)
+    model_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    largest_fp32 = max(t.numel() for t in tensors) * 4
+    # 512-byte allocator granularity per tensor, plus at most one full-precision tensor in flight.
+    slack = 512 * len(tensors) + largest_fp32
+    assert torch.cuda.max_memory_allocated() - before <= model_bytes + slack
+    assert_matches_reference(components, "sd1", dtype=torch.float16)
 
 
 def test_pickle_refused_unless_allowed(tmp_path):
