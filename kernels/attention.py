@@ -71,7 +71,7 @@ def _load_tile(ptrs, row_mask, col_mask, MASK_ROWS: tl.constexpr, MASK_COLS: tl.
 
 @triton.jit
 def _dot(a, b, acc, INTERPRET_BF16: tl.constexpr):
-    """acc + a @ b with fp32 accumulation."""
+    """acc + a @ b (acc may be None) with fp32 accumulation."""
     if INTERPRET_BF16:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     return tl.dot(a, b, acc)
@@ -98,7 +98,7 @@ def _attend_key_block(
 ):
     """One step of the online softmax: fold a block of keys into (acc, running max m_i, running sum l_i)."""
     k0 = _load_tile(k_ptrs0, key_mask, d0_mask, MASK_KEYS, MASK_D0)
-    s = _dot(q0, tl.trans(k0), tl.zeros(acc0.shape[:1] + key_mask.shape, dtype=tl.float32), INTERPRET_BF16)
+    s = _dot(q0, tl.trans(k0), None, INTERPRET_BF16)
     if BLOCK_D1 > 0:
         k1 = _load_tile(k_ptrs1, key_mask, d1_mask, MASK_KEYS, MASK_D1)
         s = _dot(q1, tl.trans(k1), s, INTERPRET_BF16)
