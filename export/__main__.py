@@ -17,6 +17,13 @@ from export.tensorrt import TensorRTUnavailable
 DEFAULTS = ShapeProfile()
 
 
+def _shape(text: str) -> ImageShape:
+    try:
+        return ImageShape.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="onnx: the graphs' dtype, fp32 (default) or fp16. tensorrt: the engine "
                              "precision, fp16 (default), bf16 or fp32, built from fp32 graphs")
     for bound in ("min", "opt", "max"):
-        parser.add_argument(f"--{bound}", type=ImageShape.parse, default=getattr(DEFAULTS, bound),
+        parser.add_argument(f"--{bound}", type=_shape, default=getattr(DEFAULTS, bound),
                             metavar="BxHxW", help=f"{bound} image batch x height x width "
                                                   f"(default {getattr(DEFAULTS, bound)})")
     parser.add_argument("--networks", nargs="+", choices=NETWORKS, default=list(NETWORKS))
@@ -44,6 +51,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         profile = ShapeProfile(args.min, args.opt, args.max)
+        profile.check_multiple_of(8)  # every Stable Diffusion VAE downsamples by 8
         if args.format == "onnx":
             from export.onnx import ensure_onnx
 

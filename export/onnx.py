@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from export.manifest import TEMP_PREFIX, ArtifactError, Manifest, tool_versions, weights_digests
-from export.specs import NETWORKS, NetworkSpec, ShapeProfile, network_specs
+from export.specs import NETWORKS, ImageShape, NetworkSpec, ShapeProfile, network_specs
 
 log = logging.getLogger("export")
 
@@ -187,8 +187,8 @@ def export_network(module: nn.Module, spec: NetworkSpec, out_dir: str | os.PathL
                    sample=None, opset: int = OPSET) -> list[str]:
     """Export `module` (a `network_module`) to out_dir/<spec.name>.onnx; return the file names written.
 
-    The graph is traced at `sample` (an ImageShape, default the default profile's opt shape) with every
-    batch / height / width axis dynamic. Graphs whose weights exceed ~1.8 GB keep them in
+    The graph is traced near `sample` (an ImageShape, default the default profile's opt shape; see
+    _odd_latent) with every batch / height / width axis dynamic. Graphs whose weights exceed ~1.8 GB keep them in
     <name>.onnx.data beside the graph. Files appear in out_dir only once written and checked.
     """
     import onnx
@@ -198,7 +198,8 @@ def export_network(module: nn.Module, spec: NetworkSpec, out_dir: str | os.PathL
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype, device = _module_dtype_device(module)
     dtype_name(dtype)
-    inputs = spec.sample_inputs(sample or ShapeProfile().opt, dtype=dtype, device=device)
+    inputs = spec.sample_inputs(_odd_latent(sample or ShapeProfile().opt, spec.factor), dtype=dtype,
+                                device=device)
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     external = weight_bytes > EXTERNAL_DATA_BYTES
     graph_name, data_name = f"{spec.name}.onnx", f"{spec.name}.onnx.data"
@@ -212,7 +213,9 @@ def export_network(module: nn.Module, spec: NetworkSpec, out_dir: str | os.PathL
             torch.onnx.export(module, inputs, str(raw), dynamo=False, opset_version=opset,
                               input_names=spec.input_names, output_names=spec.output_names,
                               dynamic_axes=spec.dynamic_axes(), do_constant_folding=True)
-        slim = onnxslim.slim(str(raw))
+        # onnxslim's shape inference measures the whole proto, which fails above 2 GB: for large
+        # graphs it is skipped there and onnx's path-based shape inference runs in the checker below.
+        slim = onnxslim.slim(str(raw), no_shape_infer=external)
         _check_interface(slim, spec, raw)
         final = Path(work) / "final" / graph_name
         final.parent.mkdir()
@@ -225,6 +228,19 @@ def export_network(module: nn.Module, spec: NetworkSpec, out_dir: str | os.PathL
         for name in files:
             os.replace(final.parent / name, out_dir / name)
     return files
+
+
+def _odd_latent(image: ImageShape, factor: int) -> ImageShape:
+    """The traced sample, grown by one latent cell where its latent size is even.
+
+    The UNet upsamples by 2 when the latent size divides by 2**levels and to each skip's exact
+    size otherwise: a Python branch on shapes, which tracing freezes. Tracing at an odd latent size
+    records the size-matching path, which is right for every size; an even trace would fail at
+    sizes such as 520 px (latent 65).
+    """
+    height = image.height + (factor if (image.height // factor) % 2 == 0 else 0)
+    width = image.width + (factor if (image.width // factor) % 2 == 0 else 0)
+    return ImageShape(image.batch, height, width)
 
 
 def _check_interface(model, spec: NetworkSpec, path: Path) -> None:

@@ -1,0 +1,102 @@
+"""The `tensorrt` backend: TensorRT 10 engines run from static device buffers under CUDA graphs.
+
+    pipe = runtime.load(path, backend="tensorrt", device="cuda", dtype="fp16", engine_dir="engines/sd15")
+
+prepare() builds (or reuses) one engine per network in engine_dir via export.tensorrt.ensure_engines,
+checks each engine's metadata (TensorRT version, GPU, ONNX hash) before loading it, and replaces
+components.unet / .text_encoder / .vae with the same stand-ins as the onnxruntime backend. A call
+with new input shapes is checked against the engine's profile, then gets its own static input and
+output buffers and one captured CUDA graph of execute_async_v3; later calls with those shapes copy
+inputs in, replay the graph, and return copies of the outputs.
+"""
+from __future__ import annotations
+
+import torch
+
+from runtime.backends.onnxruntime_backend import DeployedNetwork, replace_networks
+
+
+class TensorRTNetwork(DeployedNetwork):
+    def __init__(self, plan_path, spec, device, dtype, onnx_sha256):
+        from export.tensorrt import import_tensorrt, load_engine
+
+        trt = import_tensorrt()
+        self.engine, self.meta = load_engine(plan_path, onnx_sha256=onnx_sha256)
+        self.plan_path = plan_path
+        # Engines are built from fp32 graphs: their inputs and outputs stay fp32 whatever the precision.
+        super().__init__(spec, device, dtype, torch.float32)
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream(device=self.device)
+        self.tensor_dtypes = {name: _torch_dtype(trt, self.engine.get_tensor_dtype(name))
+                              for name in spec.input_names + spec.output_names}
+        self.graphs: dict[tuple, tuple] = {}
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        from export.tensorrt import check_shapes_in_profile
+
+        shapes = {name: tuple(value.shape) for name, value in inputs.items()}
+        key = tuple(sorted(shapes.items()))
+        if key not in self.graphs:
+            check_shapes_in_profile(self.meta, shapes, self.plan_path)
+            self.graphs[key] = self._capture(shapes)
+        graph, static_inputs, static_outputs = self.graphs[key]
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            for name, value in inputs.items():
+                static_inputs[name].copy_(value, non_blocking=True)
+            graph.replay()
+            outputs = {name: value.clone() for name, value in static_outputs.items()}
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        return outputs
+
+    def _capture(self, shapes: dict[str, tuple]):
+        static_inputs = {name: torch.empty(shape, dtype=self.tensor_dtypes[name], device=self.device)
+                         for name, shape in shapes.items()}
+        static_outputs = {name: torch.empty(shape, dtype=self.tensor_dtypes[name], device=self.device)
+                          for name, shape in self.spec.output_shapes(shapes).items()}
+        for name, tensor in {**static_inputs, **static_outputs}.items():
+            if name in static_inputs:
+                self.context.set_input_shape(name, tensor.shape)
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        # One eager run first: TensorRT finishes shape-dependent setup outside the capture.
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError(f"TensorRT failed to run {self.plan_path} for shapes {shapes}")
+        self.stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self.stream):
+            self.context.execute_async_v3(self.stream.cuda_stream)
+        return graph, static_inputs, static_outputs
+
+
+def _torch_dtype(trt, trt_dtype) -> torch.dtype:
+    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
+             trt.int64: torch.int64, trt.int32: torch.int32}
+    return table[trt_dtype]
+
+
+def prepare_tensorrt(components, *, engine_dir=None, profile=None, precision: str = "fp16",
+                     refittable: bool = False):
+    """Build (or reuse) engines in engine_dir and run components' networks with them.
+
+    profile: export.specs.ShapeProfile (default 256-1024 px, batch 1-4); precision: fp16, bf16, fp32.
+    """
+    from export.manifest import Manifest
+    from export.onnx import specs_of
+    from export.tensorrt import EngineOptions, ensure_engines
+
+    if engine_dir is None:
+        raise ValueError("backend='tensorrt' needs engine_dir=<directory for the engines>")
+    device = next(components.unet.parameters()).device
+    if device.type != "cuda":
+        raise ValueError(f"the tensorrt backend runs on CUDA; load the model with device='cuda' (got {device})")
+    dtype = next(components.unet.parameters()).dtype
+    plans = ensure_engines(engine_dir, components.source, profile=profile,
+                           options=EngineOptions(precision=precision, refittable=refittable))
+    manifest = Manifest.open(engine_dir)
+    specs = specs_of(components)
+
+    def make(name):
+        onnx_sha = manifest.verify(f"{name}.onnx")["files"][f"{name}.onnx"]["sha256"]
+        manifest.verify(f"{name}.plan")
+        return TensorRTNetwork(plans[name], specs[name], device, dtype, onnx_sha)
+    return replace_networks(components, make)

@@ -1,0 +1,37 @@
+"""Shared fixtures of the export tests: small random SD1/SD2 diffusers folders and the sizes used."""
+import pytest
+
+from export.specs import ImageShape, ShapeProfile
+from tests.model_factory import save_diffusers_folder
+
+# Traced at one size, checked at another batch, size and aspect: proves the axes are dynamic.
+SMALL_PROFILE = ShapeProfile(ImageShape(1, 32, 32), ImageShape(1, 64, 64), ImageShape(4, 128, 128))
+CHECK_SHAPE = ImageShape(2, 48, 80)
+
+
+@pytest.fixture(scope="session")
+def model_folder(tmp_path_factory):
+    """kind -> a diffusers folder of that kind, written once per session."""
+    cache = {}
+
+    def get(kind: str):
+        if kind not in cache:
+            cache[kind] = save_diffusers_folder(tmp_path_factory.mktemp(f"{kind}-model"), kind)
+        return cache[kind]
+    return get
+
+
+@pytest.fixture(scope="session")
+def onnx_export(model_folder, tmp_path_factory):
+    """kind -> an export directory holding that kind's four fp32 graphs (exported once per session)."""
+    from export.onnx import ensure_onnx
+
+    cache = {}
+
+    def get(kind: str):
+        if kind not in cache:
+            out = tmp_path_factory.mktemp(f"{kind}-onnx")
+            ensure_onnx(out, model_folder(kind), profile=SMALL_PROFILE, progress=False)
+            cache[kind] = out
+        return cache[kind]
+    return get
