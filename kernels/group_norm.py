@@ -216,7 +216,7 @@ def choose_config(batch: int, channels_per_group: int, hw: int, groups: int, cha
       channels_last: a group's channels are a short contiguous run, so the tile spans all of them
       (next power of two: Cg = 10 reads 10 of 16 lanes; the memory traffic is still exact) and as many
       spatial rows as fit in MAX_TILE.
-    - Warps: one per 1024 elements (at most 4), so each thread holds <= 32 elements without spills.
+    - Warps: one per 1024 elements (NCHW; 512 for channels_last), so no thread spills (test_sass).
     - Split: enough stats programs to give each SM about STATS_PROGRAMS_PER_SM, at most MAX_SPLIT
       chunks per group; a program reduces TILES_PER_PROG consecutive tiles.
     """
@@ -233,7 +233,10 @@ def choose_config(batch: int, channels_per_group: int, hw: int, groups: int, cha
     split = max(1, min(num_tiles, MAX_SPLIT, wanted_split))
     tiles_per_prog = triton.cdiv(num_tiles, split)
     split = triton.cdiv(num_tiles, tiles_per_prog)  # no program left without a tile
-    num_warps = max(1, min(4, block_hw * block_c // 1024))
+    # Channels-last tiles load element by element (a group's channel run is not 16-byte aligned), each
+    # lane holding its own 64-bit address: half the elements per thread there, or ptxas spills.
+    elements_per_warp = 512 if channels_contiguous else 1024
+    num_warps = max(1, min(8, block_hw * block_c // elements_per_warp))
     return LaunchConfig(block_hw, block_c, num_c_tiles, num_tiles, tiles_per_prog, split, num_warps)
 
 

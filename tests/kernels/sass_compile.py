@@ -12,7 +12,7 @@ a Triton type string ("*fp16", "i32", "fp32", or "constexpr" for names given in 
 (notation of triton/tools/compile.py). No GPU is needed.
 
 Prints one JSON object per line: kernel, constexprs, num_warps, registers, shared memory (bytes),
-local memory (bytes), and the number of LDL/STL instructions (register spills) in the SASS.
+local + stack memory (bytes), and the number of LDL/STL instructions (register spills) in the SASS.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def compile_one(fn, signature, constexprs, num_warps, num_stages, workdir: pathl
         "num_stages": num_stages,
         "registers": int(resources.get("REG", -1)),
         "shared_bytes": max(int(compiled.metadata.shared), int(resources.get("SHARED", 0))),
-        "local_bytes": int(resources.get("LOCAL", 0)),
+        "local_bytes": int(resources.get("LOCAL", 0)) + int(resources.get("STACK", 0)),
         "spill_instructions": len(re.findall(r"\b(?:LDL|STL)\b", sass)),
     }
 
