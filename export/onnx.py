@@ -279,7 +279,7 @@ def ensure_onnx(out_dir: str | os.PathLike, model_path: str | os.PathLike, *, dt
     unknown = sorted(set(networks) - set(NETWORKS))
     if unknown:
         raise ValueError(f"unknown networks {unknown}; choose from {list(NETWORKS)}")
-    manifest = Manifest.open(out_dir)
+    manifest = Manifest.open(out_dir, create=False)  # refuses a foreign directory before any work
     digests = weights_digests(model_path)
     todo = []
     for name in networks:
