@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -326,34 +327,54 @@ _LEGACY_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_
 _TEXT_POSITION_IDS = ("embeddings.position_ids", "text_model.embeddings.position_ids")
 
 
+def _variants_present(names: list[str], stem: str) -> list[str]:
+    """Variant names ("fp16", ...) of `stem` weight files among `names`."""
+    patterns = (rf"{re.escape(stem)}\.(\w+)[.-].*(safetensors|bin)$", rf"{re.escape(stem)}\.safetensors\.index\.(\w+)\.json$")
+    return sorted({m.group(1) for name in names for pattern in patterns if (m := re.match(pattern, name))})
+
+
+def _store_for(folder: Path, stem: str, variant: str | None, allow_pickle: bool) -> TensorStore | None:
+    """`stem`[.variant] weights in `folder`: one .safetensors, shards with an index, or a pickle .bin."""
+    dot = f".{variant}" if variant else ""
+    single, index, pickled = (folder / f"{stem}{dot}.safetensors", folder / f"{stem}.safetensors.index{dot}.json",
+                              folder / f"{stem}{dot}.bin")
+    if single.is_file():
+        store = TensorStore(str(single))
+        store.add_safetensors(single)
+        return store
+    if index.is_file():
+        return _sharded_store(index)
+    if pickled.is_file():
+        if not allow_pickle:
+            raise _refuse_pickle(pickled)
+        store = TensorStore(str(pickled))
+        store.add_dict(_load_pickle(pickled))
+        return store
+    return None
+
+
 def _find_weight_files(folder: Path, component: str, variant: str | None, allow_pickle: bool) -> TensorStore:
-    """The store of one component folder: single file or shards, plain or variant, safetensors or pickle."""
+    """The store of one component folder. Without `variant` the plain files are used, or else a
+    variant if it is the only one present; a component lacking the requested variant falls back to
+    its plain files with a warning, as diffusers does (repositories often ship e.g. `non_ema` for
+    the UNet only)."""
     present = sorted(p.name for p in folder.iterdir())
     for stem in _WEIGHT_STEMS[component]:
-        # Without a variant: the plain files; failing those, a variant when it is the only one there.
-        candidates = [variant] if variant else [None] + sorted(
-            {m.group(1) for name in present if (m := re.match(rf"{re.escape(stem)}\.(\w+)[.-].*safetensors", name))}
-            | {m.group(1) for name in present if (m := re.match(rf"{re.escape(stem)}\.safetensors\.index\.(\w+)\.json$", name))})
-        if variant is None and len(candidates) > 2:
-            raise WeightLoadError(f"{folder}: no plain {stem}.safetensors but several variants "
-                                  f"{candidates[1:]}: pass variant=... to choose one")
-        for var in candidates:
-            dot = f".{var}" if var else ""
-            single = folder / f"{stem}{dot}.safetensors"
-            index = folder / (f"{stem}.safetensors.index{dot}.json")
-            if single.is_file():
-                store = TensorStore(str(single))
-                store.add_safetensors(single)
-                return store
-            if index.is_file():
-                return _sharded_store(index)
-            pickled = folder / f"{stem}{dot}.bin"
-            if pickled.is_file():
-                if not allow_pickle:
-                    raise _refuse_pickle(pickled)
-                store = TensorStore(str(pickled))
-                store.add_dict(_load_pickle(pickled))
-                return store
+        store = _store_for(folder, stem, variant, allow_pickle)
+        if store is None and variant is not None:
+            store = _store_for(folder, stem, None, allow_pickle)
+            if store is not None:
+                warnings.warn(f"{folder}: no {variant!r} variant of the {component} weights; "
+                              f"using {Path(store.label).name}", stacklevel=4)
+        if store is not None:
+            return store
+        others = _variants_present(present, stem)
+        if variant is None and len(others) > 1:
+            raise WeightLoadError(f"{folder}: no plain {stem} weights but several variants {others}: "
+                                  f"pass variant=... to choose one")
+        store = _store_for(folder, stem, others[0], allow_pickle) if variant is None and others else None
+        if store is not None:
+            return store
     wanted = f"variant {variant!r} " if variant else ""
     raise FileNotFoundError(f"{folder}: no {wanted}weights found for {component} (expected e.g. "
                             f"{_WEIGHT_STEMS[component][0]}{'.' + variant if variant else ''}.safetensors or a "

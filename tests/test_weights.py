@@ -296,9 +296,35 @@ def test_missing_component_folder(folder_copy):
         load_components(folder_copy)
 
 
-def test_missing_variant_lists_files(folder_copy):
-    with pytest.raises(FileNotFoundError, match=r"variant 'fp16'.*diffusion_pytorch_model\.safetensors"):
+def test_missing_variant_falls_back_to_plain_files_or_lists_files(folder_copy):
+    with pytest.warns(UserWarning) as record:
+        assert_matches_reference(load_components(folder_copy, variant="fp16"), "sd1")
+    messages = sorted(str(w.message) for w in record)
+    assert len(messages) == 3 and "vae: no 'fp16' variant of the vae weights; using diffusion_pytorch_model" \
+        in messages[2], messages
+    (folder_copy / "vae" / "diffusion_pytorch_model.safetensors").rename(folder_copy / "vae" / "weights.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"vae: no variant 'fp16' weights.*folder holds: config\.json, "
+                                                r"weights\.safetensors"), pytest.warns(UserWarning, match="unet"):
         load_components(folder_copy, variant="fp16")
+
+
+def test_several_variants_and_no_plain_files(folder_copy):
+    unet = folder_copy / "unet"
+    shutil.copy(unet / "diffusion_pytorch_model.safetensors", unet / "diffusion_pytorch_model.ema.safetensors")
+    (unet / "diffusion_pytorch_model.safetensors").rename(unet / "diffusion_pytorch_model.fp16.safetensors")
+    with pytest.raises(WeightLoadError, match=r"unet: no plain diffusion_pytorch_model weights.*\['ema', 'fp16'\]"):
+        load_components(folder_copy)
+    with pytest.warns(UserWarning, match="no 'ema' variant of the (vae|text_encoder) weights"):
+        assert_matches_reference(load_components(folder_copy, variant="ema"), "sd1")
+
+
+def test_pickle_bin_in_folder(folder_copy):
+    unet = folder_copy / "unet"
+    torch.save(load_file(unet / "diffusion_pytorch_model.safetensors"), unet / "diffusion_pytorch_model.bin")
+    (unet / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(WeightLoadError, match=r"diffusion_pytorch_model\.bin is a pickle file.*allow_pickle=True"):
+        load_components(folder_copy)
+    assert_matches_reference(load_components(folder_copy, allow_pickle=True), "sd1")
 
 
 def test_truncated_safetensors(folder_copy):
