@@ -2,23 +2,17 @@
 
 Each op lives in its own file beside a pure-torch reference and is registered as a torch custom op.
 
-The ops load lazily, on first attribute access: transformers probes for Hugging Face's unrelated
-`kernels` package by importing whatever `kernels` resolves to, so importing this package must be cheap
-and must never fail (no triton import, no op registration) until an op is actually asked for.
+transformers probes for Hugging Face's unrelated `kernels` package by importing whatever `kernels`
+resolves to, so this import must never raise: without triton the ops are simply absent, and asking
+for one says why.
 """
-import importlib
+try:
+    from kernels.attention import attention, attention_reference
+    from kernels.group_norm import group_norm, group_norm_reference
+except ImportError as _err:
+    _IMPORT_ERROR = _err
 
-_OPS = {
-    "attention": "kernels.attention",
-    "attention_reference": "kernels.attention",
-    "group_norm": "kernels.group_norm",
-    "group_norm_reference": "kernels.group_norm",
-}
+    def __getattr__(name: str):
+        raise AttributeError(f"kernels.{name} is unavailable: {_IMPORT_ERROR} (the kernels need `triton`)")
 
-__all__ = sorted(_OPS)
-
-
-def __getattr__(name: str):
-    if name in _OPS:
-        return getattr(importlib.import_module(_OPS[name]), name)
-    raise AttributeError(f"module 'kernels' has no attribute {name!r}")
+__all__ = ["attention", "attention_reference", "group_norm", "group_norm_reference"]
