@@ -1,19 +1,27 @@
 """Backends decide what executes the networks; the models and the pipeline never know which one runs.
 
 A backend is a function that takes the loaded components and returns them ready to run: `torch` leaves
-the eager modules as they are (the reference); `triton` swaps our kernels in by module substitution.
+the eager modules as they are (the reference); `triton` swaps our kernels in by module substitution;
+`onnxruntime` and `tensorrt` replace the networks by exported graphs / engines (engine_dir=...).
 """
 from __future__ import annotations
 
 from typing import Callable
 
+from runtime.backends.onnxruntime_backend import prepare_onnxruntime
+from runtime.backends.tensorrt_backend import prepare_tensorrt
 from runtime.backends.torch_backend import prepare_torch
 from runtime.backends.triton_backend import prepare_triton
 
 BACKENDS: dict[str, Callable] = {
     "torch": prepare_torch,
     "triton": prepare_triton,
+    "onnxruntime": prepare_onnxruntime,
+    "tensorrt": prepare_tensorrt,
 }
+
+# Backends that run exported artifacts and so need an engine_dir.
+EXPORTED = ("onnxruntime", "tensorrt")
 
 
 def prepare(name: str, components, **options):
