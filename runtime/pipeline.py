@@ -141,6 +141,8 @@ class Pipeline:
     def native_size(self) -> tuple[int, int]:
         """(width, height) the UNet was trained at: sample_size * the VAE factor."""
         sample_size = self.unet.config.sample_size
+        if sample_size is None:  # configs that omit it: Stable Diffusion 1.x's 64 latents (512 px)
+            sample_size = 64
         if isinstance(sample_size, int):
             sample_size = (sample_size, sample_size)
         height, width = sample_size
