@@ -1,0 +1,78 @@
+"""diffusers' own StableDiffusionPipeline (SDPA attention, eager) as a baseline row of the benchmark.
+
+It loads the same diffusers folder our backends load and answers the calls the benchmark makes of a
+Pipeline (generate, encode_prompt, decode_latents), so it is measured in exactly the same way.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+from runtime.weights import resolve_dtype
+
+# Our sampler names -> diffusers' class and the overrides that make it that sampler.
+DIFFUSERS_SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "lcm": ("LCMScheduler", {}),
+}
+
+
+class DiffusersBaseline:
+    def __init__(self, pipe, device: str):
+        self.pipe, self.device = pipe, device
+        self.dtype = pipe.unet.dtype
+        self._default_scheduler = pipe.scheduler
+
+    def _set_scheduler(self, name: str | None) -> None:
+        if name is None:
+            self.pipe.scheduler = self._default_scheduler
+            return
+        import diffusers
+        class_name, overrides = DIFFUSERS_SCHEDULERS[name]
+        self.pipe.scheduler = getattr(diffusers, class_name).from_config(self._default_scheduler.config,
+                                                                         **overrides)
+
+    @torch.inference_mode()
+    def encode_prompt(self, prompts, negatives, guidance, num_images=1):
+        return self.pipe.encode_prompt(prompts, self.device, num_images, guidance > 1, negatives)
+
+    @torch.inference_mode()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.pipe.vae.decode(latents / self.pipe.vae.config.scaling_factor).sample
+
+    def generate(self, prompt, *, negative_prompt, steps, guidance, width, height, seed, num_images,
+                 scheduler=None, progress=False, callback=None) -> list[PIL.Image.Image]:
+        self._set_scheduler(scheduler)
+        self.pipe.set_progress_bar_config(disable=not progress)
+
+        def on_step_end(_pipe, i, t, kwargs):
+            if callback is not None:
+                callback(i, t, kwargs["latents"])
+            return kwargs
+
+        output = self.pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
+                           guidance_scale=guidance, width=width, height=height, num_images_per_prompt=num_images,
+                           generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
+                           callback_on_step_end=on_step_end)
+        return [PIL.Image.fromarray((image * 255).round().astype(np.uint8)) for image in output.images]
+
+
+def diffusers_pipeline(master, config) -> DiffusersBaseline:
+    """diffusers' StableDiffusionPipeline on the folder the master was loaded from, in config.dtype."""
+    import diffusers
+
+    if not Path(master.source).is_dir():
+        raise ValueError(f"the diffusers baseline loads diffusers folders; {master.source} is a single file")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+        master.source, torch_dtype=resolve_dtype(config.dtype), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.to(config.device)
+    return DiffusersBaseline(pipe, config.device)

@@ -1,0 +1,114 @@
+"""Model architectures the benchmark can build with random weights when no checkpoint is given.
+
+`sd15` is the real Stable Diffusion 1.5 architecture (859.5M-parameter UNet); `tiny` keeps the SD 1.x
+shape of every network (conv projections, quick_gelu text encoder, 8x VAE, PNDM schedule) but small
+enough that a CPU runs a guided image in a second or two.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from runtime import default_configs
+
+_TINY = {
+    "unet": {
+        "sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+        "block_out_channels": [32, 64], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "cross_attention_dim": 64,
+        "attention_head_dim": 8, "norm_num_groups": 16, "act_fn": "silu",
+        "flip_sin_to_cos": True, "freq_shift": 0,
+    },
+    "vae": {
+        "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1,
+        "block_out_channels": [16, 32, 32, 32], "norm_num_groups": 8, "sample_size": 64,
+        "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "act_fn": "silu", "scaling_factor": 0.18215,
+    },
+    "text_encoder": {
+        "vocab_size": 49408, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+    },
+}
+
+PRESETS = ("tiny", "sd15")
+
+
+def preset_configs(name: str) -> dict:
+    """{"unet", "vae", "text_encoder", "scheduler"} config dicts (diffusers / transformers form)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {PRESETS}")
+    sd1 = default_configs.default_configs("sd1")
+    configs = {key: copy.deepcopy(sd1[key]) for key in ("unet", "vae", "text_encoder", "scheduler")}
+    if name == "tiny":
+        for key, overrides in _TINY.items():
+            configs[key] = {**configs[key], **copy.deepcopy(overrides)}
+    return configs
+
+
+def perturb_(module: torch.nn.Module, generator: torch.Generator, scale: float = 0.05) -> None:
+    """Move every parameter off its default init (norms at 1, biases at 0 hide mistakes and make
+    images flat), deterministically from `generator`."""
+    with torch.no_grad():
+        for param in module.parameters():
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+            param.add_(noise.to(param.dtype), alpha=scale)
+
+
+def write_random_model(preset: str, folder: str | Path, seed: int = 0) -> Path:
+    """Write a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)
+    holding the `preset` architecture with seeded random fp32 weights; return the folder.
+
+    The benchmark loads it back through runtime.weights like any real checkpoint, and the exported
+    backends and diffusers' baseline read the same files. The tokenizer is the real CLIP vocabulary,
+    derived from the BPE file open_clip ships.
+    """
+    from safetensors.torch import save_file
+
+    from runtime.models.clip import CLIPTextConfig, CLIPTextModel
+    from runtime.models.unet import UNet, UNetConfig
+    from runtime.models.vae import AutoencoderKL, VAEConfig
+    from runtime.tokenizer import EOS_TOKEN, open_clip_vocab_and_merges
+
+    folder = Path(folder)
+    configs = preset_configs(preset)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    networks = {
+        "unet": (UNet(UNetConfig.from_dict(configs["unet"])), "diffusion_pytorch_model.safetensors"),
+        "vae": (AutoencoderKL(VAEConfig.from_dict(configs["vae"])), "diffusion_pytorch_model.safetensors"),
+        "text_encoder": (CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"])), "model.safetensors"),
+    }
+    for name, (model, weights_file) in networks.items():
+        perturb_(model, generator)
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        _write_json(folder / name / "config.json", configs[name])
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / name / weights_file))
+        del model
+    (folder / "scheduler").mkdir(exist_ok=True)
+    _write_json(folder / "scheduler" / "scheduler_config.json", configs["scheduler"])
+    vocab, merges = open_clip_vocab_and_merges()
+    (folder / "tokenizer").mkdir(exist_ok=True)
+    _write_json(folder / "tokenizer" / "vocab.json", vocab)
+    (folder / "tokenizer" / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    _write_json(folder / "tokenizer" / "special_tokens_map.json",
+                {"bos_token": "<|startoftext|>", "eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN,
+                 "unk_token": EOS_TOKEN})
+    _write_json(folder / "tokenizer" / "tokenizer_config.json", {"model_max_length": 77})
+    _write_json(folder / "model_index.json", {
+        "_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None],
+        "requires_safety_checker": False, "safety_checker": [None, None],
+        "scheduler": ["diffusers", configs["scheduler"]["_class_name"]],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+    })
+    return folder
+
+
+def _write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
