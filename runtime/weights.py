@@ -14,7 +14,8 @@ read one at a time, cast to the requested dtype on its way to the device, and as
 No full-precision copy of the model ever exists when a lower precision is asked for.
 
 Pickle files (.ckpt, .pt, .pth, .bin) can run code when unpickled; they are refused unless
-allow_pickle=True, and then read only with torch.load(weights_only=True).
+allow_pickle=True, and then read only with torch.load(weights_only=True), which loads the whole
+file into memory first (the one-tensor-at-a-time guarantee holds for safetensors only).
 """
 from __future__ import annotations
 
@@ -402,7 +403,7 @@ def _folder_plan(component: str, model: nn.Module, store: TensorStore) -> tuple[
     """model key -> file tensor, accepting the key spellings real folders use; plus unexpected file keys."""
     model_keys = set(model.state_dict())
     by_name: dict[str, OriginalTensor] = {}
-    ignored = []
+    unexpected = []
     for file_key in store.shapes:
         name, op = file_key, "copy"
         if component == "text_encoder":
@@ -423,8 +424,8 @@ def _folder_plan(component: str, model: nn.Module, store: TensorStore) -> tuple[
                                   f"{component} parameter {name!r}")
         by_name[name] = OriginalTensor(file_key, op)
         if name not in model_keys:
-            ignored.append(file_key)
-    return {k: v for k, v in by_name.items() if k in model_keys}, ignored
+            unexpected.append(file_key)
+    return {k: v for k, v in by_name.items() if k in model_keys}, unexpected
 
 
 def _load_folder(path: Path, *, device, dtype, variant, allow_pickle, tokenizer_path, prediction_type):
