@@ -2,7 +2,10 @@
 
 Stages are separate methods so a benchmark can time them and a faster backend can replace one:
     encode_prompt -> prepare latents -> denoise (a loop over `_denoise_step`) -> decode_latents -> to_pil
-`_denoise_step` is the unit a CUDA-graph runner swaps: it only does tensor work (no host syncs).
+`_denoise_step` is the unit a CUDA-graph runner swaps: it only does tensor work (no host syncs); it calls
+`denoise_step(scheduler, latents, i, context, guidance, noise_i, conditioning)`, the same step with the
+scheduler explicit (runtime/graphs.py's StepFn). `_after_step(i, latents, start, blend, callback)` is the
+eager work between steps (inpainting blend, callback), a graph runner's `between_steps`.
 
 Random draws reproduce diffusers' for the same seed, in diffusers' order, from one CPU generator:
   txt2img:  initial noise                                                  then per-step noise
@@ -322,38 +325,48 @@ class Pipeline:
                 noise: torch.Tensor | None = None, conditioning: torch.Tensor | None = None,
                 blend: _LatentBlend | None = None, callback=None, progress: bool = True) -> torch.Tensor:
         """Run steps start..S-1 of `self.scheduler` (already set up); return the final latents."""
-        scheduler = self.scheduler
-        scheduler.reset()
-        last = scheduler.num_steps - 1
-        for i in tqdm(range(start, scheduler.num_steps), disable=not progress, desc="denoising"):
+        self.scheduler.reset()
+        for i in tqdm(range(start, self.scheduler.num_steps), disable=not progress, desc="denoising"):
             noise_i = None if noise is None else noise[i]
             latents = self._denoise_step(latents, i, context, guidance, noise_i, conditioning)
-            if blend is not None:
-                known = blend.image_latents
-                if i < last:
-                    known = scheduler.add_noise(known, blend.noise, i + 1)
-                latents = (1 - blend.mask) * known + blend.mask * latents
-            if callback is not None and callback(i - start, scheduler.timesteps[i], latents) is False:
-                raise GenerationCancelled(i - start, latents)
+            latents = self._after_step(i, latents, start, blend, callback)
         return latents
 
     def _denoise_step(self, latents: torch.Tensor, i: int, context: torch.Tensor, guidance: float,
                       noise_i: torch.Tensor | None, conditioning: torch.Tensor | None = None) -> torch.Tensor:
-        """One step: UNet once on the guided batch [uncond; cond], guidance combine, scheduler step.
+        """One step with the run's scheduler; the unit a CUDA-graph runner replaces."""
+        return self.denoise_step(self.scheduler, latents, i, context, guidance, noise_i, conditioning)
 
-        Guided iff `context` has twice the rows of `latents`. Pure tensor work, no host sync.
-        `conditioning` (9-channel inpainting: mask and masked-image latents) is appended to the channels.
+    def denoise_step(self, scheduler, latents: torch.Tensor, i: int, context: torch.Tensor, guidance,
+                     noise_i: torch.Tensor | None, conditioning: torch.Tensor | None = None) -> torch.Tensor:
+        """UNet once on the guided batch [uncond; cond], guidance combine, scheduler step.
+
+        Guided iff `context` has twice the rows of `latents`. `guidance` may be a float or a 0-d device
+        tensor (a captured graph keeps it in a buffer). `conditioning` (9-channel inpainting: mask and
+        masked-image latents) is appended to the UNet input's channels. Pure tensor work, no host sync.
         """
         guided = context.shape[0] != latents.shape[0]
         model_input = torch.cat([latents, latents]) if guided else latents
-        model_input = self.scheduler.scale_model_input(model_input, i)
+        model_input = scheduler.scale_model_input(model_input, i)
         if conditioning is not None:
             model_input = torch.cat([model_input, conditioning], dim=1)
-        prediction = self.unet(model_input, self.scheduler.timesteps[i], context)
+        prediction = self.unet(model_input, scheduler.timesteps[i], context)
         if guided:
             uncond, cond = prediction.chunk(2)
             prediction = uncond + guidance * (cond - uncond)
-        return self.scheduler.step(prediction, i, latents, noise=noise_i)
+        return scheduler.step(prediction, i, latents, noise=noise_i)
+
+    def _after_step(self, i: int, latents: torch.Tensor, start: int, blend: _LatentBlend | None,
+                    callback) -> torch.Tensor:
+        """Eager work between steps: 4-channel inpainting's blend, then the callback (which may cancel)."""
+        if blend is not None:
+            known = blend.image_latents
+            if i < self.scheduler.num_steps - 1:
+                known = self.scheduler.add_noise(known, blend.noise, i + 1)
+            latents = (1 - blend.mask) * known + blend.mask * latents
+        if callback is not None and callback(i - start, self.scheduler.timesteps[i], latents) is False:
+            raise GenerationCancelled(i - start, latents)
+        return latents
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images [B, 3, H, W] in [0, 1]. If the decode overflows to NaN (fp16 VAEs do), decode

@@ -162,6 +162,23 @@ def test_guidance_runs_the_unet_once_per_step_on_the_doubled_batch(sd1_folder):
     assert batch_sizes == [4, 4, 2, 2]
 
 
+def test_denoise_step_takes_guidance_as_a_device_scalar(sd1_folder):
+    # The CUDA-graph runner keeps guidance in a 0-d buffer; the step must give the same latents.
+    from runtime.schedulers import make_scheduler
+
+    pipe = ours(sd1_folder)
+    scheduler = make_scheduler("euler_a", pipe.scheduler_config)
+    scheduler.set_timesteps(3)
+    latents = torch.randn(1, 4, 8, 8, generator=generator(0))
+    context = pipe.encode_prompt(["a cat"], ["blurry"], 7.5)
+    noise = scheduler.draw_noise(generator(1), latents.shape, latents.dtype, "cpu")
+    with torch.inference_mode():
+        as_float = pipe.denoise_step(scheduler, latents, 1, context, 7.5, noise[1])
+        as_tensor = pipe.denoise_step(scheduler, latents, 1, context, torch.tensor(7.5), noise[1])
+    torch.testing.assert_close(as_tensor, as_float, rtol=0, atol=0)
+    assert not torch.equal(as_float, latents)
+
+
 # ---------------------------------------------------------------- img2img parity
 @pytest.mark.parametrize("scheduler, strength", [(None, 0.75), ("euler_a", 0.6), ("dpmpp_2m_karras", 1.0)])
 def test_img2img_matches_diffusers(sd1_folder, scheduler, strength):
