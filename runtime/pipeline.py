@@ -268,8 +268,9 @@ class Pipeline:
         return result.input_ids
 
     def _randn(self, shape, generator) -> torch.Tensor:
-        """diffusers' randn_tensor with a CPU generator: drawn on the CPU in fp32, then moved."""
-        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
+        """diffusers' randn_tensor with a CPU generator: drawn on the CPU in the model dtype, then moved.
+        (Drawing fp32 and casting is not the same: for some shapes CPU fp16 randn gives other values.)"""
+        return torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
 
     def _encode_image(self, pixels: torch.Tensor, generator) -> torch.Tensor:
         """A sample of the VAE posterior, scaled: mean + std * randn(generator), as diffusers'

@@ -142,6 +142,19 @@ def test_txt2img_matches_diffusers_sd2(sd2_folder, scheduler):
     assert mine[0].size == ours(sd2_folder).native_size()
 
 
+def test_txt2img_fp16_matches_diffusers(sd1_folder):
+    # 40x24 px = 3x5 latents: a size where CPU fp16 randn differs from fp32 randn cast to fp16, so
+    # the initial noise must be drawn in the model dtype, as diffusers' randn_tensor does.
+    mine = runtime.load(sd1_folder, dtype="fp16").generate("a red fox", steps=2, seed=7, width=40, height=24,
+                                                          scheduler="euler_a", progress=False)
+    pipe = StableDiffusionPipeline.from_pretrained(sd1_folder, safety_checker=None, requires_safety_checker=False,
+                                                   torch_dtype=torch.float16)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    theirs = pipe("a red fox", num_inference_steps=2, width=40, height=24, generator=generator(7)).images
+    assert_close_images(mine, theirs)
+
+
 def test_txt2img_without_guidance_matches_diffusers(sd1_folder):
     mine = ours(sd1_folder).generate("a cat", steps=2, seed=3, guidance=1.0, scheduler="euler_a",
                                      progress=False)
