@@ -246,6 +246,8 @@ class Pipeline:
         """Text-encoder context [B, 77, C], B = len(prompts) * num_images, each prompt repeated in place;
         with guidance > 1 the unconditional half comes first: [uncond; cond], 2B rows."""
         guided = guidance > 1
+        if negatives is None:
+            negatives = [""] * len(prompts)
         texts = (list(negatives) if guided else []) + list(prompts)
         ids = self._tokenize(texts, first_prompt_index=len(texts) - len(prompts))
         context = self.text_encoder(ids.to(self.device))
@@ -277,20 +279,25 @@ class Pipeline:
         `latent_dist.sample(generator)` (one draw of the latent shape per call)."""
         pixels = pixels.to(self.device, self.dtype)
         mean, logvar = self._vae_moments(pixels)
-        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        sample = mean + std * self._randn(mean.shape, generator)
+        draw = self._randn(mean.shape, generator)  # drawn even without a logvar: keeps later draws aligned
+        sample = mean if logvar is None else mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * draw
         return sample * self.vae.config.scaling_factor
 
-    def _vae_moments(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _vae_moments(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(mean, logvar) of the VAE posterior; logvar None where the backend's VAE gives only the mean."""
         if hasattr(self.vae, "encode_moments"):
             return self.vae.encode_moments(pixels)
-        # Our AutoencoderKL keeps diffusers' submodule names (the state-dict contract), so the posterior
-        # moments are quant_conv(encoder(x)) split in two along channels, as in diffusers.
-        moments = self.vae.encoder(pixels)
-        if getattr(self.vae, "quant_conv", None) is not None:
-            moments = self.vae.quant_conv(moments)
-        mean, logvar = moments.chunk(2, dim=1)
-        return mean, logvar
+        if hasattr(self.vae, "encoder"):
+            # Our AutoencoderKL keeps diffusers' submodule names (the state-dict contract), so the
+            # posterior moments are quant_conv(encoder(x)) split in two along channels, as in diffusers.
+            moments = self.vae.encoder(pixels)
+            if getattr(self.vae, "quant_conv", None) is not None:
+                moments = self.vae.quant_conv(moments)
+            mean, logvar = moments.chunk(2, dim=1)
+            return mean, logvar
+        warnings.warn("this backend's VAE gives only the posterior mean: img2img/inpaint start from the mean, "
+                      "not a sample, so results differ slightly from diffusers'", stacklevel=4)
+        return self.vae.encode(pixels), None
 
     def _img2img_latents(self, image, request, shape, start, generator) -> torch.Tensor:
         pixels = imageio.image_to_tensor(image, request.width, request.height)
@@ -311,12 +318,14 @@ class Pipeline:
             latents = noise * self.scheduler.init_noise_sigma
         else:
             latents = self.scheduler.add_noise(image_latents, noise, start)
-        # diffusers encodes the masked image even for 4-channel UNets: the draw keeps the stream aligned.
-        masked_latents = self._encode_image(pixels * (mask_pixels < 0.5), generator)
         latent_mask = F.interpolate(mask_pixels, size=shape[-2:]).to(self.device, self.dtype)
         latent_mask = latent_mask.expand(shape[0], -1, -1, -1)
         if four_channel:
+            # diffusers samples the masked image's latents here even for 4-channel UNets (and never uses
+            # them): make the same draw, skipping the encode, so later draws stay aligned.
+            self._randn((1, *shape[1:]), generator)
             return latents, None, _LatentBlend(image_latents, latent_mask, noise)
+        masked_latents = self._encode_image(pixels * (mask_pixels < 0.5), generator)
         conditioning = torch.cat([latent_mask, masked_latents.expand(shape[0], -1, -1, -1)], dim=1)
         if guided:
             conditioning = torch.cat([conditioning, conditioning])
