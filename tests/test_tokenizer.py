@@ -8,7 +8,7 @@ import transformers
 
 from runtime.tokenizer import (SD1_PAD_TOKEN, SD2_PAD_TOKEN, CLIPTokenizer, PromptTruncatedWarning,
                                open_clip_vocab_and_merges)
-from tokenizer_fixtures import open_clip_reference_vocab, write_clip_vocab_files, write_sd_tokenizer_folder
+from tests.tokenizer_fixtures import open_clip_reference_vocab, write_clip_vocab_files, write_sd_tokenizer_folder
 
 PROMPTS = [
     "a photograph of an astronaut riding a horse",
