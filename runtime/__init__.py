@@ -14,10 +14,12 @@ __all__ = ["load"]
 def load(path, backend: str = "torch", device: str | torch.device = "cpu",
          dtype: str | torch.dtype = torch.float32, *, variant: str | None = None,
          allow_pickle: bool = False, tokenizer_path=None, prediction_type: str | None = None,
-         **backend_options):
+         cuda_graphs: bool | None = None, **backend_options):
     """Load a diffusers folder or a single-file checkpoint and return a ready `Pipeline`.
 
-    backend: "torch" (eager reference) or "triton" (our kernels); backend_options go to the backend.
+    backend: "torch" (eager reference), "triton" (our kernels), "onnxruntime" or "tensorrt" (exported
+    graphs; pass engine_dir=...); backend_options go to the backend.
+    cuda_graphs: replay denoising steps from CUDA graphs; default on for "triton" on a CUDA device.
     dtype: a torch.dtype or a name ("fp32", "fp16", "bf16", ...).
     Pickle checkpoints (.ckpt/.bin) are refused unless allow_pickle=True (then read weights-only).
     """
@@ -29,4 +31,4 @@ def load(path, backend: str = "torch", device: str | torch.device = "cpu",
                                  allow_pickle=allow_pickle, tokenizer_path=tokenizer_path,
                                  prediction_type=prediction_type)
     components = backends.prepare(backend, components, **backend_options)
-    return Pipeline(components, backend=backend)
+    return Pipeline(components, backend=backend, cuda_graphs=cuda_graphs)

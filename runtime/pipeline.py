@@ -21,6 +21,7 @@ Cancelling: `callback(step_index, timestep, latents)` returning False raises `Ge
 from __future__ import annotations
 
 import secrets
+import threading
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from runtime import images as imageio
+from runtime.graphs import CudaGraphDenoiser, GraphKey, scheduler_identity
 from runtime.images import GenerationInfo
 from runtime.schedulers import SCHEDULER_NAMES, make_scheduler
 
@@ -85,7 +87,9 @@ class _Request:
 class Pipeline:
     """Stable Diffusion over `components` (runtime.weights.Components) prepared by a backend."""
 
-    def __init__(self, components, backend: str = "torch"):
+    def __init__(self, components, backend: str = "torch", cuda_graphs: bool | None = None):
+        """cuda_graphs: replay the denoising steps from CUDA graphs (runtime/graphs.py); default on for
+        the `triton` backend on a CUDA device."""
         self.components = components
         self.backend = backend
         self.unet = components.unet
@@ -97,6 +101,13 @@ class Pipeline:
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         parameter = next(self.unet.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
+        if cuda_graphs is None:
+            cuda_graphs = backend == "triton" and self.device.type == "cuda"
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, it is on {self.device}")
+        self.graphs = CudaGraphDenoiser(self.denoise_step) if cuda_graphs else None
+        # One request at a time: a run keeps its scheduler on self and replays shared graph buffers.
+        self._run_lock = threading.Lock()
 
     # ------------------------------------------------------------------ public entry points
     def generate(self, prompt, *, negative_prompt=None, steps: int = 30, guidance: float = 7.5,
@@ -217,8 +228,11 @@ class Pipeline:
         return name
 
     # ------------------------------------------------------------------ the run
-    @torch.inference_mode()
     def _run(self, request: _Request, *, image=None, mask=None, callback=None, progress=True):
+        with self._run_lock, torch.inference_mode():
+            return self._run_locked(request, image=image, mask=mask, callback=callback, progress=progress)
+
+    def _run_locked(self, request: _Request, *, image, mask, callback, progress):
         self.scheduler = scheduler = make_scheduler(request.scheduler, self.scheduler_config)
         scheduler.set_timesteps(request.steps, device=self.device)
         context = self.encode_prompt(request.prompts, request.negatives, request.guidance, request.num_images)
@@ -336,6 +350,13 @@ class Pipeline:
                 blend: _LatentBlend | None = None, callback=None, progress: bool = True) -> torch.Tensor:
         """Run steps start..S-1 of `self.scheduler` (already set up); return the final latents."""
         self.scheduler.reset()
+        if self.graphs is not None:
+            key = GraphKey(tuple(latents.shape), tuple(context.shape), latents.dtype,
+                           scheduler_identity(self.scheduler), self.scheduler.num_steps, start, noise is not None,
+                           None if conditioning is None else tuple(conditioning.shape))
+            return self.graphs.run(key, self.scheduler, latents, context, guidance, noise, conditioning,
+                                   between_steps=lambda i, x: self._after_step(i, x, start, blend, callback),
+                                   progress=lambda steps: tqdm(steps, disable=not progress, desc="denoising"))
         for i in tqdm(range(start, self.scheduler.num_steps), disable=not progress, desc="denoising"):
             noise_i = None if noise is None else noise[i]
             latents = self._denoise_step(latents, i, context, guidance, noise_i, conditioning)
