@@ -5,45 +5,12 @@ all result files carry the same provenance fields (GPU, versions, git SHA).
 """
 from __future__ import annotations
 
-import datetime
 import json
 import pathlib
-import platform
-import subprocess
 from typing import Callable
 
-import torch
-
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def _git_sha() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (sha + "-dirty" if dirty else sha) or "unknown"
-
-
-def environment() -> dict:
-    """Provenance of a benchmark run: GPU name, torch / triton / CUDA versions, git SHA, time."""
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "git_sha": _git_sha(),
-        "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+# One provenance stamp for every result file, kernel benchmarks and runtime.bench alike.
+from runtime.provenance import environment
 
 
 def time_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -> float:
