@@ -113,7 +113,7 @@ class CudaGraphDenoiser:
                 entry.graphs[k].replay()
                 if between_steps is not None:
                     replaced = between_steps(key.start + k, entry.chain[k + 1])
-                    if replaced is not None:
+                    if replaced is not None and replaced is not entry.chain[k + 1]:
                         entry.chain[k + 1].copy_(replaced)
             return entry.chain[-1].clone()
 
@@ -134,7 +134,8 @@ class CudaGraphDenoiser:
     def _capture(self, key, scheduler, latents, context, noise, conditioning) -> _Entry:
         static_latents = latents.clone()
         static_context = context.clone()
-        static_guidance = torch.zeros((), device=latents.device, dtype=latents.dtype)
+        # fp32, as a Python float would enter the kernels: replay then matches eager bit for bit.
+        static_guidance = torch.zeros((), device=latents.device, dtype=torch.float32)
         static_noise = None if noise is None else noise.clone()
         static_conditioning = None if conditioning is None else conditioning.clone()
 
