@@ -76,6 +76,12 @@ class CudaGraphDenoiser:
         self.max_entries = max_entries
         self.warmup_steps = warmup_steps
         self._lock = threading.Lock()
+        # One memory pool for every entry. Safe because replays never overlap (the lock, one stream)
+        # and no graph reads pool memory written by another entry's graphs: each replay starts from
+        # its static inputs, and within an entry graph k reads only what graph k-1 of the same replay
+        # wrote. Scratch blocks are shared, so the cache costs about one UNet's activations, not one
+        # per entry.
+        self._pool = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -84,6 +90,7 @@ class CudaGraphDenoiser:
         """Release every graph and its memory pool."""
         with self._lock:
             self._entries.clear()
+            self._pool = None
         torch.cuda.empty_cache()
 
     def run(self, key: GraphKey, scheduler, latents: torch.Tensor, context: torch.Tensor, guidance: float,
@@ -125,6 +132,7 @@ class CudaGraphDenoiser:
             entry = self._capture(key, copy.deepcopy(scheduler), latents, context, noise, conditioning)
         except torch.cuda.OutOfMemoryError as err:
             self._entries.clear()
+            self._pool = None
             torch.cuda.empty_cache()
             raise RuntimeError(f"CUDA ran out of memory capturing the denoising graphs for {key.describe()}; "
                                f"the graph cache was released. Try a smaller batch or size.") from err
@@ -154,13 +162,13 @@ class CudaGraphDenoiser:
         torch.cuda.current_stream().wait_stream(side)
         scheduler.reset()
 
-        pool = torch.cuda.graph_pool_handle()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         graphs, chain = [], [static_latents]
         with torch.inference_mode():
             for i in range(key.start, key.steps):
                 graph = torch.cuda.CUDAGraph()
-                # One pool for the entry's graphs: safe because they always replay in capture order.
-                with torch.cuda.graph(graph, pool=pool):
+                with torch.cuda.graph(graph, pool=self._pool):
                     out = step(i, chain[-1])
                 graphs.append(graph)
                 chain.append(out)
