@@ -20,6 +20,7 @@ Cancelling: `callback(step_index, timestep, latents)` returning False raises `Ge
 """
 from __future__ import annotations
 
+import math
 import secrets
 import threading
 import warnings
@@ -190,8 +191,8 @@ class Pipeline:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
         if not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 1:
             raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
-        if not isinstance(guidance, (int, float)) or guidance < 0:
-            raise ValueError(f"guidance must be a number >= 0 (<= 1 turns guidance off), got {guidance!r}")
+        if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not 0 <= guidance < math.inf:
+            raise ValueError(f"guidance must be a finite number >= 0 (<= 1 turns guidance off), got {guidance!r}")
         if guidance <= 1 and negative_prompt:
             warnings.warn(f"guidance {guidance} <= 1 turns classifier-free guidance off: "
                           "the negative prompt is ignored", stacklevel=3)

@@ -172,7 +172,7 @@ def test_long_prompt_warning_is_one_line(model, tmp_path, capsys):
     (["--width", "60"], r"width must be a positive multiple of 8 \(the VAE factor\), got 60"),
     (["--steps", "0"], "steps must be an integer >= 1, got 0"),
     (["--num-images", "0"], "num_images must be an integer >= 1, got 0"),
-    (["--guidance", "-2"], "guidance must be a number >= 0"),
+    (["--guidance", "-2"], "guidance must be a finite number >= 0"),
     (["--steps", "many"], "argument --steps: invalid int value: 'many'"),
     (["--strength", "0.5"], "--strength needs --init-image"),
     (["--mask", "{tmp}/mask.png"], "--mask needs --init-image"),

@@ -16,6 +16,7 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestra
                        StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel)
 
 import runtime
+from runtime import images as imageio
 from runtime.images import psnr
 from runtime.pipeline import GenerationCancelled
 from tests.model_factory import save_diffusers_folder
@@ -205,6 +206,17 @@ def test_img2img_matches_diffusers(sd1_folder, scheduler, strength):
     assert mine[0].size == (64, 48)
 
 
+def test_img2img_matches_diffusers_sd2(sd2_folder):
+    # v-prediction model with its own Euler scheduler: add_noise and the steps in sigma space.
+    init = random_picture(64, 64, seed=6)
+    mine = ours(sd2_folder).img2img(init, "a watercolor", strength=0.5, steps=4, seed=13, guidance=5.0,
+                                    negative_prompt="photo", progress=False)
+    theirs = reference(StableDiffusionImg2ImgPipeline, sd2_folder)(
+        "a watercolor", image=init, strength=0.5, num_inference_steps=4, guidance_scale=5.0,
+        negative_prompt="photo", generator=generator(13)).images
+    assert_close_images(mine, theirs)
+
+
 # ---------------------------------------------------------------- inpainting
 @pytest.mark.parametrize("scheduler, strength", [(None, 1.0), ("euler_a", 0.75)])
 def test_inpaint_4_channel_matches_diffusers(sd1_folder, scheduler, strength):
@@ -230,8 +242,18 @@ def test_inpaint_9_channel_matches_diffusers(inpaint9_folder, scheduler, strengt
 
 def test_inpaint_keeps_the_unmasked_region(sd1_folder):
     image, mask = random_picture(64, 64, seed=10), box_mask(64, 64)
-    result = ours(sd1_folder).inpaint(image, mask, "a window", steps=3, seed=4, scheduler="ddim",
-                                      progress=False)[0]
+    pipe = ours(sd1_folder)
+    seen = []
+    result = pipe.inpaint(image, mask, "a window", steps=3, seed=4, scheduler="ddim", progress=False,
+                          callback=lambda i, t, latents: seen.append(latents.clone()))[0]
+    # Latent blending: after the last step the unmasked latents are exactly the image's (the seed's
+    # first draw is the VAE sample of the image), the masked ones are generated.
+    with torch.no_grad():
+        image_latents = pipe._encode_image(imageio.image_to_tensor(image, 64, 64), generator(4))
+    latent_keep = torch.nn.functional.interpolate(imageio.mask_to_tensor(mask, 64, 64), size=(8, 8)) == 0
+    latent_keep = latent_keep.expand_as(image_latents)
+    assert torch.equal(seen[-1][latent_keep], image_latents[latent_keep])
+    assert not torch.allclose(seen[-1][~latent_keep], image_latents[~latent_keep], atol=0.1)
     keep = np.asarray(mask) == 0
     keep[12:52, 12:52] = False  # stay a few latent pixels away from the mask edge
     ours_kept = np.asarray(result)[keep].astype(float)
@@ -330,7 +352,8 @@ def guarded_pipe(sd1_folder, monkeypatch):
     (dict(width=60), "width must be a positive multiple of 8 .*got 60"),
     (dict(height=36), "height must be a positive multiple of 8 .*got 36"),
     (dict(steps=0), "steps must be an integer >= 1, got 0"),
-    (dict(guidance=-1.0), "guidance must be a number >= 0"),
+    (dict(guidance=-1.0), "guidance must be a finite number >= 0"),
+    (dict(guidance=float("nan")), "guidance must be a finite number >= 0 .*got nan"),
     (dict(scheduler="heun"), "unknown scheduler 'heun'; choose one of ddim, pndm, euler, euler_a"),
     (dict(num_images=0), "num_images must be an integer >= 1, got 0"),
     (dict(seed=-5), "seed must be an integer in"),
@@ -386,7 +409,7 @@ def test_long_prompt_warns_with_the_dropped_words(sd1_folder):
 
 
 def test_missing_model_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope"):
+    with pytest.raises(FileNotFoundError, match="model path .*nope does not exist"):
         runtime.load(tmp_path / "nope")
 
 
