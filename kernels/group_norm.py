@@ -26,6 +26,7 @@ torch.compile and torch.export. `torch.library.custom_op` is used rather than `t
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -297,6 +298,9 @@ def _check_inputs(x, num_groups, weight, bias, eps, activation, out=None) -> Non
                              f"{tuple(x.shape)} {x.dtype} {x.device}")
         if _spatial_stride(out) is None:
             raise ValueError(f"group_norm: out strides {out.stride()} do not allow flattening H and W")
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"group_norm: x is on {x.device}; the kernel runs on CUDA, or on the CPU only when "
+                         f"TRITON_INTERPRET=1 is set before `kernels` is imported")
 
 
 def _launch(x: torch.Tensor, num_groups: int, weight, bias, eps: float, activation, out: torch.Tensor,

@@ -11,6 +11,8 @@ import torch
 
 gn = importlib.import_module("kernels.group_norm")
 group_norm, group_norm_reference = gn.group_norm, gn.group_norm_reference
+# Small shapes run on the GPU where there is one (the interpreter is off there), else interpreted on the CPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # dtype -> (atol, rtol). fp32 is compared directly with the float64 reference. For fp16/bf16 the rule is
 # max|kernel - ref64| <= 2 * max|torch same-dtype - ref64| + atol (rtol unused there).
@@ -31,7 +33,7 @@ INTERPRETER_SHAPES = [
     (1, 2560, 1, 1),  # up-block concat 1280+1280, Cg = 80, 1x1: every group is 80 scalars
     (3, 128, 7, 9),  # VAE last level, Cg = 4, batch 3, 7x9 odd sizes and masking on both axes
     (1, 256, 3, 5),  # VAE, Cg = 8, 3x5 odd
-    (2, 512, 16, 16),  # VAE first level, Cg = 16 (a power of two), more than one tile per group
+    (2, 512, 16, 16),  # VAE first level, Cg = 16 (a power of two: no masked channel lanes), a 256x16 tile
     (1, 64, 80, 70),  # many spatial tiles per group (5600 > MAX_TILE positions): the split path
 ]
 
@@ -73,7 +75,7 @@ def _groups(x):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("activation", [None, "silu"])
 def test_matches_reference_fp32(shape, channels_last, activation):
-    x, weight, bias = _random_inputs(shape, torch.float32, "cpu", channels_last)
+    x, weight, bias = _random_inputs(shape, torch.float32, DEVICE, channels_last)
     out = _poisoned_like(x)
     y = group_norm(x, 32, weight, bias, activation=activation, out=out)
     assert y is out
@@ -84,7 +86,7 @@ def test_matches_reference_fp32(shape, channels_last, activation):
 @pytest.mark.parametrize("shape", [(2, 320, 8, 8), (1, 1280, 3, 3), (3, 128, 7, 9)], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_matches_reference_low_precision(dtype, shape, channels_last):
-    x, weight, bias = _random_inputs(shape, dtype, "cpu", channels_last)
+    x, weight, bias = _random_inputs(shape, dtype, DEVICE, channels_last)
     y = group_norm(x, 32, weight, bias, activation="silu", out=_poisoned_like(x))
     assert y.dtype == dtype
     _assert_close_to_reference(x, weight, bias, "silu", y)
@@ -92,7 +94,7 @@ def test_matches_reference_low_precision(dtype, shape, channels_last):
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_output_keeps_memory_format(channels_last):
-    x, weight, bias = _random_inputs((2, 64, 5, 6), torch.float32, "cpu", channels_last)
+    x, weight, bias = _random_inputs((2, 64, 5, 6), torch.float32, DEVICE, channels_last)
     y = group_norm(x, 32, weight, bias, activation="silu")  # functional op, allocates its output
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     assert y.is_contiguous(memory_format=fmt)
@@ -101,7 +103,7 @@ def test_output_keeps_memory_format(channels_last):
 
 @pytest.mark.parametrize("affine", ["none", "weight_only", "bias_only"])
 def test_weight_and_bias_optional(affine):
-    x, weight, bias = _random_inputs((2, 96, 5, 7), torch.float32, "cpu", False)
+    x, weight, bias = _random_inputs((2, 96, 5, 7), torch.float32, DEVICE, False)
     weight = weight if affine == "weight_only" else None
     bias = bias if affine == "bias_only" else None
     y = group_norm(x, 32, weight, bias, out=_poisoned_like(x))
@@ -109,15 +111,15 @@ def test_weight_and_bias_optional(affine):
 
 
 def test_fp32_weights_with_fp16_input_and_custom_eps():
-    x, weight, bias = _random_inputs((1, 320, 6, 6), torch.float16, "cpu", True)
+    x, weight, bias = _random_inputs((1, 320, 6, 6), torch.float16, DEVICE, True)
     y = group_norm(x, 32, weight.float(), bias.float(), eps=1e-6, activation="silu", out=_poisoned_like(x))
     _assert_close_to_reference(x, weight.float(), bias.float(), "silu", y, eps=1e-6)
 
 
 def test_large_mean_small_variance_keeps_precision():
     # mean 1000, std 0.01: E[x^2] - E[x]^2 in fp32 would lose every significant digit.
-    x = torch.randn(2, 64, 9, 11, dtype=torch.float64) * 0.01 + 1000
-    y = group_norm(x.float(), 32, out=torch.full((2, 64, 9, 11), float("nan")))
+    x = torch.randn(2, 64, 9, 11, dtype=torch.float64, device=DEVICE) * 0.01 + 1000
+    y = group_norm(x.float(), 32, out=torch.full((2, 64, 9, 11), float("nan"), device=DEVICE))
     ref = group_norm_reference(x, 32)
     assert (y.double() - ref).abs().max().item() < 0.05
 
@@ -125,7 +127,7 @@ def test_large_mean_small_variance_keeps_precision():
 def test_several_tiles_per_program_with_empty_tail_tiles():
     # Cg = 5 over 2-channel tiles (a masked channel tail), 63 positions over 16-position tiles, and
     # 12 tiles in chunks of 5: the last program meets two tiles past the end of the group.
-    x, weight, bias = _random_inputs((1, 160, 7, 9), torch.float32, "cpu", False)
+    x, weight, bias = _random_inputs((1, 160, 7, 9), torch.float32, DEVICE, False)
     config = gn.LaunchConfig(block_hw=16, block_c=2, num_c_tiles=3, num_tiles=12, tiles_per_prog=5,
                              split=3, num_warps=1)
     out = _poisoned_like(x)
@@ -134,7 +136,7 @@ def test_several_tiles_per_program_with_empty_tail_tiles():
 
 
 def test_non_flattenable_input_is_handled():
-    x, weight, bias = _random_inputs((2, 64, 12, 10), torch.float32, "cpu", False)
+    x, weight, bias = _random_inputs((2, 64, 12, 10), torch.float32, DEVICE, False)
     view = x[:, :, ::2, :]  # stride_h != W * stride_w: H and W cannot be flattened
     y = group_norm(view, 32, weight, bias, out=_poisoned_like(view.contiguous()))
     _assert_close_to_reference(view, weight, bias, None, y)
@@ -148,7 +150,7 @@ def test_choose_config_fills_an_h100_at_sd15_batch_2():
 
 
 def test_custom_op_under_torch_compile_and_export():
-    x, weight, bias = _random_inputs((1, 64, 4, 5), torch.float32, "cpu", False)
+    x, weight, bias = _random_inputs((1, 64, 4, 5), torch.float32, DEVICE, False)
 
     class Norm(torch.nn.Module):
         def forward(self, x):
@@ -175,12 +177,22 @@ def test_custom_op_under_torch_compile_and_export():
     (lambda x, w: group_norm(x, 32, None, None, out=torch.empty(2, 64, 3, 3)), "out must match"),
     (lambda x, w: group_norm(x, 32, None, None, out=x.half()), "out must match"),
     (lambda x, w: group_norm(x.numpy(), 32, None, None), "torch.Tensor"),
+    (lambda x, w: group_norm(x, 32, None, None, out=x.numpy()), "out must be a tensor"),
+    (lambda x, w: group_norm(x, 32, None, None, out=torch.empty(2, 64, 8, 4)[:, :, ::2]), "flattening H and W"),
+    # Shape checks alone: a meta tensor allocates nothing.
+    (lambda x, w: group_norm(torch.empty(1, 32, 2**16, 2**15, device="meta"), 32), r">= 2\*\*31 elements"),
 ])
 def test_bad_input_gives_clear_error(call, message):
     x = torch.randn(2, 64, 4, 4) + 3
     w = torch.randn(64)
     with pytest.raises((ValueError, TypeError), match=message):
         call(x, w)
+
+
+def test_cpu_tensor_without_interpreter_is_rejected(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=r"x is on cpu; the kernel runs on CUDA.*TRITON_INTERPRET=1"):
+        group_norm(torch.randn(1, 64, 3, 3) + 3, 32)
 
 
 def test_reference_rejects_unknown_activation():
