@@ -173,6 +173,21 @@ def test_custom_op_registration():
     assert fake.shape == (2, 8, 4096, 40) and fake.stride() == (4096 * 320, 40, 320, 1)
 
 
+def test_custom_op_under_torch_compile_and_export():
+    # The op is opaque to dynamo and export: one graph with no break, the kernel runs inside it.
+    q, k, v = _qkv(1, 2, 40, 77, 40, torch.float16, "projection", _generator("compile"))
+
+    class Core(torch.nn.Module):
+        def forward(self, q, k, v):
+            return attention(q, k, v) * 2
+
+    compiled = torch.compile(Core(), backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), Core()(q, k, v), atol=0, rtol=0)
+    exported = torch.export.export(Core(), (q, k, v))
+    assert any(node.target is torch.ops.sd_kernels.attention.default for node in exported.graph.nodes)
+    torch.testing.assert_close(exported.module()(q, k, v), Core()(q, k, v), atol=0, rtol=0)
+
+
 # ---- bad input: a clear message naming what is wrong ----
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
@@ -199,6 +214,19 @@ def test_bad_input_is_rejected_clearly(q, k, v, kwargs, match):
     kwargs = {name: make(val) if name == "out" else val for name, val in kwargs.items()}
     with pytest.raises((ValueError, TypeError), match=match):
         attention(make(q), make(k), make(v), **kwargs)
+
+
+def test_batch_times_heads_past_the_grid_limit_rejected():
+    x = torch.randn(1, 65536, 1, 16).to(dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="batch\\*heads = 65536 exceeds the grid limit of 65535"):
+        attention(x, x, x)
+
+
+def test_cpu_tensor_without_interpreter_rejected(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = torch.randn(1, 1, 4, 16).half()
+    with pytest.raises(ValueError, match=r"q is on cpu; the kernel runs on CUDA.*TRITON_INTERPRET=1"):
+        attention(x, x, x)
 
 
 def test_integer_dtype_rejected():
@@ -252,3 +280,23 @@ def test_full_size_on_gpu(shape, dtype):
     out = torch.full((b, nq, h, d), float("nan"), dtype=dtype, device=DEVICE).transpose(1, 2)
     attention(q, k, v, out=out)
     _assert_close(out, q, k, v)
+
+
+@gpu
+@pytest.mark.gpu
+def test_cuda_graph_capture_and_inductor_compile():
+    # The custom op replays from a CUDA graph on new inputs and compiles under inductor.
+    shape = (2, 8, 4096, 77, 40)  # SD1.5 64x64 cross-attention
+    q, k, v = _qkv(*shape, torch.float16, "projection", _generator("graph"))
+    first = attention(q, k, v).clone()
+    static_out = torch.empty_like(q)
+    attention(q, k, v, out=static_out)  # compile before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        attention(q, k, v, out=static_out)
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.testing.assert_close(static_out, attention(q, k, v), atol=0, rtol=0)
+    assert not torch.equal(static_out, first)
+    compiled = torch.compile(lambda q, k, v: attention(q, k, v) * 2, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), static_out * 2)
