@@ -17,6 +17,8 @@ from runtime.models.vae import AutoencoderKL, VAEConfig
 from runtime.presets import perturb_, preset_configs
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+# The kernels run on the GPU where there is one (the interpreter is off there), else interpreted on the CPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _models(preset: str = "tiny"):
@@ -30,14 +32,14 @@ def _models(preset: str = "tiny"):
     return unet, vae
 
 
-def _on_triton(unet, vae, dtype, device="cpu"):
+def _on_triton(unet, vae, dtype, device=DEVICE):
     components = SimpleNamespace(unet=copy.deepcopy(unet).to(device, dtype),
                                  vae=copy.deepcopy(vae).to(device, dtype))
     return prepare_triton(components)
 
 
 def _max_error(value, reference):
-    return (value.float() - reference.float()).abs().max().item()
+    return (value.float().cpu() - reference.float().cpu()).abs().max().item()
 
 
 def test_every_groupnorm_and_attention_is_swapped_and_weights_are_kept():
@@ -49,7 +51,7 @@ def test_every_groupnorm_and_attention_is_swapped_and_weights_are_kept():
         assert TritonGroupNorm in kinds and TritonAttentionCore in kinds
         swapped, kept = ours.state_dict(), original.state_dict()
         assert swapped.keys() == kept.keys()
-        assert all(torch.equal(swapped[k], kept[k]) for k in kept)
+        assert all(torch.equal(swapped[k].cpu(), kept[k]) for k in kept)
     assert triton.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -60,13 +62,13 @@ def test_every_groupnorm_and_attention_is_swapped_and_weights_are_kept():
 def test_unet_on_triton_matches_the_fp32_reference_like_torch_does(dtype, atol):
     unet, vae = _models()
     triton = _on_triton(unet, vae, dtype)
-    torch_same_dtype = copy.deepcopy(unet).to(dtype)
+    torch_same_dtype = copy.deepcopy(unet).to(DEVICE, dtype)
     sample = torch.randn(2, 4, 8, 6)          # odd latent aspect: 48x64 px
     context = torch.randn(2, 77, 64)
     with torch.inference_mode():
         reference = unet(sample, 321, context)
-        ours = triton.unet(sample.to(dtype), 321, context.to(dtype))
-        theirs = torch_same_dtype(sample.to(dtype), 321, context.to(dtype))
+        ours = triton.unet(sample.to(DEVICE, dtype), 321, context.to(DEVICE, dtype))
+        theirs = torch_same_dtype(sample.to(DEVICE, dtype), 321, context.to(DEVICE, dtype))
     assert torch.isfinite(ours).all()
     assert _max_error(ours, reference) <= 2 * _max_error(theirs, reference) + atol
 
@@ -77,10 +79,19 @@ def test_vae_decode_on_triton_matches_the_reference_in_fp16():
     latents = torch.randn(1, 4, 6, 5)
     with torch.inference_mode():
         reference = vae.decode(latents)
-        ours = triton.vae.decode(latents.half())
-        theirs = copy.deepcopy(vae).half().decode(latents.half())
+        ours = triton.vae.decode(latents.to(DEVICE, torch.float16))
+        theirs = copy.deepcopy(vae).to(DEVICE, torch.float16).decode(latents.to(DEVICE, torch.float16))
     assert ours.shape == (1, 3, 48, 40)
     assert _max_error(ours, reference) <= 2 * _max_error(theirs, reference) + 2e-3
+
+
+@pytest.mark.parametrize("dtype, head_dim", [(torch.float16, 320), (torch.float32, 40)],
+                         ids=["head-dim-past-the-kernel", "fp32"])
+def test_attention_falls_back_to_sdpa_where_the_kernel_does_not_apply(dtype, head_dim):
+    # The VAE's single 512-wide head and fp32 (SD 2.1's upcast attention) go to SDPA, unchanged.
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, n, head_dim, generator=gen).to(DEVICE, dtype) for n in (33, 77, 77))
+    torch.testing.assert_close(TritonAttentionCore()(q, k, v), AttentionCore()(q, k, v), atol=0, rtol=0)
 
 
 @pytest.mark.gpu
