@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rows.append(bench_shape(model, *shape, DTYPES[args.dtype], args.sweep))
         _print_row(rows[-1])
-    if args.json:
-        write_json(args.json, rows, extra={"benchmark": "attention", "dtype": args.dtype})
+        if args.json:  # after every row, so a run cut short by a time limit keeps what it measured
+            write_json(args.json, rows, extra={"benchmark": "attention", "dtype": args.dtype})
     return 0
 
 
