@@ -18,7 +18,7 @@ Design (forward only, inference):
   mostly hits L2 (50 MB on H100; the largest UNet GroupNorm input is 2*320*64*64*2 B = 5 MB at SD1.5
   batch 2), so the cost approaches one read plus one write.
 
-Registered as the torch custom ops `kernels::group_norm` (functional) and `kernels::group_norm_out`
+Registered as the torch custom ops `sd_kernels::group_norm` (functional) and `sd_kernels::group_norm_out`
 (writes into `out`), with fake implementations, so the kernels survive CUDA-graph capture,
 torch.compile and torch.export. `torch.library.custom_op` is used rather than `triton_op` because
 `wrap_triton` does not accept the interpreter's kernels, and CPU tests run under TRITON_INTERPRET=1.
@@ -338,7 +338,7 @@ def _launch(x: torch.Tensor, num_groups: int, weight, bias, eps: float, activati
     )
 
 
-@torch.library.custom_op("kernels::group_norm", mutates_args=())
+@torch.library.custom_op("sd_kernels::group_norm", mutates_args=())
 def _group_norm_op(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                    eps: float, activation: str | None) -> torch.Tensor:
     out = torch.empty_like(x)
@@ -351,7 +351,7 @@ def _group_norm_fake(x, num_groups, weight, bias, eps, activation):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("kernels::group_norm_out", mutates_args=("out",))
+@torch.library.custom_op("sd_kernels::group_norm_out", mutates_args=("out",))
 def _group_norm_out_op(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
                        bias: torch.Tensor | None, eps: float, activation: str | None, out: torch.Tensor) -> None:
     _launch(x, num_groups, weight, bias, eps, activation, out)
@@ -372,8 +372,8 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
     """
     _check_inputs(x, num_groups, weight, bias, eps, activation, out)
     if out is None:
-        return torch.ops.kernels.group_norm(x, num_groups, weight, bias, float(eps), activation)
-    torch.ops.kernels.group_norm_out(x, num_groups, weight, bias, float(eps), activation, out)
+        return torch.ops.sd_kernels.group_norm(x, num_groups, weight, bias, float(eps), activation)
+    torch.ops.sd_kernels.group_norm_out(x, num_groups, weight, bias, float(eps), activation, out)
     return out
 
 

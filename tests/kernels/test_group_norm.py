@@ -159,7 +159,7 @@ def test_custom_op_under_torch_compile_and_export():
     compiled = torch.compile(Norm(), backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), Norm()(x))
     exported = torch.export.export(Norm(), (x,))
-    assert any(node.target is torch.ops.kernels.group_norm.default for node in exported.graph.nodes)
+    assert any(node.target is torch.ops.sd_kernels.group_norm.default for node in exported.graph.nodes)
     torch.testing.assert_close(exported.module()(x), Norm()(x))
 
 
