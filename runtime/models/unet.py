@@ -352,6 +352,11 @@ class UNet(nn.Module):
         self.conv_norm_out = GroupNorm(groups, channels[0], eps=eps, activation="silu")
         self.conv_out = nn.Conv2d(channels[0], config.out_channels, kernel_size=config.conv_out_kernel,
                                   padding=(config.conv_out_kernel - 1) // 2)
+        # Context widths the cross-attention layers expect, checked in forward for a clear error.
+        attended = [i for i, t in enumerate(config.down_block_types) if t == "CrossAttnDownBlock2D"]
+        attended += [levels - 1 - i for i, t in enumerate(config.up_block_types) if t == "CrossAttnUpBlock2D"]
+        attended += [levels - 1] if config.mid_block_type is not None else []
+        self._context_dims = sorted({context_dims[level] for level in attended})
 
     def _batched_timesteps(self, timestep, sample: torch.Tensor) -> torch.Tensor:
         """int / float / 0-d / [1] / [B] tensor -> [B] tensor on the sample's device (no host sync)."""
@@ -386,9 +391,12 @@ class UNet(nn.Module):
         -> prediction [B, out_channels, h, w]. text_embeds / time_ids only for SDXL-style configs."""
         if sample.dim() != 4 or sample.shape[1] != self.config.in_channels:
             raise ValueError(f"UNet: sample must be [B, {self.config.in_channels}, h, w], got {tuple(sample.shape)}")
-        if encoder_hidden_states.dim() != 3:
-            raise ValueError(f"UNet: encoder_hidden_states must be [B, tokens, C], "
+        if encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[0] != sample.shape[0]:
+            raise ValueError(f"UNet: encoder_hidden_states must be [B={sample.shape[0]}, tokens, C], "
                              f"got {tuple(encoder_hidden_states.shape)}")
+        if any(encoder_hidden_states.shape[2] != width for width in self._context_dims):
+            raise ValueError(f"UNet: encoder_hidden_states width {encoder_hidden_states.shape[2]} does not match "
+                             f"config field cross_attention_dim ({', '.join(map(str, self._context_dims))})")
         emb = self._time_embedding(timestep, sample, text_embeds, time_ids)
         context = encoder_hidden_states
 

@@ -139,6 +139,22 @@ def test_swappable_layers_are_used(generator):
     assert any(not q.is_contiguous() for q, _, _ in seen)  # views, not copies
 
 
+def test_bad_input_shapes_are_named(generator):
+    ours = UNet(UNetConfig.from_dict(dict(SD1_SMALL, layers_per_block=1))).eval()
+    sample, timesteps, context = random_inputs(ours.config, generator)
+    cases = [
+        ((sample[:, :3], timesteps, context), r"sample must be \[B, 4, h, w\], got \(2, 3, 8, 8\)"),
+        ((sample, timesteps, context[0]), r"encoder_hidden_states must be \[B=2, tokens, C\]"),
+        ((sample, timesteps, context[:1]), r"encoder_hidden_states must be \[B=2, tokens, C\], got \(1, 7, 32\)"),
+        ((sample, timesteps, torch.randn(2, 7, 40, generator=generator)),
+         r"width 40 does not match config field cross_attention_dim \(32\)"),
+    ]
+    with torch.no_grad():
+        for args, message in cases:
+            with pytest.raises(ValueError, match=message):
+                ours(*args)
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("class_embed_type", "timestep", "class_embed_type"),
     ("time_cond_proj_dim", 256, "time_cond_proj_dim"),
