@@ -236,6 +236,17 @@ def test_pickle_refused_unless_allowed(tmp_path):
     assert_matches_reference(load_components(path, allow_pickle=True), "sd1")
 
 
+class _NotATensor:
+    """An object that a weights-only unpickler must refuse to rebuild."""
+
+
+def test_allowed_pickle_is_still_read_weights_only(tmp_path):
+    path = tmp_path / "payload.ckpt"
+    torch.save({"state_dict": single_file_state_dict("sd1"), "payload": _NotATensor()}, path)
+    with pytest.raises(WeightLoadError, match=r"payload\.ckpt: could not be read with torch\.load\(weights_only=True\)"):
+        load_components(path, allow_pickle=True)
+
+
 def test_overrides(saved):
     components = load_components(saved["sd2"][1], prediction_type="epsilon",
                                  tokenizer_path=saved["sd1"][0] / "tokenizer")
@@ -327,6 +338,47 @@ def test_pickle_bin_in_folder(folder_copy):
     assert_matches_reference(load_components(folder_copy, allow_pickle=True), "sd1")
 
 
+def test_missing_or_broken_config_files_named(folder_copy):
+    config = folder_copy / "unet" / "config.json"
+    text = config.read_text()
+    config.unlink()
+    with pytest.raises(FileNotFoundError, match=r"unet.config\.json not found: expected the unet config"):
+        load_components(folder_copy)
+    config.write_text(text)
+    scheduler = folder_copy / "scheduler" / "scheduler_config.json"
+    scheduler.write_text('{"prediction_type": ')
+    with pytest.raises(WeightLoadError, match=r"scheduler_config\.json: not valid JSON"):
+        load_components(folder_copy)
+    scheduler.write_text("[1, 2]")
+    with pytest.raises(WeightLoadError, match=r"scheduler_config\.json: expected a JSON object, found list"):
+        load_components(folder_copy)
+
+
+def test_bad_shard_index_named(folder_copy):
+    unet = folder_copy / "unet"
+    shard = "diffusion_pytorch_model-00001-of-00001.safetensors"
+    (unet / "diffusion_pytorch_model.safetensors").rename(unet / shard)
+    with safetensors.safe_open(str(unet / shard), framework="pt") as handle:
+        keys = list(handle.keys())
+    index = unet / "diffusion_pytorch_model.safetensors.index.json"
+
+    def write_index(weight_map):
+        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    write_index({})
+    with pytest.raises(WeightLoadError, match=r"index\.json: field 'weight_map' is missing or empty"):
+        load_components(folder_copy)
+    write_index({**dict.fromkeys(keys, shard), "extra.weight": shard})
+    with pytest.raises(WeightLoadError, match=r"index\.json: the index maps 1 key\(s\) to "
+                                              r"diffusion_pytorch_model-00001-of-00001\.safetensors that the file "
+                                              r"does not hold: extra\.weight"):
+        load_components(folder_copy)
+    write_index(dict.fromkeys(keys, "diffusion_pytorch_model-00002-of-00002.safetensors"))
+    with pytest.raises(FileNotFoundError, match=r"index\.json: shard 'diffusion_pytorch_model-00002-of-00002"
+                                                r"\.safetensors' listed in 'weight_map' does not exist"):
+        load_components(folder_copy)
+
+
 def test_truncated_safetensors(folder_copy):
     path = folder_copy / "unet" / "diffusion_pytorch_model.safetensors"
     data = path.read_bytes()
@@ -410,12 +462,26 @@ def test_single_file_errors(tmp_path, monkeypatch):
     with pytest.raises(WeightLoadError, match=r"other\.safetensors.*not a Stable Diffusion"):
         load_components(unknown)
 
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
+    with pytest.raises(WeightLoadError, match=r"garbage\.safetensors: not a readable \.safetensors file"):
+        load_components(garbage)
+
     broken = dict(state)
     broken["model.diffusion_model.out.2.bias"] = torch.randn(7)
-    del broken["first_stage_model.decoder.mid.attn_1.q.bias"]
     path = tmp_path / "broken.safetensors"
     save_file(broken, path)
     with pytest.raises(WeightLoadError, match=r"out\.2\.bias: file \[7\] vs config \[4\]"):
+        load_components(path)
+
+    damaged = dict(state)
+    del damaged["first_stage_model.decoder.mid.attn_1.q.bias"]
+    damaged["first_stage_model.decoder.mystery.weight"] = torch.randn(3)
+    path = tmp_path / "damaged.safetensors"
+    save_file(damaged, path)
+    with pytest.raises(WeightLoadError, match=r"vae weights in .*damaged\.safetensors.*1 missing key\(s\): "
+                                              r"first_stage_model\.decoder\.mid\.attn_1\.q\.bias; 1 unexpected "
+                                              r"key\(s\): first_stage_model\.decoder\.mystery\.weight"):
         load_components(path)
 
     no_text = tmp_path / "unet_vae_only.safetensors"
