@@ -37,12 +37,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.add_argument(f"--{bound}", type=_shape, default=getattr(DEFAULTS, bound),
                             metavar="BxHxW", help=f"{bound} image batch x height x width "
                                                   f"(default {getattr(DEFAULTS, bound)})")
-    parser.add_argument("--networks", nargs="+", choices=NETWORKS, default=list(NETWORKS))
+    parser.add_argument("--networks", nargs="+", choices=NETWORKS, default=list(NETWORKS),
+                        help="export only these (default: all four)")
     parser.add_argument("--device", default="cpu", help="where to run the model while exporting")
     parser.add_argument("--refittable", action="store_true", help="tensorrt: build refittable engines")
     parser.add_argument("--workspace-gb", type=float, default=None,
                         help="tensorrt: cap on the builder's scratch memory")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (the log remains)")
     return parser.parse_args(argv)
 
 

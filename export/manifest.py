@@ -240,6 +240,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(handle, "w") as stream:
             stream.write(text)
+        os.chmod(temp, 0o644)  # mkstemp makes it owner-only; deployments read it as another user
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)

@@ -210,6 +210,8 @@ def export_network(module: nn.Module, spec: NetworkSpec, out_dir: str | os.PathL
                 warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's notice
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            # The exporter's note that it leaves some Slice ops unfolded (onnxslim folds them next).
+            warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
             torch.onnx.export(module, inputs, str(raw), dynamo=False, opset_version=opset,
                               input_names=spec.input_names, output_names=spec.output_names,
                               dynamic_axes=spec.dynamic_axes(), do_constant_folding=True)

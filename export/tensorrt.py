@@ -8,6 +8,12 @@ All builds in DIR share DIR/timing_cache.bin, so later builds skip kernel timing
 
 Written against the documented TensorRT 10 Python API; `tensorrt` is imported only when building or
 loading, so everything else here (profiles, metadata, checks, reuse decisions) works without it.
+
+Not executed anywhere yet (no TensorRT in the build environment, nor on the GPU test machine): every
+TensorRT call, i.e. build_engine (parser, builder config, profile, timing cache, serialization) and
+the deserialization in load_engine, and all of runtime/backends/tensorrt_backend.py (execution
+context, CUDA-graph capture and replay). tests/export/test_tensorrt.py runs the rest with the library
+faked, and skips the end-to-end engine test, saying why, where TensorRT or a GPU is missing.
 """
 from __future__ import annotations
 

@@ -8,6 +8,8 @@ components.unet / .text_encoder / .vae with the same stand-ins as the onnxruntim
 with new input shapes is checked against the engine's profile, then gets its own static input and
 output buffers and one captured CUDA graph of execute_async_v3; later calls with those shapes copy
 inputs in, replay the graph, and return copies of the outputs.
+
+Never executed so far: no machine this was developed on has TensorRT (see export/tensorrt.py).
 """
 from __future__ import annotations
 
@@ -40,13 +42,15 @@ class TensorRTNetwork(DeployedNetwork):
             check_shapes_in_profile(self.meta, shapes, self.plan_path)
             self.graphs[key] = self._capture(shapes)
         graph, static_inputs, static_outputs = self.graphs[key]
+        # The caller's stream, taken before switching: inside the block it would be self.stream.
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)  # the inputs are written on the caller's stream
         with torch.cuda.stream(self.stream):
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))
             for name, value in inputs.items():
                 static_inputs[name].copy_(value, non_blocking=True)
             graph.replay()
             outputs = {name: value.clone() for name, value in static_outputs.items()}
-        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        caller.wait_stream(self.stream)
         return outputs
 
     def _capture(self, shapes: dict[str, tuple]):

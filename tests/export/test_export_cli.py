@@ -43,6 +43,11 @@ def test_export_reuse_and_rebuild(model_folder, tmp_path, capsys, caplog):
     assert "text_encoder.onnx: stale: weights changed" in caplog.text
     assert "vae_decoder.onnx: reused" in caplog.text
 
+    caplog.clear()  # a changed option rebuilds too
+    with caplog.at_level("INFO", logger="export"):
+        assert _run(capsys, *args, "--dtype", "fp16")[0] == 0
+    assert "vae_decoder.onnx: stale: dtype changed" in caplog.text
+
 
 def test_unrelated_out_dir_is_refused(model_folder, tmp_path, capsys):
     out = tmp_path / "out"

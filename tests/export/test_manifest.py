@@ -56,6 +56,8 @@ def test_reuse_when_nothing_changed(tmp_path):
     assert decision.reuse and decision.reason == "up to date"
     data = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
     assert data["artifacts"]["unet.onnx"]["files"]["unet.onnx"]["size"] == 1400
+    # Readable by the user a deployment runs as, not only by whoever exported.
+    assert (tmp_path / "out" / MANIFEST_NAME).stat().st_mode & 0o777 == 0o644
 
 
 def test_changed_fields_rebuild_and_are_named(tmp_path):

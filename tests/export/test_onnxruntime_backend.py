@@ -5,22 +5,24 @@ import numpy as np
 import pytest
 import torch
 
+import runtime
 from export.manifest import ArtifactError, Manifest
-from runtime.backends.onnxruntime_backend import prepare_onnxruntime, timestep_batch
+from runtime.backends.onnxruntime_backend import DeployedUNet, timestep_batch
 from runtime.images import psnr
-from runtime.pipeline import Pipeline
 from runtime.weights import load_components
 
 
 def _deployed(folder, engine_dir):
-    return prepare_onnxruntime(load_components(folder), engine_dir=engine_dir)
+    """The onnxruntime backend's components, through the public entry point."""
+    return runtime.load(folder, backend="onnxruntime", engine_dir=engine_dir).components
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sd2"])
 def test_images_match_the_torch_backend(kind, model_folder, onnx_export):
     folder = model_folder(kind)
-    reference = Pipeline(load_components(folder), backend="torch")
-    deployed = Pipeline(_deployed(folder, onnx_export(kind)), backend="onnxruntime")
+    reference = runtime.load(folder, backend="torch")
+    deployed = runtime.load(folder, backend="onnxruntime", engine_dir=onnx_export(kind))
+    assert isinstance(deployed.components.unet, DeployedUNet) and deployed.backend == "onnxruntime"
     options = dict(steps=3, guidance=7.5, width=64, height=48, seed=123, num_images=2, progress=False)
     expected = reference.generate("a red bicycle by the sea", negative_prompt="blurry", **options)
     got = deployed.generate("a red bicycle by the sea", negative_prompt="blurry", **options)
@@ -91,5 +93,12 @@ def test_damaged_graph_is_refused_with_its_name(model_folder, onnx_export, tmp_p
 
 
 def test_engine_dir_is_required(model_folder):
-    with pytest.raises(ValueError, match="needs engine_dir"):
-        prepare_onnxruntime(load_components(model_folder("sd1")))
+    with pytest.raises(ValueError, match="backend='onnxruntime' needs engine_dir"):
+        runtime.load(model_folder("sd1"), backend="onnxruntime")
+
+
+def test_engine_dir_with_unrelated_files_is_refused_untouched(model_folder, tmp_path):
+    (tmp_path / "unet.onnx").write_bytes(b"someone else's graph")
+    with pytest.raises(ArtifactError, match=r"refusing to write into .*unet.onnx.*no manifest.json of ours"):
+        runtime.load(model_folder("sd1"), backend="onnxruntime", engine_dir=tmp_path)
+    assert (tmp_path / "unet.onnx").read_bytes() == b"someone else's graph"

@@ -1,6 +1,9 @@
 """TensorRT: everything that does not need the library (profiles, metadata, compatibility and shape
 checks, rebuild decisions) runs everywhere; building and running engines needs TensorRT and a GPU."""
+import importlib.machinery
 import json
+import sys
+import types
 from types import SimpleNamespace
 
 import pytest
@@ -128,3 +131,79 @@ def test_tensorrt_engines_match_torch(model_folder, tmp_path):
         assert (got - expected).abs().max() <= 1e-2 * expected.abs().max()
     with pytest.raises(EngineMismatchError, match="outside the engine's profile"):
         deployed.vae.decode(torch.randn(1, 4, 32, 32, device="cuda"))
+
+
+class _FakeTensorRT(types.ModuleType):
+    """Stands in for the `tensorrt` module where only its version and a failing deserializer are used:
+    what ensure_engines and load_engine decide before (or after) TensorRT does its real work."""
+
+    __version__ = "10.3.0"
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, severity):
+            self.severity = severity
+
+    class Runtime:
+        def __init__(self, logger):
+            self.logger = logger
+
+        def deserialize_cuda_engine(self, data):
+            return None  # what TensorRT returns for bytes that are not an engine
+
+
+def test_engines_are_reused_rebuilt_and_checked_on_load(model_folder, onnx_export, tmp_path, monkeypatch):
+    """ensure_engines and load_engine with TensorRT faked and build_engine replaced: the caching
+    decisions, metadata and load-time refusals; the build and the engine's run need the library."""
+    import shutil
+
+    import export.tensorrt as trt_export
+    from tests.export.conftest import SMALL_PROFILE
+
+    out = shutil.copytree(onnx_export("sd1"), tmp_path / "engines")  # the ONNX graphs are reused
+    folder = model_folder("sd1")
+    fake = _FakeTensorRT("tensorrt")
+    fake.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # for importers that probe specs
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    gpu = dict(H100)
+    monkeypatch.setattr(trt_export, "current_gpu", lambda: dict(gpu))
+    built = []
+
+    def fake_build(onnx_path, plan_path, spec, profile, options, timing_cache_path, meta):
+        built.append((plan_path.name, options.precision))
+        plan_path.write_bytes(b"not an engine " + onnx_path.name.encode())
+        metadata_path(plan_path).write_text(json.dumps(meta))
+        timing_cache_path.write_bytes(b"timings")
+
+    monkeypatch.setattr(trt_export, "build_engine", fake_build)
+    build = dict(profile=SMALL_PROFILE, networks=["unet", "vae_decoder"], progress=False)
+    plans = trt_export.ensure_engines(out, folder, **build)
+    assert built == [("unet.plan", "fp16"), ("vae_decoder.plan", "fp16")]
+    manifest = Manifest.open(out)  # plans, metadata and the shared timing cache all count as ours
+    meta = read_metadata(plans["unet"])
+    assert meta["onnx_sha256"] == manifest.artifacts["unet.onnx"]["files"]["unet.onnx"]["sha256"]
+    assert meta["profile"]["sample"] == [[1, 4, 4, 4], [2, 4, 8, 8], [8, 4, 16, 16]]
+    assert meta["tensorrt_version"] == "10.3.0" and meta["compute_capability"] == "9.0"
+
+    trt_export.ensure_engines(out, folder, **build)
+    assert len(built) == 2  # same inputs: nothing rebuilt
+    trt_export.ensure_engines(out, folder, options=EngineOptions("bf16"), **build)
+    assert built[2:] == [("unet.plan", "bf16"), ("vae_decoder.plan", "bf16")]
+
+    gpu["compute_capability"] = "8.9"
+    with pytest.raises(EngineMismatchError, match=r"unet.plan was built for GPU compute capability 9.0 .*"
+                                                  r"this GPU is 8.9"):
+        trt_export.load_engine(plans["unet"])
+    gpu["compute_capability"] = "9.0"
+    fake.__version__ = "10.8.0"
+    with pytest.raises(EngineMismatchError, match="built by TensorRT 10.3.0 but TensorRT 10.8.0"):
+        trt_export.load_engine(plans["unet"])
+    fake.__version__ = "10.3.0"
+    with pytest.raises(EngineMismatchError, match="another model or export"):
+        trt_export.load_engine(plans["unet"], onnx_sha256="f" * 64)
+    with pytest.raises(ArtifactError, match=r"could not deserialize .*unet.plan \(truncated or corrupt\)"):
+        trt_export.load_engine(plans["unet"])
+    plans["vae_decoder"].write_bytes(b"cut")
+    with pytest.raises(ArtifactError, match=r"vae_decoder.plan is 3 bytes but manifest.json says"):
+        trt_export.ensure_engines(out, folder, options=EngineOptions("bf16"), **build)
