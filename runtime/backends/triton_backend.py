@@ -15,7 +15,7 @@ def prepare_triton(components, *, channels_last: bool = True):
                            "install it with `pip install triton` or use backend='torch'") from err
     for model in (components.unet, components.vae):
         replace_modules(model, GroupNorm, TritonGroupNorm.from_module)
-        replace_modules(model, AttentionCore, lambda old: TritonAttentionCore())
+        replace_modules(model, AttentionCore, lambda old: TritonAttentionCore(old.upcast))
         if channels_last:
             # Convolutions are fastest in NHWC on tensor cores; our GroupNorm kernel reads either layout.
             model.to(memory_format=torch.channels_last)

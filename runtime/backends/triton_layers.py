@@ -25,7 +25,10 @@ class TritonGroupNorm(GroupNorm):
 
 
 class TritonAttentionCore(AttentionCore):
-    """Attention computed by kernels.attention where the kernel supports the shape and dtype."""
+    """Attention computed by kernels.attention where the kernel supports the shape and dtype.
+
+    `upcast` needs nothing extra here: the kernel keeps scores, softmax and accumulators in fp32.
+    """
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if q.shape[-1] <= MAX_KERNEL_HEAD_DIM and q.dtype in KERNEL_DTYPES:

@@ -174,7 +174,7 @@ class Attention(nn.Module):
 
     q, k, v come from to_q / to_k / to_v; heads are split as views (no copy) and handed to the
     swappable `core`; to_out.0 projects back. `context=None` means self-attention.
-    `upcast` (SD 2.1's upcast_attention) runs the core in fp32 and casts the result back.
+    `upcast` (SD 2.1's upcast_attention) is handed to the core, which keeps scores in fp32.
     """
 
     def __init__(self, query_dim: int, heads: int, head_dim: int, context_dim: int | None = None,
@@ -183,13 +183,12 @@ class Attention(nn.Module):
         inner = heads * head_dim
         self.heads = heads
         self.head_dim = head_dim
-        self.upcast = upcast
         self.to_q = nn.Linear(query_dim, inner, bias=qkv_bias)
         self.to_k = nn.Linear(context_dim or query_dim, inner, bias=qkv_bias)
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=qkv_bias)
         # diffusers has Dropout at index 1; index 0 is all the state dict needs.
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
-        self.core = AttentionCore()
+        self.core = AttentionCore(upcast)
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = x.shape
@@ -200,10 +199,7 @@ class Attention(nn.Module):
         q = self._split_heads(self.to_q(x))
         k = self._split_heads(self.to_k(context))
         v = self._split_heads(self.to_v(context))
-        if self.upcast:
-            out = self.core(q.float(), k.float(), v.float()).to(x.dtype)
-        else:
-            out = self.core(q, k, v)
+        out = self.core(q, k, v)
         batch, _, tokens, _ = out.shape
         out = out.transpose(1, 2).reshape(batch, tokens, self.heads * self.head_dim)
         return self.to_out[0](out)

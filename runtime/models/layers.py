@@ -39,10 +39,21 @@ class GroupNorm(nn.GroupNorm):
 class AttentionCore(nn.Module):
     """softmax(q @ k^T * scale) @ v, not causal, no mask.
 
-    q: [B, H, Nq, D], k and v: [B, H, Nk, D] -> [B, H, Nq, D]. Inputs may be strided views (the
-    head split of a projection's output); implementations must not require contiguity.
-    Holds no parameters.
+    q: [B, H, Nq, D], k and v: [B, H, Nk, D] -> [B, H, Nq, D] in q's dtype. Inputs may be strided
+    views (the head split of a projection's output); implementations must not require contiguity.
+    `upcast` (SD 2.1's upcast_attention) asks for the scores and softmax in fp32 whatever the input
+    dtype: this reference computes the whole core in fp32; a kernel that accumulates in fp32 already
+    honours it natively. Holds no parameters.
     """
 
+    def __init__(self, upcast: bool = False):
+        super().__init__()
+        self.upcast = upcast
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.upcast and q.dtype != torch.float32:
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v)
+
+    def extra_repr(self) -> str:
+        return f"upcast={self.upcast}"
