@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import statistics
 import time
 
@@ -78,7 +79,9 @@ def measure_backend(name: str, master, config: BenchConfig, reference: np.ndarra
             from runtime.bench_diffusers import diffusers_pipeline
             pipe = diffusers_pipeline(master, config)
         else:
-            pipe = pipeline_for(name, master, config.device, config.dtype, engine_dir=config.engine_dir)
+            # Each exported backend keeps its own artifacts (their dtypes and tools differ).
+            engine_dir = None if config.engine_dir is None else str(pathlib.Path(config.engine_dir) / name)
+            pipe = pipeline_for(name, master, config.device, config.dtype, engine_dir=engine_dir)
         return _measure(name, pipe, config, reference)
     except Exception as err:  # noqa: BLE001 -- the row says what broke; other rows still run
         return {"backend": name, "error": f"{type(err).__name__}: {err}"}

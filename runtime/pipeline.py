@@ -412,6 +412,10 @@ class Pipeline:
             warnings.warn(f"the VAE decoded NaN in {vae_dtype}; decoding again in fp32", stacklevel=2)
             try:
                 self.vae.to(torch.float32)
+            except NotImplementedError as err:  # an exported VAE runs in the dtype it was exported in
+                raise FloatingPointError(f"the VAE decoded NaN in {vae_dtype} and the {self.backend} backend "
+                                         f"cannot decode again in fp32: {err}") from None
+            try:
                 decoded = self.vae.decode(scaled.float())
             finally:
                 self.vae.to(vae_dtype)

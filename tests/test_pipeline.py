@@ -335,6 +335,23 @@ def test_nan_decode_in_fp32_raises(sd1_folder, monkeypatch):
         pipe.decode_latents(torch.randn(1, 4, 8, 8))
 
 
+def test_nan_decode_on_a_vae_that_cannot_be_cast_is_a_clear_error(sd1_folder, monkeypatch):
+    pipe = ours(sd1_folder)
+    pipe.vae.to(torch.bfloat16)
+    try:
+        monkeypatch.setattr(pipe.vae, "decode", lambda z: torch.full((1, 3, 64, 64), float("nan")))
+
+        def refuse(*args, **kwargs):  # what an exported (onnxruntime / tensorrt) VAE does
+            raise NotImplementedError("a deployed VAE cannot be cast")
+
+        monkeypatch.setattr(pipe.vae, "to", refuse)
+        with pytest.raises(FloatingPointError, match="cannot decode again in fp32: a deployed VAE cannot be cast"):
+            pipe.decode_latents(torch.randn(1, 4, 8, 8).bfloat16())
+    finally:
+        monkeypatch.undo()
+        pipe.vae.to(torch.float32)
+
+
 # ---------------------------------------------------------------- bad input, rejected before denoising
 @pytest.fixture
 def guarded_pipe(sd1_folder, monkeypatch):
