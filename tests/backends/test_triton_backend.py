@@ -109,3 +109,19 @@ def test_full_sd15_unet_on_triton_matches_torch_fp16_on_gpu():
         ours = triton.unet(sample.half(), 500, context.half())
         theirs = torch_fp16(sample.half(), 500, context.half())
     assert _max_error(ours, expected) <= 2 * _max_error(theirs, expected) + 1e-2
+
+
+def test_upcast_attention_runs_on_the_kernel_and_matches_fp32(monkeypatch):
+    """SD 2.1's upcast_attention: the reference core computes in fp32; the kernel core keeps fp16
+    inputs (its scores and softmax are fp32 already) instead of falling back to SDPA."""
+    import kernels
+
+    calls = []
+    real_attention = kernels.attention
+    monkeypatch.setattr(kernels, "attention", lambda *a: calls.append(1) or real_attention(*a))
+    q, k, v = (torch.randn(1, 5, 40, 64) for _ in range(3))
+    reference = AttentionCore(upcast=True)(q, k, v)
+    ours = TritonAttentionCore(upcast=True)(q.half(), k.half(), v.half())
+    theirs = AttentionCore(upcast=True)(q.half(), k.half(), v.half())
+    assert calls and ours.dtype == torch.float16
+    assert _max_error(ours, reference) <= 2 * _max_error(theirs, reference) + 2e-3
