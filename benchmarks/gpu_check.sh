@@ -18,7 +18,12 @@ fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 
 status=0
-timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" || status=1
+# The GPU tests live in these files; the rest of the suite needs packages that machine lacks (onnxslim,
+# a current huggingface_hub), and one collection error would stop every test, so each file runs alone.
+for tests in tests/kernels/test_group_norm.py tests/kernels/test_attention.py tests/backends \
+             tests/test_graphs.py tests/test_weights.py; do
+  timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider "$tests" 2>&1 | tee -a "$OUT/gpu_tests.log" || status=1
+done
 timeout 100 python3 -m benchmarks.bench_group_norm --no-compile --json "$OUT/bench_group_norm.json" 2>&1 | tee "$OUT/bench_group_norm.log" || status=1
 timeout 90 python3 -m benchmarks.bench_attention --json "$OUT/bench_attention.json" 2>&1 | tee "$OUT/bench_attention.log" || status=1
 timeout 150 python3 -m runtime.bench --json "$OUT/runtime_bench.json" 2>&1 | tee "$OUT/runtime_bench.log" || status=1
