@@ -171,11 +171,18 @@ def atomic_output(path):
     os.close(handle)
     try:
         yield Path(temp_name)
+        os.chmod(temp_name, 0o666 & ~_umask())  # mkstemp makes files owner-only; give the usual mode
         os.replace(temp_name, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp_name)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def png_text_info(text_chunks: dict[str, str]) -> PIL.PngImagePlugin.PngInfo:

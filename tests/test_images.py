@@ -1,5 +1,6 @@
 """runtime/images.py: conversions match diffusers' VaeImageProcessor, PNG metadata, atomic writes, PSNR."""
 import math
+import os
 
 import numpy as np
 import PIL.Image
@@ -142,3 +143,12 @@ def test_load_image_errors(tmp_path):
     image = random_image(8, 8)
     image.save(tmp_path / "ok.png")
     assert np.array_equal(np.asarray(images.load_image(tmp_path / "ok.png")), np.asarray(image))
+
+
+def test_atomic_output_gives_the_file_the_usual_permissions(tmp_path):
+    target = tmp_path / "out.png"
+    with images.atomic_output(target) as temp_path:
+        temp_path.write_bytes(b"png")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask
