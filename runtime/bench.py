@@ -18,6 +18,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from runtime.backends import BACKENDS
 from runtime.bench_measure import BenchConfig, measure_backend, reference_images
 from runtime.bench_models import available_backends, build_master
 from runtime.provenance import environment
@@ -62,6 +63,10 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, list[str], str | No
                          batch=args.batch, guidance=args.guidance, scheduler=args.scheduler,
                          model=args.model, engine_dir=args.engine_dir)
     backends = args.backends.split(",") if args.backends else available_backends(args.device)
+    known = [*BACKENDS, "diffusers"]
+    unknown = [name for name in backends if name not in known]
+    if unknown:
+        p.error(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     return config, backends, args.json_path
 
 

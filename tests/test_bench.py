@@ -51,3 +51,9 @@ def test_bench_rejects_too_few_timed_steps(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--step-iters", "5"])
     assert "--step-iters must be at least 20" in capsys.readouterr().err
+
+
+def test_bench_rejects_an_unknown_backend(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--backends", "torch,tensorflow"])
+    assert "unknown backend(s) tensorflow" in capsys.readouterr().err
