@@ -79,13 +79,8 @@ class _VAEEncoder(nn.Module):
         self.vae = vae
 
     def forward(self, images):
-        # The posterior's mean and log-variance: quant_conv(encoder(x)) split along channels, exactly
-        # what vae.encode computes for the mean; img2img samples mean + std * noise from both.
-        moments = self.vae.encoder(images)
-        if self.vae.quant_conv is not None:
-            moments = self.vae.quant_conv(moments)
-        mean, logvar = moments.chunk(2, dim=1)
-        return mean, logvar
+        # The posterior's mean and log-variance: img2img samples mean + std * noise from both.
+        return self.vae.encode_moments(images)
 
 
 _WRAPPERS = {"text_encoder": _TextEncoder, "unet": _UNet, "vae_decoder": _VAEDecoder,

@@ -302,14 +302,6 @@ class Pipeline:
         """(mean, logvar) of the VAE posterior; logvar None where the backend's VAE gives only the mean."""
         if hasattr(self.vae, "encode_moments"):
             return self.vae.encode_moments(pixels)
-        if hasattr(self.vae, "encoder"):
-            # Our AutoencoderKL keeps diffusers' submodule names (the state-dict contract), so the
-            # posterior moments are quant_conv(encoder(x)) split in two along channels, as in diffusers.
-            moments = self.vae.encoder(pixels)
-            if getattr(self.vae, "quant_conv", None) is not None:
-                moments = self.vae.quant_conv(moments)
-            mean, logvar = moments.chunk(2, dim=1)
-            return mean, logvar
         warnings.warn("this backend's VAE gives only the posterior mean: img2img/inpaint start from the mean, "
                       "not a sample, so results differ slightly from diffusers'", stacklevel=4)
         return self.vae.encode(pixels), None

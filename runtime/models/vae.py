@@ -216,14 +216,19 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, in_channels, H, W] in [-1, 1] -> latent mean [B, latent_channels, ~H/8, ~W/8], unscaled."""
+        return self.encode_moments(images)[0]
+
+    def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images -> the posterior's (mean, logvar), each [B, latent_channels, ~H/8, ~W/8]: quant_conv(encoder(x))
+        split in two along channels, as diffusers' DiagonalGaussianDistribution; img2img samples from both."""
         if images.dim() != 4 or images.shape[1] != self.config.in_channels:
             raise ValueError(f"AutoencoderKL.encode: images must be [B, {self.config.in_channels}, H, W], "
                              f"got {tuple(images.shape)}")
         moments = self.encoder(images)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
-        # The first half of the channels is the mean; the second the log-variance (unused here).
-        return moments[:, : self.config.latent_channels]
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, logvar
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z [B, latent_channels, h, w] (already divided by scaling_factor) -> images [B, out_channels, 8h, 8w]."""
