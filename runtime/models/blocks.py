@@ -311,7 +311,10 @@ class Transformer2DModel(nn.Module):
             h = block(h, context)
         if self.use_linear_projection:
             h = self.proj_out(h)
-        h = h.reshape(batch, height, width, channels).permute(0, 3, 1, 2).contiguous()
+        # Back to [B, C, H, W] in x's layout: the permuted view already is channels_last, so a channels_last
+        # model (the triton backend) copies nothing here; an NCHW one gets the contiguous tensor diffusers makes.
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        h = h.reshape(batch, height, width, channels).permute(0, 3, 1, 2).contiguous(memory_format=layout)
         if not self.use_linear_projection:
             h = self.proj_out(h)
         return h + x
