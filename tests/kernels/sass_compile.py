@@ -83,8 +83,7 @@ def main() -> int:
     module = importlib.import_module(args.module)
     configs = getattr(module, "AOT_CONFIGS", None)
     if configs is None:
-        print(json.dumps({"skip": f"{args.module} defines no AOT_CONFIGS"}))
-        return 0
+        sys.exit(f"sass_compile.py: {args.module} defines no AOT_CONFIGS (see this script's docstring)")
     with tempfile.TemporaryDirectory() as tmp:
         for index, config in enumerate(configs[: args.limit]):
             print(json.dumps(compile_one(*config, pathlib.Path(tmp), index)), flush=True)
