@@ -119,7 +119,7 @@ def test_upcast_attention_runs_on_the_kernel_and_matches_fp32(monkeypatch):
     calls = []
     real_attention = kernels.attention
     monkeypatch.setattr(kernels, "attention", lambda *a: calls.append(1) or real_attention(*a))
-    q, k, v = (torch.randn(1, 5, 40, 64) for _ in range(3))
+    q, k, v = (torch.randn(1, 5, 40, 64, device=DEVICE) for _ in range(3))
     reference = AttentionCore(upcast=True)(q, k, v)
     ours = TritonAttentionCore(upcast=True)(q.half(), k.half(), v.half())
     theirs = AttentionCore(upcast=True)(q.half(), k.half(), v.half())
