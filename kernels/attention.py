@@ -357,19 +357,15 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     grid = (triton.cdiv(n_q, cfg.block_m), b * h)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        _launch_kernel(grid, q, k, v, out, h, n_q, n_k, scale, d, cfg)
-
-
-def _launch_kernel(grid, q, k, v, out, h, n_q, n_k, scale, d, cfg):
-    _attention_fwd_kernel[grid](
-        q, k, v, out,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        h, n_q, n_k, scale * _LOG2_E,
-        HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D0=cfg.block_d0,
-        BLOCK_D1=cfg.block_d1, VEC=_alignment(q, k, v, out),
-        INTERPRET_BF16=q.dtype == torch.bfloat16 and q.device.type != "cuda",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+        _attention_fwd_kernel[grid](
+            q, k, v, out,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            h, n_q, n_k, scale * _LOG2_E,
+            HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D0=cfg.block_d0,
+            BLOCK_D1=cfg.block_d1, VEC=_alignment(q, k, v, out),
+            INTERPRET_BF16=q.dtype == torch.bfloat16 and q.device.type != "cuda",
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
 
 
 @torch.library.custom_op("sd_kernels::attention", mutates_args=())
