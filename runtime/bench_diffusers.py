@@ -29,6 +29,7 @@ class DiffusersBaseline:
     def __init__(self, pipe, device: str):
         self.pipe, self.device = pipe, device
         self.dtype = pipe.unet.dtype
+        self.vae, self.vae_scale_factor = pipe.vae, pipe.vae_scale_factor
         self._default_scheduler = pipe.scheduler
 
     def _set_scheduler(self, name: str | None) -> None:

@@ -99,9 +99,9 @@ def _measure(name: str, pipe, config: BenchConfig, reference: np.ndarray) -> dic
     prompts, negatives = [PROMPT], [NEGATIVE] if guided else None
     text = _time_ms(lambda: pipe.encode_prompt(prompts, negatives, config.guidance, config.batch),
                     device, repeats=10)
-    factor = 8
-    latents = torch.randn(config.batch, 4, config.height // factor, config.width // factor,
-                          generator=torch.Generator().manual_seed(SEED)).to(device, pipe.dtype)
+    factor = pipe.vae_scale_factor
+    latents = torch.randn(config.batch, pipe.vae.config.latent_channels, config.height // factor,
+                          config.width // factor, generator=torch.Generator().manual_seed(SEED)).to(device, pipe.dtype)
     vae = _time_ms(lambda: pipe.decode_latents(latents), device, repeats=5)
 
     step_median = statistics.median(step_times)

@@ -205,7 +205,7 @@ class Pipeline:
                 raise ValueError(f"{name} must be a positive multiple of {self.vae_scale_factor} "
                                  f"(the VAE factor), got {value!r}")
         if strength is not None:
-            if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
                 raise ValueError(f"strength must be in (0, 1], got {strength!r}")
             if int(steps * strength) < 1:
                 raise ValueError(f"strength {strength} with {steps} steps leaves no denoising step "

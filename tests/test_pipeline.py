@@ -389,6 +389,7 @@ def test_prompt_type_checked(guarded_pipe):
 @pytest.mark.parametrize("strength, message", [
     (0.0, r"strength must be in \(0, 1\], got 0.0"),
     (1.5, r"strength must be in \(0, 1\], got 1.5"),
+    (True, r"strength must be in \(0, 1\], got True"),
     (0.1, "strength 0.1 with 4 steps leaves no denoising step"),
 ])
 def test_img2img_bad_strength(guarded_pipe, strength, message):
