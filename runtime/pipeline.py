@@ -291,20 +291,11 @@ class Pipeline:
 
     def _encode_image(self, pixels: torch.Tensor, generator) -> torch.Tensor:
         """A sample of the VAE posterior, scaled: mean + std * randn(generator), as diffusers'
-        `latent_dist.sample(generator)` (one draw of the latent shape per call)."""
-        pixels = pixels.to(self.device, self.dtype)
-        mean, logvar = self._vae_moments(pixels)
-        draw = self._randn(mean.shape, generator)  # drawn even without a logvar: keeps later draws aligned
-        sample = mean if logvar is None else mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * draw
+        `latent_dist.sample(generator)` (one draw of the latent shape per call). Every backend's VAE
+        (ours, and the exported ones) gives the posterior's (mean, logvar) through `encode_moments`."""
+        mean, logvar = self.vae.encode_moments(pixels.to(self.device, self.dtype))
+        sample = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * self._randn(mean.shape, generator)
         return sample * self.vae.config.scaling_factor
-
-    def _vae_moments(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(mean, logvar) of the VAE posterior; logvar None where the backend's VAE gives only the mean."""
-        if hasattr(self.vae, "encode_moments"):
-            return self.vae.encode_moments(pixels)
-        warnings.warn("this backend's VAE gives only the posterior mean: img2img/inpaint start from the mean, "
-                      "not a sample, so results differ slightly from diffusers'", stacklevel=4)
-        return self.vae.encode(pixels), None
 
     def _img2img_latents(self, image, request, shape, start, generator) -> torch.Tensor:
         pixels = imageio.image_to_tensor(image, request.width, request.height)
