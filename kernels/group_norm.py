@@ -48,6 +48,17 @@ MAX_SPLIT = 64
 STATS_PROGRAMS_PER_SM = 8
 # Cost of one extra program, in tile lanes, when choosing a channel block (launch, partial merge, tail).
 PROGRAM_OVERHEAD_ELEMENTS = 1024
+# channels_last tiles: a chunk of whole groups in a power-of-two width of lanes between these bounds
+# (32 lanes = 64 bytes of fp16 per position: whole 32-byte sectors); a group wider than the maximum
+# takes the per-group tiles of `choose_config`.
+CHANNELS_LAST_MIN_WIDTH = 32
+CHANNELS_LAST_MAX_WIDTH = 512
+# Chunk widths are kept multiples of this many channels: 16 bytes in fp16/bf16, one 128-bit load.
+CHUNK_ALIGN = 8
+# Upper bound on BLOCK_G * SPLIT, the partials one channels_last apply program merges (x3 floats).
+MERGE_LANES = 2048
+# Narrowest partial merge compiled: small splits share one variant (at most 16 * BLOCK_G masked lanes).
+MIN_MERGE_SPLIT = 16
 # SM count assumed when not on CUDA (interpreter tests): the H100's, so the split path is exercised.
 DEFAULT_SM_COUNT = 132
 
@@ -177,6 +188,150 @@ def _group_norm_apply_kernel(
              y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _group_norm_cl_stats_kernel(
+    x_ptr,  # *T input, channels_last: element (b, c, p) at b*stride_xb + p*stride_xp + c (channel stride 1)
+    partial_ptr,  # *fp32 output, [B*G, 3, SPLIT]: count, mean and M2 of each group in each spatial chunk
+    stride_xb,  # x: elements between consecutive batch items
+    stride_xp,  # x: elements between consecutive spatial positions h*W+w (>= C)
+    C,  # channels
+    HW,  # spatial positions, H*W
+    G,  # number of groups
+    NUM_CHUNKS,  # channel chunks per batch item, cdiv(G, GROUPS_PER_CHUNK)
+    TILES_PER_PROG,  # consecutive spatial tiles reduced by one program
+    SPLIT,  # programs per (batch, channel chunk) (grid axis 1)
+    CG: tl.constexpr,  # channels per group
+    GROUPS_PER_CHUNK: tl.constexpr,  # whole groups in one channel chunk; the chunk is CG*GROUPS_PER_CHUNK wide
+    BLOCK_HW: tl.constexpr,  # tile extent along spatial positions (power of two)
+    BLOCK_C: tl.constexpr,  # tile extent along channels (power of two >= CG*GROUPS_PER_CHUNK)
+    BLOCK_G: tl.constexpr,  # power of two >= GROUPS_PER_CHUNK
+):
+    pid_bk = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    batch = pid_bk // NUM_CHUNKS
+    chunk = pid_bk % NUM_CHUNKS
+    # CHUNK_C is a multiple of 8 whenever choose_channels_last_config could make it one: Triton then proves
+    # 16-byte alignment of every row's run and the (cols < CHUNK_C) mask, and loads 128 bits per lane.
+    CHUNK_C: tl.constexpr = CG * GROUPS_PER_CHUNK
+    c0 = chunk * CHUNK_C
+    cols = tl.arange(0, BLOCK_C)
+    col_mask = (cols < CHUNK_C) & (c0 + cols < C)
+    x_base = x_ptr + batch.to(tl.int64) * stride_xb + c0
+    offs_p = tl.arange(0, BLOCK_HW)
+
+    # Per-column running statistics over this program's rows; every column has seen the same `count`.
+    count = 0.0
+    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for i in range(TILES_PER_PROG):
+        first = (pid_s * TILES_PER_PROG + i) * BLOCK_HW  # may lie past HW in the last chunk: then empty
+        pos = first + offs_p
+        mask = (pos < HW)[:, None] & col_mask[None, :]
+        x = tl.load(x_base + pos[:, None] * stride_xp + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rows = tl.minimum(tl.maximum(HW - first, 0), BLOCK_HW).to(tl.float32)
+        # Two-pass column statistics of the tile, then Chan's merge: never E[x^2] - E[x]^2.
+        tile_mean = tl.sum(x, axis=0) / tl.maximum(rows, 1.0)
+        centred = tl.where(mask, x - tile_mean[None, :], 0.0)
+        tile_m2 = tl.sum(centred * centred, axis=0)
+        new_count = count + rows
+        weight = rows / tl.maximum(new_count, 1.0)
+        delta = tile_mean - mean
+        mean = mean + delta * weight
+        m2 = m2 + tile_m2 + delta * delta * count * weight
+        count = new_count
+
+    # Columns -> groups, once per program: a segmented reduction through a [BLOCK_C, BLOCK_G] one-hot
+    # matrix (CG need not be a power of two, so the tile cannot be reshaped into groups). Columns have
+    # equal counts, so the group mean is the plain mean of column means and Chan's merge is exact.
+    slot = tl.arange(0, BLOCK_G)
+    member = ((cols // CG)[:, None] == slot[None, :]) & col_mask[:, None]
+    group_mean = tl.sum(tl.where(member, mean[:, None], 0.0), axis=0) / CG
+    spread = tl.where(member, mean[:, None] - group_mean[None, :], 0.0)
+    group_m2 = tl.sum(tl.where(member, m2[:, None], 0.0) + count * spread * spread, axis=0)
+    group = chunk * GROUPS_PER_CHUNK + slot
+    group_mask = (slot < GROUPS_PER_CHUNK) & (group < G)
+    out = partial_ptr + (batch * G + group) * 3 * SPLIT + pid_s
+    tl.store(out, tl.zeros([BLOCK_G], dtype=tl.float32) + count * CG, mask=group_mask)
+    tl.store(out + SPLIT, group_mean, mask=group_mask)
+    tl.store(out + 2 * SPLIT, group_m2, mask=group_mask)
+
+
+@triton.jit
+def _group_norm_cl_apply_kernel(
+    x_ptr,  # *T input, channels_last, addressed as in the stats kernel
+    y_ptr,  # *T output, channel stride 1: element (b, c, p) at b*stride_yb + p*stride_yp + c
+    w_ptr,  # *fp32|fp16|bf16 weight [C], contiguous; unused when HAS_WEIGHT is False
+    b_ptr,  # *fp32|fp16|bf16 bias [C], contiguous; unused when HAS_BIAS is False
+    partial_ptr,  # *fp32 [B*G, 3, SPLIT]: count, mean, M2 per group and spatial chunk (stats kernel)
+    stride_xb,  # x: elements between consecutive batch items
+    stride_xp,  # x: elements between consecutive spatial positions
+    stride_yb,  # y: elements between consecutive batch items
+    stride_yp,  # y: elements between consecutive spatial positions
+    C,  # channels
+    HW,  # spatial positions, H*W
+    G,  # number of groups
+    NUM_CHUNKS,  # channel chunks per batch item
+    SPLIT,  # spatial chunks in partial_ptr
+    eps,  # added to the variance before the reciprocal square root
+    CG: tl.constexpr,  # channels per group
+    GROUPS_PER_CHUNK: tl.constexpr,  # whole groups in one channel chunk
+    BLOCK_HW: tl.constexpr,  # tile extent along spatial positions (power of two)
+    BLOCK_C: tl.constexpr,  # tile extent along channels (power of two >= CG*GROUPS_PER_CHUNK)
+    BLOCK_G: tl.constexpr,  # power of two >= GROUPS_PER_CHUNK
+    MERGE_SPLIT: tl.constexpr,  # power of two >= SPLIT
+    HAS_WEIGHT: tl.constexpr,  # multiply by weight[c]
+    HAS_BIAS: tl.constexpr,  # add bias[c]
+    APPLY_SILU: tl.constexpr,  # y = y * sigmoid(y) after the affine
+):
+    pid_bk = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    batch = pid_bk // NUM_CHUNKS
+    chunk = pid_bk % NUM_CHUNKS
+    CHUNK_C: tl.constexpr = CG * GROUPS_PER_CHUNK
+    c0 = chunk * CHUNK_C
+    cols = tl.arange(0, BLOCK_C)
+    col_mask = (cols < CHUNK_C) & (c0 + cols < C)
+    pos = pid_p * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    mask = (pos < HW)[:, None] & col_mask[None, :]
+    # The tile's load is issued first, so its latency overlaps the merge below.
+    x = tl.load(x_ptr + batch.to(tl.int64) * stride_xb + c0 + pos[:, None] * stride_xp + cols[None, :],
+                mask=mask, other=0.0)
+
+    # Merge the chunk's groups' partials, [BLOCK_G, MERGE_SPLIT] (L1/L2 hits: every tile of the batch
+    # item reads the same ones): weighted mean of means, then the exact parallel M2.
+    slot = tl.arange(0, BLOCK_G)
+    group = chunk * GROUPS_PER_CHUNK + slot
+    group_mask = (slot < GROUPS_PER_CHUNK) & (group < G)
+    split = tl.arange(0, MERGE_SPLIT)
+    partial_mask = group_mask[:, None] & (split < SPLIT)[None, :]
+    partial = partial_ptr + ((batch * G + group) * 3 * SPLIT)[:, None] + split[None, :]
+    counts = tl.load(partial, mask=partial_mask, other=0.0)
+    means = tl.load(partial + SPLIT, mask=partial_mask, other=0.0)
+    m2s = tl.load(partial + 2 * SPLIT, mask=partial_mask, other=0.0)
+    total = tl.maximum(tl.sum(counts, axis=1), 1.0)  # 1 only in masked slots, keeps them finite
+    group_mean = tl.sum(counts * means, axis=1) / total
+    spread = means - group_mean[:, None]
+    group_m2 = tl.sum(m2s + counts * spread * spread, axis=1)
+    group_rstd = 1.0 / tl.sqrt(group_m2 / total + eps)
+
+    # Groups -> columns through the same one-hot matrix as the stats kernel, then fold normalisation
+    # and affine into one multiply-add per element.
+    member = (cols // CG)[:, None] == slot[None, :]
+    col_mean = tl.sum(tl.where(member, group_mean[None, :], 0.0), axis=1)
+    scale = tl.sum(tl.where(member, group_rstd[None, :], 0.0), axis=1)
+    if HAS_WEIGHT:
+        scale *= tl.load(w_ptr + c0 + cols, mask=col_mask, other=0.0).to(tl.float32)
+    shift = -col_mean * scale
+    if HAS_BIAS:
+        shift += tl.load(b_ptr + c0 + cols, mask=col_mask, other=0.0).to(tl.float32)
+
+    y = x.to(tl.float32) * scale[None, :] + shift[None, :]
+    if APPLY_SILU:
+        y = y * tl.sigmoid(y)
+    tl.store(y_ptr + batch.to(tl.int64) * stride_yb + c0 + pos[:, None] * stride_yp + cols[None, :],
+             y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 @dataclass(frozen=True)
 class LaunchConfig:
     """Tile shape and grid of one GroupNorm call (see `choose_config` for the reasoning)."""
@@ -239,6 +394,84 @@ def choose_config(batch: int, channels_per_group: int, hw: int, groups: int, cha
     elements_per_warp = 512 if channels_contiguous else 1024
     num_warps = max(1, min(8, block_hw * block_c // elements_per_warp))
     return LaunchConfig(block_hw, block_c, num_c_tiles, num_tiles, tiles_per_prog, split, num_warps)
+
+
+@dataclass(frozen=True)
+class ChannelsLastConfig:
+    """Tile shape and grid of one channels_last GroupNorm call (see `choose_channels_last_config`)."""
+
+    groups_per_chunk: int  # whole groups in one channel chunk
+    block_c: int  # tile extent along channels: power of two holding the chunk's channels
+    block_g: int  # power of two >= groups_per_chunk
+    num_chunks: int  # channel chunks per batch item
+    block_hw: int  # tile extent along spatial positions
+    num_tiles: int  # spatial tiles per batch item, cdiv(H*W, block_hw)
+    tiles_per_prog: int  # spatial tiles reduced by one stats program
+    split: int  # stats programs per (batch item, channel chunk)
+    merge_split: int  # power of two >= split, >= MIN_MERGE_SPLIT: the apply kernel's partial-merge width
+    num_warps: int
+
+
+def _channel_chunking(channels: int, groups: int) -> tuple[int, int] | None:
+    """(tile width, groups per chunk) for channels_last tiles, or None when one group is wider than
+    CHANNELS_LAST_MAX_WIDTH.
+
+    A chunk is a run of whole groups inside a power-of-two tile width, so each group's statistics stay
+    inside one program. Its width k*Cg is kept a multiple of CHUNK_ALIGN channels when possible, so
+    every chunk starts on a 16-byte boundary (fp16/bf16; 32 bytes in fp32) and loads 128 bits per
+    lane. Among widths, the one with the fewest masked lanes wins; ties go to the narrower width,
+    which makes more chunks (more programs to fill the chip) and fewer groups to merge per program.
+    SD's Cg = 10, 20, 30, 40, 60, 80 at 32 groups become 12, 6, 4, 3, 2, 3 groups in 128 or 256 lanes:
+    83-94% of the lanes used, against 62.5% for a tile of next_pow2(C) lanes.
+    """
+    cg = channels // groups
+    for require_alignment in (True, False):
+        best, best_used = None, 0.0
+        width = CHANNELS_LAST_MIN_WIDTH
+        while width <= CHANNELS_LAST_MAX_WIDTH:
+            k = min(groups, width // cg)
+            # One chunk holding every group starts at channel 0: aligned whatever its width.
+            while require_alignment and 0 < k < groups and (k * cg) % CHUNK_ALIGN:
+                k -= 1
+            if k > 0:
+                used = channels / (triton.cdiv(groups, k) * width)
+                if used > best_used:
+                    best, best_used = (width, k), used
+            width *= 2
+        if best is not None:
+            return best
+    return None
+
+
+def choose_channels_last_config(batch: int, channels: int, hw: int, groups: int,
+                                sm_count: int = DEFAULT_SM_COUNT) -> ChannelsLastConfig | None:
+    """Tiles of [BLOCK_HW positions, one channel chunk] for channels_last input; None when a group is too
+    wide for a chunk (then `choose_config`'s per-group tiles serve).
+
+    In channels_last a position's channels are one contiguous run, so a tile whose rows are positions
+    and whose columns are a chunk of whole groups loads coalesced and vectorised; the per-group
+    statistics come from a segmented reduction over the columns (see the stats kernel).
+    - BLOCK_HW: as many positions as fit in MAX_TILE lanes; one warp per 1024 lanes (32 per thread:
+      the vector loads leave registers to spare, test_sass checks for spills).
+    - Split: stats programs per (batch, chunk) to give each SM about STATS_PROGRAMS_PER_SM, at most
+      MERGE_LANES // BLOCK_G, so that every apply program's merge of its groups' partials stays well
+      under its tile's work.
+    """
+    chunking = _channel_chunking(channels, groups)
+    if chunking is None:
+        return None
+    block_c, groups_per_chunk = chunking
+    block_g = triton.next_power_of_2(groups_per_chunk)
+    num_chunks = triton.cdiv(groups, groups_per_chunk)
+    block_hw = min(triton.next_power_of_2(hw), max(MAX_TILE // block_c, 1))
+    num_tiles = triton.cdiv(hw, block_hw)
+    wanted_split = triton.cdiv(STATS_PROGRAMS_PER_SM * sm_count, batch * num_chunks)
+    split = max(1, min(num_tiles, wanted_split, max(MERGE_LANES // block_g, 1)))
+    tiles_per_prog = triton.cdiv(num_tiles, split)
+    split = triton.cdiv(num_tiles, tiles_per_prog)  # no program left without a tile
+    num_warps = max(1, min(8, block_hw * block_c // 1024))
+    return ChannelsLastConfig(groups_per_chunk, block_c, block_g, num_chunks, block_hw, num_tiles,
+                              tiles_per_prog, split, max(MIN_MERGE_SPLIT, triton.next_power_of_2(split)), num_warps)
 
 
 @functools.lru_cache(maxsize=None)
@@ -304,12 +537,47 @@ def _check_inputs(x, num_groups, weight, bias, eps, activation, out=None) -> Non
 
 
 def _launch(x: torch.Tensor, num_groups: int, weight, bias, eps: float, activation, out: torch.Tensor,
-            config: LaunchConfig | None = None) -> None:
-    """Run both kernels, writing into `out`. `config` overrides `choose_config` (tests use it)."""
+            config: LaunchConfig | ChannelsLastConfig | None = None) -> None:
+    """Run both kernels, writing into `out`. `config` overrides the chosen configuration (tests use it);
+    its type picks the path: ChannelsLastConfig needs x and out with channel stride 1."""
     if out.numel() == 0:
         return
     if _spatial_stride(x) is None:
         x = x.contiguous()
+    batch, channels, h, w = x.shape
+    stride_xp = _spatial_stride(x)
+    channels_contiguous = x.stride(1) == 1 and channels > 1 and stride_xp != 1
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
+    if config is None and channels_contiguous and out.stride(1) == 1:
+        sm_count = _sm_count(x.device.index or 0) if x.is_cuda else DEFAULT_SM_COUNT
+        config = choose_channels_last_config(batch, channels, h * w, num_groups, sm_count)
+    if isinstance(config, ChannelsLastConfig):
+        _launch_channels_last(x, num_groups, weight, bias, eps, activation, out, config)
+    else:
+        _launch_per_group(x, num_groups, weight, bias, eps, activation, out, config)
+
+
+def _launch_channels_last(x, num_groups, weight, bias, eps, activation, out, config: ChannelsLastConfig):
+    batch, channels, h, w = x.shape
+    cg = channels // num_groups
+    partial = torch.empty((batch * num_groups, 3, config.split), dtype=torch.float32, device=x.device)
+    common = dict(CG=cg, GROUPS_PER_CHUNK=config.groups_per_chunk, BLOCK_HW=config.block_hw,
+                  BLOCK_C=config.block_c, BLOCK_G=config.block_g, num_warps=config.num_warps)
+    _group_norm_cl_stats_kernel[(batch * config.num_chunks, config.split)](
+        x, partial, x.stride(0), _spatial_stride(x), channels, h * w, num_groups, config.num_chunks,
+        config.tiles_per_prog, config.split, **common,
+    )
+    _group_norm_cl_apply_kernel[(batch * config.num_chunks, config.num_tiles)](
+        x, out, weight if weight is not None else x, bias if bias is not None else x, partial,
+        x.stride(0), _spatial_stride(x), out.stride(0), _spatial_stride(out),
+        channels, h * w, num_groups, config.num_chunks, config.split, float(eps),
+        MERGE_SPLIT=config.merge_split, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        APPLY_SILU=activation == "silu", **common,
+    )
+
+
+def _launch_per_group(x, num_groups, weight, bias, eps, activation, out, config: LaunchConfig | None):
     batch, channels, h, w = x.shape
     hw = h * w
     cg = channels // num_groups
@@ -318,8 +586,6 @@ def _launch(x: torch.Tensor, num_groups: int, weight, bias, eps: float, activati
     if config is None:
         sm_count = _sm_count(x.device.index or 0) if x.is_cuda else DEFAULT_SM_COUNT
         config = choose_config(batch, cg, hw, num_groups, channels_contiguous, sm_count)
-    weight = weight.contiguous() if weight is not None else None
-    bias = bias.contiguous() if bias is not None else None
 
     partial = torch.empty((batch * num_groups, config.split, 3), dtype=torch.float32, device=x.device)
     _group_norm_stats_kernel[(batch * num_groups, config.split)](
@@ -404,11 +670,11 @@ _VAE_SIDES = (64, 128, 256, 512)
 _COUNT_ARGS = ("G", "SPLIT", "NUM_C_TILES", "NUM_TILES", "TILES_PER_PROG")
 
 
-def _signature_like_jit(fn, args: dict, constexprs: dict) -> tuple[dict, dict]:
+def _signature_like_jit(fn, args: dict, constexprs: dict, count_args=_COUNT_ARGS) -> tuple[dict, dict]:
     """Signature and constexprs as Triton's JIT would specialise these argument values: an int equal
     to 1 becomes a constexpr; ints and pointers divisible by 16 get the ":16" divisibility suffix
     (the notation of triton/tools/compile.py; torch allocations are 16-byte aligned), except the
-    _COUNT_ARGS, whose divisibility is irrelevant to code generation."""
+    `count_args`, whose divisibility is irrelevant to code generation."""
     signature, constants = {}, dict(constexprs)
     for name in fn.arg_names:
         if name in constexprs:
@@ -423,13 +689,16 @@ def _signature_like_jit(fn, args: dict, constexprs: dict) -> tuple[dict, dict]:
             signature[name] = "constexpr"
             constants[name] = 1
         else:
-            signature[name] = "i32:16" if value % 16 == 0 and name not in _COUNT_ARGS else "i32"
+            signature[name] = "i32:16" if value % 16 == 0 and name not in count_args else "i32"
     return signature, constants
 
 
 def _aot_configs_for(batch: int, channels: int, hw: int, channels_last: bool, dtype: torch.dtype,
-                     activation: str | None, affine: bool) -> list[tuple]:
-    groups = 32
+                     activation: str | None, affine: bool, groups: int = 32) -> list[tuple]:
+    if channels_last:
+        config = choose_channels_last_config(batch, channels, hw, groups)
+        if config is not None:
+            return _aot_channels_last_configs(batch, channels, hw, groups, config, dtype, activation, affine)
     cg = channels // groups
     config = choose_config(batch, cg, hw, groups, channels_last)
     stride_c, stride_p = (1, channels) if channels_last else (hw, 1)
@@ -448,10 +717,28 @@ def _aot_configs_for(batch: int, channels: int, hw: int, channels_last: bool, dt
             (_group_norm_apply_kernel, *apply, config.num_warps, 3)]
 
 
+def _aot_channels_last_configs(batch, channels, hw, groups, config: ChannelsLastConfig, dtype, activation,
+                               affine) -> list[tuple]:
+    count_args = ("G", "NUM_CHUNKS", "TILES_PER_PROG", "SPLIT")
+    common = dict(stride_xb=channels * hw, stride_xp=channels, C=channels, HW=hw, G=groups,
+                  NUM_CHUNKS=config.num_chunks, SPLIT=config.split)
+    constexprs = dict(CG=channels // groups, GROUPS_PER_CHUNK=config.groups_per_chunk, BLOCK_HW=config.block_hw,
+                      BLOCK_C=config.block_c, BLOCK_G=config.block_g)
+    stats = _signature_like_jit(_group_norm_cl_stats_kernel, dict(
+        common, x_ptr=dtype, partial_ptr=torch.float32, TILES_PER_PROG=config.tiles_per_prog), constexprs, count_args)
+    apply = _signature_like_jit(_group_norm_cl_apply_kernel, dict(
+        common, x_ptr=dtype, y_ptr=dtype, w_ptr=dtype, b_ptr=dtype, partial_ptr=torch.float32,
+        stride_yb=channels * hw, stride_yp=channels, eps=1e-5), dict(
+        constexprs, MERGE_SPLIT=config.merge_split, HAS_WEIGHT=affine, HAS_BIAS=affine,
+        APPLY_SILU=activation == "silu"), count_args)
+    return [(_group_norm_cl_stats_kernel, *stats, config.num_warps, 3),
+            (_group_norm_cl_apply_kernel, *apply, config.num_warps, 3)]
+
+
 def _aot_configs() -> list[tuple]:
     """Every (kernel, signature, constexprs, num_warps, num_stages) the launcher compiles for the real
     model shapes at batch 1 and 2 in either memory format and dtype, with and without SiLU, plus the
-    no-affine and odd-size variants; duplicates removed."""
+    no-affine, odd-size and channels_last fallback variants; duplicates removed."""
     shapes = [(c, s * s) for c in _UNET_CHANNELS for s in _UNET_SIDES]
     shapes += [(c, s * s) for c in _VAE_CHANNELS for s in _VAE_SIDES]
     configs = []
@@ -463,6 +750,8 @@ def _aot_configs() -> list[tuple]:
                         configs += _aot_configs_for(batch, channels, hw, channels_last, dtype, activation, True)
     configs += _aot_configs_for(2, 320, 64 * 64, False, torch.float16, "silu", False)
     configs += _aot_configs_for(2, 320, 7 * 9, True, torch.float16, "silu", True)
+    # A channels_last group wider than CHANNELS_LAST_MAX_WIDTH takes the per-group kernels.
+    configs += _aot_configs_for(1, 640, 8 * 8, True, torch.float16, "silu", True, groups=1)
     unique = {}
     for fn, signature, constants, num_warps, num_stages in configs:
         key = (fn.__name__, tuple(signature.items()), tuple(constants.items()), num_warps, num_stages)

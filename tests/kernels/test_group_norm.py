@@ -8,6 +8,7 @@ import importlib
 
 import pytest
 import torch
+import triton
 
 gn = importlib.import_module("kernels.group_norm")
 group_norm, group_norm_reference = gn.group_norm, gn.group_norm_reference
@@ -162,6 +163,96 @@ def test_custom_op_under_torch_compile_and_export():
     assert any(node.target is torch.ops.sd_kernels.group_norm.default for node in exported.graph.nodes)
     torch.testing.assert_close(exported.module()(x), Norm()(x))
 
+
+
+# channels_last inputs take the chunked kernels (whole groups per power-of-two chunk of lanes): one case
+# per channel count of the real models (32 groups), each at odd spatial sizes, rotating batch, dtype,
+# SiLU and affine so that every combination appears without a full cross product (the interpreter is slow).
+CHANNELS_LAST_CASES = [
+    ((1, 320, 5, 7), torch.float16, "silu", "affine"),  # Cg 10: 12 groups per 128 lanes, last chunk 8 groups
+    ((2, 640, 3, 5), torch.bfloat16, None, "weight_only"),  # Cg 20: 6 groups per chunk, 6 chunks
+    ((3, 960, 2, 3), torch.float32, "silu", "none"),  # Cg 30: 4 groups per chunk, batch 3
+    ((1, 1280, 3, 1), torch.float16, None, "bias_only"),  # Cg 40: 3 groups per chunk, 11 chunks
+    ((2, 1920, 1, 3), torch.bfloat16, "silu", "affine"),  # Cg 60: 2 groups per chunk
+    ((1, 2560, 2, 3), torch.float32, None, "affine"),  # Cg 80: 3 groups in 256 lanes
+    ((3, 128, 9, 7), torch.float16, "silu", "none"),  # VAE Cg 4: 8 groups in 32 lanes, 63 positions
+    ((2, 256, 5, 3), torch.bfloat16, "silu", "affine"),  # VAE Cg 8
+    ((1, 512, 6, 5), torch.float32, "silu", "weight_only"),  # VAE Cg 16
+    ((2, 1280, 3, 3), torch.float16, "silu", "affine"),  # deepest SD1.5 level at batch 2, fp16
+]
+
+
+def _affine(weight, bias, affine):
+    return (weight if affine in ("affine", "weight_only") else None,
+            bias if affine in ("affine", "bias_only") else None)
+
+
+@pytest.mark.parametrize("shape, dtype, activation, affine", CHANNELS_LAST_CASES, ids=str)
+def test_channels_last_every_channel_count(shape, dtype, activation, affine):
+    assert gn.choose_channels_last_config(shape[0], shape[1], shape[2] * shape[3], 32) is not None
+    x, weight, bias = _random_inputs(shape, dtype, DEVICE, channels_last=True)
+    weight, bias = _affine(weight, bias, affine)
+    y = group_norm(x, 32, weight, bias, activation=activation, out=_poisoned_like(x))
+    _assert_close_to_reference(x, weight, bias, activation, y)
+
+
+def test_channels_last_several_tiles_per_program_and_partial_chunk():
+    # 63 positions in 4-row tiles = 16 tiles, 5 per program: the 4th program meets 4 tiles past the end.
+    # 32 groups of 10 in chunks of 12: the last chunk holds 8 groups in 128 lanes.
+    x, weight, bias = _random_inputs((2, 320, 7, 9), torch.float32, DEVICE, channels_last=True)
+    config = gn.ChannelsLastConfig(groups_per_chunk=12, block_c=128, block_g=16, num_chunks=3, block_hw=4,
+                                   num_tiles=16, tiles_per_prog=5, split=4, merge_split=16, num_warps=1)
+    out = _poisoned_like(x)
+    gn._launch(x, 32, weight, bias, 1e-5, "silu", out, config)
+    _assert_close_to_reference(x, weight, bias, "silu", out)
+
+
+def test_channels_last_unaligned_chunks():
+    # Cg = 65 (odd): no chunk of whole groups is a multiple of 8 channels and fits 512 lanes, so chunks
+    # start unaligned (3 groups in 256 lanes): slower scalar loads, same results.
+    assert gn._channel_chunking(1040, 16) == (256, 3)
+    x, weight, bias = _random_inputs((1, 1040, 3, 2), torch.float32, DEVICE, channels_last=True)
+    y = group_norm(x, 16, weight, bias, activation="silu", out=_poisoned_like(x))
+    ref = group_norm_reference(x.double(), 16, weight.double(), bias.double(), activation="silu")
+    torch.testing.assert_close(y.double(), ref, atol=2e-5, rtol=1e-5)
+
+
+def test_channels_last_group_wider_than_a_chunk_takes_per_group_tiles():
+    # One group of 640 channels does not fit CHANNELS_LAST_MAX_WIDTH lanes: the per-group kernels serve.
+    assert gn.choose_channels_last_config(1, 640, 15, 1) is None
+    x, weight, bias = _random_inputs((1, 640, 3, 5), torch.float32, DEVICE, channels_last=True)
+    y = group_norm(x, 1, weight, bias, activation="silu", out=_poisoned_like(x))
+    ref = group_norm_reference(x.double(), 1, weight.double(), bias.double(), activation="silu")
+    torch.testing.assert_close(y.double(), ref, atol=2e-5, rtol=1e-5)
+
+
+def test_channels_last_input_into_nchw_output_and_padded_rows():
+    # A channel slice of a wider channels_last tensor (positions 640 channels apart, not 320), written
+    # into an NCHW-contiguous `out`: the per-group kernels, addressed through both tensors' strides.
+    wide, weight, bias = _random_inputs((2, 640, 3, 5), torch.float32, DEVICE, channels_last=True)
+    x, weight, bias = wide[:, :320], weight[:320], bias[:320]
+    assert x.stride(1) == 1 and x.stride(3) == 640
+    out = torch.full(x.shape, float("nan"), device=DEVICE)
+    y = group_norm(x, 32, weight, bias, activation="silu", out=out)
+    _assert_close_to_reference(x, weight, bias, "silu", y)
+    # The same slice into a channels_last `out`: the chunked kernels with a row stride of 640.
+    out = _poisoned_like(x.contiguous(memory_format=torch.channels_last))
+    y = group_norm(x, 32, weight, bias, activation="silu", out=out)
+    _assert_close_to_reference(x, weight, bias, "silu", y)
+
+
+@pytest.mark.parametrize("channels", gn._UNET_CHANNELS + gn._VAE_CHANNELS)
+def test_channels_last_chunks_are_aligned_and_fill_an_h100(channels):
+    width, per_chunk = gn._channel_chunking(channels, 32)
+    cg = channels // 32
+    assert per_chunk * cg <= width and (per_chunk * cg) % gn.CHUNK_ALIGN == 0  # 16-byte aligned chunk starts
+    assert channels / (triton.cdiv(32, per_chunk) * width) >= 0.8  # few masked lanes
+    config = gn.choose_channels_last_config(2, channels, 64 * 64, 32, sm_count=132)
+    assert config.block_hw * config.block_c <= gn.MAX_TILE
+    stats_programs, tiles = 2 * config.num_chunks * config.split, 2 * config.num_chunks * config.num_tiles
+    assert stats_programs >= min(2 * 132, tiles)  # the stats pass fills the chip at batch 2 (or has every tile)
+    assert config.split * config.tiles_per_prog >= config.num_tiles > (config.split - 1) * config.tiles_per_prog
+    assert config.merge_split >= config.split and config.block_g * config.merge_split <= gn.MERGE_LANES
 
 @pytest.mark.parametrize("call, message", [
     (lambda x, w: group_norm(x[0], 32, w, w), "4-D"),
