@@ -68,13 +68,12 @@ class _Entry:
 class CudaGraphDenoiser:
     """A bounded LRU cache of captured denoising loops, replayed on request."""
 
-    def __init__(self, step_fn: StepFn, max_entries: int = 4, warmup_steps: int = 2):
+    def __init__(self, step_fn: StepFn, max_entries: int = 4):
         if max_entries < 1:
             raise ValueError(f"max_entries must be at least 1, got {max_entries}")
         self._step_fn = step_fn
         self._entries: collections.OrderedDict[GraphKey, _Entry] = collections.OrderedDict()
         self.max_entries = max_entries
-        self.warmup_steps = warmup_steps
         self._lock = threading.Lock()
         # One memory pool for every entry. Safe because replays never overlap (the lock, one stream)
         # and no graph reads pool memory written by another entry's graphs: each replay starts from
@@ -157,7 +156,9 @@ class CudaGraphDenoiser:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.inference_mode():
             x = static_latents
-            for i in range(key.start, min(key.start + self.warmup_steps, key.steps)):
+            # Every step, not just one: samplers take other code paths on their first and last steps,
+            # and no kernel may be loaded or compiled for the first time while a graph is capturing.
+            for i in range(key.start, key.steps):
                 x = step(i, x)
         torch.cuda.current_stream().wait_stream(side)
         scheduler.reset()
