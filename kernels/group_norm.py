@@ -1,11 +1,13 @@
 """GroupNorm with an optional fused SiLU: two Triton kernels, a launcher and a pure-torch reference.
 
-Design (forward only, inference):
-- The input is viewed as [B, C, P] with P = H*W, through its strides, so NCHW-contiguous and
-  channels_last tensors take the same code path; Triton specialises the stride that equals 1, so the
-  contiguous axis is vectorised in either layout. The output is written through its own strides
-  (`torch.empty_like` keeps the input's memory format).
-- A group is a [Cg, P] slab (Cg = C / G) cut into tiles of [BLOCK_HW, BLOCK_C] elements.
+Design (forward only, inference): two kernels per call, statistics then normalisation, in one of two
+tilings chosen by the memory format.
+
+Per-group tiles (NCHW, and channels_last groups wider than CHANNELS_LAST_MAX_WIDTH channels):
+- The input is viewed as [B, C, P] with P = H*W, through its strides; the output is written through
+  its own strides (`torch.empty_like` keeps the input's memory format).
+- A group is a [Cg, P] slab (Cg = C / G) cut into tiles of [BLOCK_HW, BLOCK_C] elements, the long side
+  along P, the contiguous axis in NCHW.
 - Pass 1, `_group_norm_stats_kernel`, grid (B*G, SPLIT): at batch 2 the 32 groups of SD give only 64
   (batch, group) pairs, too few for a 132-SM H100, so each group is split into SPLIT chunks of whole
   tiles. Each program writes (count, mean, M2) of its chunk: per tile a two-pass mean/M2 in registers,
@@ -14,9 +16,22 @@ Design (forward only, inference):
   first merges its group's SPLIT partials (at most MAX_SPLIT * 3 floats, from L2: cheaper than a third
   launch), folds mean, rstd, weight and bias into a per-channel scale and shift, then writes
   y = x * scale + shift (then y * sigmoid(y)).
-- Memory traffic is the minimum for a two-kernel design: read x, read x again, write y. The second read
-  mostly hits L2 (50 MB on H100; the largest UNet GroupNorm input is 2*320*64*64*2 B = 5 MB at SD1.5
-  batch 2), so the cost approaches one read plus one write.
+
+Chunked channels_last tiles (`_group_norm_cl_*`): in NHWC a group's Cg channels are a short run
+(20 bytes at Cg = 10 in fp16, not 16-byte aligned), so per-group tiles load element by element. Instead
+a tile is [BLOCK_HW positions, a chunk of whole groups]: the chunk is a contiguous run of each
+position's channel row, its width kept a multiple of 8 channels so every run starts 16-byte aligned
+and loads 128 bits per lane (`_channel_chunking`). The same two passes, reshaped:
+- Pass 1, grid (B * chunks, SPLIT): per-column mean/M2 over the program's positions (two-pass per
+  tile, Chan merges across tiles), then one segmented reduction of columns into groups through a
+  [BLOCK_C, BLOCK_G] one-hot matrix (Cg is rarely a power of two, so the tile cannot be reshaped into
+  groups); partials [B*G, 3, SPLIT].
+- Pass 2, grid (B * chunks, position tiles): merges its chunk's groups' partials, spreads mean and rstd
+  back to columns through the same one-hot matrix, and normalises the tile with vector loads/stores.
+
+Memory traffic is the minimum for a two-kernel design: read x, read x again, write y. The second read
+mostly hits L2 (50 MB on H100; the largest UNet GroupNorm input is 2*320*64*64*2 B = 5 MB at SD1.5
+batch 2), so the cost approaches one read plus one write.
 
 Registered as the torch custom ops `sd_kernels::group_norm` (functional) and `sd_kernels::group_norm_out`
 (writes into `out`), with fake implementations, so the kernels survive CUDA-graph capture,
@@ -48,15 +63,18 @@ MAX_SPLIT = 64
 STATS_PROGRAMS_PER_SM = 8
 # Cost of one extra program, in tile lanes, when choosing a channel block (launch, partial merge, tail).
 PROGRAM_OVERHEAD_ELEMENTS = 1024
-# channels_last tiles: a chunk of whole groups in a power-of-two width of lanes between these bounds
-# (32 lanes = 64 bytes of fp16 per position: whole 32-byte sectors); a group wider than the maximum
-# takes the per-group tiles of `choose_config`.
-CHANNELS_LAST_MIN_WIDTH = 32
+# channels_last tiles: a chunk of whole groups in a power-of-two width of lanes between these bounds.
+# 64 lanes = 128 bytes of fp16 per position, a whole cache line (at 32 lanes ptxas spilled the bf16
+# apply kernel of the VAE's Cg = 16); a group wider than the maximum takes `choose_config`'s tiles.
+CHANNELS_LAST_MIN_WIDTH = 64
 CHANNELS_LAST_MAX_WIDTH = 512
 # Chunk widths are kept multiples of this many channels: 16 bytes in fp16/bf16, one 128-bit load.
 CHUNK_ALIGN = 8
 # Upper bound on BLOCK_G * SPLIT, the partials one channels_last apply program merges (x3 floats).
 MERGE_LANES = 2048
+# Fewest group slots in a channels_last program: with 2, ptxas of triton 3.6 spilled the fp16 apply
+# kernel of Cg = 60 (2 groups per chunk) through a small stack frame; 4 compiles clean in 3.6 and 3.8.
+MIN_BLOCK_G = 4
 # Narrowest partial merge compiled: small splits share one variant (at most 16 * BLOCK_G masked lanes).
 MIN_MERGE_SPLIT = 16
 # SM count assumed when not on CUDA (interpreter tests): the H100's, so the split path is exercised.
@@ -369,9 +387,9 @@ def choose_config(batch: int, channels_per_group: int, hw: int, groups: int, cha
 
     - The tile's long side runs along the contiguous axis, so loads are wide and coalesced:
       NCHW: up to MAX_TILE spatial positions; channels fill the rest (`_cheapest_channel_block`).
-      channels_last: a group's channels are a short contiguous run, so the tile spans all of them
-      (next power of two: Cg = 10 reads 10 of 16 lanes; the memory traffic is still exact) and as many
-      spatial rows as fit in MAX_TILE.
+      channels_last (only groups too wide for `choose_channels_last_config`, or an `out` whose channels
+      are not contiguous): a group's channels are a contiguous run, so the tile spans all of them
+      (next power of two; the memory traffic is still exact) and as many spatial rows as fit in MAX_TILE.
     - Warps: one per 1024 elements (NCHW; 512 for channels_last), so no thread spills (test_sass).
     - Split: enough stats programs to give each SM about STATS_PROGRAMS_PER_SM, at most MAX_SPLIT
       chunks per group; a program reduces TILES_PER_PROG consecutive tiles.
@@ -402,7 +420,7 @@ class ChannelsLastConfig:
 
     groups_per_chunk: int  # whole groups in one channel chunk
     block_c: int  # tile extent along channels: power of two holding the chunk's channels
-    block_g: int  # power of two >= groups_per_chunk
+    block_g: int  # power of two >= groups_per_chunk, >= MIN_BLOCK_G
     num_chunks: int  # channel chunks per batch item
     block_hw: int  # tile extent along spatial positions
     num_tiles: int  # spatial tiles per batch item, cdiv(H*W, block_hw)
@@ -422,7 +440,8 @@ def _channel_chunking(channels: int, groups: int) -> tuple[int, int] | None:
     lane. Among widths, the one with the fewest masked lanes wins; ties go to the narrower width,
     which makes more chunks (more programs to fill the chip) and fewer groups to merge per program.
     SD's Cg = 10, 20, 30, 40, 60, 80 at 32 groups become 12, 6, 4, 3, 2, 3 groups in 128 or 256 lanes:
-    83-94% of the lanes used, against 62.5% for a tile of next_pow2(C) lanes.
+    83-94% of the lanes used, against 62.5% for a tile of next_pow2(C) lanes; the VAE's Cg = 4, 8, 16
+    fill 64 lanes exactly.
     """
     cg = channels // groups
     for require_alignment in (True, False):
@@ -461,7 +480,7 @@ def choose_channels_last_config(batch: int, channels: int, hw: int, groups: int,
     if chunking is None:
         return None
     block_c, groups_per_chunk = chunking
-    block_g = triton.next_power_of_2(groups_per_chunk)
+    block_g = max(MIN_BLOCK_G, triton.next_power_of_2(groups_per_chunk))
     num_chunks = triton.cdiv(groups, groups_per_chunk)
     block_hw = min(triton.next_power_of_2(hw), max(MAX_TILE // block_c, 1))
     num_tiles = triton.cdiv(hw, block_hw)

@@ -175,7 +175,7 @@ CHANNELS_LAST_CASES = [
     ((1, 1280, 3, 1), torch.float16, None, "bias_only"),  # Cg 40: 3 groups per chunk, 11 chunks
     ((2, 1920, 1, 3), torch.bfloat16, "silu", "affine"),  # Cg 60: 2 groups per chunk
     ((1, 2560, 2, 3), torch.float32, None, "affine"),  # Cg 80: 3 groups in 256 lanes
-    ((3, 128, 9, 7), torch.float16, "silu", "none"),  # VAE Cg 4: 8 groups in 32 lanes, 63 positions
+    ((3, 128, 9, 7), torch.float16, "silu", "none"),  # VAE Cg 4: 16 groups in 64 lanes, 63 positions
     ((2, 256, 5, 3), torch.bfloat16, "silu", "affine"),  # VAE Cg 8
     ((1, 512, 6, 5), torch.float32, "silu", "weight_only"),  # VAE Cg 16
     ((2, 1280, 3, 3), torch.float16, "silu", "affine"),  # deepest SD1.5 level at batch 2, fp16
