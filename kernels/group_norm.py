@@ -75,8 +75,8 @@ MERGE_LANES = 2048
 # Fewest group slots in a channels_last program: with 2, ptxas of triton 3.6 spilled the fp16 apply
 # kernel of Cg = 60 (2 groups per chunk) through a small stack frame; 4 compiles clean in 3.6 and 3.8.
 MIN_BLOCK_G = 4
-# Narrowest partial merge compiled: small splits share one variant (at most 16 * BLOCK_G masked lanes).
-MIN_MERGE_SPLIT = 16
+# Partials per group that a channels_last apply program merges per loop step.
+MERGE_BLOCK = 16
 # SM count assumed when not on CUDA (interpreter tests): the H100's, so the split path is exercised.
 DEFAULT_SM_COUNT = 132
 
@@ -296,7 +296,7 @@ def _group_norm_cl_apply_kernel(
     BLOCK_HW: tl.constexpr,  # tile extent along spatial positions (power of two)
     BLOCK_C: tl.constexpr,  # tile extent along channels (power of two >= CG*GROUPS_PER_CHUNK)
     BLOCK_G: tl.constexpr,  # power of two >= GROUPS_PER_CHUNK
-    MERGE_SPLIT: tl.constexpr,  # power of two >= SPLIT
+    MERGE_BLOCK: tl.constexpr,  # partials per group merged per loop step (power of two)
     HAS_WEIGHT: tl.constexpr,  # multiply by weight[c]
     HAS_BIAS: tl.constexpr,  # add bias[c]
     APPLY_SILU: tl.constexpr,  # y = y * sigmoid(y) after the affine
@@ -315,22 +315,34 @@ def _group_norm_cl_apply_kernel(
     x = tl.load(x_ptr + batch.to(tl.int64) * stride_xb + c0 + pos[:, None] * stride_xp + cols[None, :],
                 mask=mask, other=0.0)
 
-    # Merge the chunk's groups' partials, [BLOCK_G, MERGE_SPLIT] (L1/L2 hits: every tile of the batch
-    # item reads the same ones): weighted mean of means, then the exact parallel M2.
+    # Merge the chunk's groups' partials (L1/L2 hits: every tile of the batch item reads the same ones),
+    # MERGE_BLOCK chunks at a time so registers stay bounded whatever SPLIT: within a chunk the weighted
+    # mean of means and the exact parallel M2, across chunks Chan's merge.
     slot = tl.arange(0, BLOCK_G)
     group = chunk * GROUPS_PER_CHUNK + slot
     group_mask = (slot < GROUPS_PER_CHUNK) & (group < G)
-    split = tl.arange(0, MERGE_SPLIT)
-    partial_mask = group_mask[:, None] & (split < SPLIT)[None, :]
-    partial = partial_ptr + ((batch * G + group) * 3 * SPLIT)[:, None] + split[None, :]
-    counts = tl.load(partial, mask=partial_mask, other=0.0)
-    means = tl.load(partial + SPLIT, mask=partial_mask, other=0.0)
-    m2s = tl.load(partial + 2 * SPLIT, mask=partial_mask, other=0.0)
-    total = tl.maximum(tl.sum(counts, axis=1), 1.0)  # 1 only in masked slots, keeps them finite
-    group_mean = tl.sum(counts * means, axis=1) / total
-    spread = means - group_mean[:, None]
-    group_m2 = tl.sum(m2s + counts * spread * spread, axis=1)
-    group_rstd = 1.0 / tl.sqrt(group_m2 / total + eps)
+    rows_of_partials = partial_ptr + (batch * G + group) * 3 * SPLIT
+    count = tl.zeros([BLOCK_G], dtype=tl.float32)
+    group_mean = tl.zeros([BLOCK_G], dtype=tl.float32)
+    group_m2 = tl.zeros([BLOCK_G], dtype=tl.float32)
+    for first in range(0, SPLIT, MERGE_BLOCK):
+        split = first + tl.arange(0, MERGE_BLOCK)
+        partial_mask = group_mask[:, None] & (split < SPLIT)[None, :]
+        partial = rows_of_partials[:, None] + split[None, :]
+        counts = tl.load(partial, mask=partial_mask, other=0.0)
+        means = tl.load(partial + SPLIT, mask=partial_mask, other=0.0)
+        m2s = tl.load(partial + 2 * SPLIT, mask=partial_mask, other=0.0)
+        block_count = tl.sum(counts, axis=1)
+        block_mean = tl.sum(counts * means, axis=1) / tl.maximum(block_count, 1.0)
+        spread = means - block_mean[:, None]
+        block_m2 = tl.sum(m2s + counts * spread * spread, axis=1)
+        new_count = count + block_count
+        weight = block_count / tl.maximum(new_count, 1.0)
+        delta = block_mean - group_mean
+        group_mean = group_mean + delta * weight
+        group_m2 = group_m2 + block_m2 + delta * delta * count * weight
+        count = new_count
+    group_rstd = 1.0 / tl.sqrt(group_m2 / tl.maximum(count, 1.0) + eps)  # max: masked slots stay finite
 
     # Groups -> columns through the same one-hot matrix as the stats kernel, then fold normalisation
     # and affine into one multiply-add per element.
@@ -426,7 +438,6 @@ class ChannelsLastConfig:
     num_tiles: int  # spatial tiles per batch item, cdiv(H*W, block_hw)
     tiles_per_prog: int  # spatial tiles reduced by one stats program
     split: int  # stats programs per (batch item, channel chunk)
-    merge_split: int  # power of two >= split, >= MIN_MERGE_SPLIT: the apply kernel's partial-merge width
     num_warps: int
 
 
@@ -490,7 +501,7 @@ def choose_channels_last_config(batch: int, channels: int, hw: int, groups: int,
     split = triton.cdiv(num_tiles, tiles_per_prog)  # no program left without a tile
     num_warps = max(1, min(8, block_hw * block_c // 1024))
     return ChannelsLastConfig(groups_per_chunk, block_c, block_g, num_chunks, block_hw, num_tiles,
-                              tiles_per_prog, split, max(MIN_MERGE_SPLIT, triton.next_power_of_2(split)), num_warps)
+                              tiles_per_prog, split, num_warps)
 
 
 @functools.lru_cache(maxsize=None)
@@ -591,7 +602,7 @@ def _launch_channels_last(x, num_groups, weight, bias, eps, activation, out, con
         x, out, weight if weight is not None else x, bias if bias is not None else x, partial,
         x.stride(0), _spatial_stride(x), out.stride(0), _spatial_stride(out),
         channels, h * w, num_groups, config.num_chunks, config.split, float(eps),
-        MERGE_SPLIT=config.merge_split, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        MERGE_BLOCK=MERGE_BLOCK, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         APPLY_SILU=activation == "silu", **common,
     )
 
@@ -748,7 +759,7 @@ def _aot_channels_last_configs(batch, channels, hw, groups, config: ChannelsLast
     apply = _signature_like_jit(_group_norm_cl_apply_kernel, dict(
         common, x_ptr=dtype, y_ptr=dtype, w_ptr=dtype, b_ptr=dtype, partial_ptr=torch.float32,
         stride_yb=channels * hw, stride_yp=channels, eps=1e-5), dict(
-        constexprs, MERGE_SPLIT=config.merge_split, HAS_WEIGHT=affine, HAS_BIAS=affine,
+        constexprs, MERGE_BLOCK=MERGE_BLOCK, HAS_WEIGHT=affine, HAS_BIAS=affine,
         APPLY_SILU=activation == "silu"), count_args)
     return [(_group_norm_cl_stats_kernel, *stats, config.num_warps, 3),
             (_group_norm_cl_apply_kernel, *apply, config.num_warps, 3)]
