@@ -72,7 +72,7 @@ def write_random_model(preset: str, folder: str | Path, seed: int = 0) -> Path:
     from runtime.models.clip import CLIPTextConfig, CLIPTextModel
     from runtime.models.unet import UNet, UNetConfig
     from runtime.models.vae import AutoencoderKL, VAEConfig
-    from runtime.tokenizer import EOS_TOKEN, open_clip_vocab_and_merges
+    from runtime.tokenizer import EOS_TOKEN
 
     folder = Path(folder)
     configs = preset_configs(preset)
@@ -91,7 +91,7 @@ def write_random_model(preset: str, folder: str | Path, seed: int = 0) -> Path:
         del model
     (folder / "scheduler").mkdir(exist_ok=True)
     _write_json(folder / "scheduler" / "scheduler_config.json", configs["scheduler"])
-    vocab, merges = open_clip_vocab_and_merges()
+    vocab, merges = _clip_vocabulary()
     (folder / "tokenizer").mkdir(exist_ok=True)
     _write_json(folder / "tokenizer" / "vocab.json", vocab)
     (folder / "tokenizer" / "merges.txt").write_text(
@@ -108,6 +108,19 @@ def write_random_model(preset: str, folder: str | Path, seed: int = 0) -> Path:
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
     })
     return folder
+
+
+def _clip_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The real CLIP vocabulary from the BPE file open_clip ships; where open_clip is not installed
+    (the bare GPU machine), a byte-level vocabulary without merges. Random weights make any
+    vocabulary equally meaningful: prompts then tokenize to characters, the same for every backend."""
+    from runtime.tokenizer import BOS_TOKEN, EOS_TOKEN, byte_level_alphabet, open_clip_vocab_and_merges
+
+    try:
+        return open_clip_vocab_and_merges()
+    except FileNotFoundError:
+        tokens = byte_level_alphabet() + [BOS_TOKEN, EOS_TOKEN]
+        return {token: i for i, token in enumerate(tokens)}, []
 
 
 def _write_json(path: Path, value) -> None:

@@ -81,6 +81,12 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(printable, chars)}
 
 
+def byte_level_alphabet() -> list[str]:
+    """CLIP's first 512 tokens: the 256 byte characters, then each with the end-of-word mark `</w>`."""
+    byte_chars = list(_bytes_to_unicode().values())
+    return byte_chars + [c + "</w>" for c in byte_chars]
+
+
 def _token_name(value, source: str, key: str) -> str:
     """A special token as tokenizer_config.json / special_tokens_map.json write it: str or {content}."""
     if isinstance(value, dict):
@@ -204,8 +210,7 @@ def open_clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]
         lines = f.read().split("\n")
     merges = [_parse_merge(line, f"{path} line {i + 1}")
               for i, line in enumerate(lines[1:_OPEN_CLIP_MERGE_COUNT + 1])]
-    byte_chars = list(_bytes_to_unicode().values())
-    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
+    tokens = byte_level_alphabet() + ["".join(m) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
     return {token: i for i, token in enumerate(tokens)}, merges
 
 
