@@ -4,8 +4,8 @@
 #   2. python -m runtime.bench (SD 1.5 architecture, 512x512, guided, fp16; diffusers as a baseline row),
 #   3. the kernel benchmarks (GroupNorm, attention) against torch.
 # Raw JSON and logs go to $OUT (default ./out): 8 files at most. Runs on a machine with only torch,
-# triton, numpy and no network: diffusers and open_clip_torch (the CLIP vocabulary for random-weight
-# models) come as wheels in .whl/ (benchmarks/README.md says how to fetch them).
+# triton, numpy and no network; diffusers (the baseline row) and open_clip_torch (the real CLIP
+# vocabulary) are optional and come as wheels in .whl/ (benchmarks/README.md says how to fetch them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
