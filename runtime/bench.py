@@ -21,7 +21,9 @@ from tqdm import tqdm
 from runtime.backends import BACKENDS
 from runtime.bench_measure import BenchConfig, measure_backend, reference_images
 from runtime.bench_models import available_backends, build_master
+from runtime.presets import PRESETS
 from runtime.provenance import environment
+from runtime.schedulers import SCHEDULER_NAMES
 
 
 def default_config(device: str) -> BenchConfig:
@@ -37,7 +39,7 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, list[str], str | No
     defaults = default_config(device)
     p = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__)
     p.add_argument("--model", help="a diffusers folder or single-file checkpoint (default: random weights)")
-    p.add_argument("--preset", default=defaults.preset, help="random-weight architecture: tiny | sd15")
+    p.add_argument("--preset", default=defaults.preset, choices=PRESETS, help="random-weight architecture")
     p.add_argument("--device", default=device)
     p.add_argument("--dtype", default=defaults.dtype, help="dtype of the backends under test")
     p.add_argument("--width", type=int, default=defaults.width)
@@ -47,13 +49,16 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, list[str], str | No
                    help="timed UNet steps for the median / p90 (at least 20)")
     p.add_argument("--batch", type=int, default=1, help="images per prompt")
     p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--scheduler", default=None, help="sampler name (default: the checkpoint's)")
+    p.add_argument("--scheduler", default=None, choices=SCHEDULER_NAMES,
+                   help="sampler (default: the checkpoint's)")
     p.add_argument("--backends", default=None,
                    help="comma-separated (default: every one available here, plus diffusers if installed)")
     p.add_argument("--engine-dir", help="where exported backends keep ONNX files / engines "
                    "(default: a temporary folder, exported anew each run)")
     p.add_argument("--json", dest="json_path", help="write the raw numbers here")
     args = p.parse_args(argv)
+    if args.width <= 0 or args.height <= 0 or args.width % 8 or args.height % 8:
+        p.error(f"--width and --height must be positive multiples of 8, got {args.width}x{args.height}")
     if args.steps < 2:
         p.error("--steps must be at least 2: step times are the intervals between steps")
     if args.step_iters < 20:

@@ -57,3 +57,9 @@ def test_bench_rejects_an_unknown_backend(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--backends", "torch,tensorflow"])
     assert "unknown backend(s) tensorflow" in capsys.readouterr().err
+
+
+def test_bench_rejects_a_size_the_vae_cannot_decode(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--width", "60"])
+    assert "--width and --height must be positive multiples of 8, got 60x" in capsys.readouterr().err
