@@ -97,25 +97,20 @@ def network_module(components, name: str) -> nn.Module:
 @contextlib.contextmanager
 def reference_layers(model: nn.Module):
     """Temporarily put plain GroupNorm / AttentionCore back where a backend substituted subclasses."""
+    from runtime.backends.substitute import rebind, replace_modules, restore_modules
     from runtime.models.layers import AttentionCore, GroupNorm
 
     swapped = []
-    for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            for base in (GroupNorm, AttentionCore):
-                if isinstance(child, base) and type(child) is not base:
-                    plain = base.__new__(base)
-                    plain.__dict__ = child.__dict__.copy()  # shares the Parameters
-                    setattr(parent, child_name, plain)
-                    swapped.append((parent, child_name, child))
+    for base in (GroupNorm, AttentionCore):
+        swapped += replace_modules(model, lambda m, base=base: isinstance(m, base) and type(m) is not base,
+                                   lambda m, base=base: rebind(m, base))
     if swapped:
         log.info("export uses the eager reference layers: %d substituted layers swapped back",
                  len(swapped))
     try:
         yield model
     finally:
-        for parent, child_name, child in swapped:
-            setattr(parent, child_name, child)
+        restore_modules(swapped)
 
 
 _ONNX_FLOAT_TYPES = {"Float": (1, torch.float32), "Half": (10, torch.float16),

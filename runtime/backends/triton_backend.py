@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.backends.substitute import replace_modules
+from runtime.backends.substitute import rebind, replace_modules
 from runtime.models.layers import AttentionCore, GroupNorm
 
 
@@ -14,8 +14,9 @@ def prepare_triton(components, *, channels_last: bool = True):
         raise RuntimeError(f"the triton backend needs the `triton` package ({err}); "
                            "install it with `pip install triton` or use backend='torch'") from err
     for model in (components.unet, components.vae):
-        replace_modules(model, GroupNorm, TritonGroupNorm.from_module)
-        replace_modules(model, AttentionCore, lambda old: TritonAttentionCore(old.upcast))
+        # Exact types: a module that is already kernel-backed is not replaced twice.
+        replace_modules(model, lambda m: type(m) is GroupNorm, lambda old: rebind(old, TritonGroupNorm))
+        replace_modules(model, lambda m: type(m) is AttentionCore, lambda old: rebind(old, TritonAttentionCore))
         if channels_last:
             # Convolutions are fastest in NHWC on tensor cores; our GroupNorm kernel reads either layout.
             model.to(memory_format=torch.channels_last)

@@ -14,12 +14,6 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 class TritonGroupNorm(GroupNorm):
     """GroupNorm(+SiLU) computed by kernels.group_norm; same parameters, same state-dict keys."""
 
-    @classmethod
-    def from_module(cls, old: GroupNorm) -> "TritonGroupNorm":
-        new = cls.__new__(cls)
-        new.__dict__ = old.__dict__.copy()  # shares the Parameters, keeps hooks and flags
-        return new
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation)
 
