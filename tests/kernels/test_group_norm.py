@@ -65,7 +65,17 @@ def _assert_close_to_reference(x, weight, bias, activation, y, eps=1e-5):
         return
     torch_y = group_norm_reference(x, _groups(x), weight, bias, eps, activation, upcast=False)
     torch_err = (torch_y.double() - ref).abs().max().item()
+    if x.dtype == torch.bfloat16 and y.device.type == "cpu":
+        # Triton's interpreter truncates fp32 -> bf16 on store where a GPU rounds to nearest: there an
+        # exact kernel is off by up to one bf16 ulp, twice torch's rounding error.
+        torch_err = max(torch_err, (_truncate_to_bf16(ref) - ref).abs().max().item())
     assert err <= 2 * torch_err + atol, f"{x.dtype}: kernel error {err:.3g} > 2 * torch's {torch_err:.3g} + {atol}"
+
+
+def _truncate_to_bf16(t):
+    """fp64 -> bf16 by dropping the low 16 bits of the fp32 value, as the interpreter casts."""
+    bits = t.float().view(torch.int32) & -65536  # 0xFFFF0000
+    return bits.view(torch.float32).double()
 
 
 def _groups(x):
