@@ -12,7 +12,7 @@ import sys
 
 from export.manifest import ArtifactError
 from export.specs import NETWORKS, ImageShape, ShapeProfile
-from export.tensorrt import TensorRTUnavailable
+from export.tensorrt import PRECISIONS, TensorRTUnavailable
 
 DEFAULTS = ShapeProfile()
 
@@ -30,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="diffusers folder or single-file .safetensors")
     parser.add_argument("--out", required=True, help="export directory (empty, new, or one of ours)")
     parser.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx")
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+    parser.add_argument("--dtype", choices=PRECISIONS, default=None,
                         help="onnx: the graphs' dtype, fp32 (default) or fp16. tensorrt: the engine "
                              "precision, fp16 (default), bf16 or fp32, built from fp32 graphs")
     for bound in ("min", "opt", "max"):

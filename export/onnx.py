@@ -25,6 +25,7 @@ from torch import nn
 
 from export.manifest import TEMP_PREFIX, ArtifactError, Manifest, tool_versions, weights_digests
 from export.specs import NETWORKS, ImageShape, NetworkSpec, ShapeProfile, network_specs
+from runtime.dtypes import PRECISIONS
 
 log = logging.getLogger("export")
 
@@ -33,7 +34,8 @@ OPSET = 17
 EXPORTER_VERSION = 1
 # Protobuf cannot serialise a message of 2 GiB or more; keep a margin for the graph itself.
 EXTERNAL_DATA_BYTES = 1_800_000_000
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# The graph dtypes export writes; bf16 exists only as a TensorRT engine precision (export/tensorrt.py).
+DTYPES = {name: PRECISIONS[name] for name in ("fp32", "fp16")}
 COMPONENT_OF = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
 
 
@@ -97,7 +99,7 @@ def network_module(components, name: str) -> nn.Module:
 @contextlib.contextmanager
 def reference_layers(model: nn.Module):
     """Temporarily put plain GroupNorm / AttentionCore back where a backend substituted subclasses."""
-    from runtime.backends.substitute import rebind, replace_modules, restore_modules
+    from runtime.models.substitution import rebind, replace_modules, restore_modules
     from runtime.models.layers import AttentionCore, GroupNorm
 
     swapped = []

@@ -26,10 +26,11 @@ from pathlib import Path
 from export.manifest import TEMP_PREFIX, ArtifactError, Manifest, atomic_write_text
 from export.onnx import ensure_onnx, stored_spec
 from export.specs import NETWORKS, NetworkSpec, ShapeProfile
+from runtime.dtypes import PRECISIONS as RUNTIME_PRECISIONS
 
 log = logging.getLogger("export")
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = tuple(RUNTIME_PRECISIONS)  # engines build in every precision the runtime names
 TIMING_CACHE_NAME = "timing_cache.bin"
 METADATA_SUFFIX = ".json"
 

@@ -33,13 +33,11 @@ import torch
 from torch import nn
 
 from runtime import single_file
+from runtime.dtypes import parse_dtype
 from runtime.single_file import OriginalTensor
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-          "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 # Weight file stems per component folder, as diffusers / transformers write them.
 _WEIGHT_STEMS = {"unet": ("diffusion_pytorch_model",), "vae": ("diffusion_pytorch_model",),
                  "text_encoder": ("model", "pytorch_model")}
@@ -68,13 +66,10 @@ class Components:
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """torch.float16 or a name ("fp16", "float16", "half", "bf16", "fp32", ...) -> torch.dtype."""
-    if isinstance(dtype, torch.dtype):
-        if dtype in DTYPES.values():
-            return dtype
-        raise WeightLoadError(f"dtype {dtype} is not supported; use one of {sorted(set(map(str, DTYPES.values())))}")
-    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
-        return DTYPES[dtype.lower().removeprefix("torch.")]
-    raise WeightLoadError(f"unknown dtype {dtype!r}; valid names: {', '.join(DTYPES)}")
+    try:
+        return parse_dtype(dtype)
+    except ValueError as err:
+        raise WeightLoadError(str(err)) from None
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

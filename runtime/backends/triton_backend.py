@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.backends.substitute import rebind, replace_modules
+from runtime.models.substitution import rebind, replace_modules
 from runtime.models.layers import AttentionCore, GroupNorm
 
 

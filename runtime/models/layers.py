@@ -1,7 +1,7 @@
 """The two layers a backend may swap for kernels: GroupNorm(+activation) and the attention core.
 
 Model code builds these and nothing else for normalisation and attention, so a backend can
-substitute kernel-backed modules at load time (see runtime/backends/substitute.py) without the
+substitute kernel-backed modules at load time (see runtime/models/substitution.py) without the
 models knowing. Both keep the parameter names of their torch / diffusers counterparts, so the
 state-dict keys stay identical to diffusers.
 """
