@@ -35,17 +35,7 @@ from tqdm.auto import tqdm
 from runtime import images as imageio
 from runtime.graphs import CudaGraphDenoiser, GraphKey, scheduler_identity
 from runtime.images import GenerationInfo
-from runtime.schedulers import SCHEDULER_NAMES, make_scheduler
-
-# diffusers' scheduler class names -> our names, for the default scheduler's name in metadata.
-_SCHEDULER_NAME_BY_CLASS = {
-    "DDIMScheduler": "ddim",
-    "PNDMScheduler": "pndm",
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_a",
-    "DPMSolverMultistepScheduler": "dpmpp_2m",
-    "LCMScheduler": "lcm",
-}
+from runtime.schedulers import SCHEDULER_NAMES, config_name, make_scheduler
 
 
 class GenerationCancelled(RuntimeError):
@@ -222,11 +212,7 @@ class Pipeline:
 
     def default_scheduler_name(self) -> str:
         """Our name for the scheduler the checkpoint's config names."""
-        class_name = self.scheduler_config.get("_class_name", "")
-        name = _SCHEDULER_NAME_BY_CLASS.get(class_name, class_name or "unknown")
-        if name == "dpmpp_2m" and self.scheduler_config.get("use_karras_sigmas"):
-            name = "dpmpp_2m_karras"
-        return name
+        return config_name(self.scheduler_config)
 
     # ------------------------------------------------------------------ the run
     def _run(self, request: _Request, *, image=None, mask=None, callback=None, progress=True):

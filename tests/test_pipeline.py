@@ -11,27 +11,19 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, LCMScheduler, PNDMScheduler, StableDiffusionImg2ImgPipeline,
-                       StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel)
+import diffusers
+from diffusers import (StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
+                       UNet2DConditionModel)
 
 import runtime
 from runtime import images as imageio
 from runtime.images import psnr
 from runtime.pipeline import GenerationCancelled
+from runtime.schedulers import diffusers_equivalent
 from tests.model_factory import save_diffusers_folder
 
 MIN_PSNR_DB = 35.0
 
-DIFFUSERS_SCHEDULERS = {
-    "ddim": (DDIMScheduler, {}),
-    "pndm": (PNDMScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
-    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
-    "lcm": (LCMScheduler, {}),
-}
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +77,8 @@ def reference(cls, folder, scheduler=None):
     if scheduler is not None:
         # Assigned after construction, as users switch samplers: the pipeline's __init__ would otherwise
         # "fix" some config values (e.g. DDIM's clip_sample) that from_config leaves as they are.
-        scheduler_cls, overrides = DIFFUSERS_SCHEDULERS[scheduler]
-        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **overrides)
+        class_name, overrides = diffusers_equivalent(scheduler)
+        pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **overrides)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -151,7 +143,7 @@ def test_txt2img_fp16_matches_diffusers(sd1_folder):
     pipe = StableDiffusionPipeline.from_pretrained(sd1_folder, safety_checker=None, requires_safety_checker=False,
                                                    torch_dtype=torch.float16)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     theirs = pipe("a red fox", num_inference_steps=2, width=40, height=24, generator=generator(7)).images
     assert_close_images(mine, theirs)
 

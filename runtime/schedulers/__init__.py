@@ -19,9 +19,8 @@ from .euler import Euler, EulerAncestral
 from .lcm import LCM
 from .pndm import PNDM
 
-SCHEDULER_NAMES = ("ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lcm")
-
-# name -> (diffusers class whose defaults apply, our class, config keys the name itself fixes)
+# name -> (diffusers class whose defaults apply, our class, config keys the name itself fixes).
+# The one table of samplers: names, diffusers' class names and the CLI's choices all derive from it.
 _BY_NAME: dict[str, tuple[str, type[Scheduler], dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", DDIM, {}),
     "pndm": ("PNDMScheduler", PNDM, {}),
@@ -33,7 +32,26 @@ _BY_NAME: dict[str, tuple[str, type[Scheduler], dict[str, Any]]] = {
                         dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True)),
     "lcm": ("LCMScheduler", LCM, {}),
 }
-_NATIVE_CLASSES = {entry[0]: name for name, entry in _BY_NAME.items() if name != "dpmpp_2m_karras"}
+SCHEDULER_NAMES = tuple(_BY_NAME)
+# A diffusers class name -> our name for a checkpoint's own scheduler (Karras sigmas: see config_name).
+_NATIVE_CLASSES = {entry[0]: name for name, entry in _BY_NAME.items() if not entry[2].get("use_karras_sigmas")}
+
+
+def diffusers_equivalent(name: str) -> tuple[str, dict[str, Any]]:
+    """(diffusers scheduler class name, from_config overrides) that make diffusers run sampler `name`:
+    the reference the bench's diffusers row and the parity tests switch to."""
+    class_name, _, overrides = _BY_NAME[name]
+    return class_name, dict(overrides)
+
+
+def config_name(config: Mapping[str, Any]) -> str:
+    """Our name for the sampler a scheduler_config.json describes (its class, and Karras sigmas); the
+    class name itself where we do not implement it, "unknown" where the config names none."""
+    class_name = config.get("_class_name", "")
+    name = _NATIVE_CLASSES.get(class_name, class_name or "unknown")
+    if name == "dpmpp_2m" and config.get("use_karras_sigmas"):
+        name = "dpmpp_2m_karras"
+    return name
 
 
 def make_scheduler(name: str | None, config: Mapping[str, Any]) -> Scheduler:
@@ -60,5 +78,5 @@ def make_scheduler(name: str | None, config: Mapping[str, Any]) -> Scheduler:
     return cls(merged_config(diffusers_class, config, overrides))
 
 
-__all__ = ["SCHEDULER_NAMES", "Scheduler", "make_scheduler", "DDIM", "PNDM", "Euler", "EulerAncestral",
+__all__ = ["SCHEDULER_NAMES", "Scheduler", "config_name", "diffusers_equivalent", "make_scheduler", "DDIM", "PNDM", "Euler", "EulerAncestral",
            "DPMSolverPP2M", "LCM"]
