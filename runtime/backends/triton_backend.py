@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from runtime.backends.fused_qkv import fuse_qkv
 from runtime.backends.substitute import rebind, replace_modules
 from runtime.models.layers import AttentionCore, GroupNorm
 
@@ -14,6 +15,7 @@ def prepare_triton(components, *, channels_last: bool = True):
         raise RuntimeError(f"the triton backend needs the `triton` package ({err}); "
                            "install it with `pip install triton` or use backend='torch'") from err
     for model in (components.unet, components.vae):
+        fuse_qkv(model)  # self-attention's q, k, v as one GEMM
         # Exact types: a module that is already kernel-backed is not replaced twice.
         replace_modules(model, lambda m: type(m) is GroupNorm, lambda old: rebind(old, TritonGroupNorm))
         replace_modules(model, lambda m: type(m) is AttentionCore, lambda old: rebind(old, TritonAttentionCore))
