@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from runtime.backends.substitute import rebind, replace_modules
-from runtime.models.blocks import Attention, SpatialSelfAttention
+from runtime.models.blocks import Attention, BasicTransformerBlock, SpatialSelfAttention
 
 
 class FusedQKVAttention(Attention):
@@ -62,14 +62,14 @@ class FusedQKVSpatialSelfAttention(SpatialSelfAttention, FusedQKVAttention):
 FUSED = {Attention: FusedQKVAttention, SpatialSelfAttention: FusedQKVSpatialSelfAttention}
 
 
-def _is_self_attention(module) -> bool:
-    """Projections of one input width, all with bias or none: one GEMM can compute them. (attn2 has a
-    context width of its own; an `only_cross_attention` attn1 is given a context and keeps the plain path.)"""
-    if type(module) not in FUSED:
-        return False
-    widths = {p.in_features for p in (module.to_q, module.to_k, module.to_v)}
-    biased = {p.bias is not None for p in (module.to_q, module.to_k, module.to_v)}
-    return len(widths) == 1 and len(biased) == 1
+def _self_attentions(model: torch.nn.Module) -> set[int]:
+    """ids of the modules that attend over their own input: a transformer block's attn1 (unless it is
+    `only_cross_attention`) and the VAE's attention. attn2 reads the text context even where the context
+    happens to be as wide as the tokens, so it is never one of them. Projections must agree on bias."""
+    found = [b.attn1 for b in model.modules() if isinstance(b, BasicTransformerBlock) and not b.only_cross_attention]
+    found += [m for m in model.modules() if type(m) is SpatialSelfAttention]
+    return {id(m) for m in found if type(m) in FUSED
+            and len({p.bias is not None for p in (m.to_q, m.to_k, m.to_v)}) == 1}
 
 
 def _fused(module: Attention) -> Attention:
@@ -80,4 +80,5 @@ def _fused(module: Attention) -> Attention:
 
 def fuse_qkv(model: torch.nn.Module):
     """Substitute every self-attention of `model` by its fused-projection counterpart."""
-    return replace_modules(model, _is_self_attention, _fused)
+    self_attentions = _self_attentions(model)
+    return replace_modules(model, lambda m: id(m) in self_attentions, _fused)

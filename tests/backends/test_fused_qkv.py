@@ -41,7 +41,7 @@ def test_only_self_attention_is_fused_and_state_dict_is_unchanged():
     block = _block()
     fused = _fused_copy(block)
     assert type(fused.attn1) is FusedQKVAttention
-    assert type(fused.attn2) is Attention  # the context has its own width: K/V cannot share q's GEMM
+    assert type(fused.attn2) is Attention  # K/V read the text context, q the tokens
     assert fused.state_dict().keys() == block.state_dict().keys()
     for key, value in block.state_dict().items():
         assert torch.equal(fused.state_dict()[key], value), key
@@ -67,11 +67,16 @@ def test_vae_attention_with_biases_matches_unfused():
         torch.testing.assert_close(fused(x), attention(x))
 
 
-def test_a_given_context_takes_the_plain_path():
-    # only_cross_attention: attn1's projections all read the context, and forward is given it.
+def test_cross_attention_is_never_fused_and_a_given_context_takes_the_plain_path():
+    # only_cross_attention: attn1 reads the context too. A fused module handed a context (never the case
+    # in our models) still computes plain attention.
     block = _block(only_cross_attention=True)
     fused = _fused_copy(block)
-    assert type(fused.attn1) is Attention  # to_q reads 64 wide, to_k / to_v 48: not one GEMM
+    assert type(fused.attn1) is Attention and type(fused.attn2) is Attention
+    same_width = BasicTransformerBlock(dim=48, heads=4, head_dim=12, context_dim=48, only_cross_attention=False,
+                                       upcast_attention=False)
+    fused_same_width = _fused_copy(same_width)
+    assert type(fused_same_width.attn1) is FusedQKVAttention and type(fused_same_width.attn2) is Attention
     attention = Attention(64, heads=4, head_dim=16).eval()
     fused_attention = FusedQKVAttention.__new__(FusedQKVAttention)
     fused_attention.__dict__ = copy.deepcopy(attention).__dict__
