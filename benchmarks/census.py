@@ -279,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"census: every figure below is modelled (op counts on meta tensors), none measured. Target "
           f"{target.name}: {target.matrix_tflops:g} TFLOP/s, {target.bandwidth_tbs:g} TB/s, "
           f"{target.graph_node_us:g} µs per graph node, {target.eager_launch_us:g} µs per eager launch; fp16")
+    print(f"  (figures: {target.source})")
     print(format_rows(rows))
     for key in args.top:
         print()

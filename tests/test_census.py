@@ -98,3 +98,12 @@ def test_bad_arguments_are_usage_errors_before_any_work(argv, message, capsys):
         census.parse_args(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_diffusers_unet_does_the_same_matrix_work(counted):
+    pytest.importorskip("diffusers")
+    (records, graphed), = census.count_networks("sd15", "diffusers").values()
+    assert not graphed
+    assert len(_ops(records, "aten.native_group_norm")) == 61 and len(_ops(records, "sdpa")) == 32
+    ours, _ = counted["sd15", "torch"]["unet_step"]
+    assert sum(r.flops for r in records) == sum(r.flops for r in ours)
