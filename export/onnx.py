@@ -98,12 +98,14 @@ def network_module(components, name: str) -> nn.Module:
 
 @contextlib.contextmanager
 def reference_layers(model: nn.Module):
-    """Temporarily put plain GroupNorm / AttentionCore back where a backend substituted subclasses."""
-    from runtime.models.substitution import rebind, replace_modules, restore_modules
+    """Temporarily put plain GroupNorm / AttentionCore / GEGLU back where a backend substituted kernel-backed
+    subclasses (their custom ops have no ONNX symbolic; fused q/k/v projections export as plain GEMMs)."""
+    from runtime.models.blocks import GEGLU
     from runtime.models.layers import AttentionCore, GroupNorm
+    from runtime.models.substitution import rebind, replace_modules, restore_modules
 
     swapped = []
-    for base in (GroupNorm, AttentionCore):
+    for base in (GroupNorm, AttentionCore, GEGLU):
         swapped += replace_modules(model, lambda m, base=base: isinstance(m, base) and type(m) is not base,
                                    lambda m, base=base: rebind(m, base))
     if swapped:

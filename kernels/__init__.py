@@ -8,6 +8,7 @@ for one says why.
 """
 try:
     from kernels.attention import attention, attention_reference
+    from kernels.geglu import geglu, geglu_reference
     from kernels.group_norm import group_norm, group_norm_reference
 except ImportError as _err:
     _IMPORT_ERROR = _err
@@ -15,4 +16,4 @@ except ImportError as _err:
     def __getattr__(name: str):
         raise AttributeError(f"kernels.{name} is unavailable: {_IMPORT_ERROR} (the kernels need `triton`)")
 
-__all__ = ["attention", "attention_reference", "group_norm", "group_norm_reference"]
+__all__ = ["attention", "attention_reference", "geglu", "geglu_reference", "group_norm", "group_norm_reference"]

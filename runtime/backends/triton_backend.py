@@ -3,20 +3,24 @@ from __future__ import annotations
 
 import torch
 
+from runtime.backends.fused_qkv import fuse_qkv
+from runtime.models.blocks import GEGLU
 from runtime.models.substitution import rebind, replace_modules
 from runtime.models.layers import AttentionCore, GroupNorm
 
 
 def prepare_triton(components, *, channels_last: bool = True):
     try:
-        from runtime.backends.triton_layers import TritonAttentionCore, TritonGroupNorm
+        from runtime.backends.triton_layers import TritonAttentionCore, TritonGEGLU, TritonGroupNorm
     except ImportError as err:
         raise RuntimeError(f"the triton backend needs the `triton` package ({err}); "
                            "install it with `pip install triton` or use backend='torch'") from err
     for model in (components.unet, components.vae):
+        fuse_qkv(model)  # self-attention's q, k, v as one GEMM
         # Exact types: a module that is already kernel-backed is not replaced twice.
         replace_modules(model, lambda m: type(m) is GroupNorm, lambda old: rebind(old, TritonGroupNorm))
         replace_modules(model, lambda m: type(m) is AttentionCore, lambda old: rebind(old, TritonAttentionCore))
+        replace_modules(model, lambda m: type(m) is GEGLU, lambda old: rebind(old, TritonGEGLU))
         if channels_last:
             # Convolutions are fastest in NHWC on tensor cores; our GroupNorm kernel reads either layout.
             model.to(memory_format=torch.channels_last)

@@ -1,0 +1,300 @@
+"""python -m benchmarks.census: what one request costs on a GPU, counted on the CPU (every figure modelled).
+
+For each model of MODELS at its native size, and each backend (torch: our eager modules; triton: our
+kernels substituted, channels_last; diffusers: its UNet, when importable), the networks run once on
+meta tensors (benchmarks/op_census.py): the guided UNet step (UNet on [uncond; cond] and the guidance
+combine), the VAE decode and the text encoder, in fp16. Per network it prints launches, GB moved, TFLOP
+and a roofline time on a named target: per op max(FLOPs / matrix peak, bytes / bandwidth), plus a cost
+per launch (a graph node's gap where the network replays from a CUDA graph, an eager launch elsewhere),
+then the top 15 ops by modelled time. Runs in seconds; nothing here is a measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+
+from benchmarks.op_census import DEVICE, OpRecord, count_ops
+from runtime import default_configs
+
+DTYPE = torch.float16
+GUIDANCE = 7.5
+TOP_OPS = 15
+TEXT_TOKENS = 77
+
+
+@dataclass(frozen=True)
+class Target:
+    """A GPU to model: the rates a roofline divides by, and what a launch costs."""
+
+    name: str
+    matrix_tflops: float    # dense fp16/bf16 tensor-core rate, TFLOP/s
+    bandwidth_tbs: float    # DRAM copy bandwidth, TB/s
+    graph_node_us: float    # gap between nodes of a replayed CUDA graph, µs
+    eager_launch_us: float  # one eagerly launched op (dispatch + cudaLaunchKernel), µs
+    source: str
+
+
+# One row per target; the figures and where each comes from.
+TARGETS = {
+    "h200": Target(
+        "H200", 790.0, 4.3, 1.0, 5.0,
+        "matrix rate and copy bandwidth as measured on the lent H200 (issue 15, DESIGN.md); graph-node gap "
+        "from issue 15's reading (~0.8 ms of gaps over ~780 graph nodes); eager launch: an assumption "
+        "(PyTorch dispatch plus cudaLaunchKernel, 4-10 µs on a fast host)"),
+    "h100": Target(
+        "H100 SXM", 790.0, 3.0, 1.0, 5.0,
+        "NVIDIA H100 SXM datasheet: 989 TFLOP/s dense fp16, 3.35 TB/s HBM3; scaled by what the H200 "
+        "(same GH100 tensor cores and clocks, 989 TFLOP/s and 4.8 TB/s on its datasheet) reached: "
+        "790/989 of the matrix rate and 4.3/4.8 of the bandwidth; launch costs as the H200's"),
+}
+
+
+@dataclass(frozen=True)
+class Model:
+    """A model of the census at its native resolution."""
+
+    kind: str    # runtime.default_configs kind
+    width: int
+    height: int
+
+
+# Adding a model is a line (SDXL 1024² once default_configs has an "sdxl" kind).
+MODELS = {
+    "sd15": Model("sd1", 512, 512),
+    "sd21": Model("sd2", 768, 768),
+}
+# backend -> the networks the census runs on it (diffusers: its UNet, the baseline row).
+NETWORKS = {
+    "torch": ("unet_step", "vae_decode", "text_encoder"),
+    "triton": ("unet_step", "vae_decode", "text_encoder"),
+    "diffusers": ("unet_step",),
+}
+BACKENDS = tuple(NETWORKS)
+
+
+# ----------------------------------------------------------------------------- networks
+
+
+def _build_ours(kind: str, backend: str):
+    from runtime.models.clip import CLIPTextConfig, CLIPTextModel
+    from runtime.models.unet import UNet, UNetConfig
+    from runtime.models.vae import AutoencoderKL, VAEConfig
+
+    configs = default_configs.default_configs(kind)
+    with torch.device(DEVICE):
+        components = SimpleNamespace(
+            unet=UNet(UNetConfig.from_dict(configs["unet"])).eval().to(DTYPE),
+            vae=AutoencoderKL(VAEConfig.from_dict(configs["vae"])).eval().to(DTYPE),
+            text_encoder=CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"])).eval().to(DTYPE),
+        )
+    if backend == "triton":
+        from runtime.backends.triton_backend import prepare_triton
+        components = prepare_triton(components)
+    return components
+
+
+def _guided_step(unet: Callable, latents: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """The UNet's share of a guided denoising step (pipeline.denoise_step without the sampler)."""
+    uncond, cond = unet(torch.cat([latents, latents]), torch.tensor(500.0, device=DEVICE), context).chunk(2)
+    return uncond + GUIDANCE * (cond - uncond)
+
+
+def _networks_ours(model: Model, backend: str) -> dict[str, tuple[Callable, bool]]:
+    """network -> (a zero-argument run on meta tensors, whether it replays from a CUDA graph)."""
+    configs = default_configs.default_configs(model.kind)
+    c = _build_ours(model.kind, backend)
+    latent = (1, configs["unet"]["in_channels"], model.height // 8, model.width // 8)
+    latents = torch.randn(latent, device=DEVICE, dtype=DTYPE)
+    context = torch.randn(2, TEXT_TOKENS, configs["unet"]["cross_attention_dim"], device=DEVICE, dtype=DTYPE)
+    ids = torch.zeros(2, TEXT_TOKENS, dtype=torch.int64, device=DEVICE)
+    return {
+        # The pipeline replays the triton backend's denoising steps from CUDA graphs (runtime/graphs.py).
+        "unet_step": (lambda: _guided_step(c.unet, latents, context), backend == "triton"),
+        "vae_decode": (lambda: c.vae.decode(latents), False),
+        "text_encoder": (lambda: c.text_encoder(ids), False),
+    }
+
+
+def _networks_diffusers(model: Model) -> dict[str, tuple[Callable, bool]]:
+    from diffusers import UNet2DConditionModel
+
+    configs = default_configs.default_configs(model.kind)
+    with torch.device(DEVICE):
+        unet = UNet2DConditionModel.from_config(configs["unet"]).eval().to(DTYPE)
+    latents = torch.randn(1, configs["unet"]["in_channels"], model.height // 8, model.width // 8,
+                          device=DEVICE, dtype=DTYPE)
+    context = torch.randn(2, TEXT_TOKENS, configs["unet"]["cross_attention_dim"], device=DEVICE, dtype=DTYPE)
+    return {"unet_step": (lambda: _guided_step(lambda *a: unet(*a, return_dict=False)[0], latents, context),
+                          False)}
+
+
+def diffusers_available() -> bool:
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- the model of time
+
+
+def op_seconds(record: OpRecord, target: Target) -> float:
+    """Roofline time of one op: bound by its matrix FLOPs or by its bytes, whichever is slower."""
+    return max(record.flops / (target.matrix_tflops * 1e12),
+               (record.bytes_read + record.bytes_written) / (target.bandwidth_tbs * 1e12))
+
+
+def summarize(records: list[OpRecord], graphed: bool, target: Target) -> dict:
+    launches = sum(r.launches for r in records)
+    roofline = sum(op_seconds(r, target) for r in records)
+    per_launch_us = target.graph_node_us if graphed else target.eager_launch_us
+    by_category = defaultdict(lambda: {"launches": 0, "tflop": 0.0, "gb": 0.0})
+    for r in records:
+        row = by_category[r.category]
+        row["launches"] += r.launches
+        row["tflop"] += r.flops / 1e12
+        row["gb"] += (r.bytes_read + r.bytes_written) / 1e9
+    return {
+        "ops": len(records),
+        "launches": launches,
+        "gb_moved": sum(r.bytes_read + r.bytes_written for r in records) / 1e9,
+        "tflop": sum(r.flops for r in records) / 1e12,
+        "graphed": graphed,
+        "modelled_roofline_ms": roofline * 1e3,
+        "modelled_launch_ms": launches * per_launch_us * 1e-3,
+        "modelled_ms": roofline * 1e3 + launches * per_launch_us * 1e-3,
+        "by_category": dict(sorted(by_category.items())),
+    }
+
+
+def top_ops(records: list[OpRecord], target: Target, n: int = TOP_OPS) -> list[dict]:
+    """Identical ops (same op, same input shapes) grouped, slowest groups first."""
+    groups: dict[tuple[str, str], dict] = {}
+    for r in records:
+        g = groups.setdefault((r.op, r.shapes), {"op": r.op, "shapes": r.shapes, "count": 0, "launches": 0,
+                                                 "gflop": 0.0, "gb": 0.0, "modelled_ms": 0.0})
+        g["count"] += 1
+        g["launches"] += r.launches
+        g["gflop"] += r.flops / 1e9
+        g["gb"] += (r.bytes_read + r.bytes_written) / 1e9
+        g["modelled_ms"] += op_seconds(r, target) * 1e3
+    return sorted(groups.values(), key=lambda g: -g["modelled_ms"])[:n]
+
+
+# ----------------------------------------------------------------------------- running it
+
+
+def count_networks(model_name: str, backend: str) -> dict[str, tuple[list[OpRecord], bool]]:
+    """network -> (the ops one run launches, whether it replays from a CUDA graph)."""
+    model = MODELS[model_name]
+    networks = _networks_diffusers(model) if backend == "diffusers" else _networks_ours(model, backend)
+    return {network: (count_ops(run), graphed) for network, (run, graphed) in networks.items()}
+
+
+def census(models: list[str], backends: list[str], target: Target) -> tuple[list[dict], dict]:
+    """(one row per model x backend x network, {"model/backend/network": top ops})."""
+    rows, tops = [], {}
+    for model_name in models:
+        model = MODELS[model_name]
+        for backend in backends:
+            for network, (records, graphed) in count_networks(model_name, backend).items():
+                rows.append({"model": model_name, "backend": backend, "network": network,
+                             "width": model.width, "height": model.height, "dtype": "fp16",
+                             "target": target.name, **summarize(records, graphed, target)})
+                tops[f"{model_name}/{backend}/{network}"] = top_ops(records, target)
+    return rows, tops
+
+
+def format_rows(rows: list[dict]) -> str:
+    header = (f"{'model':6} {'backend':9} {'network':12} {'launches':>8} {'GB moved':>9} {'TFLOP':>7} "
+              f"{'roofline ms':>11} {'launch ms':>9} {'total ms':>9}  graphed")
+    lines = ["modelled per run:", header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['model']:6} {r['backend']:9} {r['network']:12} {r['launches']:8d} {r['gb_moved']:9.3f} "
+                     f"{r['tflop']:7.3f} {r['modelled_roofline_ms']:11.3f} {r['modelled_launch_ms']:9.3f} "
+                     f"{r['modelled_ms']:9.3f}  {'yes' if r['graphed'] else 'no'}")
+    return "\n".join(lines)
+
+
+def format_top(key: str, ops: list[dict]) -> str:
+    lines = [f"top {len(ops)} ops by modelled time, {key} (all figures modelled):",
+             f"  {'modelled ms':>11} {'count':>5} {'GFLOP':>8} {'GB':>7}  op  [input shapes]"]
+    for g in ops:
+        lines.append(f"  {g['modelled_ms']:11.4f} {g['count']:5d} {g['gflop']:8.2f} {g['gb']:7.3f}  "
+                     f"{g['op']}  [{g['shapes']}]")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.census", description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {sorted(MODELS)}")
+    p.add_argument("--backends", default=None,
+                   help=f"comma-separated, from {list(BACKENDS)} (default: all; diffusers only if importable)")
+    p.add_argument("--target", default="h200", choices=sorted(TARGETS),
+                   help="GPU to model: " + "; ".join(f"{k}: {t.source}" for k, t in TARGETS.items()))
+    p.add_argument("--top", default=None,
+                   help="which rows get a top-15 list: 'all', 'none', or model/backend/network keys, "
+                        "comma-separated (default: each model's unet_step)")
+    p.add_argument("--json", dest="json_path", help="write rows, top ops and targets here")
+    args = p.parse_args(argv)
+    args.models = [m for m in args.models.split(",") if m]
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown or not args.models:
+        p.error(f"--models: unknown {unknown or 'empty list'}; choose from {sorted(MODELS)}")
+    if args.backends is None:
+        args.backends = [b for b in BACKENDS if b != "diffusers" or diffusers_available()]
+    else:
+        args.backends = [b for b in args.backends.split(",") if b]
+        unknown = [b for b in args.backends if b not in BACKENDS]
+        if unknown or not args.backends:
+            p.error(f"--backends: unknown {unknown or 'empty list'}; choose from {list(BACKENDS)}")
+        if "diffusers" in args.backends and not diffusers_available():
+            p.error("--backends: diffusers is not importable here")
+    keys = [f"{m}/{b}/{n}" for m in args.models for b in args.backends for n in NETWORKS[b]]
+    if args.top is None:
+        args.top = [k for k in keys if k.endswith("/unet_step")]
+    elif args.top in ("all", "none"):
+        args.top = keys if args.top == "all" else []
+    else:
+        args.top = [k for k in args.top.split(",") if k]
+        missing = [k for k in args.top if k not in keys]
+        if missing:
+            p.error(f"--top: {missing} not among this run's rows {keys}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    target = TARGETS[args.target]
+    rows, tops = census(args.models, args.backends, target)
+    print(f"census: every figure below is modelled (op counts on meta tensors), none measured. Target "
+          f"{target.name}: {target.matrix_tflops:g} TFLOP/s, {target.bandwidth_tbs:g} TB/s, "
+          f"{target.graph_node_us:g} µs per graph node, {target.eager_launch_us:g} µs per eager launch; fp16")
+    print(f"  (figures: {target.source})")
+    print(format_rows(rows))
+    for key in args.top:
+        print()
+        print(format_top(key, tops[key]))
+    if args.json_path:
+        payload = {"kind": "census", "modelled": True, "torch": torch.__version__, "target": asdict(target),
+                   "targets": {k: asdict(t) for k, t in TARGETS.items()},
+                   "config": {"models": args.models, "backends": args.backends, "dtype": "fp16",
+                              "guidance": GUIDANCE},
+                   "results": rows, "top_ops": tops}
+        path = pathlib.Path(args.json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
