@@ -14,6 +14,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from runtime import cli_choices
+
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -50,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--strength", type=float, default=None,
                      help="how much of the init image to repaint, in (0, 1] (default 0.75 img2img, 1.0 inpaint)")
     gen.add_argument("--mask", default=None, help="inpainting mask (white = repaint); needs --init-image")
+    gen.add_argument("--prompt-syntax", default="a1111", choices=cli_choices.prompt_syntaxes(),
+                     help="a1111: (word:1.3), ((word)), [word], BREAK, prompts past 75 tokens in chunks; "
+                          "plain: the text as is, cut at 77 tokens with a warning (default: %(default)s)")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -85,6 +90,7 @@ def run_generate(args) -> list[Path]:
     init_image = imageio.load_image(args.init_image, "--init-image") if args.init_image else None
     mask = imageio.load_image(args.mask, "--mask") if args.mask else None
     pipe = runtime.load(args.model, backend=args.backend, device=args.device, dtype=args.dtype)
+    pipe.prompt_syntax = args.prompt_syntax
     options = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
                    width=args.width, height=args.height, seed=args.seed, num_images=args.num_images,
                    scheduler=args.scheduler, progress=not args.no_progress)

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from runtime import images as imageio
 from runtime.graphs import CudaGraphDenoiser, GraphKey, scheduler_identity
 from runtime.images import GenerationInfo
+from runtime.prompt_syntax import encode_prompts
 from runtime.schedulers import SCHEDULER_NAMES, make_scheduler
 
 # diffusers' scheduler class names -> our names, for the default scheduler's name in metadata.
@@ -87,6 +88,8 @@ class _Request:
 
 class Pipeline:
     """Stable Diffusion over `components` (runtime.weights.Components) prepared by a backend."""
+
+    prompt_syntax = "a1111"  # how prompts are read: runtime/prompt_syntax.py's PROMPT_SYNTAXES
 
     def __init__(self, components, backend: str = "torch", cuda_graphs: bool | None = None):
         """cuda_graphs: replay the denoising steps from CUDA graphs (runtime/graphs.py); default on for
@@ -257,32 +260,20 @@ class Pipeline:
         return self._finish(self.decode_latents(latents), request)
 
     def encode_prompt(self, prompts: list[str], negatives: list[str] | None, guidance: float,
-                      num_images: int = 1) -> torch.Tensor:
-        """Text-encoder context [B, 77, C], B = len(prompts) * num_images, each prompt repeated in place;
-        with guidance > 1 the unconditional half comes first: [uncond; cond], 2B rows."""
+                      num_images: int = 1, clip_skip: int | None = None) -> torch.Tensor:
+        """Text-encoder context [B, K * 77, C], B = len(prompts) * num_images, each prompt repeated in place;
+        with guidance > 1 the unconditional half comes first: [uncond; cond], 2B rows. Prompts are read
+        with `self.prompt_syntax` (runtime/prompt_syntax.py: K = 1 for prompts of at most 75 tokens)."""
         guided = guidance > 1
         if negatives is None:
             negatives = [""] * len(prompts)
         texts = (list(negatives) if guided else []) + list(prompts)
-        ids = self._tokenize(texts, first_prompt_index=len(texts) - len(prompts))
-        context = self.text_encoder(ids.to(self.device))
+        labels = ([f"negative prompt {i}" for i in range(len(negatives))] if guided else []) + \
+            [f"prompt {i}" for i in range(len(prompts))]
+        context = encode_prompts(self.tokenizer, self.text_encoder, texts, syntax=self.prompt_syntax,
+                                 clip_skip=clip_skip, labels=labels)
         context = context.to(self.dtype).repeat_interleave(num_images, dim=0)
         return context
-
-    def _tokenize(self, texts: list[str], first_prompt_index: int) -> torch.Tensor:
-        """Token ids [len(texts), 77]; a warning per text that was cut, naming it and the dropped words."""
-        if not hasattr(self.tokenizer, "tokenize_with_info"):
-            return self.tokenizer(texts)
-        result = self.tokenizer.tokenize_with_info(texts)
-        for cut in result.truncated:
-            if cut.index >= first_prompt_index:
-                which = f"prompt {cut.index - first_prompt_index}"
-            else:
-                which = f"negative prompt {cut.index}"
-            warnings.warn(f"{which} is longer than the text encoder's {result.input_ids.shape[1]} tokens and "
-                          f"was truncated; these words were dropped: {cut.dropped_text!r}", UserWarning,
-                          stacklevel=4)
-        return result.input_ids
 
     def _randn(self, shape, generator) -> torch.Tensor:
         """diffusers' randn_tensor with a CPU generator: drawn on the CPU in the model dtype, then moved.

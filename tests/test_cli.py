@@ -161,10 +161,21 @@ def test_successful_run_overwrites_existing_output(model, tmp_path, capsys):
 def test_long_prompt_warning_is_one_line(model, tmp_path, capsys):
     prompt = " ".join(["cat"] * 80) + " zebra"
     code, _, stderr = run_cli(capsys, "--model", model, "--prompt", prompt, "--out", tmp_path / "w.png",
-                              "--steps", 1, "--seed", 0, "--scheduler", "ddim", "--no-progress")
+                              "--steps", 1, "--seed", 0, "--scheduler", "ddim", "--no-progress",
+                              "--prompt-syntax", "plain")
     assert code == 0
     assert stderr.startswith("warning: prompt 0 is longer than the text encoder's 77 tokens")
     assert "zebra" in stderr and stderr.count("\n") == 1
+
+
+def test_long_prompt_is_kept_whole_by_default(model, tmp_path, capsys):
+    """A1111 syntax (the default): a long prompt is encoded in 77-token chunks, so nothing is dropped."""
+    prompt = " ".join(["cat"] * 80) + " (zebra:1.4)"
+    code, _, stderr = run_cli(capsys, "--model", model, "--prompt", prompt, "--out", tmp_path / "w.png",
+                              "--steps", 1, "--seed", 0, "--scheduler", "ddim", "--no-progress")
+    assert code == 0, stderr
+    assert stderr == ""
+    assert png_text(tmp_path / "w.png")[1]["prompt"] == prompt
 
 
 @pytest.mark.parametrize("args, message", [
