@@ -35,8 +35,10 @@ from tqdm.auto import tqdm
 from runtime import images as imageio
 from runtime.graphs import CudaGraphDenoiser, GraphKey, scheduler_identity
 from runtime.images import GenerationInfo
+from runtime.model_hash import model_hash
 from runtime.prompt_syntax import encode_prompts
 from runtime.schedulers import SCHEDULER_NAMES, make_scheduler
+from runtime.weights import DTYPES
 
 # diffusers' scheduler class names -> our names, for the default scheduler's name in metadata.
 _SCHEDULER_NAME_BY_CLASS = {
@@ -407,7 +409,9 @@ class Pipeline:
         base = GenerationInfo(prompt="", negative_prompt="", seed=request.seed, steps=request.steps,
                               guidance=request.guidance, scheduler=request.scheduler_name,
                               width=request.width, height=request.height, mode=request.mode,
-                              strength=request.strength, model=Path(str(source)).name if source else None)
+                              strength=request.strength, model=Path(str(source)).name if source else None,
+                              model_hash=model_hash(source) if source else None, backend=self.backend,
+                              dtype=_dtype_name(self.dtype))
         for index, pil_image in enumerate(pil_images):
             prompt_index = index // request.num_images
             info = replace(base, prompt=request.prompts[prompt_index],
@@ -423,3 +427,8 @@ def _prompt_list(prompt, name: str) -> list[str]:
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
         return list(prompt)
     raise TypeError(f"{name} must be a string or a non-empty list of strings, got {prompt!r:.80}")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """The short name of a dtype (fp32, fp16, bf16): the first name runtime.weights.DTYPES gives it."""
+    return next((name for name, value in DTYPES.items() if value == dtype), str(dtype).removeprefix("torch."))

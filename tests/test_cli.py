@@ -87,7 +87,9 @@ def test_txt2img_writes_pngs_with_metadata(model, tmp_path, capsys):
     assert text["model"] == "tiny-sd1"
     assert text["mode"] == "txt2img"
     assert text["parameters"] == ("a red fox\nNegative prompt: blurry\nSteps: 2, Sampler: Euler a, CFG scale: 6.5, "
-                                  "Seed: 42, Size: 64x48, Model: tiny-sd1")
+                                  f"Seed: 42, Size: 64x48, Model hash: {text['model_hash']}, Model: tiny-sd1")
+    assert re.fullmatch("[0-9a-f]{10}", text["model_hash"])
+    assert (text["backend"], text["dtype"]) == ("torch", "fp32")
     assert png_text(tmp_path / "fox-1.png")[1]["batch_index"] == "1"
 
 
@@ -395,3 +397,14 @@ def test_make_model_failure_leaves_nothing(tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []
     assert main(["make-model", "--preset", "sd99", str(tmp_path / "m")]) == 2
     assert "unknown preset 'sd99'; choose one of tiny, sd15" in capsys.readouterr().err
+
+
+def test_readme_save_writes_the_text_chunk(model, tmp_path):
+    pipe = runtime.load(model, backend="torch", device="cpu", dtype="fp32")
+    images = pipe.generate("a watercolor fox", negative_prompt="blurry", steps=1, seed=1, scheduler="ddim",
+                           width=32, height=32, progress=False)
+    images[0].save(tmp_path / "fox.png")  # as the README writes it
+    text = png_text(tmp_path / "fox.png")[1]
+    assert text["parameters"].startswith("a watercolor fox\nNegative prompt: blurry\nSteps: 1")
+    assert (text["backend"], text["dtype"], text["seed"]) == ("torch", "fp32", "1")
+    assert re.search(r"Model hash: [0-9a-f]{10}, Model: tiny-sd1", text["parameters"])
