@@ -71,6 +71,16 @@ class _LatentBlend:
 
 
 @dataclass(frozen=True)
+class CallerInputs:
+    """What a caller may hand a run instead of the pipeline making it (runtime/diffusers_compat.py)."""
+
+    generator: torch.Generator | None = None  # a CPU generator, instead of one seeded from the request's seed
+    latents: torch.Tensor | None = None       # txt2img's initial noise [B, 4, h, w], before init_noise_sigma
+    context: torch.Tensor | None = None       # the encoded prompts ([uncond; cond] when guided), B rows
+    output: str = "pil"                       # "pil" images with metadata, "tensor" [B, 3, H, W] in [0, 1], "latent"
+
+
+@dataclass(frozen=True)
 class _Request:
     """One validated call: everything decided before any network runs."""
 
@@ -144,6 +154,25 @@ class Pipeline:
                 scheduler: str | None = None, callback=None, progress: bool = True) -> list[PIL.Image.Image]:
         """Repaint where `mask` is white (>= 50% gray), keep the rest. 9-channel inpainting UNets get the
         mask and masked image as input; ordinary 4-channel UNets blend the known region back each step."""
+        image, mask = self._inpaint_inputs(image, mask)
+        width, height = self._size_for_image(image, width, height)
+        request = self._request("inpaint", prompt, negative_prompt, steps, guidance, width, height,
+                                seed, num_images, scheduler, strength)
+        return self._run(request, image=image, mask=mask, callback=callback, progress=progress)
+
+    def __call__(self, prompt=None, **kwargs):
+        """diffusers' call: pipe(prompt, num_inference_steps=, guidance_scale=, ...) -> object with .images
+        (runtime/diffusers_compat.py)."""
+        from runtime.diffusers_compat import diffusers_call
+        return diffusers_call(self, prompt, **kwargs)
+
+    def to(self, *args, **kwargs) -> "Pipeline":
+        """diffusers' .to(device), .to(dtype), .to(device, dtype); returns self (runtime/diffusers_compat.py)."""
+        from runtime.diffusers_compat import move_pipeline
+        return move_pipeline(self, *args, **kwargs)
+
+    # ------------------------------------------------------------------ validation
+    def _inpaint_inputs(self, image, mask):
         image = imageio.load_image(image, "init image")
         mask = imageio.load_image(mask, "mask")
         if mask.size != image.size:
@@ -152,12 +181,8 @@ class Pipeline:
         if self.unet.config.in_channels not in (4, 9):
             raise ValueError(f"inpainting needs a UNet with 4 or 9 input channels, this one has "
                              f"in_channels={self.unet.config.in_channels}")
-        width, height = self._size_for_image(image, width, height)
-        request = self._request("inpaint", prompt, negative_prompt, steps, guidance, width, height,
-                                seed, num_images, scheduler, strength)
-        return self._run(request, image=image, mask=mask, callback=callback, progress=progress)
+        return image, mask
 
-    # ------------------------------------------------------------------ validation
     def native_size(self) -> tuple[int, int]:
         """(width, height) the UNet was trained at: sample_size * the VAE factor."""
         sample_size = self.unet.config.sample_size
@@ -234,21 +259,26 @@ class Pipeline:
         return name
 
     # ------------------------------------------------------------------ the run
-    def _run(self, request: _Request, *, image=None, mask=None, callback=None, progress=True):
+    def _run(self, request: _Request, *, image=None, mask=None, callback=None, progress=True,
+             inputs: CallerInputs | None = None):
         with self._run_lock, torch.inference_mode():
-            return self._run_locked(request, image=image, mask=mask, callback=callback, progress=progress)
+            return self._run_locked(request, image=image, mask=mask, callback=callback, progress=progress,
+                                    inputs=inputs or CallerInputs())
 
-    def _run_locked(self, request: _Request, *, image, mask, callback, progress):
+    def _run_locked(self, request: _Request, *, image, mask, callback, progress, inputs):
         self.scheduler = scheduler = make_scheduler(request.scheduler, self.scheduler_config)
         scheduler.set_timesteps(request.steps, device=self.device)
-        context = self.encode_prompt(request.prompts, request.negatives, request.guidance, request.num_images)
-        generator = torch.Generator("cpu").manual_seed(request.seed)
+        context = inputs.context
+        if context is None:
+            context = self.encode_prompt(request.prompts, request.negatives, request.guidance, request.num_images)
+        generator = inputs.generator or torch.Generator("cpu").manual_seed(request.seed)
         batch = len(request.prompts) * request.num_images
         shape = (batch, self.vae.config.latent_channels,
                  request.height // self.vae_scale_factor, request.width // self.vae_scale_factor)
         start, conditioning, blend = 0, None, None
         if request.mode == "txt2img":
-            latents = self._randn(shape, generator) * scheduler.init_noise_sigma
+            initial = self._randn(shape, generator) if inputs.latents is None else inputs.latents.to(self.device, self.dtype)
+            latents = initial * scheduler.init_noise_sigma
         elif request.mode == "img2img":
             start = scheduler.img2img_start(request.strength)
             latents = self._img2img_latents(image, request, shape, start, generator)
@@ -259,7 +289,10 @@ class Pipeline:
         noise = scheduler.draw_noise(generator, shape, self.dtype, self.device)
         latents = self.denoise(latents, context, request.guidance, start=start, noise=noise,
                                conditioning=conditioning, blend=blend, callback=callback, progress=progress)
-        return self._finish(self.decode_latents(latents), request)
+        if inputs.output == "latent":
+            return latents
+        decoded = self.decode_latents(latents)
+        return decoded if inputs.output == "tensor" else self._finish(decoded, request)
 
     def encode_prompt(self, prompts: list[str], negatives: list[str] | None, guidance: float,
                       num_images: int = 1, clip_skip: int | None = None) -> torch.Tensor:
