@@ -11,9 +11,10 @@ is; this maps diffusers' names onto it and gives diffusers' image for the same a
 
 Differences: `generator` must be one CPU torch.Generator (the runtime draws on the CPU, as diffusers does
 with a CPU generator); `latents=` is for txt2img; `clip_skip` (layers skipped from the end: 1 is A1111's
-"Clip skip: 2") applies to the prompt only, as in diffusers, whose negative prompt uses the last layer; prompts are read with `pipe.prompt_syntax` (A1111 syntax
-by default; for prompts without it, within 75 tokens, diffusers' exact encoding); the images' metadata
-records the generator's initial seed. Unknown keywords raise TypeError, as diffusers' call does.
+"Clip skip: 2") applies to the prompt only, as in diffusers, whose negative prompt uses the last layer;
+prompts are read with `pipe.prompt_syntax` (A1111 syntax by default; for prompts without it, within 75
+tokens, diffusers' exact encoding); the images' metadata records the generator's initial seed.
+Unknown keywords raise TypeError, as diffusers' call does.
 """
 from __future__ import annotations
 
@@ -161,7 +162,8 @@ def move_pipeline(pipe, *args, device=None, dtype=None, torch_device=None, torch
 
     device, dtype = device or torch_device, dtype or torch_dtype
     for value in args:
-        if isinstance(value, torch.dtype) or (isinstance(value, str) and value.lower().removeprefix("torch.") in DTYPES):
+        is_dtype_name = isinstance(value, str) and value.lower().removeprefix("torch.") in DTYPES
+        if isinstance(value, torch.dtype) or is_dtype_name:
             dtype = value
         else:
             device = value

@@ -277,7 +277,8 @@ class Pipeline:
                  request.height // self.vae_scale_factor, request.width // self.vae_scale_factor)
         start, conditioning, blend = 0, None, None
         if request.mode == "txt2img":
-            initial = self._randn(shape, generator) if inputs.latents is None else inputs.latents.to(self.device, self.dtype)
+            initial = inputs.latents.to(self.device, self.dtype) if inputs.latents is not None \
+                else self._randn(shape, generator)
             latents = initial * scheduler.init_noise_sigma
         elif request.mode == "img2img":
             start = scheduler.img2img_start(request.strength)

@@ -308,8 +308,9 @@ def test_values_are_checked_before_any_weights_load(model, tmp_path, capsys, mon
 def test_seed_minus_one_is_random_and_recorded(model, tmp_path, capsys):
     seeds = []
     for name in ("a.png", "b.png"):
-        code, stdout, stderr = run_cli(capsys, "--model", model, "--prompt", "a boat", "--out", tmp_path / name, "--steps", 1,
-                                       "--seed", -1, "--scheduler", "ddim", "--no-progress", "--width", 32, "--height", 32)
+        code, stdout, stderr = run_cli(capsys, "--model", model, "--prompt", "a boat", "--out", tmp_path / name,
+                                       "--steps", 1, "--seed", -1, "--scheduler", "ddim", "--no-progress",
+                                       "--width", 32, "--height", 32)
         assert code == 0, stderr
         seed = png_text(tmp_path / name)[1]["seed"]
         assert seed.isdigit() and f"seed {seed}" in stdout
@@ -326,8 +327,9 @@ def test_load_options_reach_the_loader(model, tmp_path, capsys, monkeypatch):
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(runtime, "load", recording_load)
-    code, _, stderr = run_cli(capsys, "--model", model, "--prompt", "x", "--out", tmp_path / "o.png", "--variant", "fp16",
-                              "--allow-pickle", "--backend", "onnxruntime", "--engine-dir", tmp_path / "engines")
+    code, _, stderr = run_cli(capsys, "--model", model, "--prompt", "x", "--out", tmp_path / "o.png",
+                              "--variant", "fp16", "--allow-pickle", "--backend", "onnxruntime",
+                              "--engine-dir", tmp_path / "engines")
     assert code == 2 and stderr == "error: stop here\n"
     assert seen == {"backend": "onnxruntime", "device": "cpu", "dtype": "fp32", "variant": "fp16",
                     "allow_pickle": True, "engine_dir": str(tmp_path / "engines")}
