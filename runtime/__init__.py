@@ -3,16 +3,16 @@
     import runtime
     pipe = runtime.load("path/to/model", backend="triton", device="cuda", dtype="fp16")
     images = pipe.generate("an astronaut riding a horse", seed=0)
+
+Importing this package imports no torch (`python -m runtime --help` answers at once); `load` does.
 """
 from __future__ import annotations
-
-import torch
 
 __all__ = ["load"]
 
 
 def load(path, backend: str = "torch", device: str | torch.device = "cpu",
-         dtype: str | torch.dtype = torch.float32, *, variant: str | None = None,
+         dtype: str | torch.dtype = "fp32", *, variant: str | None = None,
          allow_pickle: bool = False, tokenizer_path=None, prediction_type: str | None = None,
          cuda_graphs: bool | None = None, **backend_options):
     """Load a diffusers folder or a single-file checkpoint and return a ready `Pipeline`.

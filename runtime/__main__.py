@@ -5,17 +5,30 @@ With --num-images N the files are OUT, then OUT's stem with -1, -2, ... (out.png
 Every PNG carries the generation parameters as tEXt entries ("parameters" in A1111's format, plus one
 entry per field). Files are written only after the whole run succeeded, each through a temp file in the
 same folder, so a failed run leaves no partial output (an existing --out is replaced only on success).
-Errors print one line to stderr and exit with status 2.
+Every value is checked before any weights load. Errors print one line to stderr and exit with status 2.
+
+`python -m runtime make-model --preset tiny OUT` writes a diffusers folder with random weights (the
+architectures the benchmark uses), a model to try everything on without a download.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import shutil
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
+from runtime import cli_choices
+
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+RANDOM_SEED = -1  # as A1111 and stable-diffusion.cpp: draw one (printed and written into the PNG)
+
+# runtime.presets moves into runtime/bench/ (issue 9); this is the one place the CLI names it.
+_PRESETS_MODULE = "runtime.presets"
 
 
 class CLIError(Exception):
@@ -27,30 +40,67 @@ class _OneLineParser(argparse.ArgumentParser):
         raise CLIError(message)
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default, except where there is none to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = not any(action.default is value for value in (None, False, argparse.SUPPRESS))
+        if "%(default)" not in text and action.option_strings and shown:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _one_of(names) -> str:
+    return ", ".join(names)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="python -m runtime", description="Stable Diffusion image generation")
+    parser = _OneLineParser(prog="python -m runtime", description="Stable Diffusion image generation",
+                            formatter_class=_HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
-    gen = commands.add_parser("generate", help="txt2img, img2img (--init-image) or inpaint (--mask)")
-    gen.add_argument("--model", required=True, help="diffusers folder or single-file .safetensors")
-    gen.add_argument("--prompt", required=True)
+    gen = commands.add_parser("generate", help="txt2img, img2img (--init-image) or inpaint (--mask)",
+                              formatter_class=_HelpFormatter)
+    gen.add_argument("--model", required=True, help="diffusers folder or single-file .safetensors "
+                     "(no model yet? `python -m runtime make-model --preset tiny OUT`)")
+    gen.add_argument("--prompt", required=True, help="A1111 syntax: (word:1.3), ((word)), [word], BREAK")
     gen.add_argument("--out", required=True, help="output PNG path (more images: OUT-1.png, OUT-2.png, ...)")
     gen.add_argument("--negative-prompt", default=None)
-    gen.add_argument("--steps", type=int, default=30)
+    gen.add_argument("--steps", type=int, default=30, help="denoising steps")
     gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance; <= 1 turns it off")
-    gen.add_argument("--seed", type=int, default=None, help="default: random (written into the PNG)")
-    gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--seed", type=int, default=RANDOM_SEED,
+                     help=f"{RANDOM_SEED}: random (printed and written into the PNG)")
+    gen.add_argument("--width", type=int, default=None, help="default: the model's native size")
+    gen.add_argument("--height", type=int, default=None, help="default: the model's native size")
     gen.add_argument("--scheduler", default=None,
-                     help="ddim, pndm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras or lcm (default: the model's)")
-    gen.add_argument("--num-images", type=int, default=1)
-    gen.add_argument("--backend", default="torch")
-    gen.add_argument("--device", default="cpu")
-    gen.add_argument("--dtype", default="fp32")
+                     help=f"one of {_one_of(cli_choices.schedulers())} (default: the model's own)")
+    gen.add_argument("--num-images", type=int, default=1, help="images per prompt, one seed")
+    gen.add_argument("--backend", default="torch", help=f"one of {_one_of(cli_choices.backends())}; "
+                     f"{_one_of(cli_choices.exported_backends())} need --engine-dir")
+    gen.add_argument("--engine-dir", default=None,
+                     help="folder of the exported graphs / engines for the "
+                          f"{_one_of(cli_choices.exported_backends())} backends (filled on first use)")
+    gen.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    gen.add_argument("--dtype", default="fp32", help=f"one of {_one_of(cli_choices.dtypes())}")
+    gen.add_argument("--variant", default=None, help="weight-file variant of a diffusers folder, e.g. fp16 "
+                     "(*.fp16.safetensors)")
+    gen.add_argument("--allow-pickle", action="store_true",
+                     help="allow .ckpt/.bin/.pt checkpoints (read weights-only); only for files you trust")
     gen.add_argument("--init-image", default=None, help="img2img / inpainting source image")
     gen.add_argument("--strength", type=float, default=None,
                      help="how much of the init image to repaint, in (0, 1] (default 0.75 img2img, 1.0 inpaint)")
     gen.add_argument("--mask", default=None, help="inpainting mask (white = repaint); needs --init-image")
+    gen.add_argument("--prompt-syntax", default="a1111", choices=cli_choices.prompt_syntaxes(),
+                     help="a1111: (word:1.3), ((word)), [word], BREAK, prompts past 75 tokens in chunks; "
+                          "plain: the text as is, cut at 77 tokens with a warning (default: %(default)s)")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+    make = commands.add_parser("make-model", help="write a diffusers folder with random weights, to try things on",
+                               formatter_class=_HelpFormatter)
+    make.add_argument("out", help="the folder to create (must not exist, or be empty)")
+    make.add_argument("--preset", default="tiny",
+                      help=f"architecture: one of {_one_of(cli_choices.table_names(_PRESETS_MODULE, 'PRESETS'))} "
+                           "(tiny: seconds on a CPU)")
+    make.add_argument("--seed", type=int, default=0, help="the random weights' seed")
     return parser
 
 
@@ -77,16 +127,58 @@ def _check_paths(args) -> None:
             raise CLIError(f"{flag} file not found: {value}")
 
 
+def _check_values(args) -> None:
+    """Every option value that needs no model, checked before minutes of loading weights."""
+    backends, schedulers, dtypes = cli_choices.backends(), cli_choices.schedulers(), cli_choices.dtypes()
+    exported = cli_choices.exported_backends()
+    if args.backend not in backends:
+        raise CLIError(f"unknown backend {args.backend!r}; choose one of {_one_of(backends)}")
+    if args.scheduler is not None and args.scheduler not in schedulers:
+        raise CLIError(f"unknown scheduler {args.scheduler!r}; choose one of {_one_of(schedulers)}")
+    if args.dtype.lower().removeprefix("torch.") not in dtypes:
+        raise CLIError(f"unknown dtype {args.dtype!r}; valid names: {_one_of(dtypes)}")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        raise CLIError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if args.steps < 1:
+        raise CLIError(f"steps must be an integer >= 1, got {args.steps}")
+    if args.num_images < 1:
+        raise CLIError(f"num_images must be an integer >= 1, got {args.num_images}")
+    if not 0 <= args.guidance < float("inf"):
+        raise CLIError(f"guidance must be a finite number >= 0 (<= 1 turns guidance off), got {args.guidance}")
+    if args.seed != RANDOM_SEED and not 0 <= args.seed < 2**64:
+        raise CLIError(f"--seed must be {RANDOM_SEED} (random) or an integer in [0, 2**64), got {args.seed}")
+    if args.strength is not None and not 0 < args.strength <= 1:
+        raise CLIError(f"strength must be in (0, 1], got {args.strength}")
+    if args.backend in exported and args.engine_dir is None:
+        raise CLIError(f"--backend {args.backend} runs exported graphs: pass --engine-dir DIR (filled on first use)")
+    if args.engine_dir is not None:
+        if args.backend not in exported:
+            raise CLIError(f"--engine-dir is for the {_one_of(exported)} backends, not --backend {args.backend}")
+        if Path(args.engine_dir).exists() and not Path(args.engine_dir).is_dir():
+            raise CLIError(f"--engine-dir {args.engine_dir} exists and is not a folder")
+    on_cpu = args.device == "cpu"
+    if args.backend == "tensorrt" and on_cpu:
+        raise CLIError("--backend tensorrt runs on CUDA: pass --device cuda")
+    if args.backend == "triton" and on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+        raise CLIError("--backend triton on --device cpu needs the Triton interpreter: set TRITON_INTERPRET=1 "
+                       "(slow; for testing) or use --device cuda")
+
+
 def run_generate(args) -> list[Path]:
+    _check_values(args)
+    _check_paths(args)
     import runtime
     from runtime import images as imageio
 
-    _check_paths(args)
     init_image = imageio.load_image(args.init_image, "--init-image") if args.init_image else None
     mask = imageio.load_image(args.mask, "--mask") if args.mask else None
-    pipe = runtime.load(args.model, backend=args.backend, device=args.device, dtype=args.dtype)
+    backend_options = {} if args.engine_dir is None else {"engine_dir": args.engine_dir}
+    pipe = runtime.load(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
+                        variant=args.variant, allow_pickle=args.allow_pickle, **backend_options)
+    pipe.prompt_syntax = args.prompt_syntax
+    seed = None if args.seed == RANDOM_SEED else args.seed
     options = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
-                   width=args.width, height=args.height, seed=args.seed, num_images=args.num_images,
+                   width=args.width, height=args.height, seed=seed, num_images=args.num_images,
                    scheduler=args.scheduler, progress=not args.no_progress)
     if mask is not None:
         strength = 1.0 if args.strength is None else args.strength
@@ -104,6 +196,32 @@ def run_generate(args) -> list[Path]:
     return paths
 
 
+def run_make_model(args) -> Path:
+    """Write the preset into a temp folder beside OUT, then move it into place: no half-written model."""
+    import importlib
+
+    out = Path(args.out)
+    presets = cli_choices.table_names(_PRESETS_MODULE, "PRESETS")
+    if args.preset not in presets:
+        raise CLIError(f"unknown preset {args.preset!r}; choose one of {_one_of(presets)}")
+    if not 0 <= args.seed < 2**63:
+        raise CLIError(f"--seed must be an integer in [0, 2**63), got {args.seed}")
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise CLIError(f"{out} already exists and is not an empty folder; choose a new path")
+    if not out.parent.is_dir():
+        raise CLIError(f"the folder {out.parent} does not exist")
+    write_random_model = importlib.import_module(_PRESETS_MODULE).write_random_model
+    temp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        write_random_model(args.preset, temp, seed=args.seed)
+        os.replace(temp, out)  # onto a missing path or an empty folder
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    print(f"wrote {out} ({args.preset} preset, random weights, seed {args.seed})")
+    return out
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {message}", file=sys.stderr)
 
@@ -114,11 +232,19 @@ def _one_line(err: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv:
+        print(parser.format_help(), end="")
+        return EXIT_USAGE
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
         with warnings.catch_warnings():  # restores the warning printer when main returns
             warnings.showwarning = _one_line_warning
-            run_generate(args)
+            if args.command == "make-model":
+                run_make_model(args)
+            else:
+                run_generate(args)
         return 0
     except KeyboardInterrupt:
         print("error: interrupted; no image was written", file=sys.stderr)

@@ -77,9 +77,37 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return (array * 255).round().astype(np.uint8)
 
 
-def to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:
-    """[B, 3, H, W] floats in [0, 1] -> a list of RGB PIL images."""
-    return [PIL.Image.fromarray(array) for array in to_uint8(images)]
+class GeneratedImage(PIL.Image.Image):
+    """A PIL image whose `save` as PNG writes the text entries of its `info` (the generation parameters).
+
+    PIL itself writes no `info` on save, so `image.save("fox.png")` on a plain image loses them. An explicit
+    `pnginfo=` is written as given. Derived images (`copy()`, `resize()`, ...) are plain PIL images again.
+    """
+
+    @classmethod
+    def of(cls, image: PIL.Image.Image) -> "GeneratedImage":
+        generated = cls()
+        generated.__dict__.update(image.__dict__)
+        generated.info = dict(image.info)
+        return generated
+
+    def save(self, fp, format=None, **params):
+        if "pnginfo" not in params and _saves_as_png(fp, format):
+            params["pnginfo"] = png_text_info({k: v for k, v in self.info.items() if isinstance(v, str)})
+        return super().save(fp, format, **params)
+
+
+def _saves_as_png(fp, format) -> bool:
+    if format is not None:
+        return format.upper() == "PNG"
+    if isinstance(fp, (str, os.PathLike)):
+        return PIL.Image.registered_extensions().get(Path(fp).suffix.lower()) == "PNG"
+    return False
+
+
+def to_pil(images: torch.Tensor) -> list[GeneratedImage]:
+    """[B, 3, H, W] floats in [0, 1] -> a list of RGB PIL images (GeneratedImage: PNG saves keep `info`)."""
+    return [GeneratedImage.of(PIL.Image.fromarray(array)) for array in to_uint8(images)]
 
 
 def _as_float_array(image) -> tuple[np.ndarray, float]:
@@ -127,6 +155,9 @@ class GenerationInfo:
     strength: float | None = None  # img2img / inpaint only
     model: str | None = None
     batch_index: int = 0           # position in a batch drawn from one seed
+    model_hash: str | None = None  # A1111's short hash (runtime/model_hash.py)
+    backend: str | None = None     # what ran the networks: torch, triton, onnxruntime, tensorrt
+    dtype: str | None = None       # the networks' dtype: fp32, fp16, bf16
 
     def parameters_text(self) -> str:
         """The A1111-style "parameters" text (prompt, negative prompt line, then key: value pairs)."""
@@ -139,6 +170,8 @@ class GenerationInfo:
         ]
         if self.strength is not None:
             fields.append(("Denoising strength", self.strength))
+        if self.model_hash:
+            fields.append(("Model hash", self.model_hash))
         if self.model:
             fields.append(("Model", self.model))
         if self.batch_index:

@@ -35,7 +35,10 @@ from tqdm.auto import tqdm
 from runtime import images as imageio
 from runtime.graphs import CudaGraphDenoiser, GraphKey, scheduler_identity
 from runtime.images import GenerationInfo
+from runtime.model_hash import model_hash
+from runtime.prompt_syntax import encode_prompts
 from runtime.schedulers import SCHEDULER_NAMES, config_name, make_scheduler
+from runtime.dtypes import precision_name
 
 
 class GenerationCancelled(RuntimeError):
@@ -58,6 +61,16 @@ class _LatentBlend:
 
 
 @dataclass(frozen=True)
+class CallerInputs:
+    """What a caller may hand a run instead of the pipeline making it (runtime/diffusers_compat.py)."""
+
+    generator: torch.Generator | None = None  # a CPU generator, instead of one seeded from the request's seed
+    latents: torch.Tensor | None = None       # txt2img's initial noise [B, 4, h, w], before init_noise_sigma
+    context: torch.Tensor | None = None       # the encoded prompts ([uncond; cond] when guided), B rows
+    output: str = "pil"                       # "pil" images with metadata, "tensor" [B, 3, H, W] in [0, 1], "latent"
+
+
+@dataclass(frozen=True)
 class _Request:
     """One validated call: everything decided before any network runs."""
 
@@ -77,6 +90,8 @@ class _Request:
 
 class Pipeline:
     """Stable Diffusion over `components` (runtime.weights.Components) prepared by a backend."""
+
+    prompt_syntax = "a1111"  # how prompts are read: runtime/prompt_syntax.py's PROMPT_SYNTAXES
 
     def __init__(self, components, backend: str = "torch", cuda_graphs: bool | None = None):
         """cuda_graphs: replay the denoising steps from CUDA graphs (runtime/graphs.py); default on for
@@ -129,6 +144,25 @@ class Pipeline:
                 scheduler: str | None = None, callback=None, progress: bool = True) -> list[PIL.Image.Image]:
         """Repaint where `mask` is white (>= 50% gray), keep the rest. 9-channel inpainting UNets get the
         mask and masked image as input; ordinary 4-channel UNets blend the known region back each step."""
+        image, mask = self._inpaint_inputs(image, mask)
+        width, height = self._size_for_image(image, width, height)
+        request = self._request("inpaint", prompt, negative_prompt, steps, guidance, width, height,
+                                seed, num_images, scheduler, strength)
+        return self._run(request, image=image, mask=mask, callback=callback, progress=progress)
+
+    def __call__(self, prompt=None, **kwargs):
+        """diffusers' call: pipe(prompt, num_inference_steps=, guidance_scale=, ...) -> object with .images
+        (runtime/diffusers_compat.py)."""
+        from runtime.diffusers_compat import diffusers_call
+        return diffusers_call(self, prompt, **kwargs)
+
+    def to(self, *args, **kwargs) -> "Pipeline":
+        """diffusers' .to(device), .to(dtype), .to(device, dtype); returns self (runtime/diffusers_compat.py)."""
+        from runtime.diffusers_compat import move_pipeline
+        return move_pipeline(self, *args, **kwargs)
+
+    # ------------------------------------------------------------------ validation
+    def _inpaint_inputs(self, image, mask):
         image = imageio.load_image(image, "init image")
         mask = imageio.load_image(mask, "mask")
         if mask.size != image.size:
@@ -137,12 +171,8 @@ class Pipeline:
         if self.unet.config.in_channels not in (4, 9):
             raise ValueError(f"inpainting needs a UNet with 4 or 9 input channels, this one has "
                              f"in_channels={self.unet.config.in_channels}")
-        width, height = self._size_for_image(image, width, height)
-        request = self._request("inpaint", prompt, negative_prompt, steps, guidance, width, height,
-                                seed, num_images, scheduler, strength)
-        return self._run(request, image=image, mask=mask, callback=callback, progress=progress)
+        return image, mask
 
-    # ------------------------------------------------------------------ validation
     def native_size(self) -> tuple[int, int]:
         """(width, height) the UNet was trained at: sample_size * the VAE factor."""
         sample_size = self.unet.config.sample_size
@@ -215,21 +245,27 @@ class Pipeline:
         return config_name(self.scheduler_config)
 
     # ------------------------------------------------------------------ the run
-    def _run(self, request: _Request, *, image=None, mask=None, callback=None, progress=True):
+    def _run(self, request: _Request, *, image=None, mask=None, callback=None, progress=True,
+             inputs: CallerInputs | None = None):
         with self._run_lock, torch.inference_mode():
-            return self._run_locked(request, image=image, mask=mask, callback=callback, progress=progress)
+            return self._run_locked(request, image=image, mask=mask, callback=callback, progress=progress,
+                                    inputs=inputs or CallerInputs())
 
-    def _run_locked(self, request: _Request, *, image, mask, callback, progress):
+    def _run_locked(self, request: _Request, *, image, mask, callback, progress, inputs):
         self.scheduler = scheduler = make_scheduler(request.scheduler, self.scheduler_config)
         scheduler.set_timesteps(request.steps, device=self.device)
-        context = self.encode_prompt(request.prompts, request.negatives, request.guidance, request.num_images)
-        generator = torch.Generator("cpu").manual_seed(request.seed)
+        context = inputs.context
+        if context is None:
+            context = self.encode_prompt(request.prompts, request.negatives, request.guidance, request.num_images)
+        generator = inputs.generator or torch.Generator("cpu").manual_seed(request.seed)
         batch = len(request.prompts) * request.num_images
         shape = (batch, self.vae.config.latent_channels,
                  request.height // self.vae_scale_factor, request.width // self.vae_scale_factor)
         start, conditioning, blend = 0, None, None
         if request.mode == "txt2img":
-            latents = self._randn(shape, generator) * scheduler.init_noise_sigma
+            initial = inputs.latents.to(self.device, self.dtype) if inputs.latents is not None \
+                else self._randn(shape, generator)
+            latents = initial * scheduler.init_noise_sigma
         elif request.mode == "img2img":
             start = scheduler.img2img_start(request.strength)
             latents = self._img2img_latents(image, request, shape, start, generator)
@@ -240,35 +276,26 @@ class Pipeline:
         noise = scheduler.draw_noise(generator, shape, self.dtype, self.device)
         latents = self.denoise(latents, context, request.guidance, start=start, noise=noise,
                                conditioning=conditioning, blend=blend, callback=callback, progress=progress)
-        return self._finish(self.decode_latents(latents), request)
+        if inputs.output == "latent":
+            return latents
+        decoded = self.decode_latents(latents)
+        return decoded if inputs.output == "tensor" else self._finish(decoded, request)
 
     def encode_prompt(self, prompts: list[str], negatives: list[str] | None, guidance: float,
-                      num_images: int = 1) -> torch.Tensor:
-        """Text-encoder context [B, 77, C], B = len(prompts) * num_images, each prompt repeated in place;
-        with guidance > 1 the unconditional half comes first: [uncond; cond], 2B rows."""
+                      num_images: int = 1, clip_skip: int | None = None) -> torch.Tensor:
+        """Text-encoder context [B, K * 77, C], B = len(prompts) * num_images, each prompt repeated in place;
+        with guidance > 1 the unconditional half comes first: [uncond; cond], 2B rows. Prompts are read
+        with `self.prompt_syntax` (runtime/prompt_syntax.py: K = 1 for prompts of at most 75 tokens)."""
         guided = guidance > 1
         if negatives is None:
             negatives = [""] * len(prompts)
         texts = (list(negatives) if guided else []) + list(prompts)
-        ids = self._tokenize(texts, first_prompt_index=len(texts) - len(prompts))
-        context = self.text_encoder(ids.to(self.device))
+        labels = ([f"negative prompt {i}" for i in range(len(negatives))] if guided else []) + \
+            [f"prompt {i}" for i in range(len(prompts))]
+        context = encode_prompts(self.tokenizer, self.text_encoder, texts, syntax=self.prompt_syntax,
+                                 clip_skip=clip_skip, labels=labels)
         context = context.to(self.dtype).repeat_interleave(num_images, dim=0)
         return context
-
-    def _tokenize(self, texts: list[str], first_prompt_index: int) -> torch.Tensor:
-        """Token ids [len(texts), 77]; a warning per text that was cut, naming it and the dropped words."""
-        if not hasattr(self.tokenizer, "tokenize_with_info"):
-            return self.tokenizer(texts)
-        result = self.tokenizer.tokenize_with_info(texts)
-        for cut in result.truncated:
-            if cut.index >= first_prompt_index:
-                which = f"prompt {cut.index - first_prompt_index}"
-            else:
-                which = f"negative prompt {cut.index}"
-            warnings.warn(f"{which} is longer than the text encoder's {result.input_ids.shape[1]} tokens and "
-                          f"was truncated; these words were dropped: {cut.dropped_text!r}", UserWarning,
-                          stacklevel=4)
-        return result.input_ids
 
     def _randn(self, shape, generator) -> torch.Tensor:
         """diffusers' randn_tensor with a CPU generator: drawn on the CPU in the model dtype, then moved.
@@ -402,7 +429,9 @@ class Pipeline:
         base = GenerationInfo(prompt="", negative_prompt="", seed=request.seed, steps=request.steps,
                               guidance=request.guidance, scheduler=request.scheduler_name,
                               width=request.width, height=request.height, mode=request.mode,
-                              strength=request.strength, model=Path(str(source)).name if source else None)
+                              strength=request.strength, model=Path(str(source)).name if source else None,
+                              model_hash=model_hash(source) if source else None, backend=self.backend,
+                              dtype=precision_name(self.dtype))
         for index, pil_image in enumerate(pil_images):
             prompt_index = index // request.num_images
             info = replace(base, prompt=request.prompts[prompt_index],
@@ -418,3 +447,4 @@ def _prompt_list(prompt, name: str) -> list[str]:
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
         return list(prompt)
     raise TypeError(f"{name} must be a string or a non-empty list of strings, got {prompt!r:.80}")
+

@@ -231,6 +231,7 @@ class CLIPTokenizer:
         self.eos_token_id = vocab[EOS_TOKEN]
         self.pad_token_id = vocab[pad_token]
         self.vocab_size = len(vocab)
+        self.comma_token_id = vocab.get(",</w>")  # A1111 moves text after a comma to the next chunk
         try:
             model = BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
                         fuse_unk=False, unk_token=EOS_TOKEN)
@@ -254,6 +255,10 @@ class CLIPTokenizer:
         tokenizer.enable_truncation(max_length)
         tokenizer.enable_padding(length=max_length, pad_id=self.pad_token_id, pad_token=pad_token)
         self._tokenizer = tokenizer
+        # The same pipeline without truncation or padding, for prompts split into chunks.
+        self._uncut = Tokenizer.from_str(tokenizer.to_str())
+        self._uncut.no_truncation()
+        self._uncut.no_padding()
 
     @classmethod
     def from_vocab_files(cls, vocab_json: str | os.PathLike, merges_txt: str | os.PathLike,
@@ -309,6 +314,10 @@ class CLIPTokenizer:
                 truncated.append(Truncation(i, prompt[kept_end:].strip()))
         ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
         return TokenizedPrompts(ids, tuple(truncated))
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Each text's token ids without BOS/EOS, uncut and unpadded (runtime/prompt_syntax.py chunks them)."""
+        return [encoding.ids for encoding in self._uncut.encode_batch(list(texts), add_special_tokens=False)]
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
         result = self.tokenize_with_info(prompts)

@@ -1,5 +1,6 @@
 """`python -m runtime generate`: PNGs with metadata, numbering, atomic output, one-line errors (exit 2)."""
 import re
+from pathlib import Path
 import subprocess
 import sys
 
@@ -86,7 +87,9 @@ def test_txt2img_writes_pngs_with_metadata(model, tmp_path, capsys):
     assert text["model"] == "tiny-sd1"
     assert text["mode"] == "txt2img"
     assert text["parameters"] == ("a red fox\nNegative prompt: blurry\nSteps: 2, Sampler: Euler a, CFG scale: 6.5, "
-                                  "Seed: 42, Size: 64x48, Model: tiny-sd1")
+                                  f"Seed: 42, Size: 64x48, Model hash: {text['model_hash']}, Model: tiny-sd1")
+    assert re.fullmatch("[0-9a-f]{10}", text["model_hash"])
+    assert (text["backend"], text["dtype"]) == ("torch", "fp32")
     assert png_text(tmp_path / "fox-1.png")[1]["batch_index"] == "1"
 
 
@@ -161,10 +164,21 @@ def test_successful_run_overwrites_existing_output(model, tmp_path, capsys):
 def test_long_prompt_warning_is_one_line(model, tmp_path, capsys):
     prompt = " ".join(["cat"] * 80) + " zebra"
     code, _, stderr = run_cli(capsys, "--model", model, "--prompt", prompt, "--out", tmp_path / "w.png",
-                              "--steps", 1, "--seed", 0, "--scheduler", "ddim", "--no-progress")
+                              "--steps", 1, "--seed", 0, "--scheduler", "ddim", "--no-progress",
+                              "--prompt-syntax", "plain")
     assert code == 0
     assert stderr.startswith("warning: prompt 0 is longer than the text encoder's 77 tokens")
     assert "zebra" in stderr and stderr.count("\n") == 1
+
+
+def test_long_prompt_is_kept_whole_by_default(model, tmp_path, capsys):
+    """A1111 syntax (the default): a long prompt is encoded in 77-token chunks, so nothing is dropped."""
+    prompt = " ".join(["cat"] * 80) + " (zebra:1.4)"
+    code, _, stderr = run_cli(capsys, "--model", model, "--prompt", prompt, "--out", tmp_path / "w.png",
+                              "--steps", 1, "--seed", 0, "--scheduler", "ddim", "--no-progress")
+    assert code == 0, stderr
+    assert stderr == ""
+    assert png_text(tmp_path / "w.png")[1]["prompt"] == prompt
 
 
 @pytest.mark.parametrize("args, message", [
@@ -222,3 +236,177 @@ def test_module_entry_point_error_has_no_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().startswith("error: --model path not found")
+
+
+# ----------------------------------------------------------------------------- reaching every feature
+
+def test_bare_command_prints_usage(capsys):
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m runtime") and "generate" in out and "make-model" in out
+
+
+def test_help_lists_choices_from_the_tables_without_importing_torch():
+    code = ("import sys, contextlib, io\n"
+            "from runtime.__main__ import build_parser\n"
+            "parser = build_parser()\n"
+            "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "    parser.parse_args(['generate', '--help'])\n"
+            "print('torch' in sys.modules)\n"
+            "print(out.getvalue())\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    imported_torch, help_text = result.stdout.split("\n", 1)
+    assert imported_torch == "False"
+    from runtime.backends import BACKENDS
+    from runtime.schedulers import SCHEDULER_NAMES
+    from runtime.dtypes import PRECISIONS
+    flat = " ".join(help_text.split())
+    for names in (BACKENDS, SCHEDULER_NAMES, PRECISIONS):
+        assert ", ".join(names) in flat
+    assert "(default: torch)" in flat and "(default: fp32)" in flat and "(default: 30)" in flat
+
+
+def test_choices_read_without_import_equal_the_tables():
+    from runtime import cli_choices
+    from runtime.backends import BACKENDS, EXPORTED
+    from runtime.prompt_syntax import PROMPT_SYNTAXES
+    from runtime.schedulers import SCHEDULER_NAMES
+    from runtime.dtypes import PRECISIONS
+    assert cli_choices.backends() == tuple(BACKENDS)
+    assert cli_choices.exported_backends() == EXPORTED
+    assert cli_choices.schedulers() == SCHEDULER_NAMES
+    assert cli_choices.dtypes() == tuple(PRECISIONS)
+    assert cli_choices.prompt_syntaxes() == PROMPT_SYNTAXES
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--scheduler", "heun"], "unknown scheduler 'heun'; choose one of ddim, pndm"),
+    (["--backend", "cuda-magic"], "unknown backend 'cuda-magic'; choose one of torch, triton"),
+    (["--steps", "0"], "steps must be an integer >= 1, got 0"),
+    (["--seed", "-2"], r"--seed must be -1 \(random\) or an integer in \[0, 2\*\*64\), got -2"),
+    (["--guidance", "-1"], "guidance must be a finite number >= 0"),
+    (["--dtype", "fp12"], "unknown dtype 'fp12'; valid names: fp32"),
+    (["--device", "gpu"], "--device must be cpu, cuda or cuda:N, got 'gpu'"),
+    (["--backend", "onnxruntime"], "--backend onnxruntime runs exported graphs: pass --engine-dir DIR"),
+    (["--engine-dir", "{tmp}"], "--engine-dir is for the onnxruntime, tensorrt backends, not --backend torch"),
+    (["--backend", "tensorrt", "--engine-dir", "{tmp}"], "--backend tensorrt runs on CUDA: pass --device cuda"),
+    (["--backend", "triton"], "--backend triton on --device cpu needs the Triton interpreter: set TRITON_INTERPRET=1"),
+])
+def test_values_are_checked_before_any_weights_load(model, tmp_path, capsys, monkeypatch, args, message):
+    def no_load(*args, **kwargs):
+        raise AssertionError("weights were loaded before the options were checked")
+
+    monkeypatch.setattr(runtime, "load", no_load)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    code, _, stderr = run_cli(capsys, "--model", model, "--prompt", "x", "--out", tmp_path / "o.png", *args)
+    assert code == 2
+    assert re.search(message, stderr) and stderr.count("\n") == 1, stderr
+
+
+def test_seed_minus_one_is_random_and_recorded(model, tmp_path, capsys):
+    seeds = []
+    for name in ("a.png", "b.png"):
+        code, stdout, stderr = run_cli(capsys, "--model", model, "--prompt", "a boat", "--out", tmp_path / name,
+                                       "--steps", 1, "--seed", -1, "--scheduler", "ddim", "--no-progress",
+                                       "--width", 32, "--height", 32)
+        assert code == 0, stderr
+        seed = png_text(tmp_path / name)[1]["seed"]
+        assert seed.isdigit() and f"seed {seed}" in stdout
+        seeds.append(seed)
+    assert seeds[0] != seeds[1]  # 2**32 choices: equal by chance once in four billion runs
+    assert png_text(tmp_path / "a.png")[0] == (32, 32)
+
+
+def test_load_options_reach_the_loader(model, tmp_path, capsys, monkeypatch):
+    seen = {}
+
+    def recording_load(path, **options):
+        seen.update(options)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(runtime, "load", recording_load)
+    code, _, stderr = run_cli(capsys, "--model", model, "--prompt", "x", "--out", tmp_path / "o.png",
+                              "--variant", "fp16", "--allow-pickle", "--backend", "onnxruntime",
+                              "--engine-dir", tmp_path / "engines")
+    assert code == 2 and stderr == "error: stop here\n"
+    assert seen == {"backend": "onnxruntime", "device": "cpu", "dtype": "fp32", "variant": "fp16",
+                    "allow_pickle": True, "engine_dir": str(tmp_path / "engines")}
+
+
+def test_pickle_checkpoint_needs_allow_pickle(tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.model_factory import save_single_file
+    checkpoint = tmp_path / "model.ckpt"
+    torch.save({"state_dict": load_file(str(save_single_file(tmp_path / "model.safetensors", kind="sd1")))},
+               checkpoint)
+    args = ["--model", checkpoint, "--prompt", "x", "--steps", 1, "--seed", 0, "--scheduler", "ddim", "--no-progress",
+            "--width", 32, "--height", 32]
+    code, _, stderr = run_cli(capsys, *args, "--out", tmp_path / "refused.png")
+    assert code == 2 and "is a pickle file" in stderr
+    code, _, stderr = run_cli(capsys, *args, "--out", tmp_path / "read.png", "--allow-pickle")
+    assert code == 0, stderr
+    assert (tmp_path / "read.png").is_file() and not (tmp_path / "refused.png").exists()
+
+
+def test_onnxruntime_backend_from_the_cli(model, tmp_path, capsys):
+    engines = tmp_path / "engines"
+    args = ["--model", model, "--prompt", "a boat", "--steps", 2, "--seed", 5, "--scheduler", "ddim", "--no-progress",
+            "--width", 32, "--height", 32]
+    code, _, stderr = run_cli(capsys, *args, "--out", tmp_path / "ort.png", "--backend", "onnxruntime",
+                              "--engine-dir", engines)
+    assert code == 0, stderr
+    assert (engines / "unet.onnx").is_file()
+    code, _, stderr = run_cli(capsys, *args, "--out", tmp_path / "torch.png")
+    assert code == 0, stderr
+    with PIL.Image.open(tmp_path / "ort.png") as ort, PIL.Image.open(tmp_path / "torch.png") as eager:
+        assert imageio_psnr(ort, eager) >= 35
+
+
+def imageio_psnr(a, b):
+    from runtime.images import psnr
+    return psnr(np.asarray(a), np.asarray(b))
+
+
+def test_make_model_writes_a_loadable_folder(tmp_path, capsys):
+    out = tmp_path / "tiny"
+    assert main(["make-model", "--preset", "tiny", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]  # no temp folder left
+    code, _, stderr = run_cli(capsys, "--model", out, "--prompt", "a fox", "--out", tmp_path / "fox.png", "--steps", 1,
+                              "--seed", 0, "--no-progress")
+    assert code == 0, stderr
+    assert main(["make-model", str(out)]) == 2
+    assert "already exists and is not an empty folder" in capsys.readouterr().err
+
+
+def test_make_model_failure_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import importlib
+
+    from runtime.__main__ import _PRESETS_MODULE
+    presets = importlib.import_module(_PRESETS_MODULE)
+
+    def failing_write(preset, folder, seed=0):
+        (Path(folder) / "unet").mkdir()
+        raise OSError("disk full")
+
+    monkeypatch.setattr(presets, "write_random_model", failing_write)
+    assert main(["make-model", str(tmp_path / "m")]) == 2
+    assert capsys.readouterr().err == "error: disk full\n"
+    assert list(tmp_path.iterdir()) == []
+    assert main(["make-model", "--preset", "sd99", str(tmp_path / "m")]) == 2
+    assert "unknown preset 'sd99'; choose one of tiny, sd15" in capsys.readouterr().err
+
+
+def test_readme_save_writes_the_text_chunk(model, tmp_path):
+    pipe = runtime.load(model, backend="torch", device="cpu", dtype="fp32")
+    images = pipe.generate("a watercolor fox", negative_prompt="blurry", steps=1, seed=1, scheduler="ddim",
+                           width=32, height=32, progress=False)
+    images[0].save(tmp_path / "fox.png")  # as the README writes it
+    text = png_text(tmp_path / "fox.png")[1]
+    assert text["parameters"].startswith("a watercolor fox\nNegative prompt: blurry\nSteps: 1")
+    assert (text["backend"], text["dtype"], text["seed"]) == ("torch", "fp32", "1")
+    assert re.search(r"Model hash: [0-9a-f]{10}, Model: tiny-sd1", text["parameters"])

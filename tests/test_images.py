@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import PIL.Image
+import PIL.PngImagePlugin
 import pytest
 import torch
 from diffusers.image_processor import VaeImageProcessor
@@ -152,3 +153,54 @@ def test_atomic_output_gives_the_file_the_usual_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_generated_image_save_writes_its_metadata(tmp_path):
+    """PIL writes no `info` on save; the pipeline's images do (the README's `images[0].save("fox.png")`)."""
+    chunks = make_info().as_text_chunks()
+    plain = random_image(16, 8)
+    plain.info.update(chunks)
+    plain.save(tmp_path / "plain.png")
+    with PIL.Image.open(tmp_path / "plain.png") as reread:
+        assert "parameters" not in reread.text  # why GeneratedImage exists
+    generated = images.GeneratedImage.of(plain)
+    generated.save(tmp_path / "fox.png")
+    generated.save(tmp_path / "named", format="png")
+    for name in ("fox.png", "named"):
+        with PIL.Image.open(tmp_path / name) as reread:
+            assert reread.text == chunks
+            assert np.array_equal(np.asarray(reread), np.asarray(plain))
+    generated.save(tmp_path / "fox.jpg")  # other formats save as PIL does
+    explicit = PIL.PngImagePlugin.PngInfo()
+    explicit.add_text("only", "this")
+    generated.save(tmp_path / "explicit.png", pnginfo=explicit)
+    with PIL.Image.open(tmp_path / "explicit.png") as reread:
+        assert reread.text == {"only": "this"}
+
+
+def test_parameters_text_carries_the_model_hash():
+    text = make_info(model_hash="0123456789").parameters_text()
+    assert text.endswith("Size: 64x48, Model hash: 0123456789, Model: tiny-sd")
+
+
+def test_model_hash_of_a_file_is_a1111s(tmp_path):
+    import hashlib
+
+    from runtime.model_hash import model_hash
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"weights" * 1000)
+    assert model_hash(checkpoint) == hashlib.sha256(b"weights" * 1000).hexdigest()[:10]
+    assert model_hash(tmp_path / "missing") is None
+
+
+def test_model_hash_of_a_folder_covers_its_weight_files(tmp_path):
+    from runtime.model_hash import model_hash
+    for folder in ("unet", "vae", "text_encoder"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "model.safetensors").write_bytes(folder.encode() * 10)
+        (tmp_path / folder / "config.json").write_text("{}")
+    before = model_hash(tmp_path)
+    (tmp_path / "unet" / "config.json").write_text('{"changed": 1}')  # not a weight file
+    assert model_hash(tmp_path) == before
+    (tmp_path / "vae" / "model.safetensors").write_bytes(b"other")
+    assert model_hash(tmp_path) != before

@@ -406,7 +406,15 @@ def test_init_image_not_a_multiple_of_8_is_resized_with_a_warning(sd1_folder):
     assert out[0].size == (64, 48)
 
 
-def test_long_prompt_warns_with_the_dropped_words(sd1_folder):
+@pytest.fixture
+def plain_syntax(sd1_folder):
+    """Prompts read as plain text, cut at 77 tokens (the A1111 default encodes long prompts in chunks)."""
+    ours(sd1_folder).prompt_syntax = "plain"
+    yield
+    ours(sd1_folder).prompt_syntax = "a1111"
+
+
+def test_long_prompt_warns_with_the_dropped_words(sd1_folder, plain_syntax):
     long_prompt = " ".join(["cat"] * 80) + " zebra giraffe"
     with pytest.warns(UserWarning, match=r"prompt 0 is longer .*77 tokens .*dropped: '.*zebra giraffe'"):
         ours(sd1_folder).generate(long_prompt, steps=1, seed=0, scheduler="ddim", progress=False)
