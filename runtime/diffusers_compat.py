@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from runtime.pipeline import CallerInputs
+from runtime.caller_inputs import CallerInputs
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 _EMBEDS_LABEL = "<prompt_embeds>"  # the prompt written into metadata when embeddings were given

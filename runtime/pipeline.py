@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from runtime import images as imageio
 from runtime.graphs import CudaGraphDenoiser, GraphKey, scheduler_identity
+from runtime.caller_inputs import CallerInputs
 from runtime.images import GenerationInfo
 from runtime.model_hash import model_hash
 from runtime.prompt_syntax import encode_prompts
@@ -58,16 +59,6 @@ class _LatentBlend:
     image_latents: torch.Tensor  # [B, 4, h, w], scaled
     mask: torch.Tensor           # [B, 1, h, w], 1 = repaint
     noise: torch.Tensor          # the initial noise, reused to noise the image at each level
-
-
-@dataclass(frozen=True)
-class CallerInputs:
-    """What a caller may hand a run instead of the pipeline making it (runtime/diffusers_compat.py)."""
-
-    generator: torch.Generator | None = None  # a CPU generator, instead of one seeded from the request's seed
-    latents: torch.Tensor | None = None       # txt2img's initial noise [B, 4, h, w], before init_noise_sigma
-    context: torch.Tensor | None = None       # the encoded prompts ([uncond; cond] when guided), B rows
-    output: str = "pil"                       # "pil" images with metadata, "tensor" [B, 3, H, W] in [0, 1], "latent"
 
 
 @dataclass(frozen=True)
