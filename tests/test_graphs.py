@@ -5,6 +5,7 @@ Every test of the graph logic runs twice: on the CPU with the stand-in API of te
 (fp16 on the CPU, so a guidance fp16 cannot represent is checked here too), and with torch.cuda on a GPU
 (the triton backend; skipped without CUDA). Comparisons are of the final latents, exactly.
 """
+import copy
 import json
 import logging
 import shutil
@@ -18,7 +19,7 @@ import torch
 import runtime
 from runtime.graphs import CudaGraphDenoiser
 from runtime.pipeline import GenerationCancelled, Pipeline
-from runtime.presets import write_random_model
+from runtime.presets import preset_configs, write_random_model
 from runtime.schedulers import SCHEDULER_NAMES, make_scheduler
 from tests.fake_cuda_graphs import FakeCudaGraphs
 
@@ -139,6 +140,29 @@ def test_fake_graph_replays_into_its_buffers_and_computes_nothing_at_capture():
 def test_cuda_graphs_on_a_cpu_model_is_a_clear_error(tiny_model):
     with pytest.raises(ValueError, match="cuda_graphs=True needs the model on a CUDA device"):
         runtime.load(tiny_model, backend="torch", device="cpu", cuda_graphs=True)
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
+def test_a_capture_works_on_an_independent_copy_of_the_scheduler(scheduler):
+    """copy.deepcopy (what clone() is) used to fail on the config's MappingProxyType."""
+    original = make_scheduler(scheduler, preset_configs("tiny")["scheduler"])
+    original.set_timesteps(6)
+    original.img2img_start(0.7)
+    twin = copy.deepcopy(original)
+    assert twin.clone().begin_index == twin.begin_index == original.begin_index
+    assert twin.config is original.config  # immutable: shared
+    generator = torch.Generator().manual_seed(0)
+    sample, eps = torch.randn((2, 1, 4, 4, 4), generator=generator)
+    noise = original.draw_noise(torch.Generator().manual_seed(1), sample.shape, sample.dtype, "cpu")
+    for sched in (original, twin):
+        x = sample
+        for i in range(original.begin_index, original.num_steps):
+            x = sched.step(eps * (i + 1), i, x, None if noise is None else noise[i])
+        sched.final = x
+    assert torch.equal(twin.final, original.final)
+    for name, value in vars(twin).items():  # nothing mutable shared: history buffers are the twin's own
+        if isinstance(value, torch.Tensor):
+            assert value.data_ptr() != getattr(original, name).data_ptr(), name
 
 
 # ---------------------------------------------------------------- replay equals eager
