@@ -219,8 +219,8 @@ def test_img2img_and_inpaint_replay_equal_eager(pipelines, tiny_model, inpaint9_
 def test_a_replay_after_a_nan_run_equals_eager(pipelines, tiny_model, scheduler):
     """Multistep history (DPM++'s previous x0, PNDM's past outputs) is read by the graphs in place: a
     run that went NaN must not poison the next replay, as it cannot poison the next eager image."""
-    graphed, _, _ = pipelines(tiny_model)
-    runner = CudaGraphDenoiser(graphed.denoise_step, graph_api=graphed.graphs._cuda)
+    graphed, _, fake = pipelines(tiny_model)
+    runner = CudaGraphDenoiser(graphed.denoise_step, graph_api=fake)  # fake None: torch.cuda
     sched = make_scheduler(scheduler, graphed.scheduler_config)
     sched.set_timesteps(4, device=graphed.device)
     generator = torch.Generator().manual_seed(5)
