@@ -12,7 +12,6 @@ row records the launch configuration chosen.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 import torch
@@ -56,7 +55,7 @@ def per_group_tiles_ms(gn, x, weight, bias, out) -> float:
     """channels_last input through the per-group kernels (what served it before the chunked path)."""
     batch, channels, h, w = x.shape
     config = gn.choose_config(batch, channels // 32, h * w, 32, True, sm_count())
-    return time_ms(lambda: gn._launch(x, 32, weight, bias, 1e-5, "silu", out, config))
+    return time_ms(lambda: gn.launch(x, 32, weight, bias, 1e-5, "silu", out, config))
 
 
 def chosen_config(gn, batch, channels, h, w, channels_last) -> str:
@@ -97,7 +96,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA: skipped")
         return 0
-    gn = importlib.import_module("kernels.group_norm")
+    import kernels.group_norm as gn
     copy_gbs = copy_bandwidth_gbs()
     print(f"{environment()['gpu']}: device copy {copy_gbs:.0f} GB/s")
     rows = []

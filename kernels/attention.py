@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import aot
+
 MAX_HEAD_DIM = 256
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 # Key lengths up to this run as a single key block: CLIP's 77 tokens in one masked block of 128.
@@ -248,7 +250,7 @@ def choose_config(head_dim: int, n_keys: int) -> AttentionConfig:
 
     Eight warps = two Hopper warpgroups, each owning 64 of the 128 query rows (one wgmma m64 tile),
     so per thread the fp32 score tile costs BLOCK_N/4 registers and the accumulator width/4.
-    Registers / shared memory below are ptxas's for sm_90 (no spills anywhere; see AOT_CONFIGS):
+    Registers / shared memory below are ptxas's for sm_90 (no spills anywhere; see aot_configs):
       width <= 64  (D=40, 64):   BLOCK_N=128, 3 stages: 170-180 regs, 84-112 KiB. At D=40 the
                                  exp2 and softmax arithmetic, not the MMAs, bound the loop, so
                                  large key blocks amortise the per-block rescale of acc.
@@ -422,32 +424,29 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
 # Ahead-of-time compilation list (tests/kernels/test_sass.py compiles each entry for sm_90).
 
 
-def _aot_entry(head_dim: int, n_keys: int, dtype: str) -> tuple:
-    """One AOT_CONFIGS entry, specialised as triton's JIT specialises a UNet call: 16-byte-aligned
-    pointers, batch and row strides divisible by 16 (H*D is 320, 640, 1280), head stride D, unit
-    head-dim stride (the JIT turns 1 into a constant). Notation of tests/kernels/sass_compile.py."""
+def _aot_entry(head_dim: int, n_keys: int, dtype: torch.dtype) -> aot.AotConfig:
+    """One configuration, specialised as triton's JIT specialises a UNet call: 16-byte-aligned pointers,
+    batch and row strides divisible by 16 (H*D is 320, 640, 1280), head stride D, unit head-dim stride
+    (the JIT turns 1 into a constant). H, N_Q and N_K only bound loops and masks."""
     cfg = choose_config(head_dim, n_keys)
-    head_stride = "i32:16" if head_dim % 16 == 0 else "i32"
-    signature = {name: f"*{dtype}:16" for name in ("Q", "K", "V", "O")}
-    constexprs = {}
+    heads, n_q = 8, 4096
+    args = dict(Q=dtype, K=dtype, V=dtype, O=dtype, H=heads, N_Q=n_q, N_K=n_keys, qk_scale=1.0)
     for t in "qkvo":
-        row = "m" if t in "qo" else "n"
-        signature.update({f"stride_{t}b": "i32:16", f"stride_{t}h": head_stride, f"stride_{t}{row}": "i32:16",
-                          f"stride_{t}d": "constexpr"})
-        constexprs[f"stride_{t}d"] = 1
-    signature.update({"H": "i32", "N_Q": "i32", "N_K": "i32", "qk_scale": "fp32"})
+        rows = n_q if t in "qo" else n_keys
+        args.update({f"stride_{t}b": rows * heads * head_dim, f"stride_{t}h": head_dim,
+                     f"stride_{t}{'m' if t in 'qo' else 'n'}": heads * head_dim, f"stride_{t}d": 1})
     tiling = {"HEAD_DIM": head_dim, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D0": cfg.block_d0,
               "BLOCK_D1": cfg.block_d1, "VEC": 8, "INTERPRET_BF16": False}
-    signature.update({name: "constexpr" for name in tiling})
-    constexprs.update(tiling)
-    return (_attention_fwd_kernel, signature, constexprs, cfg.num_warps, cfg.num_stages)
+    return aot.config(_attention_fwd_kernel, args, tiling, cfg.num_warps, cfg.num_stages,
+                      count_args=("H", "N_Q", "N_K"))
 
 
-# Every tiling choose_config can pick, at the SD head dims (40 / 64 / 80 / 160) and the largest (256),
-# for self-attention and for a 77-token context, in fp16 and bf16.
-AOT_CONFIGS = [
-    _aot_entry(head_dim, n_keys, dtype)
-    for dtype in ("fp16", "bf16")
-    for head_dim in (40, 64, 80, 160, 256)
-    for n_keys in ((4096, 77) if choose_config(head_dim, 4096) != choose_config(head_dim, 77) else (4096,))
-]
+def aot_configs() -> list[aot.AotConfig]:
+    """Every tiling choose_config can pick, at the SD head dims (40 / 64 / 80 / 160) and the largest
+    (256), for self-attention and for a 77-token context, in fp16 and bf16."""
+    return aot.unique([
+        _aot_entry(head_dim, n_keys, dtype)
+        for dtype in (torch.float16, torch.bfloat16)
+        for head_dim in (40, 64, 80, 160, 256)
+        for n_keys in ((4096, 77) if choose_config(head_dim, 4096) != choose_config(head_dim, 77) else (4096,))
+    ])

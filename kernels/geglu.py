@@ -29,6 +29,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import aot
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Output elements per program: 4096 = 32 per thread of each half at 4 warps, 8 KiB of fp16 per half in
 # flight per program (as kernels/group_norm.py's MAX_TILE); enough to cover HBM latency without spills.
@@ -150,7 +152,7 @@ def geglu_reference(x: torch.Tensor, upcast: bool = True) -> torch.Tensor:
 # Ahead-of-time compilation list (tests/kernels/test_sass.py compiles each entry for sm_90).
 
 
-def _aot_entry(width: int, dtype: str) -> tuple:
+def _aot_entry(width: int, dtype: str) -> aot.AotConfig:
     """Specialised as triton's JIT specialises a UNet call: 16-byte-aligned pointers, widths and row
     strides divisible by 16 (every SD width is), the row count of unknown divisibility."""
     cfg = choose_config(width)
@@ -159,10 +161,11 @@ def _aot_entry(width: int, dtype: str) -> tuple:
                  "stride_xm": "i32:16" if (2 * width) % 16 == 0 else "i32", "stride_ym": f"i32{hint}",
                  "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "EVEN_N": "constexpr"}
     constexprs = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "EVEN_N": width % cfg.block_n == 0}
-    return (_geglu_kernel, signature, constexprs, cfg.num_warps, 3)
+    return aot.AotConfig(_geglu_kernel, signature, constexprs, cfg.num_warps, 3)
 
 
 # The SD feed-forward widths 1280 / 2560 / 5120 (4 x 320 / 640 / 1280; SD 1.x, 2.x and SDXL share them)
 # specialise identically, so 1280 stands for all three; 1000 is not a multiple of the column block (the
 # masked variant). Every supported dtype.
-AOT_CONFIGS = [_aot_entry(width, dtype) for dtype in ("fp16", "bf16", "fp32") for width in (1280, 1000)]
+def aot_configs() -> list[aot.AotConfig]:
+    return [_aot_entry(width, dtype) for dtype in ("fp16", "bf16", "fp32") for width in (1280, 1000)]

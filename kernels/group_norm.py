@@ -49,6 +49,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import aot
+
 ACTIVATIONS = (None, "silu")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -79,6 +81,10 @@ MIN_BLOCK_G = 4
 MERGE_BLOCK = 16
 # SM count assumed when not on CUDA (interpreter tests): the H100's, so the split path is exercised.
 DEFAULT_SM_COUNT = 132
+# CUDA's limit on grid axes 1 and 2. The apply kernels' axis 1 counts spatial tiles (H*W / 64 for the
+# VAE's channels_last tiles: over the limit past 4.19M positions, a 2048x2048 decode), so a launch covers
+# at most this many tiles and the rest go to further launches on an offset view.
+MAX_GRID_Y = 65535
 
 
 @triton.jit
@@ -566,10 +572,11 @@ def _check_inputs(x, num_groups, weight, bias, eps, activation, out=None) -> Non
                          f"TRITON_INTERPRET=1 is set before `kernels` is imported")
 
 
-def _launch(x: torch.Tensor, num_groups: int, weight, bias, eps: float, activation, out: torch.Tensor,
-            config: LaunchConfig | ChannelsLastConfig | None = None) -> None:
-    """Run both kernels, writing into `out`. `config` overrides the chosen configuration (tests use it);
-    its type picks the path: ChannelsLastConfig needs x and out with channel stride 1."""
+def launch(x: torch.Tensor, num_groups: int, weight, bias, eps: float, activation, out: torch.Tensor,
+           config: LaunchConfig | ChannelsLastConfig | None = None) -> None:
+    """Run both kernels, writing into `out` (inputs as group_norm checks them). `config` overrides the
+    chosen configuration (tests and benchmarks use it); its type picks the path: ChannelsLastConfig
+    needs x and out with channel stride 1."""
     if out.numel() == 0:
         return
     if _spatial_stride(x) is None:
@@ -598,13 +605,29 @@ def _launch_channels_last(x, num_groups, weight, bias, eps, activation, out, con
         x, partial, x.stride(0), _spatial_stride(x), channels, h * w, num_groups, config.num_chunks,
         config.tiles_per_prog, config.split, **common,
     )
-    _group_norm_cl_apply_kernel[(batch * config.num_chunks, config.num_tiles)](
-        x, out, weight if weight is not None else x, bias if bias is not None else x, partial,
-        x.stride(0), _spatial_stride(x), out.stride(0), _spatial_stride(out),
-        channels, h * w, num_groups, config.num_chunks, config.split, float(eps),
-        MERGE_BLOCK=MERGE_BLOCK, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        APPLY_SILU=activation == "silu", **common,
-    )
+    for p0, tiles in _spatial_launches(h * w, config.block_hw):
+        _group_norm_cl_apply_kernel[(batch * config.num_chunks, tiles)](
+            _at_position(x, p0), _at_position(out, p0), weight if weight is not None else x,
+            bias if bias is not None else x, partial,
+            x.stride(0), _spatial_stride(x), out.stride(0), _spatial_stride(out),
+            channels, h * w - p0, num_groups, config.num_chunks, config.split, float(eps),
+            MERGE_BLOCK=MERGE_BLOCK, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            APPLY_SILU=activation == "silu", **common,
+        )
+
+
+def _spatial_launches(hw: int, block_hw: int) -> list[tuple[int, int]]:
+    """(first position, tiles) of each apply launch: one launch unless the tiles exceed MAX_GRID_Y."""
+    tiles = triton.cdiv(hw, block_hw)
+    return [(first * block_hw, min(MAX_GRID_Y, tiles - first)) for first in range(0, tiles, MAX_GRID_Y)]
+
+
+def _at_position(t: torch.Tensor, p0: int) -> torch.Tensor:
+    """`t` from spatial position p0 on, for a kernel that addresses it from its first element (the
+    kernels take pointers: only the start address and dtype matter)."""
+    if p0 == 0:
+        return t
+    return t.as_strided((1,), (1,), t.storage_offset() + p0 * _spatial_stride(t))
 
 
 def _launch_per_group(x, num_groups, weight, bias, eps, activation, out, config: LaunchConfig | None):
@@ -623,22 +646,23 @@ def _launch_per_group(x, num_groups, weight, bias, eps, activation, out, config:
         cg, hw, num_groups, config.num_c_tiles, config.num_tiles, config.tiles_per_prog, config.split,
         BLOCK_HW=config.block_hw, BLOCK_C=config.block_c, num_warps=config.num_warps,
     )
-    apply_grid = (batch * num_groups, triton.cdiv(hw, config.block_hw), config.num_c_tiles)
-    _group_norm_apply_kernel[apply_grid](
-        x, out, weight if weight is not None else x, bias if bias is not None else x, partial,
-        x.stride(0), x.stride(1), stride_xp, out.stride(0), out.stride(1), _spatial_stride(out),
-        cg, hw, num_groups, config.split, float(eps),
-        BLOCK_HW=config.block_hw, BLOCK_C=config.block_c, MAX_SPLIT=MAX_SPLIT,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, APPLY_SILU=activation == "silu",
-        num_warps=config.num_warps,
-    )
+    for p0, tiles in _spatial_launches(hw, config.block_hw):
+        _group_norm_apply_kernel[(batch * num_groups, tiles, config.num_c_tiles)](
+            _at_position(x, p0), _at_position(out, p0), weight if weight is not None else x,
+            bias if bias is not None else x, partial,
+            x.stride(0), x.stride(1), stride_xp, out.stride(0), out.stride(1), _spatial_stride(out),
+            cg, hw - p0, num_groups, config.split, float(eps),
+            BLOCK_HW=config.block_hw, BLOCK_C=config.block_c, MAX_SPLIT=MAX_SPLIT,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, APPLY_SILU=activation == "silu",
+            num_warps=config.num_warps,
+        )
 
 
 @torch.library.custom_op("sd_kernels::group_norm", mutates_args=())
 def _group_norm_op(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                    eps: float, activation: str | None) -> torch.Tensor:
     out = torch.empty_like(x)
-    _launch(x, num_groups, weight, bias, eps, activation, out)
+    launch(x, num_groups, weight, bias, eps, activation, out)
     return out
 
 
@@ -650,7 +674,7 @@ def _group_norm_fake(x, num_groups, weight, bias, eps, activation):
 @torch.library.custom_op("sd_kernels::group_norm_out", mutates_args=("out",))
 def _group_norm_out_op(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
                        bias: torch.Tensor | None, eps: float, activation: str | None, out: torch.Tensor) -> None:
-    _launch(x, num_groups, weight, bias, eps, activation, out)
+    launch(x, num_groups, weight, bias, eps, activation, out)
 
 
 @_group_norm_out_op.register_fake
@@ -698,33 +722,11 @@ _VAE_SIDES = (64, 128, 256, 512)
 # Scalars used only for loop bounds and partial-buffer indexing: their divisibility does not change the
 # generated code's memory access, so AOT configs drop it (keeps the SASS test's compile count small).
 _COUNT_ARGS = ("G", "SPLIT", "NUM_C_TILES", "NUM_TILES", "TILES_PER_PROG")
-
-
-def _signature_like_jit(fn, args: dict, constexprs: dict, count_args=_COUNT_ARGS) -> tuple[dict, dict]:
-    """Signature and constexprs as Triton's JIT would specialise these argument values: an int equal
-    to 1 becomes a constexpr; ints and pointers divisible by 16 get the ":16" divisibility suffix
-    (the notation of triton/tools/compile.py; torch allocations are 16-byte aligned), except the
-    `count_args`, whose divisibility is irrelevant to code generation."""
-    signature, constants = {}, dict(constexprs)
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-            continue
-        value = args[name]
-        if isinstance(value, torch.dtype):
-            signature[name] = "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[value] + ":16"
-        elif isinstance(value, float):
-            signature[name] = "fp32"
-        elif value == 1:
-            signature[name] = "constexpr"
-            constants[name] = 1
-        else:
-            signature[name] = "i32:16" if value % 16 == 0 and name not in count_args else "i32"
-    return signature, constants
+_CL_COUNT_ARGS = ("G", "NUM_CHUNKS", "TILES_PER_PROG", "SPLIT")
 
 
 def _aot_configs_for(batch: int, channels: int, hw: int, channels_last: bool, dtype: torch.dtype,
-                     activation: str | None, affine: bool, groups: int = 32) -> list[tuple]:
+                     activation: str | None, affine: bool, groups: int = 32) -> list[aot.AotConfig]:
     if channels_last:
         config = choose_channels_last_config(batch, channels, hw, groups)
         if config is not None:
@@ -736,39 +738,35 @@ def _aot_configs_for(batch: int, channels: int, hw: int, channels_last: bool, dt
                   SPLIT=config.split)
     stats_args = dict(common, x_ptr=dtype, partial_ptr=torch.float32, NUM_C_TILES=config.num_c_tiles,
                       NUM_TILES=config.num_tiles, TILES_PER_PROG=config.tiles_per_prog)
-    stats = _signature_like_jit(_group_norm_stats_kernel, stats_args,
-                                dict(BLOCK_HW=config.block_hw, BLOCK_C=config.block_c))
     apply_args = dict(common, x_ptr=dtype, y_ptr=dtype, w_ptr=dtype, b_ptr=dtype, partial_ptr=torch.float32,
                       stride_yb=channels * hw, stride_yc=stride_c, stride_yp=stride_p, eps=1e-5)
-    apply = _signature_like_jit(_group_norm_apply_kernel, apply_args, dict(
-        BLOCK_HW=config.block_hw, BLOCK_C=config.block_c, MAX_SPLIT=MAX_SPLIT,
-        HAS_WEIGHT=affine, HAS_BIAS=affine, APPLY_SILU=activation == "silu"))
-    return [(_group_norm_stats_kernel, *stats, config.num_warps, 3),
-            (_group_norm_apply_kernel, *apply, config.num_warps, 3)]
+    apply_constexprs = dict(BLOCK_HW=config.block_hw, BLOCK_C=config.block_c, MAX_SPLIT=MAX_SPLIT,
+                            HAS_WEIGHT=affine, HAS_BIAS=affine, APPLY_SILU=activation == "silu")
+    return [aot.config(_group_norm_stats_kernel, stats_args, dict(BLOCK_HW=config.block_hw, BLOCK_C=config.block_c),
+                       config.num_warps, 3, _COUNT_ARGS),
+            aot.config(_group_norm_apply_kernel, apply_args, apply_constexprs, config.num_warps, 3, _COUNT_ARGS)]
 
 
 def _aot_channels_last_configs(batch, channels, hw, groups, config: ChannelsLastConfig, dtype, activation,
-                               affine) -> list[tuple]:
-    count_args = ("G", "NUM_CHUNKS", "TILES_PER_PROG", "SPLIT")
+                               affine) -> list[aot.AotConfig]:
     common = dict(stride_xb=channels * hw, stride_xp=channels, C=channels, HW=hw, G=groups,
                   NUM_CHUNKS=config.num_chunks, SPLIT=config.split)
     constexprs = dict(CG=channels // groups, GROUPS_PER_CHUNK=config.groups_per_chunk, BLOCK_HW=config.block_hw,
                       BLOCK_C=config.block_c, BLOCK_G=config.block_g)
-    stats = _signature_like_jit(_group_norm_cl_stats_kernel, dict(
-        common, x_ptr=dtype, partial_ptr=torch.float32, TILES_PER_PROG=config.tiles_per_prog), constexprs, count_args)
-    apply = _signature_like_jit(_group_norm_cl_apply_kernel, dict(
-        common, x_ptr=dtype, y_ptr=dtype, w_ptr=dtype, b_ptr=dtype, partial_ptr=torch.float32,
-        stride_yb=channels * hw, stride_yp=channels, eps=1e-5), dict(
-        constexprs, MERGE_BLOCK=MERGE_BLOCK, HAS_WEIGHT=affine, HAS_BIAS=affine,
-        APPLY_SILU=activation == "silu"), count_args)
-    return [(_group_norm_cl_stats_kernel, *stats, config.num_warps, 3),
-            (_group_norm_cl_apply_kernel, *apply, config.num_warps, 3)]
+    stats_args = dict(common, x_ptr=dtype, partial_ptr=torch.float32, TILES_PER_PROG=config.tiles_per_prog)
+    apply_args = dict(common, x_ptr=dtype, y_ptr=dtype, w_ptr=dtype, b_ptr=dtype, partial_ptr=torch.float32,
+                      stride_yb=channels * hw, stride_yp=channels, eps=1e-5)
+    apply_constexprs = dict(constexprs, MERGE_BLOCK=MERGE_BLOCK, HAS_WEIGHT=affine, HAS_BIAS=affine,
+                            APPLY_SILU=activation == "silu")
+    return [aot.config(_group_norm_cl_stats_kernel, stats_args, constexprs, config.num_warps, 3, _CL_COUNT_ARGS),
+            aot.config(_group_norm_cl_apply_kernel, apply_args, apply_constexprs, config.num_warps, 3,
+                       _CL_COUNT_ARGS)]
 
 
-def _aot_configs() -> list[tuple]:
-    """Every (kernel, signature, constexprs, num_warps, num_stages) the launcher compiles for the real
-    model shapes at batch 1 and 2 in either memory format and dtype, with and without SiLU, plus the
-    no-affine, odd-size and channels_last fallback variants; duplicates removed."""
+def aot_configs() -> list[aot.AotConfig]:
+    """Every configuration (kernels/aot.py) the launcher compiles for the real model shapes at batch 1
+    and 2 in either memory format and dtype, with and without SiLU, plus the no-affine, odd-size and
+    channels_last fallback variants; duplicates removed."""
     shapes = [(c, s * s) for c in _UNET_CHANNELS for s in _UNET_SIDES]
     shapes += [(c, s * s) for c in _VAE_CHANNELS for s in _VAE_SIDES]
     configs = []
@@ -782,15 +780,4 @@ def _aot_configs() -> list[tuple]:
     configs += _aot_configs_for(2, 320, 7 * 9, True, torch.float16, "silu", True)
     # A channels_last group wider than CHANNELS_LAST_MAX_WIDTH takes the per-group kernels.
     configs += _aot_configs_for(1, 640, 8 * 8, True, torch.float16, "silu", True, groups=1)
-    unique = {}
-    for fn, signature, constants, num_warps, num_stages in configs:
-        key = (fn.__name__, tuple(signature.items()), tuple(constants.items()), num_warps, num_stages)
-        unique.setdefault(key, (fn, signature, constants, num_warps, num_stages))
-    return list(unique.values())
-
-
-def __getattr__(name: str):
-    # AOT_CONFIGS is built on first access (PEP 562), so importing the module stays free of work.
-    if name == "AOT_CONFIGS":
-        return _aot_configs()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return aot.unique(configs)

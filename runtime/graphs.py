@@ -5,25 +5,31 @@ guidance combine and the scheduler update, exactly the eager step), chained: gra
 graph i-1 wrote. Per-step graphs (rather than one graph for the whole loop) keep the per-step callback,
 the progress bar and inpainting's latent blending working, at the cost of one graph launch per step.
 
-Everything a graph reads lives in static buffers owned by its cache entry: the initial latents, the text
-context, the guidance scale (a device scalar, so a new guidance value needs no new capture), the
-pre-drawn ancestral noise and the inpainting conditioning. A call copies its inputs in, replays, and
-copies the result out, under a lock, so concurrent callers never see each other's buffers.
+Everything a graph reads lives in static buffers owned by its cache entry: the initial latents, the
+request's named step inputs (text context, inpainting conditioning, later SDXL's added conditioning:
+any tensor the step function takes by name), the guidance scale (a device scalar, so a new guidance
+value needs no new capture), the pre-drawn ancestral noise, and the scheduler's multistep history
+(zeroed before every replay, as eager starts each image from an empty history). A call copies its
+inputs in, replays, and hands out copies, under a lock, so concurrent callers never see each other's
+buffers and nothing a caller holds is overwritten by the next run.
+
+The graph API is a constructor argument (torch.cuda by default), so tests can drive the same code on
+the CPU with a stand-in (tests/fake_cuda_graphs.py).
 """
 from __future__ import annotations
 
 import collections
-import copy
 import dataclasses
 import logging
 import threading
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
 log = logging.getLogger(__name__)
 
-# A step function: (scheduler, latents, i, context, guidance, noise_i, conditioning) -> new latents.
+# A step function: step_fn(scheduler, latents, i, guidance=..., noise_i=..., **inputs) -> new latents,
+# where `inputs` are the request's named static tensors (e.g. context=..., conditioning=...).
 StepFn = Callable[..., torch.Tensor]
 
 
@@ -39,13 +45,19 @@ class GraphKey:
     """What a captured graph is specialised to; a request that differs in any field captures anew."""
 
     latent_shape: tuple[int, ...]
-    context_shape: tuple[int, ...]
     dtype: torch.dtype
     scheduler: str
     steps: int
     start: int
     has_noise: bool
-    conditioning_shape: tuple[int, ...] | None
+    inputs: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]  # (name, shape, dtype), sorted by name
+
+    @classmethod
+    def for_run(cls, scheduler, latents: torch.Tensor, start: int, noise: torch.Tensor | None,
+                inputs: Mapping[str, torch.Tensor]) -> GraphKey:
+        signature = tuple(sorted((name, tuple(t.shape), t.dtype) for name, t in inputs.items()))
+        return cls(tuple(latents.shape), latents.dtype, scheduler_identity(scheduler), scheduler.num_steps,
+                   start, noise is not None, signature)
 
     def describe(self) -> str:
         b, c, h, w = self.latent_shape
@@ -57,21 +69,23 @@ class GraphKey:
 @dataclasses.dataclass
 class _Entry:
     scheduler: object                     # keeps the multistep history tensors the graphs read alive
-    graphs: list[torch.cuda.CUDAGraph]    # graph k runs step start + k
+    graphs: list                          # CUDAGraph objects; graph k runs step start + k
     chain: list[torch.Tensor]             # chain[k] is graph k's input latents, chain[k + 1] its output
-    context: torch.Tensor
+    inputs: dict[str, torch.Tensor]       # the static copies of the request's named step inputs
     guidance: torch.Tensor
     noise: torch.Tensor | None
-    conditioning: torch.Tensor | None
 
 
 class CudaGraphDenoiser:
     """A bounded LRU cache of captured denoising loops, replayed on request."""
 
-    def __init__(self, step_fn: StepFn, max_entries: int = 4):
+    def __init__(self, step_fn: StepFn, max_entries: int = 4, graph_api=None):
+        """graph_api: what provides CUDAGraph, graph, Stream, stream, current_stream, graph_pool_handle
+        and empty_cache; torch.cuda unless a test passes a stand-in."""
         if max_entries < 1:
             raise ValueError(f"max_entries must be at least 1, got {max_entries}")
         self._step_fn = step_fn
+        self._cuda = torch.cuda if graph_api is None else graph_api
         self._entries: collections.OrderedDict[GraphKey, _Entry] = collections.OrderedDict()
         self.max_entries = max_entries
         self._lock = threading.Lock()
@@ -85,93 +99,102 @@ class CudaGraphDenoiser:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def keys(self) -> list[GraphKey]:
+        """The cached request shapes, least recently used first."""
+        with self._lock:
+            return list(self._entries)
+
     def clear(self) -> None:
         """Release every graph and its memory pool."""
         with self._lock:
             self._entries.clear()
             self._pool = None
-        torch.cuda.empty_cache()
+        self._cuda.empty_cache()
 
-    def run(self, key: GraphKey, scheduler, latents: torch.Tensor, context: torch.Tensor, guidance: float,
-            noise: torch.Tensor | None, conditioning: torch.Tensor | None,
-            between_steps: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
+    def run(self, scheduler, latents: torch.Tensor, guidance: float, *, inputs: Mapping[str, torch.Tensor | None],
+            start: int = 0, noise: torch.Tensor | None = None,
+            between_steps: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
             progress: Callable[[range], range] = lambda r: r) -> torch.Tensor:
-        """Steps key.start .. key.steps-1 on `latents`; returns new latents (not a static buffer).
+        """Steps start .. scheduler.num_steps-1 on `latents`; returns new latents (not a static buffer).
 
-        `scheduler` is set up for the request (timesteps, begin index); a new capture works on a copy.
+        `scheduler` is set up for the request (timesteps, begin index); a new capture works on a clone.
+        `inputs` are the step function's named tensor arguments; None values are left out (the step
+        function's defaults apply).
 
-        `between_steps(i, latents)` runs eagerly after step i; a tensor it returns replaces the latents
-        (inpainting's blend); it may raise to stop the run.
+        `between_steps(i, latents)` runs eagerly after step i on a copy the caller owns; the tensor it
+        returns becomes the next step's input (inpainting's blend); it may raise to stop the run.
         """
+        inputs = {name: t for name, t in inputs.items() if t is not None}
+        key = GraphKey.for_run(scheduler, latents, start, noise, inputs)
         with self._lock, torch.inference_mode():
             entry = self._entries.get(key)
             if entry is None:
-                entry = self._capture_or_explain(key, scheduler, latents, context, noise, conditioning)
+                entry = self._capture_or_explain(key, scheduler, latents, inputs, noise)
             self._entries.move_to_end(key)
             entry.chain[0].copy_(latents)
-            entry.context.copy_(context)
+            for name, tensor in inputs.items():
+                entry.inputs[name].copy_(tensor)
             entry.guidance.fill_(guidance)
             if noise is not None:
                 entry.noise.copy_(noise)
-            if conditioning is not None:
-                entry.conditioning.copy_(conditioning)
+            # The graphs read and write the history in place; a run that went NaN must not poison the next.
+            entry.scheduler.reset()
             for k in progress(range(len(entry.graphs))):
                 entry.graphs[k].replay()
                 if between_steps is not None:
-                    replaced = between_steps(key.start + k, entry.chain[k + 1])
-                    if replaced is not None and replaced is not entry.chain[k + 1]:
-                        entry.chain[k + 1].copy_(replaced)
+                    entry.chain[k + 1].copy_(between_steps(key.start + k, entry.chain[k + 1].clone()))
             return entry.chain[-1].clone()
 
-    def _capture_or_explain(self, key, scheduler, latents, context, noise, conditioning) -> _Entry:
+    def _capture_or_explain(self, key, scheduler, latents, inputs, noise) -> _Entry:
         while len(self._entries) >= self.max_entries:
             self._entries.popitem(last=False)
         log.info("capturing CUDA graphs for a new request shape: %s", key.describe())
         try:
-            entry = self._capture(key, copy.deepcopy(scheduler), latents, context, noise, conditioning)
+            entry = self._capture(key, scheduler.clone(), latents, inputs, noise)
         except torch.cuda.OutOfMemoryError as err:
             self._entries.clear()
             self._pool = None
-            torch.cuda.empty_cache()
+            self._cuda.empty_cache()
             raise RuntimeError(f"CUDA ran out of memory capturing the denoising graphs for {key.describe()}; "
                                f"the graph cache was released. Try a smaller batch or size.") from err
         self._entries[key] = entry
         return entry
 
-    def _capture(self, key, scheduler, latents, context, noise, conditioning) -> _Entry:
+    def _capture(self, key, scheduler, latents, inputs, noise) -> _Entry:
+        cuda = self._cuda
         static_latents = latents.clone()
-        static_context = context.clone()
-        # fp32, as a Python float would enter the kernels: replay then matches eager bit for bit.
+        static_inputs = {name: t.clone() for name, t in inputs.items()}
+        # fp32, as a Python float enters the kernels; the step does the guidance multiply in fp32, so a
+        # Python float and this buffer give the same bits.
         static_guidance = torch.zeros((), device=latents.device, dtype=torch.float32)
         static_noise = None if noise is None else noise.clone()
-        static_conditioning = None if conditioning is None else conditioning.clone()
 
         def step(i: int, x: torch.Tensor) -> torch.Tensor:
-            return self._step_fn(scheduler, x, i, static_context, static_guidance,
-                                 None if static_noise is None else static_noise[i], static_conditioning)
+            return self._step_fn(scheduler, x, i, guidance=static_guidance,
+                                 noise_i=None if static_noise is None else static_noise[i], **static_inputs)
 
         # Warm up on a side stream: Triton compiles and autotunes, cuBLAS picks its kernels, the
         # caching allocator sizes its blocks; none of that may happen during capture.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.inference_mode():
+        side = cuda.Stream()
+        side.wait_stream(cuda.current_stream())
+        with cuda.stream(side), torch.inference_mode():
             x = static_latents
             # Every step, not just one: samplers take other code paths on their first and last steps,
             # and no kernel may be loaded or compiled for the first time while a graph is capturing.
             for i in range(key.start, key.steps):
                 x = step(i, x)
-        torch.cuda.current_stream().wait_stream(side)
+        cuda.current_stream().wait_stream(side)
         scheduler.reset()
 
         if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
+            self._pool = cuda.graph_pool_handle()
         graphs, chain = [], [static_latents]
         with torch.inference_mode():
             for i in range(key.start, key.steps):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool):
+                graph = cuda.CUDAGraph()
+                with cuda.graph(graph, pool=self._pool):
                     out = step(i, chain[-1])
                 graphs.append(graph)
                 chain.append(out)
-        return _Entry(scheduler=scheduler, graphs=graphs, chain=chain, context=static_context,
-                      guidance=static_guidance, noise=static_noise, conditioning=static_conditioning)
+        return _Entry(scheduler=scheduler, graphs=graphs, chain=chain, inputs=static_inputs,
+                      guidance=static_guidance, noise=static_noise)

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from runtime import images as imageio
-from runtime.graphs import CudaGraphDenoiser, GraphKey, scheduler_identity
 from runtime.caller_inputs import CallerInputs
+from runtime.graphs import CudaGraphDenoiser
 from runtime.images import GenerationInfo
 from runtime.model_hash import model_hash
 from runtime.prompt_syntax import encode_prompts
@@ -84,9 +84,10 @@ class Pipeline:
 
     prompt_syntax = "a1111"  # how prompts are read: runtime/prompt_syntax.py's PROMPT_SYNTAXES
 
-    def __init__(self, components, backend: str = "torch", cuda_graphs: bool | None = None):
+    def __init__(self, components, backend: str = "torch", cuda_graphs: bool | None = None, graph_api=None):
         """cuda_graphs: replay the denoising steps from CUDA graphs (runtime/graphs.py); default on for
-        the `triton` backend on a CUDA device."""
+        the `triton` backend on a CUDA device. graph_api: the CUDA-graph API the runner calls (torch.cuda
+        when None); a test's CPU stand-in may run graphs on a CPU model."""
         self.components = components
         self.backend = backend
         self.unet = components.unet
@@ -100,9 +101,9 @@ class Pipeline:
         self.device, self.dtype = parameter.device, parameter.dtype
         if cuda_graphs is None:
             cuda_graphs = backend == "triton" and self.device.type == "cuda"
-        if cuda_graphs and self.device.type != "cuda":
+        if cuda_graphs and self.device.type != "cuda" and graph_api is None:
             raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, it is on {self.device}")
-        self.graphs = CudaGraphDenoiser(self.denoise_step) if cuda_graphs else None
+        self.graphs = CudaGraphDenoiser(self.denoise_step, graph_api=graph_api) if cuda_graphs else None
         # One request at a time: a run keeps its scheduler on self and replays shared graph buffers.
         self._run_lock = threading.Lock()
 
@@ -339,11 +340,13 @@ class Pipeline:
         """Run steps start..S-1 of `self.scheduler` (already set up); return the final latents."""
         self.scheduler.reset()
         if self.graphs is not None:
-            key = GraphKey(tuple(latents.shape), tuple(context.shape), latents.dtype,
-                           scheduler_identity(self.scheduler), self.scheduler.num_steps, start, noise is not None,
-                           None if conditioning is None else tuple(conditioning.shape))
-            return self.graphs.run(key, self.scheduler, latents, context, guidance, noise, conditioning,
-                                   between_steps=lambda i, x: self._after_step(i, x, start, blend, callback),
+            between_steps = None
+            if blend is not None or callback is not None:
+                def between_steps(i, x):
+                    return self._after_step(i, x, start, blend, callback)
+            return self.graphs.run(self.scheduler, latents, guidance, start=start, noise=noise,
+                                   inputs=dict(context=context, conditioning=conditioning),
+                                   between_steps=between_steps,
                                    progress=lambda steps: tqdm(steps, disable=not progress, desc="denoising"))
         for i in tqdm(range(start, self.scheduler.num_steps), disable=not progress, desc="denoising"):
             noise_i = None if noise is None else noise[i]
@@ -372,7 +375,11 @@ class Pipeline:
         prediction = self.unet(model_input, scheduler.timesteps[i], context)
         if guided:
             uncond, cond = prediction.chunk(2)
-            prediction = uncond + guidance * (cond - uncond)
+            # The product in fp32, rounded once to the model dtype: what a kernel does with a Python float
+            # (its opmath), and also what a 0-d fp32 tensor gives, which in fp16 math would first round
+            # 7.3 to 7.30078. So eager (a float) and a graph replay (a buffer) give the same bits.
+            scaled = (guidance * (cond - uncond).float()).to(prediction.dtype)
+            prediction = uncond + scaled
         return scheduler.step(prediction, i, latents, noise=noise_i)
 
     def _after_step(self, i: int, latents: torch.Tensor, start: int, blend: _LatentBlend | None,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-import kernels
+from kernels import attention, geglu, group_norm  # the kernel modules
 from runtime.models.blocks import GEGLU
 from runtime.models.layers import AttentionCore, GroupNorm
 
@@ -17,7 +17,7 @@ class TritonGroupNorm(GroupNorm):
     """GroupNorm(+SiLU) computed by kernels.group_norm; same parameters, same state-dict keys."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation)
+        return group_norm.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation)
 
 
 class TritonAttentionCore(AttentionCore):
@@ -28,7 +28,7 @@ class TritonAttentionCore(AttentionCore):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if q.shape[-1] <= MAX_KERNEL_HEAD_DIM and q.dtype in KERNEL_DTYPES:
-            return kernels.attention(q, k, v)
+            return attention.attention(q, k, v)
         return super().forward(q, k, v)
 
 
@@ -37,4 +37,4 @@ class TritonGEGLU(GEGLU):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.proj(x)
-        return kernels.geglu(h) if h.dtype in GEGLU_DTYPES else super().forward(x)
+        return geglu.geglu(h) if h.dtype in GEGLU_DTYPES else super().forward(x)

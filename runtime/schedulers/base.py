@@ -7,6 +7,7 @@ tensors on the target device indexed by the step index i. `step` then does plain
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Mapping
 
 import torch
@@ -97,7 +98,20 @@ class Scheduler:
         return sample
 
     def reset(self) -> None:
-        """Forget multistep history before a new image (tables stay)."""
+        """Forget multistep history before a new image (tables stay). Zeroes the history buffers in
+        place: a captured CUDA graph reads those very tensors, and is reset this way before each replay."""
+
+    def clone(self) -> Scheduler:
+        """An independent copy: same schedule and tables, its own history buffers."""
+        return copy.deepcopy(self)
+
+    def __deepcopy__(self, memo: dict) -> Scheduler:
+        # The config is an immutable MappingProxyType, which deepcopy cannot pickle: share it.
+        memo[id(self.config)] = self.config
+        twin = object.__new__(type(self))
+        memo[id(self)] = twin
+        twin.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return twin
 
     def add_noise(self, original: torch.Tensor, noise: torch.Tensor, i) -> torch.Tensor:
         """DDPM forward noising to the level of timesteps[i] (DDIM, PNDM, LCM; Euler/DPM override)."""

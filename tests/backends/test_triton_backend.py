@@ -114,11 +114,11 @@ def test_full_sd15_unet_on_triton_matches_torch_fp16_on_gpu():
 def test_upcast_attention_runs_on_the_kernel_and_matches_fp32(monkeypatch):
     """SD 2.1's upcast_attention: the reference core computes in fp32; the kernel core keeps fp16
     inputs (its scores and softmax are fp32 already) instead of falling back to SDPA."""
-    import kernels
+    import kernels.attention
 
     calls = []
-    real_attention = kernels.attention
-    monkeypatch.setattr(kernels, "attention", lambda *a: calls.append(1) or real_attention(*a))
+    real_attention = kernels.attention.attention
+    monkeypatch.setattr(kernels.attention, "attention", lambda *a: calls.append(1) or real_attention(*a))
     q, k, v = (torch.randn(1, 5, 40, 64, device=DEVICE) for _ in range(3))
     reference = AttentionCore(upcast=True)(q, k, v)
     ours = TritonAttentionCore(upcast=True)(q.half(), k.half(), v.half())

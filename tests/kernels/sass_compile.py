@@ -5,11 +5,8 @@ when they are decorated, so they could not be compiled):
 
     python tests/kernels/sass_compile.py kernels.group_norm [--limit N]
 
-Convention (every kernel module follows it): the module exposes `AOT_CONFIGS`, a list of
-(jit_function, signature, constexprs, num_warps, num_stages). `signature` maps every argument name to
-a Triton type string ("*fp16", "i32", "fp32", or "constexpr" for names given in `constexprs`); a
-":16" suffix ("*fp16:16", "i32:16") marks a value divisible by 16, as Triton's JIT would specialise it
-(notation of triton/tools/compile.py). No GPU is needed.
+Convention (kernels/aot.py; every kernel module follows it): the module defines `aot_configs()`, a
+list of AotConfig(fn, signature, constexprs, num_warps, num_stages). No GPU is needed.
 
 Prints one JSON object per line: kernel, constexprs, num_warps, registers, shared memory (bytes),
 local + stack memory (bytes), and the number of LDL/STL instructions (register spills) in the SASS.
@@ -74,16 +71,16 @@ def compile_one(fn, signature, constexprs, num_warps, num_stages, workdir: pathl
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("module", help="kernel module exposing AOT_CONFIGS, e.g. kernels.group_norm")
+    parser.add_argument("module", help="kernel module defining aot_configs(), e.g. kernels.group_norm")
     parser.add_argument("--limit", type=int, default=None, help="compile only the first N configurations")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("sass_compile.py: unset TRITON_INTERPRET; interpreted kernels cannot be compiled")
     sys.path.insert(0, str(REPO_ROOT))
     module = importlib.import_module(args.module)
-    configs = getattr(module, "AOT_CONFIGS", None)
-    if configs is None:
-        sys.exit(f"sass_compile.py: {args.module} defines no AOT_CONFIGS (see this script's docstring)")
+    if not callable(getattr(module, "aot_configs", None)):
+        sys.exit(f"sass_compile.py: {args.module} defines no aot_configs() (see kernels/aot.py)")
+    configs = module.aot_configs()
     with tempfile.TemporaryDirectory() as tmp:
         for index, config in enumerate(configs[: args.limit]):
             print(json.dumps(compile_one(*config, pathlib.Path(tmp), index)), flush=True)

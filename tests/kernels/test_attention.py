@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.attention import (AOT_CONFIGS, _attention_fwd_kernel, attention, attention_reference,
+from kernels.attention import (_attention_fwd_kernel, aot_configs, attention, attention_reference,
                                choose_config, split_head_dim)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -246,10 +246,10 @@ def test_split_head_dim(head_dim, chunks):
 
 def test_aot_configs_cover_sd_head_dims():
     # Every tiling the launcher picks for the SD head dims, self-attention and a 77-token context,
-    # fp16 and bf16, is in AOT_CONFIGS, with a signature that names the kernel's arguments in order.
+    # fp16 and bf16, is in aot_configs(), with a signature that names the kernel's arguments in order.
     arg_names = list(inspect.signature(_attention_fwd_kernel.fn).parameters)
     listed = set()
-    for fn, signature, constexprs, num_warps, num_stages in AOT_CONFIGS:
+    for fn, signature, constexprs, num_warps, num_stages in aot_configs():
         assert fn is _attention_fwd_kernel and list(signature) == arg_names
         assert {n for n, t in signature.items() if t == "constexpr"} == set(constexprs)
         listed.add((signature["Q"].split(":")[0], constexprs["HEAD_DIM"], constexprs["BLOCK_M"], constexprs["BLOCK_N"],

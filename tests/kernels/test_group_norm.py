@@ -4,13 +4,14 @@ Inputs are fresh random tensors with mean 3 and std 2 (a non-zero mean exposes E
 cancellation); weights and biases are random, far from the identity init. Outputs are poisoned with NaN
 through `out=` before every run, so an element the kernel fails to write cannot pass.
 """
-import importlib
+import dataclasses
 
 import pytest
 import torch
 import triton
 
-gn = importlib.import_module("kernels.group_norm")
+import kernels.group_norm as gn
+
 group_norm, group_norm_reference = gn.group_norm, gn.group_norm_reference
 # Small shapes run on the GPU where there is one (the interpreter is off there), else interpreted on the CPU.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -142,7 +143,7 @@ def test_several_tiles_per_program_with_empty_tail_tiles():
     config = gn.LaunchConfig(block_hw=16, block_c=2, num_c_tiles=3, num_tiles=12, tiles_per_prog=5,
                              split=3, num_warps=1)
     out = _poisoned_like(x)
-    gn._launch(x, 32, weight, bias, 1e-5, "silu", out, config)
+    gn.launch(x, 32, weight, bias, 1e-5, "silu", out, config)
     _assert_close_to_reference(x, weight, bias, "silu", out)
 
 
@@ -215,7 +216,7 @@ def test_channels_last_several_tiles_per_program_and_partial_chunk():
     config = gn.ChannelsLastConfig(groups_per_chunk=12, block_c=128, block_g=16, num_chunks=3, block_hw=2,
                                    num_tiles=39, tiles_per_prog=2, split=20, num_warps=1)
     out = _poisoned_like(x)
-    gn._launch(x, 32, weight, bias, 1e-5, "silu", out, config)
+    gn.launch(x, 32, weight, bias, 1e-5, "silu", out, config)
     _assert_close_to_reference(x, weight, bias, "silu", out)
 
 
@@ -343,3 +344,64 @@ def test_gpu_cuda_graph_capture_and_compile():
     assert not torch.equal(static_out, eager)
     compiled = torch.compile(lambda t: group_norm(t, 32, weight, bias, activation="silu"), fullgraph=True)
     torch.testing.assert_close(compiled(x), static_out)
+
+
+# ---------------------------------------------------------------- grid axis 1 limit (65535 on CUDA)
+class _RecordingKernel:
+    """Stands in for a @triton.jit kernel: `kernel[grid](*args)` records the grid and arguments."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((grid, args))
+
+
+@pytest.mark.parametrize("shape, channels_last, kernel", [
+    ((1, 128, 2048, 2048), True, "_group_norm_cl_apply_kernel"),   # VAE decode at 2048^2: HW/64 = 65536
+    ((1, 128, 3000, 3000), True, "_group_norm_cl_apply_kernel"),   # 140625 tiles: three launches
+    ((1, 32, 16384, 16400), False, "_group_norm_apply_kernel"),    # NCHW, 4096-position tiles: 65600
+])
+def test_apply_launches_keep_grid_axis_1_within_the_cuda_limit(monkeypatch, shape, channels_last, kernel):
+    # Meta tensors: the launcher's arithmetic at full size, no memory, kernels recorded instead of run.
+    for name in ("_group_norm_stats_kernel", "_group_norm_apply_kernel", "_group_norm_cl_stats_kernel",
+                 "_group_norm_cl_apply_kernel"):
+        monkeypatch.setattr(gn, name, _RecordingKernel())
+    x = torch.empty(shape, device="meta", dtype=torch.float16)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    out = torch.empty_like(x)
+    weight = bias = torch.empty(shape[1], device="meta", dtype=torch.float16)
+    gn.launch(x, 32, weight, bias, 1e-5, "silu", out)
+    launches = getattr(gn, kernel).launches
+    hw = shape[2] * shape[3]
+    block_hw = (gn.choose_channels_last_config(1, shape[1], hw, 32) if channels_last
+                else gn.choose_config(1, shape[1] // 32, hw, 32, False)).block_hw
+    assert len(launches) > 1 and all(grid[1] <= gn.MAX_GRID_Y for grid, _ in launches)
+    spatial_stride = shape[1] if channels_last else 1
+    hw_arg = 10 if channels_last else 12  # HW's position in the apply kernel's arguments
+    covered = 0
+    for grid, args in launches:
+        first = (args[0].storage_offset() - x.storage_offset()) // spatial_stride
+        assert first == covered and args[1].storage_offset() // spatial_stride == first
+        assert args[hw_arg] == hw - first
+        covered += grid[1] * block_hw
+    assert covered >= hw > covered - block_hw  # every position in exactly one launch's tiles
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_apply_split_into_several_launches_gives_the_same_result(monkeypatch, channels_last):
+    # The same offset launches at a size the interpreter runs: at most 2 tiles per launch.
+    monkeypatch.setattr(gn, "MAX_GRID_Y", 2)
+    x, weight, bias = _random_inputs((2, 64, 9, 8), torch.float32, DEVICE, channels_last=channels_last, seed=11)
+    hw = x.shape[2] * x.shape[3]
+    if channels_last:
+        config = dataclasses.replace(gn.choose_channels_last_config(2, 64, hw, 32), block_hw=8, num_tiles=9,
+                                     tiles_per_prog=3, split=3)
+    else:
+        config = dataclasses.replace(gn.choose_config(2, 2, hw, 32, False), block_hw=8, num_tiles=9 * 1,
+                                     tiles_per_prog=3, split=3)
+    assert len(gn._spatial_launches(hw, 8)) == 5  # 9 tiles, 2 per launch
+    out = _poisoned_like(x)
+    gn.launch(x, 32, weight, bias, 1e-5, "silu", out, config)
+    _assert_close_to_reference(x, weight, bias, "silu", out)
