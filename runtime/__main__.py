@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--scheduler", default=None,
                      help="ddim, pndm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras or lcm (default: the model's)")
     gen.add_argument("--num-images", type=int, default=1)
+    gen.add_argument("--max-pixels", type=int, default=None,
+                     help="refuse images larger than this many pixels (default 2048*2048; raise it to run "
+                          "larger sizes, which need much memory and time)")
     gen.add_argument("--backend", default="torch")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--dtype", default="fp32")
@@ -75,6 +78,19 @@ def _check_paths(args) -> None:
     for flag, value in (("--init-image", args.init_image), ("--mask", args.mask)):
         if value is not None and not Path(value).is_file():
             raise CLIError(f"{flag} file not found: {value}")
+    if args.max_pixels is not None and args.max_pixels < 1:
+        raise CLIError(f"--max-pixels must be a positive integer, got {args.max_pixels}")
+    _check_targets(output_paths(out, max(args.num_images, 1)))
+
+
+def _check_targets(paths: list[Path]) -> None:
+    """Every output must be replaceable before the run starts: a directory (or other non-file) in the
+    way of one of them would otherwise fail after the others were written."""
+    for path in paths:
+        if path.is_symlink() and not path.exists():
+            raise CLIError(f"output {path} is a dangling symlink; remove it or choose another --out")
+        if path.exists() and not path.is_file():
+            raise CLIError(f"output {path} exists and is not a file (a directory?); choose another --out")
 
 
 def run_generate(args) -> list[Path]:
@@ -85,6 +101,8 @@ def run_generate(args) -> list[Path]:
     init_image = imageio.load_image(args.init_image, "--init-image") if args.init_image else None
     mask = imageio.load_image(args.mask, "--mask") if args.mask else None
     pipe = runtime.load(args.model, backend=args.backend, device=args.device, dtype=args.dtype)
+    if args.max_pixels is not None:
+        pipe.max_pixels = args.max_pixels
     options = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
                    width=args.width, height=args.height, seed=args.seed, num_images=args.num_images,
                    scheduler=args.scheduler, progress=not args.no_progress)
