@@ -10,14 +10,16 @@ import argparse
 import logging
 import sys
 
-from export.manifest import ArtifactError
-from export.specs import NETWORKS, ImageShape, ShapeProfile
-from export.tensorrt import PRECISIONS, TensorRTUnavailable
+# Only the standard library at import time: torch's import takes seconds, and an interrupt during it
+# must end in one line, not a traceback (main() catches it). The rest is imported inside main().
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+_MESSAGE_LIMIT = 600  # characters of an error shown on its one line
 
-DEFAULTS = ShapeProfile()
 
+def _shape(text: str):
+    from export.specs import ImageShape
 
-def _shape(text: str) -> ImageShape:
     try:
         return ImageShape.parse(text)
     except ValueError as err:
@@ -25,6 +27,10 @@ def _shape(text: str) -> ImageShape:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from export.specs import NETWORKS, ShapeProfile
+    from export.tensorrt import PRECISIONS
+
+    defaults = ShapeProfile()
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="diffusers folder or single-file .safetensors")
@@ -34,9 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="onnx: the graphs' dtype, fp32 (default) or fp16. tensorrt: the engine "
                              "precision, fp16 (default), bf16 or fp32, built from fp32 graphs")
     for bound in ("min", "opt", "max"):
-        parser.add_argument(f"--{bound}", type=_shape, default=getattr(DEFAULTS, bound),
+        parser.add_argument(f"--{bound}", type=_shape, default=getattr(defaults, bound),
                             metavar="BxHxW", help=f"{bound} image batch x height x width "
-                                                  f"(default {getattr(DEFAULTS, bound)})")
+                                                  f"(default {getattr(defaults, bound)})")
     parser.add_argument("--networks", nargs="+", choices=NETWORKS, default=list(NETWORKS),
                         help="export only these (default: all four)")
     parser.add_argument("--device", default="cpu", help="where to run the model while exporting")
@@ -47,7 +53,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= _MESSAGE_LIMIT else text[:_MESSAGE_LIMIT] + " ..."
+
+
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("error: interrupted; finished artifacts are kept and listed in manifest.json, the one in "
+              "progress was not written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv) -> int:
+    from export.manifest import ArtifactError
+    from export.specs import ShapeProfile
+    from export.tensorrt import TensorRTUnavailable
+
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
@@ -71,8 +95,14 @@ def main(argv=None) -> int:
                                    networks=args.networks, device=args.device,
                                    progress=not args.no_progress)
     except (ArtifactError, ValueError, FileNotFoundError, TensorRTUnavailable) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as err:  # disk full, permissions, ...: files are moved in only once complete
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_ERROR
+    except RuntimeError as err:  # torch's exporter and onnx raise these for graphs they cannot handle
+        print(f"error: exporting failed: {type(err).__name__}: {_one_line(err)}", file=sys.stderr)
+        return EXIT_ERROR
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0

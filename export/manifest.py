@@ -6,7 +6,14 @@ dtype, shapes, tool versions ...). A later run recomputes those fields: equal ->
 rebuild (the log says which fields changed), files damaged -> a clear error naming the file.
 
 The directory is ours only if every file in it is listed in our manifest: we never overwrite or
-delete anything else.
+delete anything else. A manifest is read as untrusted input: every file name it lists must be a plain
+name of a file directly inside DIR (no "..", no absolute path, no separator, no symlink leading out),
+or the whole manifest is refused before any file is hashed, stat'ed or deleted.
+
+What the manifest promises, and what it does not: it maps artifacts to the inputs they were built from
+and to the bytes of their files. It is not a signature: anyone who can write DIR can rewrite it. So the
+binding between an artifact and its weights is also kept inside the artifact (export/graph_stamp.py),
+and a manifest whose key fields disagree with that stamp is refused, not trusted.
 """
 from __future__ import annotations
 
@@ -87,8 +94,25 @@ def tool_versions(names=("torch", "onnx", "onnxslim")) -> dict[str, str]:
 
 
 def describe_files(out_dir: Path, names) -> dict[str, dict]:
-    return {name: {"size": (out_dir / name).stat().st_size, "sha256": sha256_file(out_dir / name)}
+    return {name: {"size": inside(out_dir, name).stat().st_size, "sha256": sha256_file(inside(out_dir, name))}
             for name in names}
+
+
+def inside(out_dir: Path, name, listed_in: str = "the manifest") -> Path:
+    """out_dir / name, for a name read from a file we may not have written: refused unless it is a
+    plain file name (no separators, "..", absolute or empty names) whose resolved path, symlinks
+    followed, stays directly inside out_dir."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name \
+            or "\0" in name or Path(name).is_absolute() or Path(name).name != name:
+        raise ArtifactError(f"{listed_in} lists file {name!r}, which is not a plain file name inside "
+                            f"{out_dir}; refusing to touch it (a manifest may only name files in its "
+                            f"own directory)")
+    path = out_dir / name
+    root = out_dir.resolve()
+    if path.is_symlink() or path.resolve().parent != root:
+        raise ArtifactError(f"{listed_in} lists {name!r}, which is a symlink or resolves to "
+                            f"{path.resolve()} outside {root}; refusing to read or delete it")
+    return path
 
 
 @dataclass(frozen=True)
@@ -125,6 +149,9 @@ class Manifest:
         if out_dir.exists() and not out_dir.is_dir():
             raise ArtifactError(f"export directory {out_dir} is a file, not a directory")
         manifest_path = out_dir / MANIFEST_NAME
+        if manifest_path.is_symlink():
+            raise ArtifactError(f"{manifest_path} is a symlink (to {manifest_path.resolve()}); we never "
+                                f"write one, so refusing to read or replace it")
         if manifest_path.is_file():
             manifest = cls(out_dir, _read_manifest(manifest_path))
         else:
@@ -168,7 +195,7 @@ class Manifest:
             changed = sorted(name for name in set(key_fields) | set(entry.get("key_fields", {}))
                              if key_fields.get(name) != entry.get("key_fields", {}).get(name))
             return Decision(False, "stale: " + ", ".join(changed or ["key"]) + " changed")
-        missing = [name for name in entry["files"] if not (self.out_dir / name).is_file()]
+        missing = [name for name in entry["files"] if not inside(self.out_dir, name, str(self.path)).is_file()]
         if missing:
             return Decision(False, f"file {', '.join(missing)} missing")
         self.verify(artifact)
@@ -180,7 +207,7 @@ class Manifest:
         if entry is None:
             raise ArtifactError(f"{self.path} lists no artifact {artifact!r}; export it first")
         for name, expected in entry["files"].items():
-            path = self.out_dir / name
+            path = inside(self.out_dir, name, str(self.path))
             if not path.is_file():
                 raise ArtifactError(f"{path} is missing (listed in {self.path})")
             size = path.stat().st_size
@@ -208,8 +235,9 @@ class Manifest:
         entry = self.artifacts.pop(artifact, None)
         if entry is None:
             return
-        for name in entry.get("files", {}):
-            (self.out_dir / name).unlink(missing_ok=True)
+        paths = [inside(self.out_dir, name, str(self.path)) for name in entry.get("files", {})]
+        for path in paths:  # every name checked before the first deletion
+            path.unlink(missing_ok=True)
         self.save()
 
     def save(self) -> None:
@@ -232,7 +260,25 @@ def _read_manifest(path: Path) -> dict:
     if data.get("version") != FORMAT_VERSION or not isinstance(data.get("artifacts"), dict):
         raise ArtifactError(f"{path} has manifest version {data.get('version')!r}; this exporter "
                             f"reads version {FORMAT_VERSION}: export into a new directory")
+    for artifact, entry in data["artifacts"].items():
+        _check_entry(path, artifact, entry)
     return data
+
+
+def _check_entry(path: Path, artifact: str, entry) -> None:
+    """The structure of one artifact entry, and every file name in it confined to the directory."""
+    where = f"{path} (artifact {artifact!r})"
+    if not isinstance(entry, dict) or not isinstance(entry.get("files"), dict) \
+            or not isinstance(entry.get("extra_files", []), list):
+        raise ArtifactError(f"{where}: entry is not {{\"files\": {{name: {{size, sha256}}}}, ...}}; "
+                            f"refusing to touch that directory")
+    for name, described in entry["files"].items():
+        inside(path.parent, name, where)
+        if not isinstance(described, dict) or isinstance(described.get("size"), bool) \
+                or not isinstance(described.get("size"), int) or not isinstance(described.get("sha256"), str):
+            raise ArtifactError(f"{where}: file {name!r} has no integer size and string sha256")
+    for name in entry.get("extra_files", []):
+        inside(path.parent, name, where)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from export.graph_stamp import check_stamp, stamp
 from export.manifest import TEMP_PREFIX, ArtifactError, Manifest, tool_versions, weights_digests
 from export.specs import NETWORKS, ImageShape, NetworkSpec, ShapeProfile, network_specs
 from runtime.dtypes import PRECISIONS
@@ -31,7 +32,7 @@ log = logging.getLogger("export")
 
 OPSET = 17
 # Bump when a change here alters the exported graphs, so existing artifacts are rebuilt.
-EXPORTER_VERSION = 1
+EXPORTER_VERSION = 2  # 2: graphs carry the digest of their weights (export/graph_stamp.py)
 # Protobuf cannot serialise a message of 2 GiB or more; keep a margin for the graph itself.
 EXTERNAL_DATA_BYTES = 1_800_000_000
 # The graph dtypes export writes; bf16 exists only as a TensorRT engine precision (export/tensorrt.py).
@@ -178,7 +179,7 @@ def _module_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
 
 
 def export_network(module: nn.Module, spec: NetworkSpec, out_dir: str | os.PathLike, *,
-                   sample=None, opset: int = OPSET) -> list[str]:
+                   sample=None, opset: int = OPSET, weights_digest: str | None = None) -> list[str]:
     """Export `module` (a `network_module`) to out_dir/<spec.name>.onnx; return the file names written.
 
     The graph is traced near `sample` (an ImageShape, default the default profile's opt shape; see
@@ -215,6 +216,8 @@ def export_network(module: nn.Module, spec: NetworkSpec, out_dir: str | os.PathL
         _check_interface(slim, spec, raw)
         final = Path(work) / "final" / graph_name
         final.parent.mkdir()
+        if weights_digest is not None:
+            stamp(slim, weights_digest)
         onnx.save_model(slim, str(final), save_as_external_data=external,
                         all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
         del slim
@@ -282,7 +285,9 @@ def ensure_onnx(out_dir: str | os.PathLike, model_path: str | os.PathLike, *, dt
         fields = onnx_key_fields(name, digests[COMPONENT_OF[name]], dtype, opset)
         decision = manifest.decide(f"{name}.onnx", fields)
         log.info("%s.onnx: %s", name, "reused (up to date)" if decision.reuse else decision.reason)
-        if not decision.reuse:
+        if decision.reuse:
+            check_stamp(manifest.out_dir / f"{name}.onnx", fields["weights"], manifest.path)
+        else:
             todo.append((name, fields))
     if todo and components is None:
         from runtime.weights import load_components
@@ -293,7 +298,7 @@ def ensure_onnx(out_dir: str | os.PathLike, model_path: str | os.PathLike, *, dt
         manifest.forget(f"{name}.onnx")
         log.info("exporting %s.onnx (%s, opset %d)", name, dtype, opset)
         files = export_network(network_module(components, name), specs[name], manifest.out_dir,
-                               sample=profile.opt, opset=opset)
+                               sample=profile.opt, opset=opset, weights_digest=fields["weights"])
         manifest.record(f"{name}.onnx", files, fields,
                         info={"network": name, "dtype": dtype, "opset": opset,
                               "sample_shape": str(profile.opt), "source": str(model_path),

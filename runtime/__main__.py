@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--scheduler", default=None,
                      help=f"one of {_one_of(cli_choices.schedulers())} (default: the model's own)")
     gen.add_argument("--num-images", type=int, default=1, help="images per prompt, one seed")
+    gen.add_argument("--max-pixels", type=int, default=None,
+                     help="refuse images larger than this many pixels (default 2048*2048; raise it to run "
+                          "larger sizes, which need much memory and time)")
     gen.add_argument("--backend", default="torch", help=f"one of {_one_of(cli_choices.backends())}; "
                      f"{_one_of(cli_choices.exported_backends())} need --engine-dir")
     gen.add_argument("--engine-dir", default=None,
@@ -125,6 +128,19 @@ def _check_paths(args) -> None:
     for flag, value in (("--init-image", args.init_image), ("--mask", args.mask)):
         if value is not None and not Path(value).is_file():
             raise CLIError(f"{flag} file not found: {value}")
+    if args.max_pixels is not None and args.max_pixels < 1:
+        raise CLIError(f"--max-pixels must be a positive integer, got {args.max_pixels}")
+    _check_targets(output_paths(out, max(args.num_images, 1)))
+
+
+def _check_targets(paths: list[Path]) -> None:
+    """Every output must be replaceable before the run starts: a directory (or other non-file) in the
+    way of one of them would otherwise fail after the others were written."""
+    for path in paths:
+        if path.is_symlink() and not path.exists():
+            raise CLIError(f"output {path} is a dangling symlink; remove it or choose another --out")
+        if path.exists() and not path.is_file():
+            raise CLIError(f"output {path} exists and is not a file (a directory?); choose another --out")
 
 
 def _check_values(args) -> None:
@@ -145,8 +161,8 @@ def _check_values(args) -> None:
         raise CLIError(f"num_images must be an integer >= 1, got {args.num_images}")
     if not 0 <= args.guidance < float("inf"):
         raise CLIError(f"guidance must be a finite number >= 0 (<= 1 turns guidance off), got {args.guidance}")
-    if args.seed != RANDOM_SEED and not 0 <= args.seed < 2**64:
-        raise CLIError(f"--seed must be {RANDOM_SEED} (random) or an integer in [0, 2**64), got {args.seed}")
+    if args.seed != RANDOM_SEED and not 0 <= args.seed < 2**32:
+        raise CLIError(f"--seed must be {RANDOM_SEED} (random) or an integer in [0, 2**32), got {args.seed}")
     if args.strength is not None and not 0 < args.strength <= 1:
         raise CLIError(f"strength must be in (0, 1], got {args.strength}")
     if args.backend in exported and args.engine_dir is None:
@@ -177,6 +193,8 @@ def run_generate(args) -> list[Path]:
                         variant=args.variant, allow_pickle=args.allow_pickle, **backend_options)
     pipe.prompt_syntax = args.prompt_syntax
     seed = None if args.seed == RANDOM_SEED else args.seed
+    if args.max_pixels is not None:
+        pipe.max_pixels = args.max_pixels
     options = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
                    width=args.width, height=args.height, seed=seed, num_images=args.num_images,
                    scheduler=args.scheduler, progress=not args.no_progress)

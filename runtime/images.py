@@ -55,15 +55,51 @@ def image_to_tensor(image: PIL.Image.Image, width: int, height: int) -> torch.Te
 
 
 def mask_to_tensor(mask: PIL.Image.Image, width: int, height: int) -> torch.Tensor:
-    """[1, 1, height, width] float32 of 0/1; 1 (white) marks the pixels to repaint.
+    """[1, 1, height, width] float32 of 0/1; 1 marks the pixels to repaint. The rule, per mode:
 
-    As diffusers' mask processor: resize in the mask's own mode, then grayscale, then threshold at 0.5.
+    - an alpha channel that is not uniformly opaque (RGBA, LA, PA, P with transparency) is the mask:
+      opaque = repaint, transparent = keep, whatever the colour (a brush on a transparent layer, black
+      or white, marks what it covers; a fully transparent mask repaints nothing);
+    - otherwise the gray level, scaled by the mode's range: 1, L, P, RGB by 255 (as diffusers' mask
+      processor: resized in the mask's own mode, then grayscale), I;16* and I (16-bit PNGs) by 65535,
+      F (float) taken as given, 0..1;
+    then values >= 0.5 repaint.
     """
-    if mask.size != (width, height):
-        mask = mask.resize((width, height), resample=PIL.Image.LANCZOS)
-    array = np.asarray(mask.convert("L")).astype(np.float32) / 255.0
+    fraction = _mask_fraction(mask)
+    if fraction is None:  # 8-bit gray or colour, no alpha: exactly diffusers' processing
+        if mask.size != (width, height):
+            mask = mask.resize((width, height), resample=PIL.Image.LANCZOS)
+        array = np.asarray(mask.convert("L")).astype(np.float32) / 255.0
+    else:
+        if fraction.size != (width, height):
+            fraction = fraction.resize((width, height), resample=PIL.Image.LANCZOS)
+        array = np.array(fraction, dtype=np.float32)
     tensor = torch.from_numpy(array)[None, None]
     return (tensor >= 0.5).to(torch.float32)
+
+
+_MASK_RANGES = {"I": 65535.0, "I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0, "F": 1.0}
+
+
+def _mask_fraction(mask: PIL.Image.Image) -> PIL.Image.Image | None:
+    """The mask as an F-mode image of values in [0, 1] when its mode needs more than an 8-bit gray
+    conversion (alpha, 16-bit, float), else None."""
+    if mask.mode == "P" and "transparency" in mask.info:
+        mask = mask.convert("RGBA")
+    if mask.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        alpha = mask.getchannel("A")
+        if alpha.getextrema() != (255, 255):
+            return PIL.Image.fromarray(np.asarray(alpha, dtype=np.float32) / 255.0, mode="F")
+        return None
+    if mask.mode in _MASK_RANGES:
+        values = np.asarray(mask).astype(np.float32) / _MASK_RANGES[mask.mode]
+        if mask.mode == "F" and not np.isfinite(values).all():
+            raise ValueError("mask holds NaN or inf values; a float mask must hold values in [0, 1]")
+        return PIL.Image.fromarray(values, mode="F")
+    if mask.mode not in ("1", "L", "P", "RGB", "CMYK", "YCbCr", "LAB", "HSV"):
+        raise ValueError(f"mask mode {mask.mode!r} is not supported; use a grayscale, RGB(A), 16-bit or "
+                         f"float image")
+    return None
 
 
 def denormalize(images: torch.Tensor) -> torch.Tensor:
@@ -230,6 +266,9 @@ def save_pngs(images: list[PIL.Image.Image], paths: list, text_chunks: list[dict
     only once every one has been written, so a failure leaves none of them half-written."""
     if not len(images) == len(paths) == len(text_chunks):
         raise ValueError(f"save_pngs got {len(images)} images, {len(paths)} paths, {len(text_chunks)} metadata")
+    for path in map(Path, paths):  # all targets checked before the first is written
+        if path.exists() and not path.is_file():
+            raise IsADirectoryError(f"output {path} exists and is not a file; nothing was written")
     with contextlib.ExitStack() as stack:
         temp_paths = [stack.enter_context(atomic_output(path)) for path in paths]
         for image, temp_path, chunks in zip(images, temp_paths, text_chunks):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import secrets
-import threading
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from runtime import images as imageio
+from runtime import validation
 from runtime.caller_inputs import CallerInputs
 from runtime.graphs import CudaGraphDenoiser
 from runtime.images import GenerationInfo
@@ -83,6 +83,7 @@ class Pipeline:
     """Stable Diffusion over `components` (runtime.weights.Components) prepared by a backend."""
 
     prompt_syntax = "a1111"  # how prompts are read: runtime/prompt_syntax.py's PROMPT_SYNTAXES
+    max_pixels: int | None = validation.DEFAULT_MAX_PIXELS  # per image; None: no limit
 
     def __init__(self, components, backend: str = "torch", cuda_graphs: bool | None = None, graph_api=None):
         """cuda_graphs: replay the denoising steps from CUDA graphs (runtime/graphs.py); default on for
@@ -105,7 +106,7 @@ class Pipeline:
             raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, it is on {self.device}")
         self.graphs = CudaGraphDenoiser(self.denoise_step, graph_api=graph_api) if cuda_graphs else None
         # One request at a time: a run keeps its scheduler on self and replays shared graph buffers.
-        self._run_lock = threading.Lock()
+        self._run_lock = validation.ReentryGuard()
 
     # ------------------------------------------------------------------ public entry points
     def generate(self, prompt, *, negative_prompt=None, steps: int = 30, guidance: float = 7.5,
@@ -191,18 +192,22 @@ class Pipeline:
     def _request(self, mode, prompt, negative_prompt, steps, guidance, width, height, seed, num_images,
                  scheduler, strength) -> _Request:
         prompts = _prompt_list(prompt, "prompt")
+        validation.check_prompt_text(prompts, "prompt")
         if negative_prompt is None:
             negatives = [""] * len(prompts)
         elif isinstance(negative_prompt, str):
+            validation.check_prompt_text([negative_prompt], "negative_prompt")
             negatives = [negative_prompt] * len(prompts)
         else:
             negatives = _prompt_list(negative_prompt, "negative_prompt")
+            validation.check_prompt_text(negatives, "negative_prompt")
             if len(negatives) != len(prompts):
                 raise ValueError(f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}")
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
         if not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 1:
             raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
+        validation.check_batch(len(prompts), num_images)
         if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not 0 <= guidance < math.inf:
             raise ValueError(f"guidance must be a finite number >= 0 (<= 1 turns guidance off), got {guidance!r}")
         if guidance <= 1 and negative_prompt:
@@ -216,6 +221,8 @@ class Pipeline:
                     or value % self.vae_scale_factor:
                 raise ValueError(f"{name} must be a positive multiple of {self.vae_scale_factor} "
                                  f"(the VAE factor), got {value!r}")
+        validation.check_pixels(width, height, len(prompts) * num_images, guidance > 1,
+                                torch.finfo(self.dtype).bits // 8, self.max_pixels)
         if strength is not None:
             if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
                 raise ValueError(f"strength must be in (0, 1], got {strength!r}")
@@ -225,9 +232,8 @@ class Pipeline:
         if scheduler is not None and scheduler not in SCHEDULER_NAMES:
             raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
         if seed is None:
-            seed = secrets.randbelow(2**32)
-        elif not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
-            raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+            seed = secrets.randbelow(validation.SEED_LIMIT)
+        validation.check_seed(seed)
         return _Request(mode=mode, prompts=prompts, negatives=negatives, steps=steps, guidance=float(guidance),
                         width=width, height=height, seed=seed, num_images=num_images, scheduler=scheduler,
                         scheduler_name=scheduler or self.default_scheduler_name(), strength=strength)
@@ -239,6 +245,7 @@ class Pipeline:
     # ------------------------------------------------------------------ the run
     def _run(self, request: _Request, *, image=None, mask=None, callback=None, progress=True,
              inputs: CallerInputs | None = None):
+        validation.check_callback(callback)
         with self._run_lock, torch.inference_mode():
             return self._run_locked(request, image=image, mask=mask, callback=callback, progress=progress,
                                     inputs=inputs or CallerInputs())
@@ -268,6 +275,8 @@ class Pipeline:
         noise = scheduler.draw_noise(generator, shape, self.dtype, self.device)
         latents = self.denoise(latents, context, request.guidance, start=start, noise=noise,
                                conditioning=conditioning, blend=blend, callback=callback, progress=progress)
+        validation.check_finite(latents, f"the denoised latents (after the UNet and the {request.scheduler_name} "
+                                         f"scheduler, before the VAE; guidance {request.guidance:g})")
         if inputs.output == "latent":
             return latents
         decoded = self.decode_latents(latents)
@@ -399,11 +408,12 @@ class Pipeline:
         again with the VAE in fp32 once, with a warning; if that is NaN too, raise rather than return black."""
         scaled = latents / self.vae.config.scaling_factor
         decoded = self.vae.decode(scaled)
-        if torch.isnan(decoded).any():
+        if not torch.isfinite(decoded).all():  # NaN, or +-inf that clamping would turn white / black
             vae_dtype = next(self.vae.parameters()).dtype
             if vae_dtype == torch.float32:
-                raise FloatingPointError("the VAE decoded NaN in fp32: the latents or the VAE weights are broken")
-            warnings.warn(f"the VAE decoded NaN in {vae_dtype}; decoding again in fp32", stacklevel=2)
+                raise FloatingPointError(_vae_broken(decoded, scaled, "in fp32"))
+            kind = "NaN" if torch.isnan(decoded).any() else "inf"
+            warnings.warn(f"the VAE decoded {kind} in {vae_dtype}; decoding again in fp32", stacklevel=2)
             try:
                 self.vae.to(torch.float32)
             except NotImplementedError as err:  # an exported VAE runs in the dtype it was exported in
@@ -413,9 +423,8 @@ class Pipeline:
                 decoded = self.vae.decode(scaled.float())
             finally:
                 self.vae.to(vae_dtype)
-            if torch.isnan(decoded).any():
-                raise FloatingPointError("the VAE decoded NaN even in fp32: the latents or the VAE weights "
-                                         "are broken")
+            if not torch.isfinite(decoded).all():
+                raise FloatingPointError(_vae_broken(decoded, scaled, "even in fp32"))
         return imageio.denormalize(decoded)
 
     def to_pil(self, images: torch.Tensor) -> list[PIL.Image.Image]:
@@ -437,6 +446,14 @@ class Pipeline:
                            batch_index=index)
             pil_image.info.update(info.as_text_chunks())
         return pil_images
+
+
+def _vae_broken(decoded: torch.Tensor, latents: torch.Tensor, how: str) -> str:
+    kind = "NaN" if torch.isnan(decoded).any() else "inf"
+    if not torch.isfinite(latents).all():
+        return f"the VAE decoded {kind} {how}: the latents it was given already hold NaN or inf"
+    return (f"the VAE decoded {kind} {how} from finite latents: the VAE weights are broken (a NaN or inf "
+            f"weight, e.g. in decoder.conv_out)")
 
 
 def _prompt_list(prompt, name: str) -> list[str]:

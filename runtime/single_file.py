@@ -253,7 +253,11 @@ def _cross_attention_dim(shapes: Mapping[str, tuple[int, ...]], source: str) -> 
     keys = sorted(k for k in shapes if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight"))
     if not keys:
         raise ValueError(f"{source}: no UNet cross-attention weight (*attn2.to_k.weight) under {UNET_PREFIX!r}")
-    return shapes[keys[0]][1]
+    shape = tuple(shapes[keys[0]])
+    if len(shape) != 2:
+        raise ValueError(f"{source}: tensor {keys[0]!r} has shape {list(shape)}; a cross-attention key "
+                         f"projection is 2-D [inner, context width]")
+    return shape[1]
 
 
 def _indices(shapes: Mapping[str, tuple], pattern: str) -> list[int]:

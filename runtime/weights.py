@@ -31,10 +31,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from runtime import single_file
 from runtime.dtypes import parse_dtype
 from runtime.single_file import OriginalTensor
+from runtime.tensor_header import FLOAT_DTYPES, read_header
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -107,6 +109,7 @@ class TensorStore:
     def __init__(self, label: str):
         self.label = label  # file (or index) named in errors
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self.floating: dict[str, bool] = {}  # whether each tensor is stored as a floating-point type
         self._readers: dict[str, Callable[[str], torch.Tensor]] = {}
         self._stack = contextlib.ExitStack()
 
@@ -120,29 +123,43 @@ class TensorStore:
         return self._readers[key](key)
 
     def add_safetensors(self, path: Path, only: set[str] | None = None) -> None:
-        from safetensors import SafetensorError, safe_open
-
+        """Names, shapes and dtypes from the header now; the file is mapped at the first read, so
+        every check runs before any tensor data is touched."""
         try:
-            handle = self._stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
-            keys = list(handle.keys())
-            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in keys}
-        except SafetensorError as error:
-            raise WeightLoadError(f"{path}: not a readable .safetensors file (truncated or corrupt?): {error}") \
-                from None
+            infos = read_header(path)
+        except OSError as error:
+            raise WeightLoadError(f"{path}: cannot be read: {error}") from None
+        except ValueError as error:
+            raise WeightLoadError(str(error)) from None
+        shapes = {key: info.shape for key, info in infos.items()}
         if only is not None:
             absent = sorted(only - set(shapes))
             if absent:
                 raise WeightLoadError(f"{self.label}: the index maps {len(absent)} key(s) to {path.name} that "
                                       f"the file does not hold: {_few(absent)}")
             shapes = {k: v for k, v in shapes.items() if k in only}
+        opened = []
+
+        def read(key: str) -> torch.Tensor:
+            if not opened:
+                from safetensors import SafetensorError, safe_open
+                try:
+                    opened.append(self._stack.enter_context(safe_open(str(path), framework="pt", device="cpu")))
+                except SafetensorError as error:
+                    raise WeightLoadError(f"{path}: not a readable .safetensors file (truncated or "
+                                          f"corrupt?): {error}") from None
+            return opened[0].get_tensor(key)
+
         for key in shapes:
-            self._readers[key] = handle.get_tensor
+            self._readers[key] = read
+            self.floating[key] = infos[key].dtype in FLOAT_DTYPES
         self.shapes.update(shapes)
 
     def add_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
         for key, tensor in tensors.items():
             if isinstance(tensor, torch.Tensor):
                 self.shapes[key] = tuple(tensor.shape)
+                self.floating[key] = tensor.is_floating_point()
                 self._readers[key] = tensors.__getitem__
 
 
@@ -173,28 +190,34 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------- building and filling models
 
+class _EmptyOnMeta(TorchFunctionMode):
+    """`torch.empty` without an explicit device allocates on meta; every other factory is untouched.
+
+    torch's layers (Linear, Conv2d, GroupNorm, LayerNorm, Embedding) allocate their parameters with
+    torch.empty and then initialise them in place, which on meta costs nothing. Buffers are built
+    with arange / zeros / tensor ... and stay real. A TorchFunctionMode lives on the calling thread's
+    mode stack, so other threads (another load, or code building its own modules) are unaffected.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.empty and kwargs.get("device") is None:
+            kwargs = {**kwargs, "device": "meta"}
+        return func(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def _parameters_on_meta():
-    """Build modules with parameters on the meta device and buffers real.
+    """Build modules with parameters on the meta device and buffers real, on this thread only.
 
     Parameters get their values from the file, so allocating and initialising them would be wasted
     work (and memory). Buffers keep the values their constructors compute, so a buffer a file does
     not hold (position ids, cached tables) is correct without the loader knowing about it (the same
-    approach as accelerate's init_empty_weights(include_buffers=False)). Not thread-safe: it swaps
-    nn.Module.register_parameter while the model is constructed.
+    approach as accelerate's init_empty_weights(include_buffers=False), without its process-wide
+    patch of nn.Module.register_parameter, which broke loads running in parallel threads).
     """
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module, name, param):
-        if param is not None and not param.is_meta:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = register_on_meta
-    try:
+    with _EmptyOnMeta():
         yield
-    finally:
-        nn.Module.register_parameter = register
 
 
 def _build(what: str, model_cls, config_cls, config: dict, config_label: str) -> nn.Module:
@@ -229,6 +252,9 @@ class _Job:
         missing = [k for k in expected if k not in self.plan and k not in buffers]
         missing += [where.key for k, where in self.plan.items() if k in expected and where.key not in self.store.shapes]
         extra = sorted(set(self.unexpected) | {k for k in self.plan if k not in expected})
+        parameters = {name for name, _ in self.model.named_parameters()}
+        not_float = [where.key for key, where in self.plan.items() if key in parameters
+                     and not self.store.floating.get(where.key, True)]
         mismatched, hints = [], set()
         for key, where in self.plan.items():
             if key in expected and where.key in self.store.shapes:
@@ -244,6 +270,9 @@ class _Job:
         if mismatched:
             hint = f" (check config field {', '.join(sorted(hints))})" if hints else ""
             problems.append(f"{len(mismatched)} shape mismatch(es): {_few(mismatched)}{hint}")
+        if not_float:
+            problems.append(f"{len(not_float)} weight(s) stored as integers or bools where floating-point "
+                            f"weights belong: {_few(not_float)}")
         if problems:
             raise WeightLoadError(f"{self.what} weights in {self.store.label} do not match the model built from "
                                   f"{self.config_label}: " + "; ".join(problems))
@@ -334,6 +363,8 @@ def _store_for(folder: Path, stem: str, variant: str | None, allow_pickle: bool)
     dot = f".{variant}" if variant else ""
     single, index, pickled = (folder / f"{stem}{dot}.safetensors", folder / f"{stem}.safetensors.index{dot}.json",
                               folder / f"{stem}{dot}.bin")
+    for candidate in (single, index, pickled):
+        _refuse_non_file(candidate)
     if single.is_file():
         store = TensorStore(str(single))
         store.add_safetensors(single)
@@ -347,6 +378,14 @@ def _store_for(folder: Path, stem: str, variant: str | None, allow_pickle: bool)
         store.add_dict(_load_pickle(pickled))
         return store
     return None
+
+
+def _refuse_non_file(path: Path) -> None:
+    """A weights name that exists but is not a regular file would otherwise read as "missing"."""
+    if path.is_symlink() and not path.exists():
+        raise WeightLoadError(f"{path} is a symlink that leads to no file (dangling, or a loop of links)")
+    if path.exists() and not path.is_file():
+        raise WeightLoadError(f"{path} is a directory (or other non-file), not a weights file")
 
 
 def _find_weight_files(folder: Path, component: str, variant: str | None, allow_pickle: bool) -> TensorStore:
@@ -384,14 +423,30 @@ def _sharded_store(index: Path) -> TensorStore:
         raise WeightLoadError(f"{index}: field 'weight_map' is missing or empty")
     by_file: dict[str, set[str]] = {}
     for key, name in weight_map.items():
+        if not isinstance(name, str):
+            raise WeightLoadError(f"{index}: 'weight_map' entry {key!r} is {name!r}; expected the name of a "
+                                  f"shard file (a string)")
         by_file.setdefault(name, set()).add(key)
     for name in by_file:
-        if not (index.parent / name).is_file():
+        shard = _shard_path(index, name)
+        _refuse_non_file(shard)
+        if not shard.is_file():
             raise FileNotFoundError(f"{index}: shard {name!r} listed in 'weight_map' does not exist")
     store = TensorStore(str(index))
     for name, keys in sorted(by_file.items()):
         store.add_safetensors(index.parent / name, only=keys)
     return store
+
+
+def _shard_path(index: Path, name: str) -> Path:
+    """A shard named by an index we did not write: a plain file name in the index's own folder.
+
+    The name itself may not climb out ("..", absolute paths, separators); a symlink the folder holds
+    is the folder owner's choice (the Hugging Face cache links every file to its blob store)."""
+    if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name or Path(name).name != name:
+        raise WeightLoadError(f"{index}: 'weight_map' names shard {name!r}, which is not a plain file name in "
+                              f"{index.parent}; refusing to read outside the model folder")
+    return index.parent / name
 
 
 def _folder_plan(component: str, model: nn.Module, store: TensorStore) -> tuple[dict, list[str]]:
@@ -543,6 +598,8 @@ def load_components(path: str | os.PathLike, *, device: str | torch.device = "cp
     resolved_dtype, resolved_device = resolve_dtype(dtype), resolve_device(device)
     _check_prediction_type(prediction_type)
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise WeightLoadError(f"model path {path} is a symlink that leads nowhere (dangling, or a loop of links)")
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist")
     if tokenizer_path is not None and not Path(tokenizer_path).is_dir():

@@ -44,6 +44,11 @@ _IGNORED_KEYS = frozenset({
 
 _ACCEPTED_MODEL_TYPES = ("clip_text_model",)
 
+# Range of each size field: several times the largest real encoder (OpenCLIP bigG: 1280 wide, 32
+# layers), so an absurd config fails at parse time instead of after minutes of construction.
+_SIZE_LIMITS = {"vocab_size": 1_000_000, "hidden_size": 16384, "intermediate_size": 65536,
+                "num_hidden_layers": 128, "num_attention_heads": 256, "max_position_embeddings": 4096}
+
 
 @dataclass(frozen=True)
 class CLIPTextConfig:
@@ -60,11 +65,10 @@ class CLIPTextConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "max_position_embeddings"):
+        for name, limit in _SIZE_LIMITS.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"CLIPTextConfig.{name} must be a positive int, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+                raise ValueError(f"CLIPTextConfig.{name} must be an integer in [1, {limit}], got {value!r:.60}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"CLIPTextConfig.hidden_size={self.hidden_size} is not divisible by "
                              f"num_attention_heads={self.num_attention_heads}")
@@ -72,9 +76,9 @@ class CLIPTextConfig:
             raise ValueError(f"CLIPTextConfig.hidden_act={self.hidden_act!r} is not implemented; "
                              f"expected one of {ACTIVATIONS}")
         if isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, (int, float)) \
-                or not self.layer_norm_eps > 0:
-            raise ValueError(f"CLIPTextConfig.layer_norm_eps must be a positive number, "
-                             f"got {self.layer_norm_eps!r}")
+                or not 0 < self.layer_norm_eps < 1:
+            raise ValueError(f"CLIPTextConfig.layer_norm_eps must be a number in (0, 1), "
+                             f"got {self.layer_norm_eps!r:.60}")
 
     @property
     def head_dim(self) -> int:

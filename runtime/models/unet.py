@@ -24,6 +24,7 @@ from runtime.models.blocks import (
     config_from_dict,
     timestep_embedding,
 )
+from runtime.models.config_checks import Flag, Int, IntList, Number, check_fields
 from runtime.models.layers import GroupNorm
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -58,6 +59,34 @@ _IGNORED = frozenset({
     "mid_block_only_cross_attention",
     "addition_embed_type_num_heads",
 })
+
+
+# Type and range of each size and flag field (runtime/models/config_checks.py), checked first.
+_FIELD_RULES = {
+    "sample_size": Int(1, 1024, optional=True, pair=True),
+    "in_channels": Int(1, 64),
+    "out_channels": Int(1, 64),
+    "center_input_sample": Flag(),
+    "flip_sin_to_cos": Flag(),
+    "freq_shift": Number(-1, 1),
+    "only_cross_attention": Flag(per_level=True),
+    "block_out_channels": IntList(1, 8192),
+    "layers_per_block": Int(1, 16, per_level=True),
+    "downsample_padding": Int(0, 8),
+    "mid_block_scale_factor": Number(0, 1e3, low_open=True),
+    "norm_num_groups": Int(1, 1024),
+    "norm_eps": Number(0, 1, low_open=True),
+    "cross_attention_dim": Int(1, 16384, per_level=True),
+    "transformer_layers_per_block": Int(1, 64, per_level=True),
+    "attention_head_dim": Int(1, 1024, per_level=True),
+    "use_linear_projection": Flag(),
+    "upcast_attention": Flag(),
+    "addition_time_embed_dim": Int(1, 4096, optional=True),
+    "projection_class_embeddings_input_dim": Int(1, 65536, optional=True),
+    "time_embedding_dim": Int(1, 65536, optional=True),
+    "conv_in_kernel": Int(1, 15),
+    "conv_out_kernel": Int(1, 15),
+}
 
 
 def _per_level(value, levels: int, name: str) -> tuple:
@@ -138,6 +167,7 @@ class UNetConfig:
         return config_from_dict(cls, raw, ("UNet2DConditionModel",), _INERT, _IGNORED)
 
     def __post_init__(self):
+        check_fields(self, _FIELD_RULES)
         levels = len(self.block_out_channels)
         if levels == 0:
             raise ValueError("UNetConfig: config field 'block_out_channels' is empty")

@@ -18,6 +18,7 @@ from runtime.models.blocks import (
     check_silu,
     config_from_dict,
 )
+from runtime.models.config_checks import Flag, Int, IntList, Number, check_fields
 from runtime.models.layers import GroupNorm
 
 # The VAE's own norms use eps 1e-6 regardless of config (hard-coded in diffusers' Encoder/Decoder).
@@ -29,6 +30,23 @@ _INERT = {
     "shift_factor": (None,),
     "latents_mean": (None,),
     "latents_std": (None,),
+}
+
+
+# Type and range of each size and flag field (runtime/models/config_checks.py), checked first.
+_FIELD_RULES = {
+    "in_channels": Int(1, 64),
+    "out_channels": Int(1, 64),
+    "block_out_channels": IntList(1, 8192),
+    "layers_per_block": Int(1, 16),
+    "latent_channels": Int(1, 64),
+    "norm_num_groups": Int(1, 1024),
+    "sample_size": Int(1, 16384, pair=True),
+    "scaling_factor": Number(0, 100, low_open=True),
+    "force_upcast": Flag(),
+    "use_quant_conv": Flag(),
+    "use_post_quant_conv": Flag(),
+    "mid_block_add_attention": Flag(),
 }
 
 
@@ -74,6 +92,7 @@ class VAEConfig:
         return config_from_dict(cls, raw, ("AutoencoderKL",), _INERT, frozenset())
 
     def __post_init__(self):
+        check_fields(self, _FIELD_RULES)
         levels = len(self.block_out_channels)
         if levels == 0:
             raise ValueError("VAEConfig: config field 'block_out_channels' is empty")

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .config import alphas_cumprod
+from .config import alphas_cumprod, check_timesteps_in_range
 
 
 class Scheduler:
@@ -54,6 +54,7 @@ class Scheduler:
         self.num_inference_steps = n
         self.device = torch.device(device)
         self._schedule(n)
+        check_timesteps_in_range(self.timesteps, self.config, n)
         self.timesteps = self.timesteps.to(self.device)
         self.begin_index = 0
         self._rebuild()

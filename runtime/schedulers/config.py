@@ -88,24 +88,47 @@ def check_unsupported(cfg: Mapping[str, Any], key: str, supported_value: Any) ->
 def check_common(cfg: Mapping[str, Any], prediction_types: tuple) -> None:
     """Validation shared by every family: training schedule, prediction type, timestep spacing."""
     n = cfg["num_train_timesteps"]
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise ValueError(f"scheduler config field 'num_train_timesteps' must be an integer >= 2, got {n!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or not 2 <= n <= MAX_TRAIN_TIMESTEPS:
+        raise ValueError(f"scheduler config field 'num_train_timesteps' must be an integer in "
+                         f"[2, {MAX_TRAIN_TIMESTEPS}], got {n!r:.40}")
     offset = cfg.get("steps_offset", 0)
-    if isinstance(offset, bool) or not isinstance(offset, int):
-        raise ValueError(f"scheduler config field 'steps_offset' must be an integer, got {offset!r}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < n:
+        raise ValueError(f"scheduler config field 'steps_offset' must be an integer in [0, num_train_timesteps "
+                         f"= {n}), got {offset!r:.40}")
+    for key in _FLAGS:
+        if key in cfg and not isinstance(cfg[key], bool):
+            raise ValueError(f"scheduler config field {key!r} must be true or false, got {cfg[key]!r:.40}")
     if cfg["trained_betas"] is None:
         check_choice(cfg, "beta_schedule", ("linear", "scaled_linear", "squaredcos_cap_v2"))
         for key in ("beta_start", "beta_end"):
-            if isinstance(cfg[key], bool) or not isinstance(cfg[key], (int, float)):
-                raise ValueError(f"scheduler config field {key!r} must be a number, got {cfg[key]!r}")
-    elif len(cfg["trained_betas"]) != n:
+            if not _is_beta(cfg[key]):
+                raise ValueError(f"scheduler config field {key!r} must be a finite number in (0, 1) (a "
+                                 f"noise variance per step), got {cfg[key]!r:.40}")
+    elif not isinstance(cfg["trained_betas"], (list, tuple)) or len(cfg["trained_betas"]) != n:
+        count = len(cfg["trained_betas"]) if isinstance(cfg["trained_betas"], (list, tuple)) else "no"
         raise ValueError(
-            f"scheduler config field 'trained_betas' has {len(cfg['trained_betas'])} values, "
+            f"scheduler config field 'trained_betas' has {count} values, "
             f"but num_train_timesteps is {n}"
         )
+    elif not all(_is_beta(beta) for beta in cfg["trained_betas"]):
+        bad = next(i for i, beta in enumerate(cfg["trained_betas"]) if not _is_beta(beta))
+        raise ValueError(f"scheduler config field 'trained_betas' entry {bad} is "
+                         f"{cfg['trained_betas'][bad]!r:.40}; every beta must be a finite number in (0, 1)")
     check_choice(cfg, "prediction_type", prediction_types)
     check_choice(cfg, "timestep_spacing", ("linspace", "leading", "trailing"))
     check_unsupported(cfg, "thresholding", False)
+
+
+# Diffusers' schedules use 1000; a bound keeps a config from allocating tables of any size.
+MAX_TRAIN_TIMESTEPS = 100_000
+# Boolean fields of the supported families (the JSON "no" or 0 would otherwise read as true / false).
+_FLAGS = ("clip_sample", "set_alpha_to_one", "rescale_betas_zero_snr", "use_karras_sigmas",
+          "lower_order_final", "euler_at_final", "thresholding", "skip_prk_steps")
+
+
+def _is_beta(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and 0 < value < 1
 
 
 def _betas_for_alpha_bar(num_diffusion_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
@@ -153,4 +176,25 @@ def alphas_cumprod(cfg: Mapping[str, Any], pin_terminal: bool = False) -> torch.
     cumprod = torch.cumprod(1.0 - betas, dim=0)
     if rescale and pin_terminal:
         cumprod[-1] = 2**-24
+    # Where a broken schedule shows first: every later sigma and step is a function of this table.
+    positive = cumprod[:-1] if rescale else cumprod  # zero-terminal-SNR makes the last one 0 on purpose
+    if not bool(torch.isfinite(cumprod).all()) or not bool((positive > 0).all()):
+        raise ValueError(f"scheduler config (beta_schedule {cfg.get('beta_schedule')!r}, beta_start "
+                         f"{cfg.get('beta_start')!r}, beta_end {cfg.get('beta_end')!r}, num_train_timesteps {n}) "
+                         f"gives a table of alphas_cumprod with NaN, inf or 0 values: its sigmas would not "
+                         f"be finite")
     return cumprod
+
+
+def check_timesteps_in_range(timesteps: torch.Tensor, cfg: Mapping[str, Any], n: int) -> None:
+    """Refuse a schedule that reaches past the last trained timestep: "leading" spacing adds
+    steps_offset to multiples of num_train_timesteps // n, so e.g. 1000 steps with offset 1 ask for
+    timestep 1000 of a 0..999 table (diffusers fails there with an IndexError)."""
+    last = cfg["num_train_timesteps"] - 1
+    if len(timesteps) and float(timesteps.max()) > last:
+        offset = cfg.get("steps_offset", 0)
+        fits = [m for m in range(1, n) if (m - 1) * ((last + 1) // m) + offset <= last]
+        hint = f"; use at most {fits[-1]} steps" if fits else ""
+        raise ValueError(f"steps={n} with timestep_spacing={cfg.get('timestep_spacing')!r} and steps_offset="
+                         f"{offset} reaches timestep {float(timesteps.max()):g}, past the last trained timestep "
+                         f"{last}{hint}")
