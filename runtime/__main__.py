@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how much of the init image to repaint, in (0, 1] (default 0.75 img2img, 1.0 inpaint)")
     gen.add_argument("--mask", default=None, help="inpainting mask (white = repaint); needs --init-image")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+    gen.add_argument("--refiner", default=None, help="SDXL refiner (folder or .safetensors) that finishes the image")
+    gen.add_argument("--refiner-start", type=float, default=None,
+                     help="fraction of the denoising the base does before the refiner (default 0.8)")
+    gen.add_argument("--vae", default=None, help="a separate VAE (diffusers folder or .safetensors)")
     return parser
 
 
@@ -72,6 +76,13 @@ def _check_paths(args) -> None:
         raise CLIError("--mask needs --init-image (the image to inpaint)")
     if args.strength is not None and args.init_image is None:
         raise CLIError("--strength needs --init-image (it is for img2img and inpainting)")
+    if args.refiner_start is not None and args.refiner is None:
+        raise CLIError("--refiner-start needs --refiner")
+    if args.refiner is not None and args.init_image is not None:
+        raise CLIError("--refiner finishes text-to-image runs; it does not combine with --init-image")
+    for flag, value in (("--refiner", args.refiner), ("--vae", args.vae)):
+        if value is not None and not Path(value).exists():
+            raise CLIError(f"{flag} path not found: {value}")
     for flag, value in (("--init-image", args.init_image), ("--mask", args.mask)):
         if value is not None and not Path(value).is_file():
             raise CLIError(f"{flag} file not found: {value}")
@@ -84,7 +95,9 @@ def run_generate(args) -> list[Path]:
     _check_paths(args)
     init_image = imageio.load_image(args.init_image, "--init-image") if args.init_image else None
     mask = imageio.load_image(args.mask, "--mask") if args.mask else None
-    pipe = runtime.load(args.model, backend=args.backend, device=args.device, dtype=args.dtype)
+    pipe = runtime.load(args.model, backend=args.backend, device=args.device, dtype=args.dtype, vae=args.vae)
+    refiner = None if args.refiner is None else runtime.load(args.refiner, backend=args.backend,
+                                                             device=args.device, dtype=args.dtype, vae=args.vae)
     options = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
                    width=args.width, height=args.height, seed=args.seed, num_images=args.num_images,
                    scheduler=args.scheduler, progress=not args.no_progress)
@@ -95,7 +108,8 @@ def run_generate(args) -> list[Path]:
         strength = 0.75 if args.strength is None else args.strength
         results = pipe.img2img(init_image, args.prompt, strength=strength, **options)
     else:
-        results = pipe.generate(args.prompt, **options)
+        refined = {} if refiner is None else dict(refiner=refiner, refiner_start=args.refiner_start)
+        results = pipe.generate(args.prompt, **options, **refined)
     paths = output_paths(Path(args.out), len(results))
     metadata = [{key: value for key, value in image.info.items() if isinstance(value, str)} for image in results]
     imageio.save_pngs(results, paths, metadata)
