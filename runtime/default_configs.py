@@ -158,3 +158,41 @@ def default_configs(kind: str) -> dict[str, dict]:
     if kind not in _DEFAULTS:
         raise ValueError(f"unknown model kind {kind!r}; expected one of {KINDS}")
     return copy.deepcopy(_DEFAULTS[kind])
+
+
+# Benchmark presets of the SDXL family, as config overrides on default_configs(kind) (random weights;
+# the bench builds and writes the folder): "sdxl" is the real base architecture at its native 1024²,
+# guided, 30 steps; "tiny-sdxl" keeps SDXL's shape (plain top level, transformer depth growing per level,
+# two text encoders side by side, 64-wide heads, text_time added conditioning, 6 time ids) small enough
+# for a CPU.
+_TINY_SDXL_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 1}
+SDXL_BENCH_PRESETS = {
+    "sdxl": {"kind": "sdxl", "run": {"width": 1024, "height": 1024, "steps": 30, "guidance": 5.0}, "configs": {}},
+    "tiny-sdxl": {
+        "kind": "sdxl",
+        "run": {"width": 128, "height": 128, "steps": 4, "guidance": 5.0},
+        "configs": {
+            "unet": {"sample_size": 16, "block_out_channels": [32, 64, 128], "attention_head_dim": [1, 1, 2],
+                     "layers_per_block": 1, "transformer_layers_per_block": [1, 1, 2],
+                     "cross_attention_dim": 64 + 128, "norm_num_groups": 16,
+                     "projection_class_embeddings_input_dim": 128 + 6 * SDXL_TIME_EMBED_DIM},
+            "vae": {"block_out_channels": [16, 32, 32, 32], "layers_per_block": 1, "norm_num_groups": 8,
+                    "sample_size": 128},
+            "text_encoder": {**_TINY_SDXL_TEXT, "projection_dim": 64},
+            "text_encoder_2": {**_TINY_SDXL_TEXT, "hidden_size": 128, "intermediate_size": 256,
+                               "num_attention_heads": 2, "projection_dim": 128},
+        },
+    },
+}
+
+
+def sdxl_bench_preset(name: str) -> tuple[dict[str, dict], dict]:
+    """(component configs as default_configs gives them, run settings {width, height, steps, guidance})
+    of SDXL bench preset `name` ("sdxl" | "tiny-sdxl")."""
+    if name not in SDXL_BENCH_PRESETS:
+        raise ValueError(f"unknown SDXL bench preset {name!r}; expected one of {sorted(SDXL_BENCH_PRESETS)}")
+    preset = SDXL_BENCH_PRESETS[name]
+    configs = default_configs(preset["kind"])
+    for component, overrides in preset["configs"].items():
+        configs[component] = {**configs[component], **copy.deepcopy(overrides)}
+    return configs, dict(preset["run"])
