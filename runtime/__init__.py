@@ -14,7 +14,7 @@ __all__ = ["load"]
 def load(path, backend: str = "torch", device: str | torch.device = "cpu",
          dtype: str | torch.dtype = "fp32", *, variant: str | None = None,
          allow_pickle: bool = False, tokenizer_path=None, prediction_type: str | None = None,
-         cuda_graphs: bool | None = None, **backend_options):
+         cuda_graphs: bool | None = None, vae=None, **backend_options):
     """Load a diffusers folder or a single-file checkpoint and return a ready `Pipeline`.
 
     backend: "torch" (eager reference), "triton" (our kernels), "onnxruntime" or "tensorrt" (exported
@@ -22,6 +22,7 @@ def load(path, backend: str = "torch", device: str | torch.device = "cpu",
     cuda_graphs: replay denoising steps from CUDA graphs; default on for "triton" on a CUDA device.
     dtype: a torch.dtype or a name ("fp32", "fp16", "bf16", ...).
     Pickle checkpoints (.ckpt/.bin) are refused unless allow_pickle=True (then read weights-only).
+    vae: a separate VAE (diffusers folder or .safetensors) to use instead of the checkpoint's.
     """
     from runtime import backends
     from runtime.pipeline import Pipeline
@@ -30,5 +31,9 @@ def load(path, backend: str = "torch", device: str | torch.device = "cpu",
     components = load_components(path, device=device, dtype=dtype, variant=variant,
                                  allow_pickle=allow_pickle, tokenizer_path=tokenizer_path,
                                  prediction_type=prediction_type)
+    if vae is not None:
+        from runtime.weights import load_vae
+
+        components.vae = load_vae(vae, components, device=device, dtype=dtype, allow_pickle=allow_pickle)
     components = backends.prepare(backend, components, **backend_options)
     return Pipeline(components, backend=backend, cuda_graphs=cuda_graphs)

@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a1111: (word:1.3), ((word)), [word], BREAK, prompts past 75 tokens in chunks; "
                           "plain: the text as is, cut at 77 tokens with a warning (default: %(default)s)")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+    gen.add_argument("--refiner", default=None, help="SDXL refiner (folder or .safetensors) that finishes the image")
+    gen.add_argument("--refiner-start", type=float, default=None,
+                     help="fraction of the denoising the base does before the refiner (default 0.8)")
+    gen.add_argument("--vae", default=None, help="a separate VAE (diffusers folder or .safetensors)")
     make = commands.add_parser("make-model", help="write a diffusers folder with random weights, to try things on",
                                formatter_class=_HelpFormatter)
     make.add_argument("out", help="the folder to create (must not exist, or be empty)")
@@ -125,6 +129,13 @@ def _check_paths(args) -> None:
         raise CLIError("--mask needs --init-image (the image to inpaint)")
     if args.strength is not None and args.init_image is None:
         raise CLIError("--strength needs --init-image (it is for img2img and inpainting)")
+    if args.refiner_start is not None and args.refiner is None:
+        raise CLIError("--refiner-start needs --refiner")
+    if args.refiner is not None and args.init_image is not None:
+        raise CLIError("--refiner finishes text-to-image runs; it does not combine with --init-image")
+    for flag, value in (("--refiner", args.refiner), ("--vae", args.vae)):
+        if value is not None and not Path(value).exists():
+            raise CLIError(f"{flag} path not found: {value}")
     for flag, value in (("--init-image", args.init_image), ("--mask", args.mask)):
         if value is not None and not Path(value).is_file():
             raise CLIError(f"{flag} file not found: {value}")
@@ -189,12 +200,16 @@ def run_generate(args) -> list[Path]:
     init_image = imageio.load_image(args.init_image, "--init-image") if args.init_image else None
     mask = imageio.load_image(args.mask, "--mask") if args.mask else None
     backend_options = {} if args.engine_dir is None else {"engine_dir": args.engine_dir}
-    pipe = runtime.load(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
-                        variant=args.variant, allow_pickle=args.allow_pickle, **backend_options)
-    pipe.prompt_syntax = args.prompt_syntax
+    load_options = dict(backend=args.backend, device=args.device, dtype=args.dtype, variant=args.variant,
+                        allow_pickle=args.allow_pickle, vae=args.vae, **backend_options)
+    pipe = runtime.load(args.model, **load_options)
+    refiner = None if args.refiner is None else runtime.load(args.refiner, **load_options)
+    for loaded in (pipe, refiner):
+        if loaded is not None:
+            loaded.prompt_syntax = args.prompt_syntax
+            if args.max_pixels is not None:
+                loaded.max_pixels = args.max_pixels
     seed = None if args.seed == RANDOM_SEED else args.seed
-    if args.max_pixels is not None:
-        pipe.max_pixels = args.max_pixels
     options = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
                    width=args.width, height=args.height, seed=seed, num_images=args.num_images,
                    scheduler=args.scheduler, progress=not args.no_progress)
@@ -205,7 +220,8 @@ def run_generate(args) -> list[Path]:
         strength = 0.75 if args.strength is None else args.strength
         results = pipe.img2img(init_image, args.prompt, strength=strength, **options)
     else:
-        results = pipe.generate(args.prompt, **options)
+        refined = {} if refiner is None else dict(refiner=refiner, refiner_start=args.refiner_start)
+        results = pipe.generate(args.prompt, **options, **refined)
     paths = output_paths(Path(args.out), len(results))
     metadata = [{key: value for key, value in image.info.items() if isinstance(value, str)} for image in results]
     imageio.save_pngs(results, paths, metadata)

@@ -47,23 +47,25 @@ class GraphKey:
     latent_shape: tuple[int, ...]
     dtype: torch.dtype
     scheduler: str
-    steps: int
+    steps: int                            # the schedule's length
     start: int
+    end: int                              # graphs run steps start .. end-1 (end < steps: a refiner finishes)
     has_noise: bool
     inputs: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]  # (name, shape, dtype), sorted by name
 
     @classmethod
     def for_run(cls, scheduler, latents: torch.Tensor, start: int, noise: torch.Tensor | None,
-                inputs: Mapping[str, torch.Tensor]) -> GraphKey:
+                inputs: Mapping[str, torch.Tensor], end: int | None = None) -> GraphKey:
         signature = tuple(sorted((name, tuple(t.shape), t.dtype) for name, t in inputs.items()))
+        end = scheduler.num_steps if end is None else end
         return cls(tuple(latents.shape), latents.dtype, scheduler_identity(scheduler), scheduler.num_steps,
-                   start, noise is not None, signature)
+                   start, end, noise is not None, signature)
 
     def describe(self) -> str:
         b, c, h, w = self.latent_shape
         sampler = self.scheduler.split("(", 1)[0]
         return (f"batch {b}, latents {c}x{h}x{w}, {str(self.dtype).removeprefix('torch.')}, "
-                f"{sampler} x{self.steps} from step {self.start}")
+                f"{sampler} x{self.steps} steps {self.start}..{self.end - 1}")
 
 
 @dataclasses.dataclass
@@ -112,10 +114,10 @@ class CudaGraphDenoiser:
         self._cuda.empty_cache()
 
     def run(self, scheduler, latents: torch.Tensor, guidance: float, *, inputs: Mapping[str, torch.Tensor | None],
-            start: int = 0, noise: torch.Tensor | None = None,
+            start: int = 0, end: int | None = None, noise: torch.Tensor | None = None,
             between_steps: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
             progress: Callable[[range], range] = lambda r: r) -> torch.Tensor:
-        """Steps start .. scheduler.num_steps-1 on `latents`; returns new latents (not a static buffer).
+        """Steps start .. end-1 (end: scheduler.num_steps) on `latents`; returns new latents (not a static buffer).
 
         `scheduler` is set up for the request (timesteps, begin index); a new capture works on a clone.
         `inputs` are the step function's named tensor arguments; None values are left out (the step
@@ -125,7 +127,7 @@ class CudaGraphDenoiser:
         returns becomes the next step's input (inpainting's blend); it may raise to stop the run.
         """
         inputs = {name: t for name, t in inputs.items() if t is not None}
-        key = GraphKey.for_run(scheduler, latents, start, noise, inputs)
+        key = GraphKey.for_run(scheduler, latents, start, noise, inputs, end)
         with self._lock, torch.inference_mode():
             entry = self._entries.get(key)
             if entry is None:
@@ -181,7 +183,7 @@ class CudaGraphDenoiser:
             x = static_latents
             # Every step, not just one: samplers take other code paths on their first and last steps,
             # and no kernel may be loaded or compiled for the first time while a graph is capturing.
-            for i in range(key.start, key.steps):
+            for i in range(key.start, key.end):
                 x = step(i, x)
         cuda.current_stream().wait_stream(side)
         scheduler.reset()
@@ -190,7 +192,7 @@ class CudaGraphDenoiser:
             self._pool = cuda.graph_pool_handle()
         graphs, chain = [], [static_latents]
         with torch.inference_mode():
-            for i in range(key.start, key.steps):
+            for i in range(key.start, key.end):
                 graph = cuda.CUDAGraph()
                 with cuda.graph(graph, pool=self._pool):
                     out = step(i, chain[-1])

@@ -15,11 +15,17 @@ Random draws reproduce diffusers' for the same seed, in diffusers' order, from o
 Per-step (ancestral) noise comes from `scheduler.draw_noise` up front, after those draws: rows [S, ...]
 indexed by step; for img2img the scheduler draws only from its begin index (set by img2img_start) on.
 
+SDXL (runtime/conditioning.py): two text encoders, and `text_embeds` / `time_ids` passed to the UNet as
+added conditioning (`added`, named tensors) through every step; `generate(..., refiner=, refiner_start=)`
+runs the base up to the cutoff and the refiner from there, one generator across both, as diffusers'
+denoising_end / denoising_start pair of calls.
+
 Cancelling: `callback(step_index, timestep, latents)` returning False raises `GenerationCancelled`
 (holding the latents reached); no image is decoded, so a cancelled run costs no VAE time.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import secrets
 import warnings
@@ -31,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from runtime import conditioning
 from runtime import images as imageio
 from runtime import validation
 from runtime.caller_inputs import CallerInputs
@@ -79,6 +86,16 @@ class _Request:
     strength: float | None
 
 
+@dataclass(frozen=True)
+class _SDXLCall:
+    """The SDXL-only parts of one call, validated with the request."""
+
+    micro: conditioning.MicroConditioning
+    zero_negatives: bool  # no negative prompt given: force_zeros_for_empty_prompt applies
+    refiner: "Pipeline | None" = None
+    refiner_start: float | None = None
+
+
 class Pipeline:
     """Stable Diffusion over `components` (runtime.weights.Components) prepared by a backend."""
 
@@ -95,6 +112,7 @@ class Pipeline:
         self.vae = components.vae
         self.text_encoder = components.text_encoder
         self.tokenizer = components.tokenizer
+        self.conditioner = conditioning.conditioner_for(components)  # None for SD 1.x / 2.x
         self.scheduler_config = dict(components.scheduler_config)
         self.scheduler = None  # the scheduler of the latest run, set by each call
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -112,36 +130,46 @@ class Pipeline:
     def generate(self, prompt, *, negative_prompt=None, steps: int = 30, guidance: float = 7.5,
                  width: int | None = None, height: int | None = None, seed: int | None = None,
                  num_images: int = 1, scheduler: str | None = None, callback=None,
-                 progress: bool = True) -> list[PIL.Image.Image]:
+                 progress: bool = True, refiner: "Pipeline | None" = None, refiner_start: float | None = None,
+                 **micro) -> list[PIL.Image.Image]:
         """Text to image. Returns `len(prompts) * num_images` PIL images (each prompt's images together);
-        each image's `info` holds the generation parameters (seed included) as PNG text entries."""
+        each image's `info` holds the generation parameters (seed included) as PNG text entries.
+        SDXL: `refiner` (another SDXL pipeline) finishes from `refiner_start` (default 0.8) of the
+        denoising; `micro`: original_size, crops_coords_top_left, target_size and their negative_* forms."""
+        if self.conditioner is not None and self.conditioner.is_refiner:
+            raise ValueError(f"{self.components.source} is an SDXL refiner (requires_aesthetics_score): it cannot "
+                             f"generate from noise; use it as refiner= of an SDXL base's generate, or img2img")
+        sdxl = self._sdxl_call(negative_prompt, micro, refiner, refiner_start)
         request = self._request("txt2img", prompt, negative_prompt, steps, guidance, width, height,
                                 seed, num_images, scheduler, None)
-        return self._run(request, callback=callback, progress=progress)
+        return self._run(request, callback=callback, progress=progress, sdxl=sdxl)
 
     def img2img(self, image, prompt, *, strength: float = 0.75, negative_prompt=None, steps: int = 30,
                 guidance: float = 7.5, width: int | None = None, height: int | None = None,
                 seed: int | None = None, num_images: int = 1, scheduler: str | None = None,
-                callback=None, progress: bool = True) -> list[PIL.Image.Image]:
+                callback=None, progress: bool = True, **micro) -> list[PIL.Image.Image]:
         """Image to image: `image` (PIL or path) noised to `strength` then denoised. The output size is
         width x height, by default the image's own size rounded down to a multiple of 8."""
+        sdxl = self._sdxl_call(negative_prompt, micro, None, None)
         image = imageio.load_image(image, "init image")
         width, height = self._size_for_image(image, width, height)
         request = self._request("img2img", prompt, negative_prompt, steps, guidance, width, height,
                                 seed, num_images, scheduler, strength)
-        return self._run(request, image=image, callback=callback, progress=progress)
+        return self._run(request, image=image, callback=callback, progress=progress, sdxl=sdxl)
 
     def inpaint(self, image, mask, prompt, *, strength: float = 1.0, negative_prompt=None,
                 steps: int = 30, guidance: float = 7.5, width: int | None = None,
                 height: int | None = None, seed: int | None = None, num_images: int = 1,
-                scheduler: str | None = None, callback=None, progress: bool = True) -> list[PIL.Image.Image]:
+                scheduler: str | None = None, callback=None, progress: bool = True,
+                **micro) -> list[PIL.Image.Image]:
         """Repaint where `mask` is white (>= 50% gray), keep the rest. 9-channel inpainting UNets get the
         mask and masked image as input; ordinary 4-channel UNets blend the known region back each step."""
+        sdxl = self._sdxl_call(negative_prompt, micro, None, None)
         image, mask = self._inpaint_inputs(image, mask)
         width, height = self._size_for_image(image, width, height)
         request = self._request("inpaint", prompt, negative_prompt, steps, guidance, width, height,
                                 seed, num_images, scheduler, strength)
-        return self._run(request, image=image, mask=mask, callback=callback, progress=progress)
+        return self._run(request, image=image, mask=mask, callback=callback, progress=progress, sdxl=sdxl)
 
     def __call__(self, prompt=None, **kwargs):
         """diffusers' call: pipe(prompt, num_inference_steps=, guidance_scale=, ...) -> object with .images
@@ -165,6 +193,18 @@ class Pipeline:
             raise ValueError(f"inpainting needs a UNet with 4 or 9 input channels, this one has "
                              f"in_channels={self.unet.config.in_channels}")
         return image, mask
+
+    def _sdxl_call(self, negative_prompt, micro: dict, refiner, refiner_start) -> _SDXLCall | None:
+        """The SDXL arguments checked (refiner's family and role, refiner_start, micro-conditioning)."""
+        kind = getattr(self.components, "kind", "sd1")
+        micro_conditioning = conditioning.MicroConditioning.from_kwargs(micro, kind)
+        refiner_start = conditioning.check_refiner(kind, refiner, refiner_start)
+        if self.conditioner is None:
+            return None
+        if refiner is not None and refiner.vae.config.latent_channels != self.vae.config.latent_channels:
+            raise ValueError(f"refiner {refiner.components.source} has {refiner.vae.config.latent_channels} latent "
+                             f"channels, this base {self.vae.config.latent_channels}")
+        return _SDXLCall(micro_conditioning, negative_prompt is None, refiner, refiner_start)
 
     def native_size(self) -> tuple[int, int]:
         """(width, height) the UNet was trained at: sample_size * the VAE factor."""
@@ -244,18 +284,26 @@ class Pipeline:
 
     # ------------------------------------------------------------------ the run
     def _run(self, request: _Request, *, image=None, mask=None, callback=None, progress=True,
-             inputs: CallerInputs | None = None):
+             inputs: CallerInputs | None = None, sdxl=None):
         validation.check_callback(callback)
+        inputs = inputs or CallerInputs()
+        if inputs.context is not None and self.conditioner is not None:
+            raise ValueError("prompt_embeds are not supported for SDXL yet (it also needs pooled text_embeds); "
+                             "pass the prompt text")
         with self._run_lock, torch.inference_mode():
             return self._run_locked(request, image=image, mask=mask, callback=callback, progress=progress,
-                                    inputs=inputs or CallerInputs())
+                                    inputs=inputs, sdxl=sdxl)
 
-    def _run_locked(self, request: _Request, *, image, mask, callback, progress, inputs):
+    def _run_locked(self, request: _Request, *, image, mask, callback, progress, inputs, sdxl=None):
         self.scheduler = scheduler = make_scheduler(request.scheduler, self.scheduler_config)
         scheduler.set_timesteps(request.steps, device=self.device)
-        context = inputs.context
-        if context is None:
-            context = self.encode_prompt(request.prompts, request.negatives, request.guidance, request.num_images)
+        end = refine = None
+        if sdxl is not None and sdxl.refiner is not None:
+            end, refine = self._plan_refiner(request, sdxl, callback, progress)
+        if inputs.context is None:
+            context, added = self._conditioning(request, sdxl)
+        else:
+            context, added = inputs.context, None
         generator = inputs.generator or torch.Generator("cpu").manual_seed(request.seed)
         batch = len(request.prompts) * request.num_images
         shape = (batch, self.vae.config.latent_channels,
@@ -272,15 +320,65 @@ class Pipeline:
             start = scheduler.img2img_start(request.strength)
             latents, conditioning, blend = self._inpaint_latents(image, mask, request, shape, start,
                                                                  context.shape[0] != batch, generator)
-        noise = scheduler.draw_noise(generator, shape, self.dtype, self.device)
+        noise = scheduler.draw_noise(generator, shape, self.dtype, self.device, end=end)
         latents = self.denoise(latents, context, request.guidance, start=start, noise=noise,
-                               conditioning=conditioning, blend=blend, callback=callback, progress=progress)
+                               conditioning=conditioning, blend=blend, callback=callback, progress=progress,
+                               added=added, end=end)
         validation.check_finite(latents, f"the denoised latents (after the UNet and the {request.scheduler_name} "
                                          f"scheduler, before the VAE; guidance {request.guidance:g})")
+        if refine is not None:
+            if inputs.output != "pil":
+                raise ValueError("a refiner run returns images; output_type 'latent' / 'pt' is not supported with it")
+            return refine(latents, generator)
         if inputs.output == "latent":
             return latents
         decoded = self.decode_latents(latents)
         return decoded if inputs.output == "tensor" else self._finish(decoded, request)
+
+    def _conditioning(self, request: _Request, sdxl: _SDXLCall | None):
+        """(context, added conditioning for the UNet: None, or SDXL's {"text_embeds", "time_ids"})."""
+        if self.conditioner is None:
+            return self.encode_prompt(request.prompts, request.negatives, request.guidance, request.num_images), None
+        guided = request.guidance > 1
+        context, text_embeds = self.conditioner.encode(request.prompts, request.negatives, sdxl.zero_negatives,
+                                                       guided, request.num_images, self.device, self.dtype)
+        time_ids = self.conditioner.time_ids(sdxl.micro, request.mode, request.height, request.width,
+                                             len(request.prompts) * request.num_images, guided, self.device,
+                                             self.dtype)
+        return context, {"text_embeds": text_embeds, "time_ids": time_ids}
+
+    def _plan_refiner(self, request: _Request, sdxl: _SDXLCall, callback, progress):
+        """(the base's end step, a function that finishes on the refiner), checked before any network runs."""
+        end = conditioning.base_end(self.scheduler, sdxl.refiner_start)
+        refiner = sdxl.refiner
+        refiner_scheduler = make_scheduler(request.scheduler, refiner.scheduler_config)
+        refiner_scheduler.set_timesteps(request.steps, device=refiner.device)
+        begin = conditioning.refiner_begin(refiner_scheduler, sdxl.refiner_start)
+        if end == 0 or begin >= refiner_scheduler.num_steps:
+            raise ValueError(f"refiner_start={sdxl.refiner_start} with {request.steps} steps leaves "
+                             f"{'the base' if end == 0 else 'the refiner'} no step; move refiner_start or add steps")
+        refiner_call = replace(sdxl, refiner=None, refiner_start=None)
+
+        def refine(latents: torch.Tensor, generator: torch.Generator) -> list[PIL.Image.Image]:
+            lock = contextlib.nullcontext() if refiner is self else refiner._run_lock
+            with lock:
+                return refiner._refine_locked(latents, request, refiner_call, refiner_scheduler, begin, generator,
+                                              callback=callback, progress=progress)
+        return end, refine
+
+    def _refine_locked(self, latents, request: _Request, sdxl: _SDXLCall, scheduler, begin: int, generator,
+                       callback, progress) -> list[PIL.Image.Image]:
+        """Denoise `latents` (a base's, at step `begin`) from `begin` on, as diffusers' img2img with
+        denoising_start: no noise is added; ancestral draws continue the base's generator."""
+        self.scheduler = scheduler
+        scheduler.start_at(begin)
+        context, added = self._conditioning(replace(request, mode="img2img"), sdxl)
+        latents = latents.to(self.device, self.dtype)
+        noise = scheduler.draw_noise(generator, tuple(latents.shape), self.dtype, self.device)
+        latents = self.denoise(latents, context, request.guidance, start=begin, noise=noise, callback=callback,
+                               progress=progress, added=added)
+        validation.check_finite(latents, "the refined latents (after the refiner's UNet, before the VAE)")
+        return self._finish(self.decode_latents(latents), request)
 
     def encode_prompt(self, prompts: list[str], negatives: list[str] | None, guidance: float,
                       num_images: int = 1, clip_skip: int | None = None) -> torch.Tensor:
@@ -290,6 +388,8 @@ class Pipeline:
         guided = guidance > 1
         if negatives is None:
             negatives = [""] * len(prompts)
+        if self.conditioner is not None:  # SDXL: both encoders' penultimate states (no force-zeros here)
+            return self.conditioner.encode(prompts, negatives, False, guided, num_images, self.device, self.dtype)[0]
         texts = (list(negatives) if guided else []) + list(prompts)
         labels = ([f"negative prompt {i}" for i in range(len(negatives))] if guided else []) + \
             [f"prompt {i}" for i in range(len(prompts))]
@@ -307,9 +407,31 @@ class Pipeline:
         """A sample of the VAE posterior, scaled: mean + std * randn(generator), as diffusers'
         `latent_dist.sample(generator)` (one draw of the latent shape per call). Every backend's VAE
         (ours, and the exported ones) gives the posterior's (mean, logvar) through `encode_moments`."""
-        mean, logvar = self.vae.encode_moments(pixels.to(self.device, self.dtype))
-        sample = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * self._randn(mean.shape, generator)
-        return sample * self.vae.config.scaling_factor
+        with self._vae_precision() as vae_dtype:
+            mean, logvar = self.vae.encode_moments(pixels.to(self.device, vae_dtype))
+        # Drawn in the posterior's dtype (fp32 when upcast), as diffusers' latent_dist.sample.
+        draw = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+        sample = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * draw
+        return (sample * self.vae.config.scaling_factor).to(self.dtype)
+
+    @contextlib.contextmanager
+    def _vae_precision(self):
+        """The dtype to run the VAE in, yielded with the VAE cast to it. SDXL honours the VAE config's
+        force_upcast as diffusers' SDXL pipelines do: an fp16 VAE runs in fp32 inside, and is put back after
+        (SD 1/2 pipelines, like diffusers', run it in the model dtype). Exported VAEs stay as exported."""
+        vae_dtype = _module_dtype(self.vae, self.dtype)
+        if self.conditioner is None or vae_dtype != torch.float16 or not self.vae.config.force_upcast:
+            yield vae_dtype
+            return
+        try:
+            self.vae.to(torch.float32)
+        except NotImplementedError:  # an exported VAE runs in the dtype it was exported in
+            yield vae_dtype
+            return
+        try:
+            yield torch.float32
+        finally:
+            self.vae.to(vae_dtype)
 
     def _img2img_latents(self, image, request, shape, start, generator) -> torch.Tensor:
         pixels = imageio.image_to_tensor(image, request.width, request.height)
@@ -345,43 +467,50 @@ class Pipeline:
 
     def denoise(self, latents: torch.Tensor, context: torch.Tensor, guidance: float, *, start: int = 0,
                 noise: torch.Tensor | None = None, conditioning: torch.Tensor | None = None,
-                blend: _LatentBlend | None = None, callback=None, progress: bool = True) -> torch.Tensor:
-        """Run steps start..S-1 of `self.scheduler` (already set up); return the final latents."""
+                blend: _LatentBlend | None = None, callback=None, progress: bool = True,
+                added: dict[str, torch.Tensor] | None = None, end: int | None = None) -> torch.Tensor:
+        """Run steps start..end-1 (end: S) of `self.scheduler` (already set up); return the final latents.
+        `added`: the UNet's added conditioning (SDXL's text_embeds / time_ids), the same at every step."""
         self.scheduler.reset()
         if self.graphs is not None:
             between_steps = None
             if blend is not None or callback is not None:
                 def between_steps(i, x):
                     return self._after_step(i, x, start, blend, callback)
-            return self.graphs.run(self.scheduler, latents, guidance, start=start, noise=noise,
-                                   inputs=dict(context=context, conditioning=conditioning),
+            return self.graphs.run(self.scheduler, latents, guidance, start=start, end=end, noise=noise,
+                                   inputs=dict(context=context, conditioning=conditioning, **(added or {})),
                                    between_steps=between_steps,
                                    progress=lambda steps: tqdm(steps, disable=not progress, desc="denoising"))
-        for i in tqdm(range(start, self.scheduler.num_steps), disable=not progress, desc="denoising"):
+        stop = self.scheduler.num_steps if end is None else end
+        for i in tqdm(range(start, stop), disable=not progress, desc="denoising"):
             noise_i = None if noise is None else noise[i]
-            latents = self._denoise_step(latents, i, context, guidance, noise_i, conditioning)
+            latents = self._denoise_step(latents, i, context, guidance, noise_i, conditioning, added)
             latents = self._after_step(i, latents, start, blend, callback)
         return latents
 
     def _denoise_step(self, latents: torch.Tensor, i: int, context: torch.Tensor, guidance: float,
-                      noise_i: torch.Tensor | None, conditioning: torch.Tensor | None = None) -> torch.Tensor:
+                      noise_i: torch.Tensor | None, conditioning: torch.Tensor | None = None,
+                      added: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """One step with the run's scheduler; the unit a CUDA-graph runner replaces."""
-        return self.denoise_step(self.scheduler, latents, i, context, guidance, noise_i, conditioning)
+        return self.denoise_step(self.scheduler, latents, i, context, guidance, noise_i, conditioning,
+                                 **(added or {}))
 
     def denoise_step(self, scheduler, latents: torch.Tensor, i: int, context: torch.Tensor, guidance,
-                     noise_i: torch.Tensor | None, conditioning: torch.Tensor | None = None) -> torch.Tensor:
+                     noise_i: torch.Tensor | None, conditioning: torch.Tensor | None = None,
+                     **added: torch.Tensor) -> torch.Tensor:
         """UNet once on the guided batch [uncond; cond], guidance combine, scheduler step.
 
         Guided iff `context` has twice the rows of `latents`. `guidance` may be a float or a 0-d device
         tensor (a captured graph keeps it in a buffer). `conditioning` (9-channel inpainting: mask and
-        masked-image latents) is appended to the UNet input's channels. Pure tensor work, no host sync.
+        masked-image latents) is appended to the UNet input's channels. `added`: extra named UNet inputs
+        (SDXL's text_embeds, time_ids), already in guided-batch order; a graph runner keeps each in a buffer. Pure tensor work, no host sync.
         """
         guided = context.shape[0] != latents.shape[0]
         model_input = torch.cat([latents, latents]) if guided else latents
         model_input = scheduler.scale_model_input(model_input, i)
         if conditioning is not None:
             model_input = torch.cat([model_input, conditioning], dim=1)
-        prediction = self.unet(model_input, scheduler.timesteps[i], context)
+        prediction = self.unet(model_input, scheduler.timesteps[i], context, **added)
         if guided:
             uncond, cond = prediction.chunk(2)
             # The product in fp32, rounded once to the model dtype: what a kernel does with a Python float
@@ -407,7 +536,8 @@ class Pipeline:
         """Latents -> images [B, 3, H, W] in [0, 1]. If the decode overflows to NaN (fp16 VAEs do), decode
         again with the VAE in fp32 once, with a warning; if that is NaN too, raise rather than return black."""
         scaled = latents / self.vae.config.scaling_factor
-        decoded = self.vae.decode(scaled)
+        with self._vae_precision() as vae_dtype:
+            decoded = self.vae.decode(scaled.to(vae_dtype))
         if not torch.isfinite(decoded).all():  # NaN, or +-inf that clamping would turn white / black
             vae_dtype = next(self.vae.parameters()).dtype
             if vae_dtype == torch.float32:
@@ -454,6 +584,11 @@ def _vae_broken(decoded: torch.Tensor, latents: torch.Tensor, how: str) -> str:
         return f"the VAE decoded {kind} {how}: the latents it was given already hold NaN or inf"
     return (f"the VAE decoded {kind} {how} from finite latents: the VAE weights are broken (a NaN or inf "
             f"weight, e.g. in decoder.conv_out)")
+
+
+def _module_dtype(module, default: torch.dtype) -> torch.dtype:
+    parameter = next(iter(module.parameters()), None) if hasattr(module, "parameters") else None
+    return default if parameter is None else parameter.dtype
 
 
 def _prompt_list(prompt, name: str) -> list[str]:

@@ -5,7 +5,12 @@ A single-file SD checkpoint holds the three networks under fixed prefixes:
   first_stage_model.          the VAE, LDM names (encoder.down.i.block.j..., 1x1-conv attention)
   cond_stage_model.transformer.text_model.   SD 1.x: a Hugging Face CLIP text model (CLIP ViT-L/14)
   cond_stage_model.model.     SD 2.x: an OpenCLIP text tower (fused q/k/v `in_proj_weight`)
-plus training state (model_ema., betas, alphas_cumprod, ...) that inference ignores.
+plus training state (model_ema., betas, alphas_cumprod, ...) that inference ignores. SDXL (SGM) files
+keep the UNet and VAE prefixes and hold their text encoders under conditioner.embedders.N.:
+  conditioner.embedders.0.transformer.text_model.   SDXL base: CLIP ViT-L (Hugging Face layout)
+  conditioner.embedders.1.model.     SDXL base: OpenCLIP ViT-bigG (fused q/k/v, `text_projection`
+                                     stored as the matrix OpenCLIP multiplies by: the Linear weight transposed)
+  conditioner.embedders.0.model.     SDXL refiner: OpenCLIP ViT-bigG, its only text encoder
 
 One function per network maps each diffusers key to the original tensor it comes from
 (`OriginalTensor`: the original key and how to transform it). Loading and `to_original_layout`
@@ -33,6 +38,10 @@ SD1_TEXT_PREFIX = "cond_stage_model.transformer.text_model."
 SD1_TEXT_PREFIX_BARE = "cond_stage_model.transformer."  # a few old merges lack "text_model."
 SD2_TEXT_PREFIX = "cond_stage_model.model."
 SDXL_MARKER = "conditioner.embedders."
+SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+SDXL_REFINER_OPEN_CLIP_PREFIX = "conditioner.embedders.0.model."
+SDXL_ADD_EMBEDDING = UNET_PREFIX + "label_emb.0.0.weight"  # add_embedding.linear_1: [time dim, pooled + ids]
 HF_TEXT_PREFIX = "text_model."  # transformers 4.x CLIPTextModel keys; 5.x drops it
 
 
@@ -42,7 +51,8 @@ class OriginalTensor:
 
     op "copy": the tensor as is; "to_linear": a 1x1 conv weight [O, I, 1, 1] that diffusers keeps
     as a linear weight [O, I] (VAE attention); "qkv": part `part` (q=0, k=1, v=2) of OpenCLIP's
-    fused in_proj tensor, split along dim 0.
+    fused in_proj tensor, split along dim 0; "transpose": a 2-D tensor stored transposed (OpenCLIP's
+    text_projection, which it multiplies from the right).
     """
 
     key: str
@@ -56,6 +66,8 @@ class OriginalTensor:
             return shape[:2]
         if self.op == "qkv" and shape and shape[0] % 3 == 0:
             return (shape[0] // 3,) + shape[1:]
+        if self.op == "transpose" and len(shape) == 2:
+            return shape[::-1]
         return shape
 
     def convert(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -63,6 +75,8 @@ class OriginalTensor:
             return tensor[:, :, 0, 0]
         if self.op == "qkv":
             return tensor.chunk(3, dim=0)[self.part]
+        if self.op == "transpose":
+            return tensor.t()
         return tensor
 
 
@@ -71,7 +85,8 @@ class OriginalTensor:
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                 "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 _UNET_TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-             "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+             "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 
 
 def _rename_head(rest: str, table: Mapping[str, str]) -> str:
@@ -83,7 +98,7 @@ def _rename_head(rest: str, table: Mapping[str, str]) -> str:
 
 def _no_original_name(network: str, key: str) -> KeyError:
     return KeyError(f"{network} key {key!r} has no original-layout (CompVis) name: "
-                    f"only the SD 1.x / 2.x architecture is supported")
+                    f"only the SD 1.x / 2.x / XL architectures are supported")
 
 
 def unet_key_map(diffusers_keys: Iterable[str]) -> dict[str, OriginalTensor]:
@@ -189,8 +204,9 @@ def strip_text_model_prefix(key: str) -> str:
 
 
 def text_key_map(diffusers_keys: Iterable[str], kind: str) -> dict[str, OriginalTensor]:
-    """CLIPTextModel key (with or without "text_model.") -> original key, without the
-    cond_stage_model prefix: HF CLIP names for SD 1.x, OpenCLIP names for SD 2.x."""
+    """CLIPTextModel[WithProjection] key (with or without "text_model.") -> original key, without the
+    encoder's prefix: HF CLIP names for kind "sd1" (also SDXL's CLIP-L), OpenCLIP names otherwise
+    (SD 2.x, SDXL's bigG)."""
     mapping = {}
     for key in diffusers_keys:
         bare = strip_text_model_prefix(key)
@@ -199,6 +215,8 @@ def text_key_map(diffusers_keys: Iterable[str], kind: str) -> dict[str, Original
 
 
 def _open_clip_original(key: str) -> OriginalTensor:
+    if key == "text_projection.weight":
+        return OriginalTensor("text_projection", "transpose")
     if key in _OPEN_CLIP_TOP:
         return OriginalTensor(_OPEN_CLIP_TOP[key])
     m = re.match(r"encoder\.layers\.(\d+)\.(.+)", key)
@@ -218,18 +236,43 @@ def _open_clip_original(key: str) -> OriginalTensor:
 
 @dataclass(frozen=True)
 class Layout:
-    """What a single-file checkpoint is: the model kind and where its text encoder lives."""
+    """What a single-file checkpoint is: the model kind and where its text encoders live."""
 
-    kind: str  # "sd1" | "sd2"
+    kind: str  # "sd1" | "sd2" | "sdxl" | "sdxl-refiner"
     text_prefix: str | None  # prefix in front of the names `text_key_map` produces; None: no text encoder
+    text_prefix_2: str | None = None  # SDXL's OpenCLIP bigG (text_encoder_2)
+
+
+def _sdxl_layout(shapes: Mapping[str, tuple[int, ...]], source: str) -> Layout:
+    """SDXL base (CLIP-L at embedders.0, bigG at embedders.1) or refiner (bigG alone at embedders.0);
+    anything else under conditioner.embedders. is a partial or foreign file."""
+    def holds(prefix):
+        return any(k.startswith(prefix) for k in shapes)
+
+    clip_l, big_g, refiner_g = holds(SDXL_CLIP_L_PREFIX), holds(SDXL_OPEN_CLIP_PREFIX), holds(SDXL_REFINER_OPEN_CLIP_PREFIX)
+    if not holds(UNET_PREFIX):
+        raise ValueError(f"{source}: an SDXL checkpoint (keys under {SDXL_MARKER!r}) without a UNet: no key "
+                         f"starts with {UNET_PREFIX!r} (a partial file?)")
+    if SDXL_ADD_EMBEDDING not in shapes:
+        raise ValueError(f"{source}: an SDXL checkpoint without the UNet's added-conditioning embedding "
+                         f"{SDXL_ADD_EMBEDDING!r} (a partial file?)")
+    if refiner_g and not clip_l and not big_g:
+        return Layout("sdxl-refiner", None, SDXL_REFINER_OPEN_CLIP_PREFIX)
+    if clip_l and big_g:
+        return Layout("sdxl", SDXL_CLIP_L_PREFIX, SDXL_OPEN_CLIP_PREFIX)
+    found = [p for p, present in ((SDXL_CLIP_L_PREFIX, clip_l), (SDXL_OPEN_CLIP_PREFIX, big_g),
+                                  (SDXL_REFINER_OPEN_CLIP_PREFIX, refiner_g)) if present]
+    raise ValueError(f"{source}: a partial SDXL checkpoint: the base needs CLIP-L under {SDXL_CLIP_L_PREFIX!r} and "
+                     f"OpenCLIP bigG under {SDXL_OPEN_CLIP_PREFIX!r}, the refiner bigG alone under "
+                     f"{SDXL_REFINER_OPEN_CLIP_PREFIX!r}; the file has text encoders under "
+                     f"{', '.join(map(repr, found)) or 'none of these'}")
 
 
 def detect_layout(shapes: Mapping[str, tuple[int, ...]], source: str = "checkpoint") -> Layout:
-    """SD 1.x vs 2.x from key names and tensor shapes (no tensor data needed)."""
+    """SD 1.x vs 2.x vs XL base / refiner from key names and tensor shapes (no tensor data needed)."""
+    if any(k.startswith(SDXL_MARKER) for k in shapes):
+        return _sdxl_layout(shapes, source)
     if not any(k.startswith(UNET_PREFIX) for k in shapes):
-        if any(k.startswith(SDXL_MARKER) for k in shapes):
-            raise ValueError(f"{source}: an SDXL checkpoint (keys under {SDXL_MARKER!r}); only SD 1.x / 2.x "
-                             f"single files are supported")
         sample = ", ".join(sorted(shapes)[:5]) or "(no tensors)"
         raise ValueError(f"{source}: not a Stable Diffusion single-file checkpoint: no key starts with "
                          f"{UNET_PREFIX!r} (first keys: {sample})")
@@ -276,9 +319,28 @@ def infer_configs(shapes: Mapping[str, tuple[int, ...]], layout: Layout, source:
     configs = default_configs(layout.kind)
     configs["unet"].update(_infer_unet(shapes, layout.kind, source))
     configs["vae"].update(_infer_vae(shapes, source))
-    if layout.text_prefix is not None:
+    if layout.kind.startswith("sdxl"):
+        if layout.text_prefix is not None:
+            configs["text_encoder"].update(_infer_hf_text(shapes, layout.text_prefix, source))
+        configs["text_encoder_2"].update(_infer_open_clip_text(shapes, layout.text_prefix_2, source, all_layers=True))
+        _check_sdxl_time_ids(configs, layout.kind, source)
+    elif layout.text_prefix is not None:
         configs["text_encoder"].update(_infer_text(shapes, layout, source))
     return configs
+
+
+def _check_sdxl_time_ids(configs: dict, kind: str, source: str) -> None:
+    """add_embedding reads the pooled text (bigG's projection width) and one sinusoid per time id:
+    6 for the base, 5 for the refiner. Any other width is not a model we know how to condition."""
+    from runtime.default_configs import SDXL_TIME_EMBED_DIM, SDXL_TIME_IDS
+
+    width = configs["unet"]["projection_class_embeddings_input_dim"]
+    pooled = configs["text_encoder_2"]["projection_dim"]
+    expected = pooled + SDXL_TIME_IDS[kind] * SDXL_TIME_EMBED_DIM
+    if width != expected:
+        raise ValueError(f"{source}: the UNet's added-conditioning input is {width} wide; an {kind} model with a "
+                         f"{pooled}-wide pooled text embedding has {expected} ({SDXL_TIME_IDS[kind]} time ids x "
+                         f"{SDXL_TIME_EMBED_DIM})")
 
 
 def _infer_unet(shapes: Mapping[str, tuple], kind: str, source: str) -> dict:
@@ -302,12 +364,12 @@ def _infer_unet(shapes: Mapping[str, tuple], kind: str, source: str) -> dict:
     for block in range(levels):
         has_attention = UNET_PREFIX + f"output_blocks.{block * (per_level + 1)}.1.proj_in.weight" in shapes
         up_types.append("CrossAttnUpBlock2D" if has_attention else "UpBlock2D")
-    if len(depths) > 1:
+    if len(depths) > 1 and not kind.startswith("sdxl"):
         raise ValueError(f"{source}: UNet transformer depth differs between levels {sorted(depths)}; "
                          f"only SD 1.x / 2.x UNets (depth 1) are supported")
     proj_in = [k for k in shapes if k.startswith(UNET_PREFIX) and k.endswith(".proj_in.weight")]
     heads = SD1_UNET_HEADS if kind == "sd1" else [max(1, c // SD2_UNET_HEAD_WIDTH) for c in channels]
-    return {
+    inferred = {
         "in_channels": conv_in[1],
         "out_channels": _shape(shapes, UNET_PREFIX + "out.2.weight", source)[0],
         "block_out_channels": channels,
@@ -319,6 +381,27 @@ def _infer_unet(shapes: Mapping[str, tuple], kind: str, source: str) -> dict:
         "use_linear_projection": bool(proj_in) and len(shapes[proj_in[0]]) == 2,
         "attention_head_dim": heads,
     }
+    if kind.startswith("sdxl"):
+        inferred["transformer_layers_per_block"] = _sdxl_depths(shapes, down_types, per_level, source)
+        inferred["projection_class_embeddings_input_dim"] = _shape(shapes, SDXL_ADD_EMBEDDING, source)[1]
+    return inferred
+
+
+def _sdxl_depths(shapes: Mapping[str, tuple], down_types: list[str], per_level: int, source: str) -> int | list[int]:
+    """Transformer blocks per level (SDXL: 1, 2, 10 with none at level 0; the refiner: 4 at each attention
+    level). diffusers' mid block runs the last entry's depth, so levels without attention take the mid
+    block's depth; one depth everywhere is given as an int, as the refiner's config does."""
+    p = re.escape(UNET_PREFIX)
+    mid = len(_indices(shapes, p + r"middle_block\.1\.transformer_blocks\.(\d+)\.")) or 1
+    depths = []
+    for level, kind in enumerate(down_types):
+        first = 1 + level * (per_level + 1)
+        attention = p + rf"input_blocks\.{first}\.1\.transformer_blocks\.(\d+)\."
+        depths.append(len(_indices(shapes, attention)) if kind == "CrossAttnDownBlock2D" else mid)
+    if depths[-1] != mid:
+        raise ValueError(f"{source}: the UNet mid block has {mid} transformer blocks but the last level has "
+                         f"{depths[-1]}; diffusers' UNet gives both the same depth")
+    return depths[0] if len(set(depths)) == 1 else depths
 
 
 def _infer_vae(shapes: Mapping[str, tuple], source: str) -> dict:
@@ -339,18 +422,34 @@ def _infer_vae(shapes: Mapping[str, tuple], source: str) -> dict:
 
 
 def _infer_text(shapes: Mapping[str, tuple], layout: Layout, source: str) -> dict:
-    prefix = layout.text_prefix
     if layout.kind == "sd1":
-        vocab, hidden = _shape(shapes, prefix + "embeddings.token_embedding.weight", source)
-        positions = _shape(shapes, prefix + "embeddings.position_embedding.weight", source)[0]
-        layers = len(_indices(shapes, re.escape(prefix) + r"encoder\.layers\.(\d+)\."))
-        inner = _shape(shapes, prefix + "encoder.layers.0.mlp.fc1.weight", source)[0]
-    else:
-        vocab, hidden = _shape(shapes, prefix + "token_embedding.weight", source)
-        positions = _shape(shapes, prefix + "positional_embedding", source)[0]
-        # SD 2.x conditions on the penultimate block: the last one is in the file but never run.
-        layers = len(_indices(shapes, re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.")) - 1
-        inner = _shape(shapes, prefix + "transformer.resblocks.0.mlp.c_fc.weight", source)[0]
+        return _infer_hf_text(shapes, layout.text_prefix, source)
+    # SD 2.x conditions on the penultimate block: the last one is in the file but never run.
+    return _infer_open_clip_text(shapes, layout.text_prefix, source, all_layers=False)
+
+
+def _infer_hf_text(shapes: Mapping[str, tuple], prefix: str, source: str) -> dict:
+    vocab, hidden = _shape(shapes, prefix + "embeddings.token_embedding.weight", source)
+    positions = _shape(shapes, prefix + "embeddings.position_embedding.weight", source)[0]
+    layers = len(_indices(shapes, re.escape(prefix) + r"encoder\.layers\.(\d+)\."))
+    inner = _shape(shapes, prefix + "encoder.layers.0.mlp.fc1.weight", source)[0]
+    return _text_sizes(vocab, hidden, positions, layers, inner)
+
+
+def _infer_open_clip_text(shapes: Mapping[str, tuple], prefix: str, source: str, all_layers: bool) -> dict:
+    """OpenCLIP tower sizes; all_layers=False drops the last block (SD 2.x never runs it), True keeps it
+    and reads the projection width (SDXL pools the last block's output through text_projection)."""
+    vocab, hidden = _shape(shapes, prefix + "token_embedding.weight", source)
+    positions = _shape(shapes, prefix + "positional_embedding", source)[0]
+    layers = len(_indices(shapes, re.escape(prefix) + r"transformer\.resblocks\.(\d+)\."))
+    inner = _shape(shapes, prefix + "transformer.resblocks.0.mlp.c_fc.weight", source)[0]
+    sizes = _text_sizes(vocab, hidden, positions, layers if all_layers else layers - 1, inner)
+    if all_layers:
+        sizes["projection_dim"] = _shape(shapes, prefix + "text_projection", source)[1]
+    return sizes
+
+
+def _text_sizes(vocab: int, hidden: int, positions: int, layers: int, inner: int) -> dict:
     return {"vocab_size": vocab, "hidden_size": hidden, "max_position_embeddings": positions,
             "num_hidden_layers": layers, "intermediate_size": inner,
             "num_attention_heads": max(1, hidden // TEXT_HEAD_WIDTH)}
@@ -360,6 +459,11 @@ def is_unused_original_key(key: str, layout: Layout, text_layers: int) -> bool:
     """Keys under the network prefixes that SD inference does not use (so they are not 'unexpected')."""
     if key.startswith(VAE_PREFIX + "loss."):
         return True  # the VAE's training loss (LPIPS / discriminator), kept by some training checkpoints
+    if layout.kind.startswith("sdxl"):
+        if layout.text_prefix is not None and key == layout.text_prefix + "embeddings.position_ids":
+            return True
+        return layout.text_prefix_2 is not None and key in (layout.text_prefix_2 + "logit_scale",
+                                                            layout.text_prefix_2 + "attn_mask")
     if layout.text_prefix is None or not key.startswith(layout.text_prefix):
         return False
     rest = key[len(layout.text_prefix):]

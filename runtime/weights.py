@@ -4,9 +4,12 @@
     components.unet, components.vae, components.text_encoder, components.tokenizer, components.scheduler_config
 
 Two sources:
-- a diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/),
+- a diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/;
+  SDXL adds text_encoder_2/ and tokenizer_2/, and its refiner has only those two of the text pairs),
   weights in .safetensors, optionally sharded (*.safetensors.index.json) or as a variant (*.fp16.*);
-- an original-layout (CompVis / A1111) single .safetensors file; see runtime/single_file.py.
+- an original-layout (CompVis / A1111 / SGM) single .safetensors file; see runtime/single_file.py.
+The family (SD 1.x, 2.x, XL base, XL refiner) is read from the UNet and text-encoder configs (a folder)
+or from the tensors (a single file); `load_vae` reads a separate VAE for any of them.
 
 Memory: models are built with their parameters on the meta device (no storage), every tensor is
 checked against the model by name and shape from the file headers before any data is read, then
@@ -20,12 +23,13 @@ file into memory first (the one-tensor-at-a-time guarantee holds for safetensors
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +46,9 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # Weight file stems per component folder, as diffusers / transformers write them.
 _WEIGHT_STEMS = {"unet": ("diffusion_pytorch_model",), "vae": ("diffusion_pytorch_model",),
-                 "text_encoder": ("model", "pytorch_model")}
+                 "text_encoder": ("model", "pytorch_model"), "text_encoder_2": ("model", "pytorch_model")}
 _COMPONENT_FOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_SDXL_TEXT_PAIRS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 _SHOWN = 5  # how many offending names an error lists
 
 
@@ -57,11 +62,15 @@ class Components:
 
     unet: nn.Module
     vae: nn.Module
-    text_encoder: nn.Module
-    tokenizer: Any  # runtime.tokenizer.CLIPTokenizer
+    text_encoder: nn.Module | None  # None only for the SDXL refiner (it has encoder 2 alone)
+    tokenizer: Any  # runtime.tokenizer.CLIPTokenizer (None with text_encoder)
     scheduler_config: dict  # diffusers scheduler_config.json contents (with any prediction_type override)
     source: str  # the folder or file loaded
-    kind: str  # "sd1" | "sd2" | "sdxl-unet" (a folder whose UNet is SDXL-shaped)
+    kind: str  # "sd1" | "sd2" | "sdxl" | "sdxl-refiner"
+    text_encoder_2: nn.Module | None = None  # SDXL: OpenCLIP bigG, CLIPTextModelWithProjection
+    tokenizer_2: Any = None  # SDXL: its tokenizer (pads with "!")
+    # SDXL: model_index.json's force_zeros_for_empty_prompt and requires_aesthetics_score.
+    pipeline_config: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -346,6 +355,31 @@ def _model_classes():
             "text_encoder": (CLIPTextModel, CLIPTextConfig)}
 
 
+def _sdxl_model_classes():
+    """_model_classes() and SDXL's second text encoder."""
+    from runtime.models.clip import CLIPTextConfig, CLIPTextModelWithProjection
+
+    return {**_model_classes(), "text_encoder_2": (CLIPTextModelWithProjection, CLIPTextConfig)}
+
+
+def _sdxl_kind(unet: dict, text_2: dict, unet_label: str) -> str:
+    """"sdxl" or "sdxl-refiner" from how many time ids the UNet's add_embedding reads: (its input width -
+    the pooled text width) / the sinusoid width is 6 for the base, 5 (no target size; an aesthetic score)
+    for the refiner."""
+    from runtime.default_configs import SDXL_TIME_IDS
+
+    width, step = unet.get("projection_class_embeddings_input_dim"), unet.get("addition_time_embed_dim")
+    pooled = text_2.get("projection_dim", 512)
+    ids = (width - pooled) / step if isinstance(width, int) and isinstance(step, int) and step > 0 else None
+    for kind, count in SDXL_TIME_IDS.items():
+        if ids == count:
+            return kind
+    raise WeightLoadError(f"{unet_label}: projection_class_embeddings_input_dim={width} is neither the SDXL base's "
+                          f"nor the refiner's: with a {pooled}-wide pooled text embedding (text_encoder_2 "
+                          f"projection_dim) and addition_time_embed_dim={step}, the base has "
+                          f"{pooled + 6 * (step or 0)} and the refiner {pooled + 5 * (step or 0)}")
+
+
 # ----------------------------------------------------------------------------- diffusers folders
 
 _LEGACY_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -456,7 +490,7 @@ def _folder_plan(component: str, model: nn.Module, store: TensorStore) -> tuple[
     unexpected = []
     for file_key in store.shapes:
         name, op = file_key, "copy"
-        if component == "text_encoder":
+        if component.startswith("text_encoder"):
             if file_key in _TEXT_POSITION_IDS:
                 continue  # transformers < 4.31 saved this buffer; it is 0..76
             # transformers 4.x: "text_model." prefix; 5.x: none. Our model decides which it wants.
@@ -484,8 +518,9 @@ def _load_folder(path: Path, *, device, dtype, variant, allow_pickle, tokenizer_
                              "text_encoder/, tokenizer/ and scheduler/ (for a single-file checkpoint pass "
                              "the .safetensors file itself)")
     if "text_encoder_2" in model_index:
-        raise WeightLoadError(f"{path / 'model_index.json'} lists text_encoder_2 (an SDXL pipeline); only "
-                              f"SD 1.x / 2.x pipelines are supported")
+        return _load_sdxl_folder(path, model_index, device=device, dtype=dtype, variant=variant,
+                                 allow_pickle=allow_pickle, tokenizer_path=tokenizer_path,
+                                 prediction_type=prediction_type)
     needed = [c for c in _COMPONENT_FOLDERS if not (c == "tokenizer" and tokenizer_path is not None)]
     for component in needed:
         if not (path / component).is_dir():
@@ -500,7 +535,9 @@ def _load_folder(path: Path, *, device, dtype, variant, allow_pickle, tokenizer_
     tokenizer = CLIPTokenizer.from_folder(tokenizer_path if tokenizer_path is not None else path / "tokenizer")
     with contextlib.ExitStack() as stack:
         jobs = []
-        for component, (model_cls, config_cls) in _model_classes().items():
+        classes = _model_classes()
+        for component in ("unet", "vae", "text_encoder"):
+            model_cls, config_cls = classes[component]
             config_label = str(path / component / "config.json")
             store = stack.enter_context(_find_weight_files(path / component, component, variant, allow_pickle))
             model = _build(component, model_cls, config_cls, configs[component], config_label)
@@ -509,6 +546,75 @@ def _load_folder(path: Path, *, device, dtype, variant, allow_pickle, tokenizer_
         models = _run(jobs, dtype, device)
     return Components(models["unet"], models["vae"], models["text_encoder"], tokenizer,
                       _scheduler_config(scheduler, prediction_type), str(path), _kind_of_unet_config(configs["unet"]))
+
+
+def _load_sdxl_folder(path: Path, model_index: dict, *, device, dtype, variant, allow_pickle, tokenizer_path,
+                      prediction_type):
+    """An SDXL base (both text pairs) or refiner (text_encoder / tokenizer listed as null) folder."""
+    from runtime.tokenizer import CLIPTokenizer
+
+    index_label = str(path / "model_index.json")
+    listed = {name for name, value in model_index.items()
+              if not name.startswith("_") and isinstance(value, list) and value and value[0] is not None}
+    for component in ("unet", "vae", "scheduler", "text_encoder_2", "tokenizer_2"):
+        if component not in listed:
+            raise WeightLoadError(f"{index_label}: an SDXL pipeline needs component {component!r}, which it does "
+                                  f"not list (or lists as null)")
+    texts = [pair for pair in _SDXL_TEXT_PAIRS if pair[0] in listed]
+    networks = ["unet", "vae", *(text for text, _ in texts)]
+    for component in [*networks, "scheduler", *(tok for _, tok in texts)]:
+        if not (path / component).is_dir():
+            raise FileNotFoundError(f"{path}: component folder {component}/ is missing (model_index.json lists it)")
+    configs = {c: _read_json(path / c / "config.json", f"the {c} config") for c in networks}
+    unet_label = str(path / "unet" / "config.json")
+    if configs["unet"].get("addition_embed_type") != "text_time":
+        raise WeightLoadError(f"{unet_label}: model_index.json lists text_encoder_2 (SDXL) but this UNet has no "
+                              f"SDXL added conditioning (addition_embed_type="
+                              f"{configs['unet'].get('addition_embed_type')!r}, expected 'text_time')")
+    kind = _sdxl_kind(configs["unet"], configs["text_encoder_2"], unet_label)
+    expected_texts = ("text_encoder", "text_encoder_2") if kind == "sdxl" else ("text_encoder_2",)
+    if tuple(text for text, _ in texts) != expected_texts:
+        raise WeightLoadError(f"{index_label}: the UNet is an {kind} UNet, which reads {' + '.join(expected_texts)}, "
+                              f"but the folder lists {' + '.join(text for text, _ in texts)}")
+    _check_sdxl_context(configs, unet_label, {t: str(path / t / "config.json") for t in expected_texts})
+    aesthetic = model_index.get("requires_aesthetics_score", False)
+    if bool(aesthetic) != (kind == "sdxl-refiner"):
+        raise WeightLoadError(f"{index_label}: requires_aesthetics_score={aesthetic!r}, but the UNet's added "
+                              f"conditioning is an {kind}'s ({'5 time ids with' if kind == 'sdxl-refiner' else '6 time ids, no'}"
+                              f" aesthetic score)")
+    scheduler = _read_json(path / "scheduler" / "scheduler_config.json", "the scheduler config")
+    tokenizers = {}
+    for text, tok in texts:
+        folder = Path(tokenizer_path) if tokenizer_path is not None and tok == "tokenizer" else path / tok
+        tokenizers[tok] = CLIPTokenizer.from_folder(folder)
+    with contextlib.ExitStack() as stack:
+        jobs = []
+        classes = _sdxl_model_classes()
+        for component in networks:
+            model_cls, config_cls = classes[component]
+            config_label = str(path / component / "config.json")
+            store = stack.enter_context(_find_weight_files(path / component, component, variant, allow_pickle))
+            model = _build(component, model_cls, config_cls, configs[component], config_label)
+            plan, unexpected = _folder_plan(component, model, store)
+            jobs.append(_Job(component, model, plan, store, unexpected, config_label))
+        models = _run(jobs, dtype, device)
+    flags = {"force_zeros_for_empty_prompt": bool(model_index.get("force_zeros_for_empty_prompt", True)),
+             "requires_aesthetics_score": bool(aesthetic)}
+    return Components(models["unet"], models["vae"], models.get("text_encoder"), tokenizers.get("tokenizer"),
+                      _scheduler_config(scheduler, prediction_type), str(path), kind,
+                      text_encoder_2=models["text_encoder_2"], tokenizer_2=tokenizers["tokenizer_2"],
+                      pipeline_config=flags)
+
+
+def _check_sdxl_context(configs: dict, unet_label: str, text_labels: dict) -> None:
+    """The UNet's cross-attention width is the sum of the text encoders' widths (768 + 1280 = 2048)."""
+    context = configs["unet"].get("cross_attention_dim")
+    widths = {t: configs[t].get("hidden_size") for t in text_labels}
+    if isinstance(context, int) and all(isinstance(w, int) for w in widths.values()) and \
+            context != sum(widths.values()):
+        parts = " + ".join(f"{text_labels[t]} hidden_size={w}" for t, w in widths.items())
+        raise WeightLoadError(f"{unet_label} field cross_attention_dim={context} does not match {parts} "
+                              f"(the UNet reads the text encoders' hidden states side by side)")
 
 
 # ----------------------------------------------------------------------------- single files
@@ -532,6 +638,10 @@ def _single_file_configs(store: TensorStore, name: str) -> tuple[single_file.Lay
         configs = single_file.infer_configs(store.shapes, layout, store.label)
     except ValueError as error:
         raise WeightLoadError(str(error)) from None
+    if layout.kind.startswith("sdxl"):
+        texts = [t for t in ("text_encoder", "text_encoder_2") if t in configs]
+        _check_sdxl_context(configs, f"{name} (UNet)", {t: f"{name} ({t})" for t in texts})
+        return layout, configs
     if layout.text_prefix is None:
         raise WeightLoadError(f"{store.label}: no text encoder in the checkpoint (no key under "
                               f"{single_file.SD1_TEXT_PREFIX!r} or {single_file.SD2_TEXT_PREFIX!r})")
@@ -542,10 +652,16 @@ def _single_file_configs(store: TensorStore, name: str) -> tuple[single_file.Lay
 def _single_file_jobs(store: TensorStore, layout: single_file.Layout, configs: dict) -> list[_Job]:
     """The three networks of an original-layout checkpoint, built empty and mapped to its keys."""
     config_label = f"the {layout.kind.upper()} defaults with sizes read from {store.label}"
-    prefixes = {"unet": single_file.UNET_PREFIX, "vae": single_file.VAE_PREFIX, "text_encoder": layout.text_prefix}
-    text_layers = configs["text_encoder"]["num_hidden_layers"]
+    prefixes = {"unet": single_file.UNET_PREFIX, "vae": single_file.VAE_PREFIX, "text_encoder": layout.text_prefix,
+                "text_encoder_2": layout.text_prefix_2}
+    # The text layout of each encoder: HF CLIP names ("sd1") or OpenCLIP names.
+    text_layouts = {"text_encoder": "sd1" if layout.kind.startswith("sdxl") else layout.kind, "text_encoder_2": "sd2"}
+    text_layers = configs.get("text_encoder", configs.get("text_encoder_2"))["num_hidden_layers"]
     jobs = []
-    for component, (model_cls, config_cls) in _model_classes().items():
+    classes = _sdxl_model_classes() if layout.kind.startswith("sdxl") else _model_classes()
+    for component, (model_cls, config_cls) in classes.items():
+        if component != "unet" and component != "vae" and prefixes[component] is None:
+            continue
         model = _build(component, model_cls, config_cls, configs[component], config_label)
         keys = list(model.state_dict())
         if component == "unet":
@@ -554,7 +670,7 @@ def _single_file_jobs(store: TensorStore, layout: single_file.Layout, configs: d
             mapping = single_file.vae_key_map(keys)
         else:
             buffers = {name for name, _ in model.named_buffers()}
-            mapping = single_file.text_key_map([k for k in keys if k not in buffers], layout.kind)
+            mapping = single_file.text_key_map([k for k in keys if k not in buffers], text_layouts[component])
         prefix = prefixes[component]
         plan = {k: OriginalTensor(prefix + v.key, v.op, v.part) for k, v in mapping.items()}
         used = {v.key for v in plan.values()}
@@ -573,10 +689,72 @@ def _load_single_file(path: Path, *, device, dtype, allow_pickle, tokenizer_path
         else:
             store.add_safetensors(path)
         layout, configs = _single_file_configs(store, str(path))
-        tokenizer = _single_file_tokenizer(tokenizer_path, configs["tokenizer"]["pad_token"], path)
+        # tokenizer_path stands for the first tokenizer; SDXL's second (padding with "!") is the bundled one.
+        tokenizers = {name: _single_file_tokenizer(tokenizer_path if name == "tokenizer" else None,
+                                                   configs[name]["pad_token"], path)
+                      for name in ("tokenizer", "tokenizer_2") if name in configs}
+        if layout.text_prefix is None:
+            tokenizers.pop("tokenizer", None)  # the refiner
         models = _run(_single_file_jobs(store, layout, configs), dtype, device)
-    return Components(models["unet"], models["vae"], models["text_encoder"], tokenizer,
-                      _scheduler_config(configs["scheduler"], prediction_type), str(path), layout.kind)
+    return Components(models["unet"], models["vae"], models.get("text_encoder"), tokenizers.get("tokenizer"),
+                      _scheduler_config(configs["scheduler"], prediction_type), str(path), layout.kind,
+                      text_encoder_2=models.get("text_encoder_2"), tokenizer_2=tokenizers.get("tokenizer_2"),
+                      pipeline_config=dict(configs.get("pipeline", {})))
+
+
+# ----------------------------------------------------------------------------- a separate VAE
+
+def load_vae(path: str | os.PathLike, components: Components, *, device: str | torch.device = "cpu",
+             dtype: str | torch.dtype = torch.float32, allow_pickle: bool = False) -> nn.Module:
+    """A VAE to use instead of `components.vae`: a diffusers vae/ folder (config.json + weights) or a
+    single .safetensors VAE (LDM keys, bare or under first_stage_model.; e.g. sdxl_vae.safetensors).
+
+    Refused unless it fits the model: the same latent channels and, for a folder (a single file has no
+    config), the same scaling_factor; an SD 1.x VAE (0.18215) given to SDXL (0.13025) is named as such.
+    A single file takes the model's own VAE config (scaling, force_upcast) with sizes read from its shapes.
+    """
+    resolved_dtype, resolved_device = resolve_dtype(dtype), resolve_device(device)
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"vae path {path} does not exist")
+    from runtime.models.vae import AutoencoderKL, VAEConfig
+
+    current = components.vae.config
+    with contextlib.ExitStack() as stack:
+        if path.is_dir():
+            config_label = str(path / "config.json")
+            config = _read_json(path / "config.json", "a diffusers VAE folder holds config.json and its weights")
+            store = stack.enter_context(_find_weight_files(path, "vae", None, allow_pickle))
+            model = _build("vae", AutoencoderKL, VAEConfig, config, config_label)
+            plan, unexpected = _folder_plan("vae", model, store)
+        else:
+            if path.suffix != ".safetensors":
+                raise WeightLoadError(f"{path}: a VAE must be a diffusers folder or a .safetensors file")
+            store = stack.enter_context(TensorStore(str(path)))
+            store.add_safetensors(path)
+            prefix = single_file.VAE_PREFIX if any(k.startswith(single_file.VAE_PREFIX) for k in store.shapes) else ""
+            shapes = {single_file.VAE_PREFIX + k[len(prefix):]: v for k, v in store.shapes.items() if k.startswith(prefix)}
+            try:
+                sizes = single_file._infer_vae(shapes, str(path))
+            except ValueError as error:
+                raise WeightLoadError(str(error)) from None
+            config_label = f"this model's VAE config with sizes read from {path}"
+            config = {**{k: v for k, v in dataclasses.asdict(current).items()}, **sizes}
+            model = _build("vae", AutoencoderKL, VAEConfig, config, config_label)
+            mapping = single_file.vae_key_map(list(model.state_dict()))
+            plan = {k: OriginalTensor(prefix + v.key, v.op, v.part) for k, v in mapping.items()}
+            used = {v.key for v in plan.values()}
+            unexpected = [k for k in store.shapes if k.startswith(prefix) and k not in used
+                          and not k.startswith(prefix + "loss.")]
+        found = model.config
+        if found.latent_channels != current.latent_channels:
+            raise WeightLoadError(f"{path}: this VAE has {found.latent_channels} latent channels, the "
+                                  f"{components.kind} model's UNet reads {current.latent_channels}")
+        if found.scaling_factor != current.scaling_factor:
+            family = {0.18215: " (an SD 1.x / 2.x VAE)", 0.13025: " (an SDXL VAE)"}.get(found.scaling_factor, "")
+            raise WeightLoadError(f"{path}: this VAE's scaling_factor is {found.scaling_factor}{family}; the "
+                                  f"{components.kind} model's latents use {current.scaling_factor}")
+        return _run([_Job("vae", model, plan, store, unexpected, config_label)], resolved_dtype, resolved_device)["vae"]
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -1,7 +1,12 @@
-"""CLIP text encoder as Stable Diffusion uses it: token ids [B, 77] -> last hidden state [B, 77, C].
+"""CLIP text encoders as Stable Diffusion uses them: token ids [B, 77] -> hidden states [B, 77, C].
 
-State-dict keys equal what transformers 5.x's `CLIPTextModel` saves (no `text_model.` prefix, no
-`position_ids` buffer), so a diffusers `text_encoder/` folder written by transformers 5 loads with no
+`CLIPTextModel` (SD 1/2, SDXL's first encoder) and `CLIPTextModelWithProjection` (SDXL's OpenCLIP
+bigG encoder: the pooled end-of-text state through `text_projection`). SDXL conditions on the
+penultimate hidden state of both and on the projected pooled state; `penultimate_and_pooled` gives those.
+
+State-dict keys equal what transformers 5.x saves: `CLIPTextModel` without a `text_model.` prefix and
+without a `position_ids` buffer; `CLIPTextModelWithProjection` as `text_model.*` plus
+`text_projection.weight`. So a diffusers `text_encoder/` folder written by transformers 5 loads with no
 conversion. Files written by transformers 4.x (every checkpoint on the hub) prefix keys with
 `text_model.` and sometimes hold `text_model.embeddings.position_ids`; stripping that is the weights
 loader's job (runtime/weights.py).
@@ -22,14 +27,13 @@ from torch import nn
 ACTIVATIONS = ("quick_gelu", "gelu")  # SD 1.x (OpenAI CLIP ViT-L/14) and SD 2.x (OpenCLIP ViT-H/14)
 
 # Keys of a transformers config.json that do not change the encoder's forward math: bookkeeping,
-# generation settings every PretrainedConfig carried in 4.x, special-token ids (used only for pooling,
-# which SD does not use), dropout (inactive at inference), init settings and the projection size
-# (the projection is not part of CLIPTextModel's last hidden state).
+# generation settings every PretrainedConfig carried in 4.x, special-token ids other than end-of-text
+# (which pooling reads), dropout (inactive at inference) and init settings.
 _IGNORED_KEYS = frozenset({
     "_name_or_path", "_commit_hash", "_attn_implementation", "_attn_implementation_autoset",
     "_attn_implementation_internal", "architectures", "transformers_version", "torch_dtype", "dtype",
-    "model_type", "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id",
-    "decoder_start_token_id", "projection_dim", "attention_dropout", "dropout", "initializer_range",
+    "model_type", "bos_token_id", "pad_token_id", "sep_token_id",
+    "decoder_start_token_id", "attention_dropout", "dropout", "initializer_range",
     "initializer_factor", "output_hidden_states", "output_attentions", "return_dict", "torchscript",
     "use_bfloat16", "tf_legacy_loss", "pruned_heads", "tie_word_embeddings", "chunk_size_feed_forward",
     "is_encoder_decoder", "is_decoder", "cross_attention_hidden_size", "add_cross_attention",
@@ -47,7 +51,8 @@ _ACCEPTED_MODEL_TYPES = ("clip_text_model",)
 # Range of each size field: several times the largest real encoder (OpenCLIP bigG: 1280 wide, 32
 # layers), so an absurd config fails at parse time instead of after minutes of construction.
 _SIZE_LIMITS = {"vocab_size": 1_000_000, "hidden_size": 16384, "intermediate_size": 65536,
-                "num_hidden_layers": 128, "num_attention_heads": 256, "max_position_embeddings": 4096}
+                "num_hidden_layers": 128, "num_attention_heads": 256, "max_position_embeddings": 4096,
+                "projection_dim": 16384}
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,8 @@ class CLIPTextConfig:
     max_position_embeddings: int = 77  # longest token sequence (SD: always 77)
     hidden_act: str = "quick_gelu"  # MLP activation: "quick_gelu" (SD1) or exact "gelu" (SD2)
     layer_norm_eps: float = 1e-5
+    eos_token_id: int = 49407  # pooling reads the end-of-text position; 2 (transformers < 4.31) means argmax
+    projection_dim: int = 512  # output width of text_projection (CLIPTextModelWithProjection only)
 
     def __post_init__(self):
         for name, limit in _SIZE_LIMITS.items():
@@ -79,6 +86,8 @@ class CLIPTextConfig:
                 or not 0 < self.layer_norm_eps < 1:
             raise ValueError(f"CLIPTextConfig.layer_norm_eps must be a number in (0, 1), "
                              f"got {self.layer_norm_eps!r:.60}")
+        if isinstance(self.eos_token_id, bool) or not isinstance(self.eos_token_id, int) or self.eos_token_id < 0:
+            raise ValueError(f"CLIPTextConfig.eos_token_id must be a non-negative int, got {self.eos_token_id!r:.60}")
 
     @property
     def head_dim(self) -> int:
@@ -180,9 +189,14 @@ class CLIPEncoder(nn.Module):
         self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_penultimate(x)[0]
+
+    def forward_with_penultimate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(last layer's output, the output before the last layer: transformers' hidden_states[-2])."""
+        penultimate = x
         for layer in self.layers:
-            x = layer(x)
-        return x
+            penultimate, x = x, layer(x)
+        return x, penultimate
 
 
 class CLIPTextModel(nn.Module):
@@ -198,6 +212,25 @@ class CLIPTextModel(nn.Module):
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self._check_ids(input_ids)
+        return self.final_layer_norm(self.encoder(self.embeddings(input_ids)))
+
+    def penultimate_and_pooled(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden state before the last layer [B, N, C], unnormalised, as SDXL reads it; the final
+        LayerNorm's state at each row's end-of-text token [B, C], transformers' pooler_output)."""
+        self._check_ids(input_ids)
+        last, penultimate = self.encoder.forward_with_penultimate(self.embeddings(input_ids))
+        return penultimate, self._pool(self.final_layer_norm(last), input_ids)
+
+    def _pool(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.config.eos_token_id == 2:
+            # Configs from before transformers 4.31 say 2; the end-of-text id is then the largest id.
+            positions = input_ids.to(torch.int64).argmax(dim=-1)
+        else:
+            positions = (input_ids == self.config.eos_token_id).to(torch.int64).argmax(dim=-1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), positions]
+
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
         # Shape and dtype checks read only metadata: no host sync.
         if input_ids.dim() != 2:
             raise ValueError(f"CLIPTextModel input_ids must be [batch, tokens], got shape "
@@ -207,6 +240,24 @@ class CLIPTextModel(nn.Module):
         if input_ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"CLIPTextModel input_ids has {input_ids.shape[1]} tokens; at most "
                              f"max_position_embeddings={self.config.max_position_embeddings} fit")
-        x = self.embeddings(input_ids)
-        x = self.encoder(x)
-        return self.final_layer_norm(x)
+
+
+class CLIPTextModelWithProjection(nn.Module):
+    """transformers' CLIPTextModelWithProjection (SDXL's second encoder, OpenCLIP ViT-bigG):
+    a CLIPTextModel under `text_model.` and a bias-free `text_projection` of the pooled state."""
+
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.config = config
+        self.text_model = CLIPTextModel(config)
+        self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Last hidden state after the final LayerNorm [B, N, C] (as CLIPTextModel)."""
+        return self.text_model(input_ids)
+
+    def penultimate_and_pooled(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden state before the last layer [B, N, C]; projected pooled state [B, projection_dim],
+        transformers' text_embeds)."""
+        penultimate, pooled = self.text_model.penultimate_and_pooled(input_ids)
+        return penultimate, self.text_projection(pooled)

@@ -75,22 +75,31 @@ class Scheduler:
             raise ValueError(
                 f"img2img strength {strength} with {n} steps leaves no denoising step; raise strength or steps"
             )
-        self.begin_index = start
-        self._rebuild()
-        return start
+        return self.start_at(start)
 
-    def draw_noise(self, generator: torch.Generator | None, shape, dtype: torch.dtype, device) -> torch.Tensor | None:
+    def start_at(self, index: int) -> int:
+        """Make step `index` the first one run (diffusers' set_begin_index; SDXL's denoising_start)."""
+        self._require_timesteps()
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.num_steps:
+            raise ValueError(f"begin index must be an int in [0, {self.num_steps}), got {index!r}")
+        self.begin_index = index
+        self._rebuild()
+        return index
+
+    def draw_noise(self, generator: torch.Generator | None, shape, dtype: torch.dtype, device,
+                   end: int | None = None) -> torch.Tensor | None:
         """All per-step noise [S, *shape], drawn in the order diffusers draws it inside its loop.
 
-        Rows of steps that draw nothing (before the begin index, LCM's last step) stay zero and consume
-        no random numbers. Like diffusers' randn_tensor, a CPU generator draws on the CPU.
+        Rows of steps that draw nothing (before the begin index, from `end` on: a run stopped early, as
+        SDXL's base before its refiner; LCM's last step) stay zero and consume no random numbers. Like
+        diffusers' randn_tensor, a CPU generator draws on the CPU.
         """
         if not self.needs_noise:
             return None
         shape = tuple(shape)
         noise = torch.zeros((self.num_steps, *shape), dtype=dtype, device=device)
         rand_device = generator.device if generator is not None else torch.device(device)
-        for i in range(self.begin_index, self.num_steps):
+        for i in range(self.begin_index, self.num_steps if end is None else end):
             if self._draws_noise(i):
                 noise[i] = torch.randn(shape, generator=generator, dtype=dtype, device=rand_device).to(device)
         return noise
