@@ -3,6 +3,7 @@ on small random SDXL-shaped diffusers folders, fp32 CPU: >= 35 dB PSNR for the s
 import numpy as np
 import PIL.Image
 import pytest
+import diffusers
 import torch
 from diffusers import (StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline,
                        StableDiffusionXLPipeline)
@@ -11,7 +12,8 @@ import runtime
 from runtime.images import psnr
 from tests.model_factory import save_diffusers_folder
 from tests.sdxl_factory import save_sdxl_folder
-from tests.test_pipeline import DIFFUSERS_SCHEDULERS, box_mask, random_picture
+from runtime.schedulers import diffusers_equivalent
+from tests.test_pipeline import box_mask, random_picture
 
 MIN_PSNR_DB = 35.0
 
@@ -45,8 +47,8 @@ def reference(cls, folder, scheduler=None):
         _components[folder] = loader.from_pretrained(folder, torch_dtype=torch.float32)
     pipe = cls.from_pipe(_components[folder])
     if scheduler is not None:
-        scheduler_cls, overrides = DIFFUSERS_SCHEDULERS[scheduler]
-        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **overrides)
+        class_name, overrides = diffusers_equivalent(scheduler)
+        pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **overrides)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
