@@ -1,16 +1,14 @@
-"""Shared helpers for kernel benchmarks: environment stamp, timing, JSON rows.
+"""Shared helpers for kernel benchmarks: timing, and the result file every benchmark writes.
 
-Kept deliberately small; every benchmark under benchmarks/ imports these three functions so that
-all result files carry the same provenance fields (GPU, versions, git SHA).
+Result files use runtime.bench's one layout and provenance stamp (runtime/bench/results.py), so kernel
+rows and pipeline rows carry the same fields (schema, provenance: device, versions, git; config; rows).
 """
 from __future__ import annotations
 
-import json
-import pathlib
 from typing import Callable
 
-# One provenance stamp for every result file, kernel benchmarks and runtime.bench alike.
-from runtime.provenance import environment
+from runtime.bench.provenance import provenance  # noqa: F401 -- re-exported for the benchmarks
+from runtime.bench.results import write_result  # noqa: F401
 
 
 def time_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -> float:
@@ -18,11 +16,3 @@ def time_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) ->
     (which warms up first and flushes L2 between repetitions)."""
     from triton.testing import do_bench
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-
-
-def write_json(path: str | pathlib.Path, rows: list[dict], extra: dict | None = None) -> None:
-    """Write {"environment": environment(), **extra, "rows": rows} to `path` (parents created)."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"environment": environment(), **(extra or {}), "rows": rows}
-    path.write_text(json.dumps(payload, indent=2) + "\n")

@@ -127,9 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("no CUDA: skipped")
         return 0
-    from benchmarks._bench_util import environment, write_json
+    from benchmarks._bench_util import provenance, write_result
 
-    print(environment())
+    stamp = provenance()
+    print(stamp)
     rows = []
     for model, *shape in SHAPES:
         if args.model and model != args.model:
@@ -137,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(bench_shape(model, *shape, DTYPES[args.dtype], args.sweep))
         _print_row(rows[-1])
         if args.json:  # after every row, so a run cut short by a time limit keeps what it measured
-            write_json(args.json, rows, extra={"benchmark": "attention", "dtype": args.dtype})
+            write_result(args.json, "attention", {"dtype": args.dtype, "sweep": args.sweep, "model": args.model},
+                         rows, stamp)
     return 0
 
 

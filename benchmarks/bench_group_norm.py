@@ -18,7 +18,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from benchmarks._bench_util import environment, time_ms, write_json
+from benchmarks._bench_util import provenance, time_ms, write_result
 
 # (label, channels, H, W): each distinct GroupNorm input of the networks at their native resolution.
 SHAPES = [
@@ -99,7 +99,8 @@ def main() -> int:
         return 0
     gn = importlib.import_module("kernels.group_norm")
     copy_gbs = copy_bandwidth_gbs()
-    print(f"{environment()['gpu']}: device copy {copy_gbs:.0f} GB/s")
+    stamp = provenance()
+    print(f"{stamp['device']}: device copy {copy_gbs:.0f} GB/s")
     rows = []
     for label, channels, h, w in SHAPES:
         for batch in (1, 2):
@@ -115,7 +116,8 @@ def main() -> int:
                       f"per-group tiles {per_group} ms torch {row['torch_ms']:.4f} ms compile {compiled} ms "
                       f"speed-up {row['speedup_vs_torch']:.2f}x", flush=True)
                 # Rewritten after every row, so a run cut short by a time limit keeps what it measured.
-                write_json(args.json, rows, {"benchmark": "group_norm", "copy_bandwidth_gbs": copy_gbs})
+                write_result(args.json, "group_norm", {"compile_baseline": not args.no_compile}, rows, stamp,
+                             copy_bandwidth_gbs=copy_gbs)
     print(f"wrote {len(rows)} rows to {args.json}")
     return 0
 

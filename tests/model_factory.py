@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from runtime import presets
+from runtime.bench import presets
 from tests.tokenizer_fixtures import write_sd_tokenizer_folder
 
 KINDS = ("sd1", "sd2")
@@ -77,7 +77,7 @@ def small_configs(kind: str) -> dict[str, dict]:
 
 
 def perturb_(module: torch.nn.Module, generator: torch.Generator) -> torch.nn.Module:
-    """Move every parameter away from its init (runtime.presets.perturb_): norms off identity, biases off
+    """Move every parameter away from its init (runtime.bench.presets.perturb_): norms off identity, biases off
     zero, weights jittered by half their own RMS."""
     return presets.perturb_(module, generator, relative=0.5, absolute=0.1)
 

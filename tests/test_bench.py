@@ -19,16 +19,17 @@ def bench_json(tmp_path_factory):
 
 def test_bench_writes_the_documented_json(bench_json):
     code, payload = bench_json
-    assert code == 0, payload["results"]
-    assert set(payload) >= {"device", "versions", "git", "config", "results"}
-    assert payload["device"] == "cpu"
+    assert code == 0, payload["rows"]
+    assert set(payload) >= {"schema", "benchmark", "provenance", "config", "rows"}
+    assert set(payload["provenance"]) >= {"device", "versions", "git"}
+    assert payload["provenance"]["device"] == "cpu"
     assert payload["config"]["width"] == 32 and payload["config"]["height"] == 48
-    assert [row["backend"] for row in payload["results"]] == ["torch", "onnxruntime"]
+    assert [row["backend"] for row in payload["rows"]] == ["torch", "onnxruntime"]
 
 
 def test_bench_rows_hold_real_measurements(bench_json):
     _, payload = bench_json
-    for row in payload["results"]:
+    for row in payload["rows"]:
         step = row["unet_step_ms"]
         assert step["samples"] >= 20
         assert 0 < step["median"] <= step["p90"]
@@ -41,7 +42,7 @@ def test_bench_rows_hold_real_measurements(bench_json):
 
 def test_exported_backend_agrees_with_the_fp32_reference(bench_json):
     _, payload = bench_json
-    torch_row, ort_row = payload["results"]
+    torch_row, ort_row = payload["rows"]
     assert torch_row["psnr_db"] is None  # it is the reference
     # fp32 ONNX graphs vs fp32 torch: the images are identical ("inf") or nearly so.
     assert ort_row["psnr_db"] == "inf" or ort_row["psnr_db"] >= 40.0

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import runtime
-from runtime.presets import write_random_model
+from runtime.bench.presets import write_random_model
 from runtime.schedulers import SCHEDULER_NAMES
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

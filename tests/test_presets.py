@@ -1,4 +1,4 @@
-"""runtime/presets.py: random-weight models written as diffusers folders, loadable by us and diffusers."""
+"""runtime/bench/presets.py: random-weight models written as diffusers folders, loadable by us and diffusers."""
 import re
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from transformers import CLIPTokenizer as ReferenceTokenizer
 
 import runtime.tokenizer
-from runtime.presets import PRESETS, preset_configs, write_random_model
+from runtime.bench.presets import PRESETS, preset_configs, write_random_model
 from runtime.weights import load_components
 
 PROMPT = "A red fox, 3 cubs & snow!"
@@ -98,7 +98,7 @@ def test_full_size_random_weights_leave_fp16_headroom(preset):
     unit-variance latent decoded; the VAE decode in fp16 is finite. (CPU fp16 convolutions run; slowly.)"""
     import gc
 
-    from runtime.presets import random_network
+    from runtime.bench.presets import random_network
 
     ids = torch.randint(0, 49406, (2, 77), generator=torch.Generator().manual_seed(0))
     ids[:, 0], ids[:, 20:] = 49406, 49407  # BOS, a 19-token prompt, EOS padding

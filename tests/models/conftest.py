@@ -4,11 +4,11 @@ import random
 import pytest
 import torch
 
-from runtime import presets
+from runtime.bench import presets
 
 
 def perturb_(module: torch.nn.Module, generator: torch.Generator, scale: float = 0.1) -> None:
-    """Move every parameter away from its default init, in place (runtime.presets.perturb_): vectors
+    """Move every parameter away from its default init, in place (runtime.bench.presets.perturb_): vectors
     get absolute noise of `scale`, matrices and kernels `scale` times their own RMS."""
     presets.perturb_(module, generator, relative=scale, absolute=scale)
 

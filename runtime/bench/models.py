@@ -37,7 +37,7 @@ def _interpreting() -> bool:
 def build_master(config, scratch: Path) -> Components:
     """fp32 CPU components, loaded through runtime.weights from config.model, or from a diffusers
     folder of the preset architecture with seeded random weights written under `scratch`."""
-    from runtime.presets import write_random_model
+    from runtime.bench.presets import write_random_model
     from runtime.weights import load_components
 
     source = config.model or write_random_model(config.preset, scratch / f"random-{config.preset}")

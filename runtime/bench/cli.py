@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import math
 import pathlib
 import sys
 import tempfile
@@ -19,10 +17,10 @@ import torch
 from tqdm import tqdm
 
 from runtime.backends import BACKENDS
-from runtime.bench_measure import BenchConfig, measure_backend, reference_images
-from runtime.bench_models import available_backends, build_master
-from runtime.presets import PRESETS
-from runtime.provenance import environment
+from runtime.bench.measure import BenchConfig, measure_backend, reference_images
+from runtime.bench.models import available_backends, build_master
+from runtime.bench.presets import PRESETS
+from runtime.bench.results import write_result
 from runtime.schedulers import SCHEDULER_NAMES
 
 
@@ -92,17 +90,6 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _finite_or_text(value):
-    """Strict JSON has no Infinity: a PSNR of identical images is written as the string "inf"."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _finite_or_text(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite_or_text(v) for v in value]
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     config, backends, json_path = parse_args(argv)
     started = time.perf_counter()
@@ -117,11 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     print(f"({time.perf_counter() - started:.1f} s in all; PSNR against fp32 torch on the same seed)")
     if json_path:
-        env = environment()
-        payload = {"device": env["gpu"] or "cpu", "versions": env, "git": env["git_sha"],
-                   "config": config.as_dict(), "results": rows}
-        pathlib.Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(json_path).write_text(json.dumps(_finite_or_text(payload), indent=2) + "\n")
+        write_result(json_path, "runtime.bench", config.as_dict(), rows)
     return 1 if any("error" in r for r in rows) else 0
 
 

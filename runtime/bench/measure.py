@@ -9,7 +9,7 @@ import time
 import numpy as np
 import torch
 
-from runtime.bench_models import pipeline_for
+from runtime.bench.models import pipeline_for
 from runtime.images import psnr
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
@@ -76,7 +76,7 @@ def measure_backend(name: str, master, config: BenchConfig, reference: np.ndarra
     """One result row; a backend that fails reports its error instead of stopping the benchmark."""
     try:
         if name == "diffusers":
-            from runtime.bench_diffusers import diffusers_pipeline
+            from runtime.bench.baselines import diffusers_pipeline
             pipe = diffusers_pipeline(master, config)
         else:
             # Each exported backend keeps its own artifacts (their dtypes and tools differ).

@@ -11,18 +11,13 @@ import numpy as np
 import PIL.Image
 import torch
 
+from runtime.schedulers import _BY_NAME as _SCHEDULERS_BY_NAME
 from runtime.weights import resolve_dtype
 
-# Our sampler names -> diffusers' class and the overrides that make it that sampler.
-DIFFUSERS_SCHEDULERS = {
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "lcm": ("LCMScheduler", {}),
-}
+# Our sampler names -> diffusers' class and the config keys that make it that sampler: derived from the
+# schedulers package's own table, so the baseline always runs the sampler our rows run.
+DIFFUSERS_SCHEDULERS = {name: (diffusers_class, dict(overrides))
+                        for name, (diffusers_class, _ours, overrides) in _SCHEDULERS_BY_NAME.items()}
 
 
 class DiffusersBaseline:
