@@ -5,6 +5,7 @@ Pipeline (generate, encode_prompt, decode_latents), so it is measured in exactly
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -62,13 +63,42 @@ class DiffusersBaseline:
 
 
 def diffusers_pipeline(master, config) -> DiffusersBaseline:
-    """diffusers' StableDiffusionPipeline on the folder the master was loaded from, in config.dtype."""
+    """diffusers' StableDiffusionPipeline with the master's weights, in config.dtype on config.device:
+    loaded from the master's diffusers folder, or, where that folder holds no weight files (random
+    weights built in memory), built from its configs and the master networks' state dicts (our
+    networks use diffusers' and transformers' keys)."""
     import diffusers
 
-    if not Path(master.source).is_dir():
+    source = Path(master.source)
+    if not source.is_dir():
         raise ValueError(f"the diffusers baseline loads diffusers folders; {master.source} is a single file")
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-        master.source, torch_dtype=resolve_dtype(config.dtype), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-    pipe.to(config.device)
+    dtype = resolve_dtype(config.dtype)
+    if any((source / "unet").glob("*.safetensors")) or any((source / "unet").glob("*.bin")):
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+            master.source, torch_dtype=dtype, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+    else:
+        pipe = _pipeline_from_master(master, source)
+    pipe.to(config.device, dtype)
     return DiffusersBaseline(pipe, config.device)
+
+
+def _pipeline_from_master(master, source: Path):
+    import diffusers
+    import transformers
+
+    def config(name: str) -> dict:
+        return json.loads((source / name / "config.json").read_text())
+
+    unet = diffusers.UNet2DConditionModel.from_config(config("unet"))
+    vae = diffusers.AutoencoderKL.from_config(config("vae"))
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(**config("text_encoder")))
+    for theirs, ours in ((unet, master.unet), (vae, master.vae), (text_encoder, master.text_encoder)):
+        # strict: a key either side lacks would leave a network at its init and time the wrong model
+        theirs.load_state_dict({k: v.detach().float().cpu() for k, v in ours.state_dict().items()}, strict=True)
+    scheduler_class = getattr(diffusers, master.scheduler_config["_class_name"])
+    return diffusers.StableDiffusionPipeline(
+        vae=vae.eval(), text_encoder=text_encoder.eval(), unet=unet.eval(),
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(str(source / "tokenizer")),
+        scheduler=scheduler_class.from_config(dict(master.scheduler_config)), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)

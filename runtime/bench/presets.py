@@ -36,9 +36,15 @@ _TINY = {
     },
 }
 
-# preset -> the default_configs kind whose full-size configs it starts from
+# preset -> the default_configs kind (also the Components.kind of its random model) whose full-size configs it starts from
 _KINDS = {"tiny": "sd1", "sd15": "sd1", "sd21": "sd2"}
 PRESETS = tuple(_KINDS)
+
+
+def preset_kind(name: str) -> str:
+    """"sd1" | "sd2": the model family of preset `name`."""
+    preset_configs(name)  # the unknown-preset error
+    return _KINDS[name]
 
 
 def preset_configs(name: str) -> dict:
@@ -104,9 +110,11 @@ def random_network(preset: str, name: str, seed: int = 0, device: str | torch.de
     return model.eval()
 
 
-def write_random_model(preset: str, folder: str | Path, seed: int = 0) -> Path:
+def write_random_model(preset: str, folder: str | Path, seed: int = 0, weights: bool = True) -> Path:
     """Write a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)
-    holding the `preset` architecture with seeded random fp32 weights; return the folder.
+    holding the `preset` architecture with seeded random fp32 weights; return the folder. weights=False
+    writes everything but the weight files (the benchmark then builds the networks in memory with
+    random_network: no multi-GB round trip through the disk).
 
     The benchmark loads it back through runtime.weights like any real checkpoint, and the exported
     backends and diffusers' baseline read the same files. The tokenizer is the real CLIP vocabulary,
@@ -119,9 +127,11 @@ def write_random_model(preset: str, folder: str | Path, seed: int = 0) -> Path:
     folder = Path(folder)
     configs = preset_configs(preset)
     for name in NETWORKS:
-        model = random_network(preset, name, seed)
         (folder / name).mkdir(parents=True, exist_ok=True)
         _write_json(folder / name / "config.json", configs[name])
+        if not weights:
+            continue
+        model = random_network(preset, name, seed)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / name / _WEIGHTS_FILE[name]))
         del model  # one full-size network in memory at a time
     (folder / "scheduler").mkdir(exist_ok=True)
