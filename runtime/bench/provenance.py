@@ -14,8 +14,6 @@ import pathlib
 import platform
 import subprocess
 
-import torch
-
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 SHA_FILE = REPO_ROOT / "benchmarks" / ".git_sha"
 
@@ -73,6 +71,8 @@ def _package_version(name: str) -> str | None:
 
 def provenance() -> dict:
     """{"device", "versions", "git", "utc"}: the stamp every result file carries."""
+    import torch  # here, so that --write-sha runs in a blink
+
     return {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
