@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         def results() -> list[dict]:
             return [summarize(row, rows, config, reference) for row in rows]
 
+        if json_path:  # the builds (and their failures) are kept even if no round finishes
+            write_result(json_path, "runtime.bench", config.as_dict(), results(), rounds=rounds_log)
         order = round_robin([row.label for row in rows], config.round_count)
         by_label = {row.label: row for row in rows}
         for index, (round_index, label) in enumerate(order):
