@@ -24,6 +24,7 @@ SHAPES = [
     *[("sdxl", 2, h, n, nk, 64) for n, h in ((4096, 10), (1024, 20)) for nk in (n, 77)],
 ]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+DEVICE = "cuda"  # "cpu" in the --dry-run rehearsal (Triton interpreted)
 
 
 def _sdpa_backends() -> dict:
@@ -35,7 +36,7 @@ def _sdpa_backends() -> dict:
 
 def _inputs(b, h, nq, nk, d, dtype):
     def proj(n):  # the head split of a [B, N, H*D] projection: strides (N*H*D, D, H*D, 1)
-        return torch.randn(b, n, h * d, device="cuda", dtype=dtype).view(b, n, h, d).transpose(1, 2)
+        return torch.randn(b, n, h * d, device=DEVICE, dtype=dtype).view(b, n, h, d).transpose(1, 2)
     return proj(nq), proj(nk), proj(nk)
 
 
@@ -123,21 +124,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
     parser.add_argument("--sweep", action="store_true", help="also time alternative tilings of our kernel")
     parser.add_argument("--model", choices=sorted({s[0] for s in SHAPES}), help="only this model's shapes")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU rehearsal: Triton interpreter, the SD 1.5 head dims at batch 1, one head, 16 tokens")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("no CUDA: skipped")
+    global DEVICE
+    shapes = SHAPES
+    if args.dry_run:
+        DEVICE = "cpu"
+        shapes = [(model, 1, 1, min(nq, 16), 16 if nk == nq else nk, d) for model, _, _, nq, nk, d in SHAPES[:4]]
+    elif not torch.cuda.is_available():
+        print("no CUDA: skipped (--dry-run rehearses on the CPU)")
         return 0
-    from benchmarks._bench_util import environment, write_json
+    from benchmarks._bench_util import provenance, write_result
 
-    print(environment())
+    stamp = provenance()
+    print(stamp)
     rows = []
-    for model, *shape in SHAPES:
+    for model, *shape in shapes:
         if args.model and model != args.model:
             continue
         rows.append(bench_shape(model, *shape, DTYPES[args.dtype], args.sweep))
         _print_row(rows[-1])
         if args.json:  # after every row, so a run cut short by a time limit keeps what it measured
-            write_json(args.json, rows, extra={"benchmark": "attention", "dtype": args.dtype})
+            write_result(args.json, "attention", {"dtype": args.dtype, "sweep": args.sweep, "model": args.model,
+                                                  "dry_run": args.dry_run},
+                         rows, stamp)
     return 0
 
 

@@ -17,7 +17,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from benchmarks._bench_util import environment, time_ms, write_json
+from benchmarks._bench_util import dry_run_shape, provenance, time_ms, write_result
 
 # (label, channels, H, W): each distinct GroupNorm input of the networks at their native resolution.
 SHAPES = [
@@ -32,9 +32,13 @@ SHAPES = [
 ]
 
 
+DEVICE = "cuda"  # "cpu" in the --dry-run rehearsal (Triton interpreted)
+DRY_RUN_SM_COUNT = 132  # an H100's, for the launch-configuration choice when there is no device to ask
+
+
 def copy_bandwidth_gbs() -> float:
     """Device-to-device copy of 1 GiB: bytes read + written per second, the practical ceiling."""
-    src = torch.empty(2**29, dtype=torch.float16, device="cuda").normal_()
+    src = torch.empty(2**29 if DEVICE == "cuda" else 2**20, dtype=torch.float16, device=DEVICE).normal_()
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src))
     return 2 * src.numel() * src.element_size() / ms / 1e6
@@ -48,6 +52,8 @@ def compiled_torch_baseline():
 
 
 def sm_count() -> int:
+    if DEVICE != "cuda":
+        return DRY_RUN_SM_COUNT
     return torch.cuda.get_device_properties(0).multi_processor_count
 
 
@@ -68,11 +74,11 @@ def chosen_config(gn, batch, channels, h, w, channels_last) -> str:
 
 def bench_shape(label, batch, channels, h, w, channels_last, gn, compiled_torch) -> dict:
     group_norm = gn.group_norm
-    x = torch.randn(batch, channels, h, w, device="cuda", dtype=torch.float16) * 2 + 3
+    x = torch.randn(batch, channels, h, w, device=DEVICE, dtype=torch.float16) * 2 + 3
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    weight = torch.randn(channels, device="cuda", dtype=torch.float16)
-    bias = torch.randn(channels, device="cuda", dtype=torch.float16)
+    weight = torch.randn(channels, device=DEVICE, dtype=torch.float16)
+    bias = torch.randn(channels, device=DEVICE, dtype=torch.float16)
     out = torch.empty_like(x)
     ours_ms = time_ms(lambda: group_norm(x, 32, weight, bias, activation="silu", out=out))
     torch_ms = time_ms(lambda: F.silu(F.group_norm(x, 32, weight, bias, 1e-5)))
@@ -88,20 +94,28 @@ def bench_shape(label, batch, channels, h, w, channels_last, gn, compiled_torch)
             "speedup_vs_torch_compile": compiled_ms / ours_ms if compiled_ms else None}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", required=True, help="where to write the result rows")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("no CUDA: skipped")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU rehearsal: Triton interpreter, two SD 1.5 shapes cut to 4x4, no torch.compile")
+    args = parser.parse_args(argv)
+    global DEVICE
+    shapes, batches = SHAPES, (1, 2)
+    if args.dry_run:
+        DEVICE, args.no_compile, batches = "cpu", True, (1,)
+        shapes = [(label, c, dry_run_shape(h), dry_run_shape(w)) for label, c, h, w in SHAPES[:2]]
+    elif not torch.cuda.is_available():
+        print("no CUDA: skipped (--dry-run rehearses on the CPU)")
         return 0
     import kernels.group_norm as gn
     copy_gbs = copy_bandwidth_gbs()
-    print(f"{environment()['gpu']}: device copy {copy_gbs:.0f} GB/s")
+    stamp = provenance()
+    print(f"{stamp['device']}: device copy {copy_gbs:.0f} GB/s")
     rows = []
-    for label, channels, h, w in SHAPES:
-        for batch in (1, 2):
+    for label, channels, h, w in shapes:
+        for batch in batches:
             for channels_last in (False, True):
                 compiled_torch = None if args.no_compile else compiled_torch_baseline()
                 row = bench_shape(label, batch, channels, h, w, channels_last, gn, compiled_torch)
@@ -114,7 +128,9 @@ def main() -> int:
                       f"per-group tiles {per_group} ms torch {row['torch_ms']:.4f} ms compile {compiled} ms "
                       f"speed-up {row['speedup_vs_torch']:.2f}x", flush=True)
                 # Rewritten after every row, so a run cut short by a time limit keeps what it measured.
-                write_json(args.json, rows, {"benchmark": "group_norm", "copy_bandwidth_gbs": copy_gbs})
+                write_result(args.json, "group_norm", {"compile_baseline": not args.no_compile,
+                                                       "dry_run": args.dry_run}, rows, stamp,
+                             copy_bandwidth_gbs=copy_gbs)
     print(f"wrote {len(rows)} rows to {args.json}")
     return 0
 

@@ -27,8 +27,8 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 RANDOM_SEED = -1  # as A1111 and stable-diffusion.cpp: draw one (printed and written into the PNG)
 
-# runtime.presets moves into runtime/bench/ (issue 9); this is the one place the CLI names it.
-_PRESETS_MODULE = "runtime.presets"
+# The random-weight presets live with the benchmark; this is the one place the CLI names their module.
+_PRESETS_MODULE = "runtime.bench.presets"
 
 
 class CLIError(Exception):
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                                formatter_class=_HelpFormatter)
     make.add_argument("out", help="the folder to create (must not exist, or be empty)")
     make.add_argument("--preset", default="tiny",
-                      help=f"architecture: one of {_one_of(cli_choices.table_names(_PRESETS_MODULE, 'PRESETS'))} "
+                      help=f"architecture: one of {_one_of(cli_choices.table_names(_PRESETS_MODULE, '_KINDS'))} "
                            "(tiny: seconds on a CPU)")
     make.add_argument("--seed", type=int, default=0, help="the random weights' seed")
     return parser
@@ -235,7 +235,7 @@ def run_make_model(args) -> Path:
     import importlib
 
     out = Path(args.out)
-    presets = cli_choices.table_names(_PRESETS_MODULE, "PRESETS")
+    presets = cli_choices.table_names(_PRESETS_MODULE, "_KINDS")
     if args.preset not in presets:
         raise CLIError(f"unknown preset {args.preset!r}; choose one of {_one_of(presets)}")
     if not 0 <= args.seed < 2**63:

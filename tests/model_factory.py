@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from runtime.bench import presets
 from tests.tokenizer_fixtures import write_sd_tokenizer_folder
 
 KINDS = ("sd1", "sd2")
@@ -76,16 +77,9 @@ def small_configs(kind: str) -> dict[str, dict]:
 
 
 def perturb_(module: torch.nn.Module, generator: torch.Generator) -> torch.nn.Module:
-    """Move every parameter away from its init: norms off identity, biases off zero, weights jittered."""
-    with torch.no_grad():
-        for param in module.parameters():
-            noise = torch.randn(param.shape, generator=generator, dtype=param.dtype)
-            if param.ndim == 1:
-                param.add_(0.1 * noise)
-            else:
-                scale = float(param.std()) if param.numel() > 1 and float(param.std()) > 0 else 0.02
-                param.add_(0.5 * scale * noise)
-    return module
+    """Move every parameter away from its init (runtime.bench.presets.perturb_): norms off identity, biases off
+    zero, weights jittered by half their own RMS."""
+    return presets.perturb_(module, generator, relative=0.5, absolute=0.1)
 
 
 def build_reference_models(kind: str, seed: int = 0) -> dict[str, torch.nn.Module]:

@@ -19,16 +19,17 @@ def bench_json(tmp_path_factory):
 
 def test_bench_writes_the_documented_json(bench_json):
     code, payload = bench_json
-    assert code == 0, payload["results"]
-    assert set(payload) >= {"device", "versions", "git", "config", "results"}
-    assert payload["device"] == "cpu"
+    assert code == 0, payload["rows"]
+    assert set(payload) >= {"schema", "benchmark", "provenance", "config", "rows"}
+    assert set(payload["provenance"]) >= {"device", "versions", "git"}
+    assert payload["provenance"]["device"] == "cpu"
     assert payload["config"]["width"] == 32 and payload["config"]["height"] == 48
-    assert [row["backend"] for row in payload["results"]] == ["torch", "onnxruntime"]
+    assert [row["backend"] for row in payload["rows"]] == ["torch", "onnxruntime"]
 
 
 def test_bench_rows_hold_real_measurements(bench_json):
     _, payload = bench_json
-    for row in payload["results"]:
+    for row in payload["rows"]:
         step = row["unet_step_ms"]
         assert step["samples"] >= 20
         assert 0 < step["median"] <= step["p90"]
@@ -41,7 +42,7 @@ def test_bench_rows_hold_real_measurements(bench_json):
 
 def test_exported_backend_agrees_with_the_fp32_reference(bench_json):
     _, payload = bench_json
-    torch_row, ort_row = payload["results"]
+    torch_row, ort_row = payload["rows"]
     assert torch_row["psnr_db"] is None  # it is the reference
     # fp32 ONNX graphs vs fp32 torch: the images are identical ("inf") or nearly so.
     assert ort_row["psnr_db"] == "inf" or ort_row["psnr_db"] >= 40.0
@@ -63,3 +64,36 @@ def test_bench_rejects_a_size_the_vae_cannot_decode(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--width", "60"])
     assert "--width and --height must be positive multiples of 8, got 60x" in capsys.readouterr().err
+
+
+def test_rows_ran_interleaved_in_rounds_and_record_what_could_bias_them(bench_json):
+    _, payload = bench_json
+    assert [r["order"] for r in payload["rounds"]] == [["torch", "onnxruntime"]] * 3
+    for order, row in enumerate(payload["rows"]):
+        assert row["order"] == order
+        assert 0 < row["cpu_s"] and 0 < row["build_s"] < row["wall_s"]
+        assert row["peak_rss_mb"] > 0
+        spread = row["unet_step_ms"]
+        assert spread["p10"] <= spread["median"] <= spread["p90"]
+    torch_row, ort_row = payload["rows"]
+    # A row against itself, round by round: exactly 1.
+    assert torch_row["ratio_to_torch"] == {"median": 1.0, "min": 1.0, "max": 1.0, "rounds": 3, "baseline": "torch"}
+    assert ort_row["ratio_to_torch"]["rounds"] == 3
+    assert ort_row["ratio_to_torch"]["min"] <= ort_row["ratio_to_torch"]["median"] <= ort_row["ratio_to_torch"]["max"]
+
+
+def test_self_check_runs_one_backend_as_two_rows(tmp_path, capsys):
+    path = tmp_path / "self.json"
+    code = bench.main(["--self-check", "--preset", "tiny", "--device", "cpu", "--dtype", "fp32", "--width", "32",
+                       "--height", "32", "--steps", "11", "--step-iters", "20", "--json", str(path)])
+    payload = json.loads(path.read_text())
+    assert code == 0, payload["rows"]
+    assert [row["label"] for row in payload["rows"]] == ["torch#1", "torch#2"]
+    assert payload["self_check"]["rounds"] == 3
+    assert "self-check: torch#2 / torch#1 step time" in capsys.readouterr().out
+
+
+def test_self_check_takes_one_backend(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--self-check", "--backends", "torch,onnxruntime"])
+    assert "--self-check runs one backend twice" in capsys.readouterr().err

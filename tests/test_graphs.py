@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import runtime
+from runtime.bench.presets import preset_configs, write_random_model
 from runtime.graphs import CudaGraphDenoiser
 from runtime.pipeline import GenerationCancelled, Pipeline
-from runtime.presets import preset_configs, write_random_model
 from runtime.schedulers import SCHEDULER_NAMES, make_scheduler
 from tests.fake_cuda_graphs import FakeCudaGraphs
 

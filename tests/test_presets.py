@@ -1,4 +1,4 @@
-"""runtime/presets.py: random-weight models written as diffusers folders, loadable by us and diffusers."""
+"""runtime/bench/presets.py: random-weight models written as diffusers folders, loadable by us and diffusers."""
 import re
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from transformers import CLIPTokenizer as ReferenceTokenizer
 
 import runtime.tokenizer
-from runtime.presets import PRESETS, preset_configs, write_random_model
+from runtime.bench.presets import PRESETS, preset_configs, write_random_model
 from runtime.weights import load_components
 
 PROMPT = "A red fox, 3 cubs & snow!"
@@ -51,3 +51,81 @@ def test_without_open_clip_a_byte_level_vocabulary_is_written(tmp_path, monkeypa
 def test_unknown_preset_is_a_clear_error():
     with pytest.raises(ValueError, match=re.escape(f"unknown preset 'sd99'; choose one of {PRESETS}")):
         preset_configs("sd99")
+
+
+# Every activation of the full-size random networks must stay this far below fp16's largest finite
+# value (65504): a factor of 8 of headroom, so that fp16 rows time real numbers, not inf / NaN.
+FP16_HEADROOM_BOUND = 65504 / 8
+
+
+class _PeakActivations:
+    """max |output| of every module of a network, read by forward hooks (removed on exit)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.peaks: dict[str, float] = {}
+        self._handles = [module.register_forward_hook(self._hook(name or type(model).__name__))
+                         for name, module in model.named_modules()]
+
+    def _hook(self, name: str):
+        def record(_module, _inputs, output):
+            outputs = output if isinstance(output, (tuple, list)) else (output,)
+            for tensor in outputs:
+                if torch.is_tensor(tensor) and tensor.is_floating_point():
+                    peak = tensor.detach().abs().max().item()
+                    self.peaks[name] = max(self.peaks.get(name, 0.0), peak)
+        return record
+
+    def assert_within(self, bound: float, what: str) -> None:
+        assert self.peaks, f"{what}: no activation was recorded"
+        worst = max(self.peaks, key=self.peaks.get)
+        assert all(torch.isfinite(torch.tensor(v)) for v in self.peaks.values()), f"{what}: non-finite at {worst}"
+        assert self.peaks[worst] < bound, (f"{what}: activation {self.peaks[worst]:.4g} at {worst} "
+                                           f"exceeds {bound:.4g} (fp16 max / 8)")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["sd15", "sd21"])
+def test_full_size_random_weights_leave_fp16_headroom(preset):
+    """The full-size presets in fp32 at a 16x16 latent (one network in memory at a time): every module's
+    output stays under 65504/8 for a prompt's context, pure-noise latents at the first and last timestep,
+    and a unit-variance latent decoded. The fp16 VAE decode is checked for finiteness where CUDA is
+    available: on the CPU, fp16 and bf16 convolutions take minutes for a 64x64 image (measured), so
+    there the fp32 activations against the bound stand for it."""
+    import gc
+
+    from runtime.bench.presets import random_network
+
+    ids = torch.randint(0, 49406, (2, 77), generator=torch.Generator().manual_seed(0))
+    ids[:, 0], ids[:, 20:] = 49406, 49407  # BOS, a 19-token prompt, EOS padding
+    with torch.no_grad():
+        text_encoder = random_network(preset, "text_encoder")
+        with _PeakActivations(text_encoder) as peaks:
+            context = text_encoder(ids)
+        peaks.assert_within(FP16_HEADROOM_BOUND, f"{preset} text encoder")
+        del text_encoder
+        gc.collect()
+
+        unet = random_network(preset, "unet")
+        latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+        with _PeakActivations(unet) as peaks:
+            for timestep in (999, 1):
+                unet(latents, timestep, context)
+        peaks.assert_within(FP16_HEADROOM_BOUND, f"{preset} UNet")
+        del unet
+        gc.collect()
+
+        vae = random_network(preset, "vae")
+        z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2)) / vae.config.scaling_factor
+        with _PeakActivations(vae) as peaks:
+            vae.decode(z)
+        peaks.assert_within(FP16_HEADROOM_BOUND, f"{preset} VAE decode")
+        if torch.cuda.is_available():
+            image = vae.to("cuda", torch.float16).decode(z.to("cuda", torch.float16))
+            assert torch.isfinite(image).all(), f"{preset}: the fp16 VAE decode is not finite"

@@ -6,7 +6,7 @@ import torch
 
 from runtime.backends.fused_qkv import FusedQKVAttention, FusedQKVSpatialSelfAttention, fuse_qkv
 from runtime.models.blocks import Attention, BasicTransformerBlock, SpatialSelfAttention
-from runtime.presets import perturb_
+from runtime.bench.presets import perturb_
 
 
 def _block(only_cross_attention=False):

@@ -14,7 +14,7 @@ from runtime.backends.triton_layers import TritonAttentionCore, TritonGroupNorm
 from runtime.models.layers import AttentionCore, GroupNorm
 from runtime.models.unet import UNet, UNetConfig
 from runtime.models.vae import AutoencoderKL, VAEConfig
-from runtime.presets import perturb_, preset_configs
+from runtime.bench.presets import perturb_, preset_configs
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 # The kernels run on the GPU where there is one (the interpreter is off there), else interpreted on the CPU.

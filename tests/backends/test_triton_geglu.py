@@ -10,7 +10,7 @@ from runtime.backends.triton_layers import TritonGEGLU
 from runtime.models.blocks import GEGLU, Attention
 from runtime.models.unet import UNet, UNetConfig
 from runtime.models.vae import AutoencoderKL, VAEConfig
-from runtime.presets import perturb_, preset_configs
+from runtime.bench.presets import perturb_, preset_configs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -11,7 +11,7 @@ from runtime.backends.triton_backend import prepare_triton
 from runtime.default_configs import sdxl_bench_preset
 from runtime.models.unet import UNet, UNetConfig
 from runtime.models.vae import AutoencoderKL, VAEConfig
-from runtime.presets import perturb_
+from runtime.bench.presets import perturb_
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -4,23 +4,13 @@ import random
 import pytest
 import torch
 
+from runtime.bench import presets
+
 
 def perturb_(module: torch.nn.Module, generator: torch.Generator, scale: float = 0.1) -> None:
-    """Move every parameter away from its default init, in place.
-
-    Vectors (norm weights at 1, biases often at 0) get absolute noise of `scale`, so a swapped or
-    missing norm/bias shows; matrices and kernels get noise of `scale` times their own RMS, so the
-    network keeps its activation scale and stays numerically well-conditioned at full size.
-    """
-    with torch.no_grad():
-        for param in module.parameters():
-            noise = torch.randn(param.shape, generator=generator, dtype=param.dtype)
-            if param.dim() > 1:
-                rms = param.pow(2).mean().sqrt().item()
-                noise *= scale * (rms if rms > 0 else 1.0)
-            else:
-                noise *= scale
-            param.add_(noise)
+    """Move every parameter away from its default init, in place (runtime.bench.presets.perturb_): vectors
+    get absolute noise of `scale`, matrices and kernels `scale` times their own RMS."""
+    presets.perturb_(module, generator, relative=scale, absolute=scale)
 
 
 def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:

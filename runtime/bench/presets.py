@@ -1,6 +1,7 @@
 """Model architectures the benchmark can build with random weights when no checkpoint is given.
 
-`sd15` is the real Stable Diffusion 1.5 architecture (859.5M-parameter UNet); `tiny` keeps the SD 1.x
+`sd15` is the real Stable Diffusion 1.5 architecture (859.5M-parameter UNet), `sd21` SD 2.1's (768-v: linear
+projections, 64-wide heads, the 23-layer OpenCLIP ViT-H text encoder); `tiny` keeps the SD 1.x
 shape of every network (conv projections, quick_gelu text encoder, 8x VAE, PNDM schedule) but small
 enough that a CPU runs a guided image in a second or two.
 """
@@ -35,33 +36,85 @@ _TINY = {
     },
 }
 
-PRESETS = ("tiny", "sd15")
+# preset -> the default_configs kind (also the Components.kind of its random model) whose full-size configs it starts from
+_KINDS = {"tiny": "sd1", "sd15": "sd1", "sd21": "sd2"}
+PRESETS = tuple(_KINDS)
+
+
+def preset_kind(name: str) -> str:
+    """"sd1" | "sd2": the model family of preset `name`."""
+    preset_configs(name)  # the unknown-preset error
+    return _KINDS[name]
 
 
 def preset_configs(name: str) -> dict:
     """{"unet", "vae", "text_encoder", "scheduler"} config dicts (diffusers / transformers form)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {PRESETS}")
-    sd1 = default_configs.default_configs("sd1")
-    configs = {key: copy.deepcopy(sd1[key]) for key in ("unet", "vae", "text_encoder", "scheduler")}
+    full = default_configs.default_configs(_KINDS[name])
+    configs = {key: full[key] for key in ("unet", "vae", "text_encoder", "scheduler")}
     if name == "tiny":
         for key, overrides in _TINY.items():
             configs[key] = {**configs[key], **copy.deepcopy(overrides)}
     return configs
 
 
-def perturb_(module: torch.nn.Module, generator: torch.Generator, scale: float = 0.05) -> None:
-    """Move every parameter off its default init (norms at 1, biases at 0 hide mistakes and make
-    images flat), deterministically from `generator`."""
+def perturb_(module: torch.nn.Module, generator: torch.Generator, relative: float = 0.1,
+             absolute: float = 0.1) -> torch.nn.Module:
+    """Move every parameter of `module` off its default init, in place, deterministically from
+    `generator`; returns `module`.
+
+    Matrices, conv kernels and embeddings (2+ dims) get noise of `relative` times their own RMS: they
+    keep their init's scale, so activations keep the size a trained network has and fp16 keeps its
+    headroom at the full SD architectures (noise of a fixed size is 5-10x a conv's init scale there, and
+    the UNet overflows fp16). Vectors (norm weights at 1, biases often at 0) get noise of `absolute`,
+    so that a swapped, missing or misread norm or bias changes the output.
+    """
     with torch.no_grad():
         for param in module.parameters():
-            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
-            param.add_(noise.to(param.dtype), alpha=scale)
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32, device=generator.device)
+            scale = absolute
+            if param.dim() > 1:
+                rms = param.detach().float().pow(2).mean().sqrt().item()
+                scale = relative * rms if rms > 0 else absolute
+            param.add_(noise.mul_(scale).to(param.device, param.dtype))
+    return module
 
 
-def write_random_model(preset: str, folder: str | Path, seed: int = 0) -> Path:
+NETWORKS = ("unet", "vae", "text_encoder")
+_WEIGHTS_FILE = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+                 "text_encoder": "model.safetensors"}
+
+
+def random_network(preset: str, name: str, seed: int = 0, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """One network ("unet" | "vae" | "text_encoder") of `preset` with seeded random fp32 weights, built
+    directly on `device` (no disk round trip), perturbed off its init; deterministic in (preset, name,
+    seed, device type). The global RNG is left as it was."""
+    from runtime.models.clip import CLIPTextConfig, CLIPTextModel
+    from runtime.models.unet import UNet, UNetConfig
+    from runtime.models.vae import AutoencoderKL, VAEConfig
+
+    if name not in NETWORKS:
+        raise ValueError(f"unknown network {name!r}; choose one of {NETWORKS}")
+    config = preset_configs(preset)[name]
+    build = {"unet": lambda: UNet(UNetConfig.from_dict(config)),
+             "vae": lambda: AutoencoderKL(VAEConfig.from_dict(config)),
+             "text_encoder": lambda: CLIPTextModel(CLIPTextConfig.from_dict(config))}[name]
+    offset = NETWORKS.index(name)  # each network its own stream: building one alone gives the same weights
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed * len(NETWORKS) + offset)
+        with device:
+            model = build()
+    perturb_(model, torch.Generator(device).manual_seed(seed * len(NETWORKS) + offset))
+    return model.eval()
+
+
+def write_random_model(preset: str, folder: str | Path, seed: int = 0, weights: bool = True) -> Path:
     """Write a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)
-    holding the `preset` architecture with seeded random fp32 weights; return the folder.
+    holding the `preset` architecture with seeded random fp32 weights; return the folder. weights=False
+    writes everything but the weight files (the benchmark then builds the networks in memory with
+    random_network: no multi-GB round trip through the disk).
 
     The benchmark loads it back through runtime.weights like any real checkpoint, and the exported
     backends and diffusers' baseline read the same files. The tokenizer is the real CLIP vocabulary,
@@ -69,26 +122,18 @@ def write_random_model(preset: str, folder: str | Path, seed: int = 0) -> Path:
     """
     from safetensors.torch import save_file
 
-    from runtime.models.clip import CLIPTextConfig, CLIPTextModel
-    from runtime.models.unet import UNet, UNetConfig
-    from runtime.models.vae import AutoencoderKL, VAEConfig
     from runtime.tokenizer import EOS_TOKEN
 
     folder = Path(folder)
     configs = preset_configs(preset)
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    networks = {
-        "unet": (UNet(UNetConfig.from_dict(configs["unet"])), "diffusion_pytorch_model.safetensors"),
-        "vae": (AutoencoderKL(VAEConfig.from_dict(configs["vae"])), "diffusion_pytorch_model.safetensors"),
-        "text_encoder": (CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"])), "model.safetensors"),
-    }
-    for name, (model, weights_file) in networks.items():
-        perturb_(model, generator)
+    for name in NETWORKS:
         (folder / name).mkdir(parents=True, exist_ok=True)
         _write_json(folder / name / "config.json", configs[name])
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / name / weights_file))
-        del model
+        if not weights:
+            continue
+        model = random_network(preset, name, seed)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / name / _WEIGHTS_FILE[name]))
+        del model  # one full-size network in memory at a time
     (folder / "scheduler").mkdir(exist_ok=True)
     _write_json(folder / "scheduler" / "scheduler_config.json", configs["scheduler"])
     vocab, merges = _clip_vocabulary()

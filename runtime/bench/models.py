@@ -35,13 +35,23 @@ def _interpreting() -> bool:
 
 
 def build_master(config, scratch: Path) -> Components:
-    """fp32 CPU components, loaded through runtime.weights from config.model, or from a diffusers
-    folder of the preset architecture with seeded random weights written under `scratch`."""
-    from runtime.presets import write_random_model
+    """fp32 components: loaded through runtime.weights (on the CPU) from config.model, or the preset
+    architecture with seeded random weights built directly on config.device; the folder written under
+    `scratch` then holds only configs, tokenizer and scheduler (`source`; the diffusers baseline takes
+    its weights from these networks)."""
+    import json
+
+    from runtime.bench.presets import NETWORKS, preset_kind, random_network, write_random_model
+    from runtime.tokenizer import CLIPTokenizer
     from runtime.weights import load_components
 
-    source = config.model or write_random_model(config.preset, scratch / f"random-{config.preset}")
-    return load_components(source, device="cpu", dtype=torch.float32)
+    if config.model:
+        return load_components(config.model, device="cpu", dtype=torch.float32)
+    folder = write_random_model(config.preset, scratch / f"random-{config.preset}", weights=False)
+    networks = {name: random_network(config.preset, name, device=config.device) for name in NETWORKS}
+    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    return Components(**networks, tokenizer=CLIPTokenizer.from_folder(folder / "tokenizer"),
+                      scheduler_config=scheduler_config, source=str(folder), kind=preset_kind(config.preset))
 
 
 def pipeline_for(backend: str, master: Components, device: str, dtype, engine_dir=None):

@@ -5,25 +5,15 @@ Pipeline (generate, encode_prompt, decode_latents), so it is measured in exactly
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
 
+from runtime.schedulers import diffusers_equivalent
 from runtime.weights import resolve_dtype
-
-# Our sampler names -> diffusers' class and the overrides that make it that sampler.
-DIFFUSERS_SCHEDULERS = {
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "lcm": ("LCMScheduler", {}),
-}
-
 
 class DiffusersBaseline:
     def __init__(self, pipe, device: str):
@@ -37,7 +27,7 @@ class DiffusersBaseline:
             self.pipe.scheduler = self._default_scheduler
             return
         import diffusers
-        class_name, overrides = DIFFUSERS_SCHEDULERS[name]
+        class_name, overrides = diffusers_equivalent(name)  # the sampler our rows run
         self.pipe.scheduler = getattr(diffusers, class_name).from_config(self._default_scheduler.config,
                                                                          **overrides)
 
@@ -67,13 +57,42 @@ class DiffusersBaseline:
 
 
 def diffusers_pipeline(master, config) -> DiffusersBaseline:
-    """diffusers' StableDiffusionPipeline on the folder the master was loaded from, in config.dtype."""
+    """diffusers' StableDiffusionPipeline with the master's weights, in config.dtype on config.device:
+    loaded from the master's diffusers folder, or, where that folder holds no weight files (random
+    weights built in memory), built from its configs and the master networks' state dicts (our
+    networks use diffusers' and transformers' keys)."""
     import diffusers
 
-    if not Path(master.source).is_dir():
+    source = Path(master.source)
+    if not source.is_dir():
         raise ValueError(f"the diffusers baseline loads diffusers folders; {master.source} is a single file")
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-        master.source, torch_dtype=resolve_dtype(config.dtype), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-    pipe.to(config.device)
+    dtype = resolve_dtype(config.dtype)
+    if any((source / "unet").glob("*.safetensors")) or any((source / "unet").glob("*.bin")):
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+            master.source, torch_dtype=dtype, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+    else:
+        pipe = _pipeline_from_master(master, source)
+    pipe.to(config.device, dtype)
     return DiffusersBaseline(pipe, config.device)
+
+
+def _pipeline_from_master(master, source: Path):
+    import diffusers
+    import transformers
+
+    def config(name: str) -> dict:
+        return json.loads((source / name / "config.json").read_text())
+
+    unet = diffusers.UNet2DConditionModel.from_config(config("unet"))
+    vae = diffusers.AutoencoderKL.from_config(config("vae"))
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(**config("text_encoder")))
+    for theirs, ours in ((unet, master.unet), (vae, master.vae), (text_encoder, master.text_encoder)):
+        # strict: a key either side lacks would leave a network at its init and time the wrong model
+        theirs.load_state_dict({k: v.detach().float().cpu() for k, v in ours.state_dict().items()}, strict=True)
+    scheduler_class = getattr(diffusers, master.scheduler_config["_class_name"])
+    return diffusers.StableDiffusionPipeline(
+        vae=vae.eval(), text_encoder=text_encoder.eval(), unet=unet.eval(),
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(str(source / "tokenizer")),
+        scheduler=scheduler_class.from_config(dict(master.scheduler_config)), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
