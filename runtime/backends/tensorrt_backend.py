@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.backends.onnxruntime_backend import DeployedNetwork, replace_networks
+from runtime.backends.deployed import DeployedNetwork, replace_networks
 
 
 class TensorRTNetwork(DeployedNetwork):

@@ -7,7 +7,7 @@ import torch
 
 import runtime
 from export.manifest import ArtifactError, Manifest
-from runtime.backends.onnxruntime_backend import DeployedUNet, timestep_batch
+from runtime.backends.deployed import DeployedUNet, timestep_batch
 from runtime.images import psnr
 from runtime.weights import load_components
 
