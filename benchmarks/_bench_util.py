@@ -3,11 +3,12 @@
 Result files use runtime.bench's one layout and provenance stamp (runtime/bench/results.py), so kernel
 rows and pipeline rows carry the same fields (schema, provenance: device, versions, git; config; rows).
 """
+
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from runtime.bench.provenance import provenance  # noqa: F401 -- re-exported for the benchmarks
 from runtime.bench.results import write_result  # noqa: F401
@@ -19,6 +20,7 @@ def time_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) ->
     Triton interpreted) the median of three wall-clock calls after one warm-up: the same code path,
     no meaningful number."""
     import torch
+
     if not torch.cuda.is_available():
         fn()
         times = []
@@ -28,6 +30,7 @@ def time_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) ->
             times.append((time.perf_counter() - start) * 1e3)
         return statistics.median(times)
     from triton.testing import do_bench
+
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 

@@ -8,6 +8,7 @@ speed-up over the fastest SDPA backend that ran, and our max difference from it.
 times alternative tilings of our kernel per shape (to retune choose_config on a new card).
 Exits 0 with "no CUDA: skipped" on a machine without a GPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,14 +30,15 @@ DEVICE = "cuda"  # "cpu" in the --dry-run rehearsal (Triton interpreted)
 
 def _sdpa_backends() -> dict:
     from torch.nn.attention import SDPBackend
-    names = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
-             "math": "MATH"}
+
+    names = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
     return {name: getattr(SDPBackend, attr) for name, attr in names.items() if hasattr(SDPBackend, attr)}
 
 
 def _inputs(b, h, nq, nk, d, dtype):
     def proj(n):  # the head split of a [B, N, H*D] projection: strides (N*H*D, D, H*D, 1)
         return torch.randn(b, n, h * d, device=DEVICE, dtype=dtype).view(b, n, h, d).transpose(1, 2)
+
     return proj(nq), proj(nk), proj(nk)
 
 
@@ -46,6 +48,7 @@ def _sdpa_call(backend, q, k, v):
     def run():
         with sdpa_kernel(backend):
             return F.scaled_dot_product_attention(q, k, v)
+
     return run
 
 
@@ -60,8 +63,17 @@ def bench_shape(model, b, h, nq, nk, d, dtype, sweep: bool) -> dict:
     q, k, v = _inputs(b, h, nq, nk, d, dtype)
     flops = 4.0 * b * h * nq * nk * d
     ours = attention(q, k, v)
-    row = {"model": model, "B": b, "H": h, "Nq": nq, "Nk": nk, "D": d, "dtype": str(dtype).split(".")[-1],
-           "config": vars(choose_config(d, nk)), "backends": {}}
+    row = {
+        "model": model,
+        "B": b,
+        "H": h,
+        "Nq": nq,
+        "Nk": nk,
+        "D": d,
+        "dtype": str(dtype).split(".")[-1],
+        "config": vars(choose_config(d, nk)),
+        "backends": {},
+    }
     row["ours_ms"] = time_ms(lambda: attention(q, k, v))
     row["ours_tflops"] = _tflops(flops, row["ours_ms"])
     best = None
@@ -94,10 +106,9 @@ def _sweep(q, k, v, flops) -> list[dict]:
     out = empty_output(q)
     results = []
     for bm, bn, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (1, 2, 3)):
-        cfg = AttentionConfig(block_m=bm, block_n=bn, block_d0=d0, block_d1=d1, num_warps=warps,
-                              num_stages=stages)
+        cfg = AttentionConfig(block_m=bm, block_n=bn, block_d0=d0, block_d1=d1, num_warps=warps, num_stages=stages)
         try:
-            ms = time_ms(lambda: launch(q, k, v, out, None, cfg), rep_ms=50)
+            ms = time_ms(lambda cfg=cfg: launch(q, k, v, out, None, cfg), rep_ms=50)
         except Exception as err:  # out of shared memory / registers for this tiling: skip it
             results.append({"config": vars(cfg), "error": type(err).__name__})
             continue
@@ -106,13 +117,16 @@ def _sweep(q, k, v, flops) -> list[dict]:
 
 
 def _print_row(row: dict) -> None:
-    sdpa = "  ".join(f"{name} {r['tflops']:6.1f}" if "tflops" in r else f"{name}   n/a"
-                     for name, r in row["backends"].items())
+    sdpa = "  ".join(
+        f"{name} {r['tflops']:6.1f}" if "tflops" in r else f"{name}   n/a" for name, r in row["backends"].items()
+    )
     speedup = row.get("speedup_vs_best_sdpa")
     verdict = f"x{speedup:.2f} vs {row['best_sdpa']}" if speedup else "no SDPA backend ran"
-    print(f"{row['model']:5s} B={row['B']} H={row['H']:2d} Nq={row['Nq']:5d} Nk={row['Nk']:5d} D={row['D']:3d} "
-          f"{row['dtype']:8s} ours {row['ours_ms']:8.4f} ms {row['ours_tflops']:6.1f} TFLOP/s | {sdpa} | {verdict}",
-          flush=True)
+    print(
+        f"{row['model']:5s} B={row['B']} H={row['H']:2d} Nq={row['Nq']:5d} Nk={row['Nk']:5d} D={row['D']:3d} "
+        f"{row['dtype']:8s} ours {row['ours_ms']:8.4f} ms {row['ours_tflops']:6.1f} TFLOP/s | {sdpa} | {verdict}",
+        flush=True,
+    )
     tried = [r for r in row.get("sweep", []) if "ms" in r]
     if tried:
         print(f"      best tiling {tried[0]['config']} {tried[0]['tflops']:.1f} TFLOP/s")
@@ -124,8 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
     parser.add_argument("--sweep", action="store_true", help="also time alternative tilings of our kernel")
     parser.add_argument("--model", choices=sorted({s[0] for s in SHAPES}), help="only this model's shapes")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="CPU rehearsal: Triton interpreter, the SD 1.5 head dims at batch 1, one head, 16 tokens")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="CPU rehearsal: Triton interpreter, the SD 1.5 head dims at batch 1, one head, 16 tokens",
+    )
     args = parser.parse_args(argv)
     global DEVICE
     shapes = SHAPES
@@ -146,9 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(bench_shape(model, *shape, DTYPES[args.dtype], args.sweep))
         _print_row(rows[-1])
         if args.json:  # after every row, so a run cut short by a time limit keeps what it measured
-            write_result(args.json, "attention", {"dtype": args.dtype, "sweep": args.sweep, "model": args.model,
-                                                  "dry_run": args.dry_run},
-                         rows, stamp)
+            write_result(
+                args.json,
+                "attention",
+                {"dtype": args.dtype, "sweep": args.sweep, "model": args.model, "dry_run": args.dry_run},
+                rows,
+                stamp,
+            )
     return 0
 
 

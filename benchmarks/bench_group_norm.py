@@ -9,6 +9,7 @@ measured in the same run, and the speed-up over torch. channels_last rows also t
 tiles (the fallback path, scalar loads in that layout) next to the chunked vectorised kernels, and every
 row records the launch configuration chosen.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,14 +22,27 @@ from benchmarks._bench_util import dry_run_shape, provenance, time_ms, write_res
 
 # (label, channels, H, W): each distinct GroupNorm input of the networks at their native resolution.
 SHAPES = [
-    ("sd15-unet-l0", 320, 64, 64), ("sd15-unet-l0-up", 640, 64, 64), ("sd15-unet-l0-up-cat", 960, 64, 64),
-    ("sd15-unet-l1", 640, 32, 32), ("sd15-unet-l1-cat", 1280, 32, 32), ("sd15-unet-l1-up-cat", 1920, 32, 32),
-    ("sd15-unet-l2", 1280, 16, 16), ("sd15-unet-l2-cat", 2560, 16, 16), ("sd15-unet-l3", 1280, 8, 8),
-    ("sd2-768-unet-l0", 320, 96, 96), ("sd2-768-unet-l1", 640, 48, 48),
-    ("sdxl-unet-l0", 320, 128, 128), ("sdxl-unet-l1", 640, 64, 64), ("sdxl-unet-l2", 1280, 32, 32),
+    ("sd15-unet-l0", 320, 64, 64),
+    ("sd15-unet-l0-up", 640, 64, 64),
+    ("sd15-unet-l0-up-cat", 960, 64, 64),
+    ("sd15-unet-l1", 640, 32, 32),
+    ("sd15-unet-l1-cat", 1280, 32, 32),
+    ("sd15-unet-l1-up-cat", 1920, 32, 32),
+    ("sd15-unet-l2", 1280, 16, 16),
+    ("sd15-unet-l2-cat", 2560, 16, 16),
+    ("sd15-unet-l3", 1280, 8, 8),
+    ("sd2-768-unet-l0", 320, 96, 96),
+    ("sd2-768-unet-l1", 640, 48, 48),
+    ("sdxl-unet-l0", 320, 128, 128),
+    ("sdxl-unet-l1", 640, 64, 64),
+    ("sdxl-unet-l2", 1280, 32, 32),
     ("sdxl-unet-l2-cat", 2560, 32, 32),
-    ("vae512-dec-l0", 512, 64, 64), ("vae512-dec-l1", 512, 128, 128), ("vae512-dec-l2-in", 512, 256, 256),
-    ("vae512-dec-l2", 256, 256, 256), ("vae512-dec-l3-in", 256, 512, 512), ("vae512-dec-l3", 128, 512, 512),
+    ("vae512-dec-l0", 512, 64, 64),
+    ("vae512-dec-l1", 512, 128, 128),
+    ("vae512-dec-l2-in", 512, 256, 256),
+    ("vae512-dec-l2", 256, 256, 256),
+    ("vae512-dec-l3-in", 256, 512, 512),
+    ("vae512-dec-l3", 128, 512, 512),
 ]
 
 
@@ -85,21 +99,35 @@ def bench_shape(label, batch, channels, h, w, channels_last, gn, compiled_torch)
     compiled_ms = time_ms(lambda: compiled_torch(x, weight, bias)) if compiled_torch else None
     per_group_ms = per_group_tiles_ms(gn, x, weight, bias, out) if channels_last else None
     moved = 2 * x.numel() * x.element_size()
-    return {"shape": label, "batch": batch, "channels": channels, "height": h, "width": w,
-            "memory_format": "channels_last" if channels_last else "nchw", "dtype": "float16",
-            "activation": "silu", "config": chosen_config(gn, batch, channels, h, w, channels_last),
-            "ours_ms": ours_ms, "per_group_tiles_ms": per_group_ms,
-            "torch_ms": torch_ms, "torch_compile_ms": compiled_ms,
-            "ours_gbs": moved / ours_ms / 1e6, "speedup_vs_torch": torch_ms / ours_ms,
-            "speedup_vs_torch_compile": compiled_ms / ours_ms if compiled_ms else None}
+    return {
+        "shape": label,
+        "batch": batch,
+        "channels": channels,
+        "height": h,
+        "width": w,
+        "memory_format": "channels_last" if channels_last else "nchw",
+        "dtype": "float16",
+        "activation": "silu",
+        "config": chosen_config(gn, batch, channels, h, w, channels_last),
+        "ours_ms": ours_ms,
+        "per_group_tiles_ms": per_group_ms,
+        "torch_ms": torch_ms,
+        "torch_compile_ms": compiled_ms,
+        "ours_gbs": moved / ours_ms / 1e6,
+        "speedup_vs_torch": torch_ms / ours_ms,
+        "speedup_vs_torch_compile": compiled_ms / ours_ms if compiled_ms else None,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", required=True, help="where to write the result rows")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="CPU rehearsal: Triton interpreter, two SD 1.5 shapes cut to 4x4, no torch.compile")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="CPU rehearsal: Triton interpreter, two SD 1.5 shapes cut to 4x4, no torch.compile",
+    )
     args = parser.parse_args(argv)
     global DEVICE
     shapes, batches = SHAPES, (1, 2)
@@ -110,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA: skipped (--dry-run rehearses on the CPU)")
         return 0
     import kernels.group_norm as gn
+
     copy_gbs = copy_bandwidth_gbs()
     stamp = provenance()
     print(f"{stamp['device']}: device copy {copy_gbs:.0f} GB/s")
@@ -123,14 +152,22 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 compiled = f"{row['torch_compile_ms']:.4f}" if row["torch_compile_ms"] else "-"
                 per_group = f"{row['per_group_tiles_ms']:.4f}" if row["per_group_tiles_ms"] else "-"
-                print(f"{label:22s} b{batch} {row['memory_format']:13s} ours {row['ours_ms']:.4f} ms "
-                      f"({row['ours_gbs']:.0f} GB/s, {row['pct_of_copy_bandwidth']:.0f}% of copy) "
-                      f"per-group tiles {per_group} ms torch {row['torch_ms']:.4f} ms compile {compiled} ms "
-                      f"speed-up {row['speedup_vs_torch']:.2f}x", flush=True)
+                print(
+                    f"{label:22s} b{batch} {row['memory_format']:13s} ours {row['ours_ms']:.4f} ms "
+                    f"({row['ours_gbs']:.0f} GB/s, {row['pct_of_copy_bandwidth']:.0f}% of copy) "
+                    f"per-group tiles {per_group} ms torch {row['torch_ms']:.4f} ms compile {compiled} ms "
+                    f"speed-up {row['speedup_vs_torch']:.2f}x",
+                    flush=True,
+                )
                 # Rewritten after every row, so a run cut short by a time limit keeps what it measured.
-                write_result(args.json, "group_norm", {"compile_baseline": not args.no_compile,
-                                                       "dry_run": args.dry_run}, rows, stamp,
-                             copy_bandwidth_gbs=copy_gbs)
+                write_result(
+                    args.json,
+                    "group_norm",
+                    {"compile_baseline": not args.no_compile, "dry_run": args.dry_run},
+                    rows,
+                    stamp,
+                    copy_bandwidth_gbs=copy_gbs,
+                )
     print(f"wrote {len(rows)} rows to {args.json}")
     return 0
 

@@ -8,6 +8,7 @@ and a roofline time on a named target: per op max(FLOPs / matrix peak, bytes / b
 per launch (a graph node's gap where the network replays from a CUDA graph, an eager launch elsewhere),
 then the top 15 ops by modelled time. Runs in seconds; nothing here is a measurement.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,9 +16,9 @@ import json
 import pathlib
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
-from typing import Callable
 
 import torch
 
@@ -35,9 +36,9 @@ class Target:
     """A GPU to model: the rates a roofline divides by, and what a launch costs."""
 
     name: str
-    matrix_tflops: float    # dense fp16/bf16 tensor-core rate, TFLOP/s
-    bandwidth_tbs: float    # DRAM copy bandwidth, TB/s
-    graph_node_us: float    # gap between nodes of a replayed CUDA graph, µs
+    matrix_tflops: float  # dense fp16/bf16 tensor-core rate, TFLOP/s
+    bandwidth_tbs: float  # DRAM copy bandwidth, TB/s
+    graph_node_us: float  # gap between nodes of a replayed CUDA graph, µs
     eager_launch_us: float  # one eagerly launched op (dispatch + cudaLaunchKernel), µs
     source: str
 
@@ -45,15 +46,25 @@ class Target:
 # One row per target; the figures and where each comes from.
 TARGETS = {
     "h200": Target(
-        "H200", 790.0, 4.3, 1.0, 5.0,
+        "H200",
+        790.0,
+        4.3,
+        1.0,
+        5.0,
         "matrix rate and copy bandwidth as measured on the lent H200 (issue 15, DESIGN.md); graph-node gap "
         "from issue 15's reading (~0.8 ms of gaps over ~780 graph nodes); eager launch: an assumption "
-        "(PyTorch dispatch plus cudaLaunchKernel, 4-10 µs on a fast host)"),
+        "(PyTorch dispatch plus cudaLaunchKernel, 4-10 µs on a fast host)",
+    ),
     "h100": Target(
-        "H100 SXM", 790.0, 3.0, 1.0, 5.0,
+        "H100 SXM",
+        790.0,
+        3.0,
+        1.0,
+        5.0,
         "NVIDIA H100 SXM datasheet: 989 TFLOP/s dense fp16, 3.35 TB/s HBM3; scaled by what the H200 "
         "(same GH100 tensor cores and clocks, 989 TFLOP/s and 4.8 TB/s on its datasheet) reached: "
-        "790/989 of the matrix rate and 4.3/4.8 of the bandwidth; launch costs as the H200's"),
+        "790/989 of the matrix rate and 4.3/4.8 of the bandwidth; launch costs as the H200's",
+    ),
 }
 
 
@@ -61,7 +72,7 @@ TARGETS = {
 class Model:
     """A model of the census at its native resolution."""
 
-    kind: str    # runtime.default_configs kind
+    kind: str  # runtime.default_configs kind
     width: int
     height: int
 
@@ -97,6 +108,7 @@ def _build_ours(kind: str, backend: str):
         )
     if backend == "triton":
         from runtime.backends.triton_backend import prepare_triton
+
         components = prepare_triton(components)
     return components
 
@@ -129,11 +141,11 @@ def _networks_diffusers(model: Model) -> dict[str, tuple[Callable, bool]]:
     configs = default_configs.default_configs(model.kind)
     with torch.device(DEVICE):
         unet = UNet2DConditionModel.from_config(configs["unet"]).eval().to(DTYPE)
-    latents = torch.randn(1, configs["unet"]["in_channels"], model.height // 8, model.width // 8,
-                          device=DEVICE, dtype=DTYPE)
+    latents = torch.randn(
+        1, configs["unet"]["in_channels"], model.height // 8, model.width // 8, device=DEVICE, dtype=DTYPE
+    )
     context = torch.randn(2, TEXT_TOKENS, configs["unet"]["cross_attention_dim"], device=DEVICE, dtype=DTYPE)
-    return {"unet_step": (lambda: _guided_step(lambda *a: unet(*a, return_dict=False)[0], latents, context),
-                          False)}
+    return {"unet_step": (lambda: _guided_step(lambda *a: unet(*a, return_dict=False)[0], latents, context), False)}
 
 
 def diffusers_available() -> bool:
@@ -149,8 +161,10 @@ def diffusers_available() -> bool:
 
 def op_seconds(record: OpRecord, target: Target) -> float:
     """Roofline time of one op: bound by its matrix FLOPs or by its bytes, whichever is slower."""
-    return max(record.flops / (target.matrix_tflops * 1e12),
-               (record.bytes_read + record.bytes_written) / (target.bandwidth_tbs * 1e12))
+    return max(
+        record.flops / (target.matrix_tflops * 1e12),
+        (record.bytes_read + record.bytes_written) / (target.bandwidth_tbs * 1e12),
+    )
 
 
 def summarize(records: list[OpRecord], graphed: bool, target: Target) -> dict:
@@ -180,8 +194,10 @@ def top_ops(records: list[OpRecord], target: Target, n: int = TOP_OPS) -> list[d
     """Identical ops (same op, same input shapes) grouped, slowest groups first."""
     groups: dict[tuple[str, str], dict] = {}
     for r in records:
-        g = groups.setdefault((r.op, r.shapes), {"op": r.op, "shapes": r.shapes, "count": 0, "launches": 0,
-                                                 "gflop": 0.0, "gb": 0.0, "modelled_ms": 0.0})
+        g = groups.setdefault(
+            (r.op, r.shapes),
+            {"op": r.op, "shapes": r.shapes, "count": 0, "launches": 0, "gflop": 0.0, "gb": 0.0, "modelled_ms": 0.0},
+        )
         g["count"] += 1
         g["launches"] += r.launches
         g["gflop"] += r.flops / 1e9
@@ -207,43 +223,69 @@ def census(models: list[str], backends: list[str], target: Target) -> tuple[list
         model = MODELS[model_name]
         for backend in backends:
             for network, (records, graphed) in count_networks(model_name, backend).items():
-                rows.append({"model": model_name, "backend": backend, "network": network,
-                             "width": model.width, "height": model.height, "dtype": "fp16",
-                             "target": target.name, **summarize(records, graphed, target)})
+                rows.append(
+                    {
+                        "model": model_name,
+                        "backend": backend,
+                        "network": network,
+                        "width": model.width,
+                        "height": model.height,
+                        "dtype": "fp16",
+                        "target": target.name,
+                        **summarize(records, graphed, target),
+                    }
+                )
                 tops[f"{model_name}/{backend}/{network}"] = top_ops(records, target)
     return rows, tops
 
 
 def format_rows(rows: list[dict]) -> str:
-    header = (f"{'model':6} {'backend':9} {'network':12} {'launches':>8} {'GB moved':>9} {'TFLOP':>7} "
-              f"{'roofline ms':>11} {'launch ms':>9} {'total ms':>9}  graphed")
+    header = (
+        f"{'model':6} {'backend':9} {'network':12} {'launches':>8} {'GB moved':>9} {'TFLOP':>7} "
+        f"{'roofline ms':>11} {'launch ms':>9} {'total ms':>9}  graphed"
+    )
     lines = ["modelled per run:", header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r['model']:6} {r['backend']:9} {r['network']:12} {r['launches']:8d} {r['gb_moved']:9.3f} "
-                     f"{r['tflop']:7.3f} {r['modelled_roofline_ms']:11.3f} {r['modelled_launch_ms']:9.3f} "
-                     f"{r['modelled_ms']:9.3f}  {'yes' if r['graphed'] else 'no'}")
+        lines.append(
+            f"{r['model']:6} {r['backend']:9} {r['network']:12} {r['launches']:8d} {r['gb_moved']:9.3f} "
+            f"{r['tflop']:7.3f} {r['modelled_roofline_ms']:11.3f} {r['modelled_launch_ms']:9.3f} "
+            f"{r['modelled_ms']:9.3f}  {'yes' if r['graphed'] else 'no'}"
+        )
     return "\n".join(lines)
 
 
 def format_top(key: str, ops: list[dict]) -> str:
-    lines = [f"top {len(ops)} ops by modelled time, {key} (all figures modelled):",
-             f"  {'modelled ms':>11} {'count':>5} {'GFLOP':>8} {'GB':>7}  op  [input shapes]"]
+    lines = [
+        f"top {len(ops)} ops by modelled time, {key} (all figures modelled):",
+        f"  {'modelled ms':>11} {'count':>5} {'GFLOP':>8} {'GB':>7}  op  [input shapes]",
+    ]
     for g in ops:
-        lines.append(f"  {g['modelled_ms']:11.4f} {g['count']:5d} {g['gflop']:8.2f} {g['gb']:7.3f}  "
-                     f"{g['op']}  [{g['shapes']}]")
+        lines.append(
+            f"  {g['modelled_ms']:11.4f} {g['count']:5d} {g['gflop']:8.2f} {g['gb']:7.3f}  {g['op']}  [{g['shapes']}]"
+        )
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.census", description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {sorted(MODELS)}")
-    p.add_argument("--backends", default=None,
-                   help=f"comma-separated, from {list(BACKENDS)} (default: all; diffusers only if importable)")
-    p.add_argument("--target", default="h200", choices=sorted(TARGETS),
-                   help="GPU to model: " + "; ".join(f"{k}: {t.source}" for k, t in TARGETS.items()))
-    p.add_argument("--top", default=None,
-                   help="which rows get a top-15 list: 'all', 'none', or model/backend/network keys, "
-                        "comma-separated (default: each model's unet_step)")
+    p.add_argument(
+        "--backends",
+        default=None,
+        help=f"comma-separated, from {list(BACKENDS)} (default: all; diffusers only if importable)",
+    )
+    p.add_argument(
+        "--target",
+        default="h200",
+        choices=sorted(TARGETS),
+        help="GPU to model: " + "; ".join(f"{k}: {t.source}" for k, t in TARGETS.items()),
+    )
+    p.add_argument(
+        "--top",
+        default=None,
+        help="which rows get a top-15 list: 'all', 'none', or model/backend/network keys, "
+        "comma-separated (default: each model's unet_step)",
+    )
     p.add_argument("--json", dest="json_path", help="write rows, top ops and targets here")
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
@@ -276,20 +318,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     target = TARGETS[args.target]
     rows, tops = census(args.models, args.backends, target)
-    print(f"census: every figure below is modelled (op counts on meta tensors), none measured. Target "
-          f"{target.name}: {target.matrix_tflops:g} TFLOP/s, {target.bandwidth_tbs:g} TB/s, "
-          f"{target.graph_node_us:g} µs per graph node, {target.eager_launch_us:g} µs per eager launch; fp16")
+    print(
+        f"census: every figure below is modelled (op counts on meta tensors), none measured. Target "
+        f"{target.name}: {target.matrix_tflops:g} TFLOP/s, {target.bandwidth_tbs:g} TB/s, "
+        f"{target.graph_node_us:g} µs per graph node, {target.eager_launch_us:g} µs per eager launch; fp16"
+    )
     print(f"  (figures: {target.source})")
     print(format_rows(rows))
     for key in args.top:
         print()
         print(format_top(key, tops[key]))
     if args.json_path:
-        payload = {"kind": "census", "modelled": True, "torch": torch.__version__, "target": asdict(target),
-                   "targets": {k: asdict(t) for k, t in TARGETS.items()},
-                   "config": {"models": args.models, "backends": args.backends, "dtype": "fp16",
-                              "guidance": GUIDANCE},
-                   "results": rows, "top_ops": tops}
+        payload = {
+            "kind": "census",
+            "modelled": True,
+            "torch": torch.__version__,
+            "target": asdict(target),
+            "targets": {k: asdict(t) for k, t in TARGETS.items()},
+            "config": {"models": args.models, "backends": args.backends, "dtype": "fp16", "guidance": GUIDANCE},
+            "results": rows,
+            "top_ops": tops,
+        }
         path = pathlib.Path(args.json_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(payload, indent=2) + "\n")

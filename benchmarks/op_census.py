@@ -17,13 +17,14 @@ What is modelled, and how (every figure derived from this is a model, not a meas
 - `F.scaled_dot_product_attention` is recorded as the single fused kernel CUDA runs (flash or
   memory-efficient), not as the math decomposition a CPU build falls back to.
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +36,18 @@ from torch.utils.flop_counter import flop_registry
 DEVICE = "meta"
 
 # Ops that launch nothing and move nothing: allocations, aliasing reshapes, metadata.
-_FREE_OPS = frozenset({
-    "aten.empty", "aten.empty_strided", "aten.empty_like", "aten._unsafe_view", "aten.lift_fresh",
-    "aten.detach", "aten.alias", "aten.resize_",
-})
+_FREE_OPS = frozenset(
+    {
+        "aten.empty",
+        "aten.empty_strided",
+        "aten.empty_like",
+        "aten._unsafe_view",
+        "aten.lift_fresh",
+        "aten.detach",
+        "aten.alias",
+        "aten.resize_",
+    }
+)
 # Ops that CUDA runs as more than one kernel (op -> launches), with the reason.
 _EXTRA_LAUNCHES = {
     # RowwiseMoments, ComputeFusedParams, then the elementwise apply (ATen GroupNormKernel.cu).
@@ -46,13 +55,29 @@ _EXTRA_LAUNCHES = {
 }
 # Named categories for the report, by op name; anything else is "other".
 _CATEGORIES = {
-    "aten.convolution": "conv", "aten.mm": "gemm", "aten.addmm": "gemm", "aten.bmm": "gemm",
-    "aten.baddbmm": "gemm", "sd_kernels.attention": "attention", "sd_kernels.attention_out": "attention",
-    "sdpa": "attention", "aten.native_group_norm": "norm", "sd_kernels.group_norm": "norm",
-    "sd_kernels.group_norm_out": "norm", "aten.native_layer_norm": "norm", "sd_kernels.geglu": "geglu",
-    "aten.gelu": "elementwise", "aten.silu": "elementwise", "aten.add": "elementwise",
-    "aten.mul": "elementwise", "aten.sub": "elementwise", "aten.div": "elementwise",
-    "aten.copy_": "copy", "aten.clone": "copy", "aten._to_copy": "copy", "aten.cat": "copy",
+    "aten.convolution": "conv",
+    "aten.mm": "gemm",
+    "aten.addmm": "gemm",
+    "aten.bmm": "gemm",
+    "aten.baddbmm": "gemm",
+    "sd_kernels.attention": "attention",
+    "sd_kernels.attention_out": "attention",
+    "sdpa": "attention",
+    "aten.native_group_norm": "norm",
+    "sd_kernels.group_norm": "norm",
+    "sd_kernels.group_norm_out": "norm",
+    "aten.native_layer_norm": "norm",
+    "sd_kernels.geglu": "geglu",
+    "aten.gelu": "elementwise",
+    "aten.silu": "elementwise",
+    "aten.add": "elementwise",
+    "aten.mul": "elementwise",
+    "aten.sub": "elementwise",
+    "aten.div": "elementwise",
+    "aten.copy_": "copy",
+    "aten.clone": "copy",
+    "aten._to_copy": "copy",
+    "aten.cat": "copy",
 }
 
 
@@ -60,10 +85,10 @@ _CATEGORIES = {
 class OpRecord:
     """One launching op of a run (an aten op, one of our kernels, or a fused attention)."""
 
-    op: str                 # "aten.convolution", "sd_kernels.group_norm", "sdpa", ... (overload dropped)
-    shapes: str             # input shapes, e.g. "2x320x64x64 320x320x3x3": groups identical ops in reports
-    category: str           # conv | gemm | attention | norm | geglu | elementwise | copy | other
-    flops: int              # matrix FLOPs (2 per multiply-add)
+    op: str  # "aten.convolution", "sd_kernels.group_norm", "sdpa", ... (overload dropped)
+    shapes: str  # input shapes, e.g. "2x320x64x64 320x320x3x3": groups identical ops in reports
+    category: str  # conv | gemm | attention | norm | geglu | elementwise | copy | other
+    flops: int  # matrix FLOPs (2 per multiply-add)
     bytes_read: int
     bytes_written: int
     launches: int
@@ -159,11 +184,11 @@ class _RecordOps(TorchDispatchMode):
         if isinstance(bias, torch.Tensor):
             # cuDNN convolutions take no bias: ATen adds it in a second kernel, output read and rewritten.
             self.records.append(OpRecord(name, shapes, category, flops, read - _bytes(bias), written, 1))
-            self.records.append(OpRecord("aten.convolution.bias_add", shapes, "elementwise", 0,
-                                         written + _bytes(bias), written, 1))
+            self.records.append(
+                OpRecord("aten.convolution.bias_add", shapes, "elementwise", 0, written + _bytes(bias), written, 1)
+            )
             return out
-        self.records.append(OpRecord(name, shapes, category, flops, read, written,
-                                     _EXTRA_LAUNCHES.get(name, 1)))
+        self.records.append(OpRecord(name, shapes, category, flops, read, written, _EXTRA_LAUNCHES.get(name, 1)))
         return out
 
 
@@ -191,8 +216,17 @@ class _FusedAttention(TorchFunctionMode):
         *batch, n_q, _ = q.shape
         out = torch.empty((*batch[:1], n_q, *batch[1:], v.shape[-1]), dtype=q.dtype, device=q.device)
         out = out.transpose(1, 2) if q.dim() == 4 else out
-        self.records.append(OpRecord("sdpa", _shapes([q, k, v]), "attention", attention_flops(q, k, v),
-                                     _bytes(q) + _bytes(k) + _bytes(v), _bytes(out), 1))
+        self.records.append(
+            OpRecord(
+                "sdpa",
+                _shapes([q, k, v]),
+                "attention",
+                attention_flops(q, k, v),
+                _bytes(q) + _bytes(k) + _bytes(v),
+                _bytes(out),
+                1,
+            )
+        )
         return out
 
 

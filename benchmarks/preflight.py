@@ -8,6 +8,7 @@ memory. Prints one verdict line ("preflight: GO ..." or "preflight: NO-GO: <reas
 NO-GO, so that the script stops at once instead of spending the window on steps that cannot measure.
 --dry-run (the CPU rehearsal) runs the kernel under the Triton interpreter and needs no GPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,28 +29,41 @@ def _check(name: str, fatal: bool, fn) -> dict:
         ok, detail = fn()
     except Exception as err:  # noqa: BLE001 -- a check that raises has failed, with its reason
         ok, detail = False, f"{type(err).__name__}: {err}"
-    return {"check": name, "ok": bool(ok), "fatal": fatal and not ok, "detail": detail,
-            "seconds": round(time.perf_counter() - start, 3)}
+    return {
+        "check": name,
+        "ok": bool(ok),
+        "fatal": fatal and not ok,
+        "detail": detail,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
 
 
 def _versions():
     import torch
+
     triton = importlib.util.find_spec("triton") and importlib.import_module("triton").__version__
-    return True, {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
-                  "triton": triton}
+    return True, {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton,
+    }
 
 
 def _compiler_and_headers():
     compiler = next((shutil.which(cc) for cc in ("cc", "gcc", "clang") if shutil.which(cc)), None)
     header = pathlib.Path(sysconfig.get_paths()["include"]) / "Python.h"
-    return bool(compiler and header.is_file()), {"compiler": compiler, "Python.h": str(header) if header.is_file()
-                                                 else f"missing ({header})"}
+    return bool(compiler and header.is_file()), {
+        "compiler": compiler,
+        "Python.h": str(header) if header.is_file() else f"missing ({header})",
+    }
 
 
 def _modules(*names):
     def check():
         missing = [name for name in names if importlib.util.find_spec(name) is None]
         return not missing, "all importable" if not missing else f"missing: {', '.join(missing)}"
+
     return check
 
 
@@ -69,22 +83,28 @@ def _triton_kernel(device: str):
         add_one[(triton.cdiv(100, 64),)](x, 100, BLOCK=64)
         expected = torch.arange(100, dtype=torch.float32, device=device) + 1
         return bool(torch.equal(x, expected)), f"add-one kernel on {device}"
+
     return check
 
 
 def _diffusers():
     import diffusers
     import huggingface_hub
+
     return True, {"diffusers": diffusers.__version__, "huggingface_hub": huggingface_hub.__version__}
 
 
 def _free_gpu_memory():
     import torch
+
     if not torch.cuda.is_available():
         return False, "no CUDA device"
     free, total = torch.cuda.mem_get_info()
-    return free / 2**30 >= MIN_FREE_GPU_GIB, {"device": torch.cuda.get_device_name(), "free_gib": round(free / 2**30, 1),
-                                              "total_gib": round(total / 2**30, 1)}
+    return free / 2**30 >= MIN_FREE_GPU_GIB, {
+        "device": torch.cuda.get_device_name(),
+        "free_gib": round(free / 2**30, 1),
+        "total_gib": round(total / 2**30, 1),
+    }
 
 
 def run(dry_run: bool) -> list[dict]:
@@ -111,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     checks = run(args.dry_run)
     fatal = [c for c in checks if c["fatal"]]
     warnings = [c["check"] for c in checks if not c["ok"] and not c["fatal"]]
-    verdict = ("NO-GO: " + "; ".join(f"{c['check']}: {c['detail']}" for c in fatal) if fatal
-               else "GO" + (f" (without: {', '.join(warnings)})" if warnings else ""))
+    verdict = (
+        "NO-GO: " + "; ".join(f"{c['check']}: {c['detail']}" for c in fatal)
+        if fatal
+        else "GO" + (f" (without: {', '.join(warnings)})" if warnings else "")
+    )
     write_result(args.json, "preflight", {"dry_run": args.dry_run}, checks, verdict=verdict)
     print(f"preflight: {verdict}", flush=True)
     return 1 if fatal else 0

@@ -4,6 +4,7 @@ Writes DIR/text_encoder.onnx, unet.onnx, vae_decoder.onnx, vae_encoder.onnx (and
 engines with --format tensorrt) plus DIR/manifest.json. Running again with the same inputs reuses
 what is there; changed weights or options rebuild only what they affect.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,24 +32,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     from export.tensorrt import PRECISIONS
 
     defaults = ShapeProfile()
-    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n\n")[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m export",
+        description=__doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", required=True, help="diffusers folder or single-file .safetensors")
     parser.add_argument("--out", required=True, help="export directory (empty, new, or one of ours)")
     parser.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx")
-    parser.add_argument("--dtype", choices=PRECISIONS, default=None,
-                        help="onnx: the graphs' dtype, fp32 (default) or fp16. tensorrt: the engine "
-                             "precision, fp16 (default), bf16 or fp32, built from fp32 graphs")
+    parser.add_argument(
+        "--dtype",
+        choices=PRECISIONS,
+        default=None,
+        help="onnx: the graphs' dtype, fp32 (default) or fp16. tensorrt: the engine "
+        "precision, fp16 (default), bf16 or fp32, built from fp32 graphs",
+    )
     for bound in ("min", "opt", "max"):
-        parser.add_argument(f"--{bound}", type=_shape, default=getattr(defaults, bound),
-                            metavar="BxHxW", help=f"{bound} image batch x height x width "
-                                                  f"(default {getattr(defaults, bound)})")
-    parser.add_argument("--networks", nargs="+", choices=NETWORKS, default=list(NETWORKS),
-                        help="export only these (default: all four)")
+        parser.add_argument(
+            f"--{bound}",
+            type=_shape,
+            default=getattr(defaults, bound),
+            metavar="BxHxW",
+            help=f"{bound} image batch x height x width (default {getattr(defaults, bound)})",
+        )
+    parser.add_argument(
+        "--networks", nargs="+", choices=NETWORKS, default=list(NETWORKS), help="export only these (default: all four)"
+    )
     parser.add_argument("--device", default="cpu", help="where to run the model while exporting")
     parser.add_argument("--refittable", action="store_true", help="tensorrt: build refittable engines")
-    parser.add_argument("--workspace-gb", type=float, default=None,
-                        help="tensorrt: cap on the builder's scratch memory")
+    parser.add_argument(
+        "--workspace-gb", type=float, default=None, help="tensorrt: cap on the builder's scratch memory"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (the log remains)")
     return parser.parse_args(argv)
 
@@ -62,8 +76,11 @@ def main(argv=None) -> int:
     try:
         return _main(argv)
     except KeyboardInterrupt:
-        print("error: interrupted; finished artifacts are kept and listed in manifest.json, the one in "
-              "progress was not written", file=sys.stderr)
+        print(
+            "error: interrupted; finished artifacts are kept and listed in manifest.json, the one in "
+            "progress was not written",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
 
 
@@ -82,18 +99,31 @@ def _main(argv) -> int:
 
             if args.dtype == "bf16":
                 raise ValueError("--dtype bf16 applies to --format tensorrt; ONNX export is fp32 or fp16")
-            paths = ensure_onnx(args.out, args.model, dtype=args.dtype or "fp32", profile=profile,
-                                device=args.device, networks=args.networks,
-                                progress=not args.no_progress)
+            paths = ensure_onnx(
+                args.out,
+                args.model,
+                dtype=args.dtype or "fp32",
+                profile=profile,
+                device=args.device,
+                networks=args.networks,
+                progress=not args.no_progress,
+            )
         else:
             from export.tensorrt import EngineOptions, ensure_engines
 
             workspace = int(args.workspace_gb * (1 << 30)) if args.workspace_gb else None
-            options = EngineOptions(precision=args.dtype or "fp16", refittable=args.refittable,
-                                    workspace_bytes=workspace)
-            paths = ensure_engines(args.out, args.model, profile=profile, options=options,
-                                   networks=args.networks, device=args.device,
-                                   progress=not args.no_progress)
+            options = EngineOptions(
+                precision=args.dtype or "fp16", refittable=args.refittable, workspace_bytes=workspace
+            )
+            paths = ensure_engines(
+                args.out,
+                args.model,
+                profile=profile,
+                options=options,
+                networks=args.networks,
+                device=args.device,
+                progress=not args.no_progress,
+            )
     except (ArtifactError, ValueError, FileNotFoundError, TensorRTUnavailable) as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return EXIT_ERROR

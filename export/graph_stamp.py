@@ -10,6 +10,7 @@ and its hash, which is deliberate tampering with the artifact, not an edited ind
 Reading the stamp walks only the top-level fields of the ModelProto and seeks past the graph, so it
 costs the same for a 2 GB UNet as for a text encoder.
 """
+
 from __future__ import annotations
 
 import os
@@ -95,11 +96,15 @@ def check_stamp(path: str | os.PathLike, weights_digest: str, manifest_path: str
     except (OSError, ValueError, EOFError) as err:
         raise ArtifactError(f"{path}: cannot read the weights it was exported from ({err})") from None
     if recorded is None:
-        raise ArtifactError(f"{path} records no weights digest ({STAMP_KEY}), yet {manifest_path} says it "
-                            f"is current: the manifest was edited or the graph replaced; delete the "
-                            f"directory and export again")
+        raise ArtifactError(
+            f"{path} records no weights digest ({STAMP_KEY}), yet {manifest_path} says it "
+            f"is current: the manifest was edited or the graph replaced; delete the "
+            f"directory and export again"
+        )
     if recorded != weights_digest:
-        raise ArtifactError(f"{path} was exported from weights {recorded[:12]}..., but {manifest_path} "
-                            f"claims {weights_digest[:12]}..., the weights being loaded: the manifest does "
-                            f"not describe this graph (edited or copied from another export); refusing to "
-                            f"run another model's graph. Delete the directory and export again")
+        raise ArtifactError(
+            f"{path} was exported from weights {recorded[:12]}..., but {manifest_path} "
+            f"claims {weights_digest[:12]}..., the weights being loaded: the manifest does "
+            f"not describe this graph (edited or copied from another export); refusing to "
+            f"run another model's graph. Delete the directory and export again"
+        )

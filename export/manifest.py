@@ -15,6 +15,7 @@ and to the bytes of their files. It is not a signature: anyone who can write DIR
 binding between an artifact and its weights is also kept inside the artifact (export/graph_stamp.py),
 and a manifest whose key fields disagree with that stamp is refused, not trusted.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -94,24 +95,37 @@ def tool_versions(names=("torch", "onnx", "onnxslim")) -> dict[str, str]:
 
 
 def describe_files(out_dir: Path, names) -> dict[str, dict]:
-    return {name: {"size": inside(out_dir, name).stat().st_size, "sha256": sha256_file(inside(out_dir, name))}
-            for name in names}
+    return {
+        name: {"size": inside(out_dir, name).stat().st_size, "sha256": sha256_file(inside(out_dir, name))}
+        for name in names
+    }
 
 
 def inside(out_dir: Path, name, listed_in: str = "the manifest") -> Path:
     """out_dir / name, for a name read from a file we may not have written: refused unless it is a
     plain file name (no separators, "..", absolute or empty names) whose resolved path, symlinks
     followed, stays directly inside out_dir."""
-    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name \
-            or "\0" in name or Path(name).is_absolute() or Path(name).name != name:
-        raise ArtifactError(f"{listed_in} lists file {name!r}, which is not a plain file name inside "
-                            f"{out_dir}; refusing to touch it (a manifest may only name files in its "
-                            f"own directory)")
+    if (
+        not isinstance(name, str)
+        or name in ("", ".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\0" in name
+        or Path(name).is_absolute()
+        or Path(name).name != name
+    ):
+        raise ArtifactError(
+            f"{listed_in} lists file {name!r}, which is not a plain file name inside "
+            f"{out_dir}; refusing to touch it (a manifest may only name files in its "
+            f"own directory)"
+        )
     path = out_dir / name
     root = out_dir.resolve()
     if path.is_symlink() or path.resolve().parent != root:
-        raise ArtifactError(f"{listed_in} lists {name!r}, which is a symlink or resolves to "
-                            f"{path.resolve()} outside {root}; refusing to read or delete it")
+        raise ArtifactError(
+            f"{listed_in} lists {name!r}, which is a symlink or resolves to "
+            f"{path.resolve()} outside {root}; refusing to read or delete it"
+        )
     return path
 
 
@@ -140,7 +154,7 @@ class Manifest:
         return self.data["artifacts"]
 
     @classmethod
-    def open(cls, out_dir: str | os.PathLike, *, create: bool = True) -> "Manifest":
+    def open(cls, out_dir: str | os.PathLike, *, create: bool = True) -> Manifest:
         """Read DIR's manifest, refusing a directory that holds anything that is not ours.
 
         An empty or missing directory gives an empty manifest (created on disk when create=True).
@@ -150,8 +164,10 @@ class Manifest:
             raise ArtifactError(f"export directory {out_dir} is a file, not a directory")
         manifest_path = out_dir / MANIFEST_NAME
         if manifest_path.is_symlink():
-            raise ArtifactError(f"{manifest_path} is a symlink (to {manifest_path.resolve()}); we never "
-                                f"write one, so refusing to read or replace it")
+            raise ArtifactError(
+                f"{manifest_path} is a symlink (to {manifest_path.resolve()}); we never "
+                f"write one, so refusing to read or replace it"
+            )
         if manifest_path.is_file():
             manifest = cls(out_dir, _read_manifest(manifest_path))
         else:
@@ -172,15 +188,18 @@ class Manifest:
         if not self.out_dir.is_dir():
             return
         ours = self.own_files()
-        foreign = sorted(path.name for path in self.out_dir.iterdir()
-                         if path.name not in ours and not path.name.startswith(TEMP_PREFIX))
+        foreign = sorted(
+            path.name
+            for path in self.out_dir.iterdir()
+            if path.name not in ours and not path.name.startswith(TEMP_PREFIX)
+        )
         if foreign:
             listed = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
-            why = ("its manifest.json does not list them" if self.path.is_file()
-                   else "it has no manifest.json of ours")
+            why = "its manifest.json does not list them" if self.path.is_file() else "it has no manifest.json of ours"
             raise ArtifactError(
                 f"refusing to write into {self.out_dir}: it holds files that are not our artifacts "
-                f"({listed}) and {why}; use an empty or new directory")
+                f"({listed}) and {why}; use an empty or new directory"
+            )
 
     def decide(self, artifact: str, key_fields: dict) -> Decision:
         """Reuse `artifact` if it was built from the same key fields and its files are intact.
@@ -192,8 +211,11 @@ class Manifest:
         if entry is None:
             return Decision(False, "not built yet")
         if entry.get("key") != digest_of(key_fields):
-            changed = sorted(name for name in set(key_fields) | set(entry.get("key_fields", {}))
-                             if key_fields.get(name) != entry.get("key_fields", {}).get(name))
+            changed = sorted(
+                name
+                for name in set(key_fields) | set(entry.get("key_fields", {}))
+                if key_fields.get(name) != entry.get("key_fields", {}).get(name)
+            )
             return Decision(False, "stale: " + ", ".join(changed or ["key"]) + " changed")
         missing = [name for name in entry["files"] if not inside(self.out_dir, name, str(self.path)).is_file()]
         if missing:
@@ -212,20 +234,28 @@ class Manifest:
                 raise ArtifactError(f"{path} is missing (listed in {self.path})")
             size = path.stat().st_size
             if size != expected["size"]:
-                raise ArtifactError(f"{path} is {size} bytes but {MANIFEST_NAME} says {expected['size']} "
-                                    f"(truncated or replaced); delete it and export again")
+                raise ArtifactError(
+                    f"{path} is {size} bytes but {MANIFEST_NAME} says {expected['size']} "
+                    f"(truncated or replaced); delete it and export again"
+                )
             found = sha256_file(path)
             if found != expected["sha256"]:
-                raise ArtifactError(f"{path} content hash {found[:12]}... differs from {MANIFEST_NAME}'s "
-                                    f"{expected['sha256'][:12]}... (modified or from another model); "
-                                    f"delete it and export again")
+                raise ArtifactError(
+                    f"{path} content hash {found[:12]}... differs from {MANIFEST_NAME}'s "
+                    f"{expected['sha256'][:12]}... (modified or from another model); "
+                    f"delete it and export again"
+                )
         return entry
 
-    def record(self, artifact: str, files, key_fields: dict, info: dict | None = None,
-               extra_files=()) -> dict:
+    def record(self, artifact: str, files, key_fields: dict, info: dict | None = None, extra_files=()) -> dict:
         """Register freshly written files of `artifact` and save the manifest."""
-        entry = {"files": describe_files(self.out_dir, files), "key_fields": key_fields,
-                 "key": digest_of(key_fields), "info": info or {}, "extra_files": sorted(extra_files)}
+        entry = {
+            "files": describe_files(self.out_dir, files),
+            "key_fields": key_fields,
+            "key": digest_of(key_fields),
+            "info": info or {},
+            "extra_files": sorted(extra_files),
+        }
         self.artifacts[artifact] = entry
         self.save()
         return entry
@@ -252,14 +282,17 @@ def _read_manifest(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ArtifactError(f"{path} is not a readable manifest ({err}); refusing to touch that "
-                            f"directory") from None
+        raise ArtifactError(f"{path} is not a readable manifest ({err}); refusing to touch that directory") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-        raise ArtifactError(f"{path} is not a manifest written by this exporter (no "
-                            f"\"format\": \"{FORMAT_NAME}\"); refusing to touch that directory")
+        raise ArtifactError(
+            f"{path} is not a manifest written by this exporter (no "
+            f'"format": "{FORMAT_NAME}"); refusing to touch that directory'
+        )
     if data.get("version") != FORMAT_VERSION or not isinstance(data.get("artifacts"), dict):
-        raise ArtifactError(f"{path} has manifest version {data.get('version')!r}; this exporter "
-                            f"reads version {FORMAT_VERSION}: export into a new directory")
+        raise ArtifactError(
+            f"{path} has manifest version {data.get('version')!r}; this exporter "
+            f"reads version {FORMAT_VERSION}: export into a new directory"
+        )
     for artifact, entry in data["artifacts"].items():
         _check_entry(path, artifact, entry)
     return data
@@ -268,14 +301,22 @@ def _read_manifest(path: Path) -> dict:
 def _check_entry(path: Path, artifact: str, entry) -> None:
     """The structure of one artifact entry, and every file name in it confined to the directory."""
     where = f"{path} (artifact {artifact!r})"
-    if not isinstance(entry, dict) or not isinstance(entry.get("files"), dict) \
-            or not isinstance(entry.get("extra_files", []), list):
-        raise ArtifactError(f"{where}: entry is not {{\"files\": {{name: {{size, sha256}}}}, ...}}; "
-                            f"refusing to touch that directory")
+    if (
+        not isinstance(entry, dict)
+        or not isinstance(entry.get("files"), dict)
+        or not isinstance(entry.get("extra_files", []), list)
+    ):
+        raise ArtifactError(
+            f'{where}: entry is not {{"files": {{name: {{size, sha256}}}}, ...}}; refusing to touch that directory'
+        )
     for name, described in entry["files"].items():
         inside(path.parent, name, where)
-        if not isinstance(described, dict) or isinstance(described.get("size"), bool) \
-                or not isinstance(described.get("size"), int) or not isinstance(described.get("sha256"), str):
+        if (
+            not isinstance(described, dict)
+            or isinstance(described.get("size"), bool)
+            or not isinstance(described.get("size"), int)
+            or not isinstance(described.get("sha256"), str)
+        ):
             raise ArtifactError(f"{where}: file {name!r} has no integer size and string sha256")
     for name in entry.get("extra_files", []):
         inside(path.parent, name, where)

@@ -11,6 +11,7 @@ Export always runs the eager reference layers: if a backend swapped Triton kerne
 for the duration of the export, so the graph holds only standard ONNX ops (GroupNorm becomes the
 exporter's InstanceNormalization-based decomposition, attention becomes MatMul/Softmax).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -86,14 +87,17 @@ class _VAEEncoder(nn.Module):
         return self.vae.encode_moments(images)
 
 
-_WRAPPERS = {"text_encoder": _TextEncoder, "unet": _UNet, "vae_decoder": _VAEDecoder,
-             "vae_encoder": _VAEEncoder}
+_WRAPPERS = {"text_encoder": _TextEncoder, "unet": _UNet, "vae_decoder": _VAEDecoder, "vae_encoder": _VAEEncoder}
 
 
 def network_module(components, name: str) -> nn.Module:
     """The module that computes network `name` from the loaded components, with ONNX's signature."""
-    source = {"text_encoder": components.text_encoder, "unet": components.unet,
-              "vae_decoder": components.vae, "vae_encoder": components.vae}[name]
+    source = {
+        "text_encoder": components.text_encoder,
+        "unet": components.unet,
+        "vae_decoder": components.vae,
+        "vae_encoder": components.vae,
+    }[name]
     return _WRAPPERS[name](source).eval()
 
 
@@ -107,19 +111,20 @@ def reference_layers(model: nn.Module):
 
     swapped = []
     for base in (GroupNorm, AttentionCore, GEGLU):
-        swapped += replace_modules(model, lambda m, base=base: isinstance(m, base) and type(m) is not base,
-                                   lambda m, base=base: rebind(m, base))
+        swapped += replace_modules(
+            model,
+            lambda m, base=base: isinstance(m, base) and type(m) is not base,
+            lambda m, base=base: rebind(m, base),
+        )
     if swapped:
-        log.info("export uses the eager reference layers: %d substituted layers swapped back",
-                 len(swapped))
+        log.info("export uses the eager reference layers: %d substituted layers swapped back", len(swapped))
     try:
         yield model
     finally:
         restore_modules(swapped)
 
 
-_ONNX_FLOAT_TYPES = {"Float": (1, torch.float32), "Half": (10, torch.float16),
-                     "BFloat16": (16, torch.bfloat16)}
+_ONNX_FLOAT_TYPES = {"Float": (1, torch.float32), "Half": (10, torch.float16), "BFloat16": (16, torch.bfloat16)}
 
 
 def _sdpa_symbolic(g, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
@@ -132,8 +137,10 @@ def _sdpa_symbolic(g, query, key, value, attn_mask, dropout_p, is_causal, scale,
     from torch.onnx import symbolic_helper
 
     if not symbolic_helper._is_none(attn_mask) or dropout_p != 0.0 or enable_gqa:
-        raise ValueError("ONNX export handles scaled_dot_product_attention without attn_mask, "
-                         "dropout or grouped-query attention only (what our models use)")
+        raise ValueError(
+            "ONNX export handles scaled_dot_product_attention without attn_mask, "
+            "dropout or grouped-query attention only (what our models use)"
+        )
     onnx_type, torch_type = _ONNX_FLOAT_TYPES[query.type().scalarType()]
 
     def const(values, dtype=torch_type):
@@ -144,7 +151,7 @@ def _sdpa_symbolic(g, query, key, value, attn_mask, dropout_p, is_causal, scale,
 
     scale = symbolic_helper._maybe_get_const(scale, "f")
     if symbolic_helper._is_none(scale) or scale is None:
-        head_dim = g.op("Cast", last_dims(query, -1, 2 ** 62), to_i=1)
+        head_dim = g.op("Cast", last_dims(query, -1, 2**62), to_i=1)
         scale = g.op("Div", const([1.0], torch.float32), g.op("Sqrt", head_dim))
     else:
         scale = const([float(scale)], torch.float32)
@@ -178,8 +185,15 @@ def _module_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
     return tensor.dtype, tensor.device
 
 
-def export_network(module: nn.Module, spec: NetworkSpec, out_dir: str | os.PathLike, *,
-                   sample=None, opset: int = OPSET, weights_digest: str | None = None) -> list[str]:
+def export_network(
+    module: nn.Module,
+    spec: NetworkSpec,
+    out_dir: str | os.PathLike,
+    *,
+    sample=None,
+    opset: int = OPSET,
+    weights_digest: str | None = None,
+) -> list[str]:
     """Export `module` (a `network_module`) to out_dir/<spec.name>.onnx; return the file names written.
 
     The graph is traced near `sample` (an ImageShape, default the default profile's opt shape; see
@@ -193,23 +207,29 @@ def export_network(module: nn.Module, spec: NetworkSpec, out_dir: str | os.PathL
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype, device = _module_dtype_device(module)
     dtype_name(dtype)
-    inputs = spec.sample_inputs(_odd_latent(sample or ShapeProfile().opt, spec.factor), dtype=dtype,
-                                device=device)
+    inputs = spec.sample_inputs(_odd_latent(sample or ShapeProfile().opt, spec.factor), dtype=dtype, device=device)
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     external = weight_bytes > EXTERNAL_DATA_BYTES
     graph_name, data_name = f"{spec.name}.onnx", f"{spec.name}.onnx.data"
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=TEMP_PREFIX) as work:
         raw = Path(work) / "raw" / graph_name
         raw.parent.mkdir()
-        with reference_layers(module), _attention_symbolic(opset), torch.no_grad(), \
-                warnings.catch_warnings():
+        with reference_layers(module), _attention_symbolic(opset), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's notice
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             # The exporter's note that it leaves some Slice ops unfolded (onnxslim folds them next).
             warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
-            torch.onnx.export(module, inputs, str(raw), dynamo=False, opset_version=opset,
-                              input_names=spec.input_names, output_names=spec.output_names,
-                              dynamic_axes=spec.dynamic_axes(), do_constant_folding=True)
+            torch.onnx.export(
+                module,
+                inputs,
+                str(raw),
+                dynamo=False,
+                opset_version=opset,
+                input_names=spec.input_names,
+                output_names=spec.output_names,
+                dynamic_axes=spec.dynamic_axes(),
+                do_constant_folding=True,
+            )
         # onnxslim's shape inference measures the whole proto, which fails above 2 GB: for large
         # graphs it is skipped there and onnx's path-based shape inference runs in the checker below.
         slim = onnxslim.slim(str(raw), no_shape_infer=external)
@@ -218,8 +238,14 @@ def export_network(module: nn.Module, spec: NetworkSpec, out_dir: str | os.PathL
         final.parent.mkdir()
         if weights_digest is not None:
             stamp(slim, weights_digest)
-        onnx.save_model(slim, str(final), save_as_external_data=external,
-                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        onnx.save_model(
+            slim,
+            str(final),
+            save_as_external_data=external,
+            all_tensors_to_one_file=True,
+            location=data_name,
+            size_threshold=1024,
+        )
         del slim
         # The path-based checker reads external data from disk: it works above 2 GB too.
         onnx.checker.check_model(str(final), full_check=True)
@@ -247,25 +273,43 @@ def _check_interface(model, spec: NetworkSpec, path: Path) -> None:
     inputs = [value.name for value in model.graph.input]
     outputs = [value.name for value in model.graph.output]
     if inputs != spec.input_names or outputs != spec.output_names:
-        raise ArtifactError(f"{path}: exported graph has inputs {inputs} / outputs {outputs}, expected "
-                            f"{spec.input_names} / {spec.output_names}")
+        raise ArtifactError(
+            f"{path}: exported graph has inputs {inputs} / outputs {outputs}, expected "
+            f"{spec.input_names} / {spec.output_names}"
+        )
     custom = sorted({node.op_type for node in model.graph.node if node.domain not in ("", "ai.onnx")})
     if custom:
-        raise ArtifactError(f"{path}: exported graph holds non-standard ops {custom}; export must use "
-                            "the reference layers")
+        raise ArtifactError(
+            f"{path}: exported graph holds non-standard ops {custom}; export must use the reference layers"
+        )
 
 
 def onnx_key_fields(name: str, weights_digest: str, dtype: str, opset: int) -> dict:
     """What an ONNX artifact depends on; any change rebuilds it. The weights digest covers the
     component's config too, so the interface (a function of config and this code) is not repeated.
     The shape profile is not here: the graph's axes are dynamic, only TensorRT engines depend on it."""
-    return {"artifact": f"{name}.onnx", "weights": weights_digest, "dtype": dtype, "opset": opset,
-            "tools": tool_versions(("torch", "onnx", "onnxslim")), "exporter": EXPORTER_VERSION}
+    return {
+        "artifact": f"{name}.onnx",
+        "weights": weights_digest,
+        "dtype": dtype,
+        "opset": opset,
+        "tools": tool_versions(("torch", "onnx", "onnxslim")),
+        "exporter": EXPORTER_VERSION,
+    }
 
 
-def ensure_onnx(out_dir: str | os.PathLike, model_path: str | os.PathLike, *, dtype="fp32",
-                profile: ShapeProfile | None = None, components=None, device="cpu",
-                networks=NETWORKS, opset: int = OPSET, progress: bool = True) -> dict[str, Path]:
+def ensure_onnx(
+    out_dir: str | os.PathLike,
+    model_path: str | os.PathLike,
+    *,
+    dtype="fp32",
+    profile: ShapeProfile | None = None,
+    components=None,
+    device="cpu",
+    networks=NETWORKS,
+    opset: int = OPSET,
+    progress: bool = True,
+) -> dict[str, Path]:
     """Make out_dir hold up-to-date ONNX graphs of `networks` of the model at model_path.
 
     Reuses what the manifest says is current, rebuilds what is stale or missing, and raises
@@ -291,18 +335,34 @@ def ensure_onnx(out_dir: str | os.PathLike, model_path: str | os.PathLike, *, dt
             todo.append((name, fields))
     if todo and components is None:
         from runtime.weights import load_components
+
         log.info("loading %s (%s, %s) for export", model_path, dtype, device)
         components = load_components(model_path, device=device, dtype=DTYPES[dtype])
     specs = specs_of(components) if todo else {}
     for name, fields in _progress(todo, progress):
         manifest.forget(f"{name}.onnx")
         log.info("exporting %s.onnx (%s, opset %d)", name, dtype, opset)
-        files = export_network(network_module(components, name), specs[name], manifest.out_dir,
-                               sample=profile.opt, opset=opset, weights_digest=fields["weights"])
-        manifest.record(f"{name}.onnx", files, fields,
-                        info={"network": name, "dtype": dtype, "opset": opset,
-                              "sample_shape": str(profile.opt), "source": str(model_path),
-                              "spec": specs[name].to_dict()})
+        files = export_network(
+            network_module(components, name),
+            specs[name],
+            manifest.out_dir,
+            sample=profile.opt,
+            opset=opset,
+            weights_digest=fields["weights"],
+        )
+        manifest.record(
+            f"{name}.onnx",
+            files,
+            fields,
+            info={
+                "network": name,
+                "dtype": dtype,
+                "opset": opset,
+                "sample_shape": str(profile.opt),
+                "source": str(model_path),
+                "spec": specs[name].to_dict(),
+            },
+        )
     return {name: manifest.out_dir / f"{name}.onnx" for name in networks}
 
 

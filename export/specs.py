@@ -11,11 +11,12 @@ Shapes are described once, symbolically, with these dimension symbols:
 The VAE encoder outputs the latent distribution's mean ("latent", what AutoencoderKL.encode returns)
 and its log-variance ("latent_logvar"), so img2img can sample the posterior as diffusers does.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import torch
 
@@ -40,7 +41,7 @@ class ImageShape:
                 raise ValueError(f"ImageShape.{name} must be a positive int, got {value!r}")
 
     @classmethod
-    def parse(cls, text: str) -> "ImageShape":
+    def parse(cls, text: str) -> ImageShape:
         match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
         if not match:
             raise ValueError(f"shape {text!r} is not of the form BxHxW (e.g. 1x512x512)")
@@ -62,14 +63,17 @@ class ShapeProfile:
         for name in ("batch", "height", "width"):
             low, mid, high = (getattr(shape, name) for shape in (self.min, self.opt, self.max))
             if not low <= mid <= high:
-                raise ValueError(f"shape profile {name}: need min <= opt <= max, got "
-                                 f"{low} / {mid} / {high} (min {self.min}, opt {self.opt}, max {self.max})")
+                raise ValueError(
+                    f"shape profile {name}: need min <= opt <= max, got "
+                    f"{low} / {mid} / {high} (min {self.min}, opt {self.opt}, max {self.max})"
+                )
 
     def check_multiple_of(self, factor: int) -> None:
         for label, shape in (("min", self.min), ("opt", self.opt), ("max", self.max)):
             if shape.height % factor or shape.width % factor:
-                raise ValueError(f"shape profile {label} {shape}: height and width must be multiples "
-                                 f"of the VAE factor {factor}")
+                raise ValueError(
+                    f"shape profile {label} {shape}: height and width must be multiples of the VAE factor {factor}"
+                )
 
     def as_dict(self) -> dict:
         return {"min": str(self.min), "opt": str(self.opt), "max": str(self.max)}
@@ -116,18 +120,26 @@ class NetworkSpec:
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """The `dynamic_axes` argument of torch.onnx.export: every symbolic dim of every tensor."""
-        return {tensor.name: {axis: AXIS_NAMES[dim] for axis, dim in enumerate(tensor.dims)
-                              if isinstance(dim, str)}
-                for tensor in self.inputs + self.outputs}
+        return {
+            tensor.name: {axis: AXIS_NAMES[dim] for axis, dim in enumerate(tensor.dims) if isinstance(dim, str)}
+            for tensor in self.inputs + self.outputs
+        }
 
     def symbols(self, image: ImageShape, *, guided: bool | None = None) -> dict[str, int]:
         """Symbol values for an image batch; guided networks double the batch unless guided=False."""
         doubled = self.guided if guided is None else (guided and self.guided)
         if image.height % self.factor or image.width % self.factor:
-            raise ValueError(f"{self.name}: image size {image.height}x{image.width} is not a multiple "
-                             f"of the VAE factor {self.factor}")
-        return {"B": image.batch * (2 if doubled else 1), "H": image.height, "W": image.width,
-                "h": image.height // self.factor, "w": image.width // self.factor}
+            raise ValueError(
+                f"{self.name}: image size {image.height}x{image.width} is not a multiple "
+                f"of the VAE factor {self.factor}"
+            )
+        return {
+            "B": image.batch * (2 if doubled else 1),
+            "H": image.height,
+            "W": image.width,
+            "h": image.height // self.factor,
+            "w": image.width // self.factor,
+        }
 
     def profile_shapes(self, profile: ShapeProfile) -> dict[str, tuple[tuple, tuple, tuple]]:
         """{input name: (min shape, opt shape, max shape)}, a TensorRT optimization profile.
@@ -138,8 +150,7 @@ class NetworkSpec:
         profile.check_multiple_of(self.factor)
         low = self.symbols(profile.min, guided=False)
         mid, high = self.symbols(profile.opt), self.symbols(profile.max)
-        return {tensor.name: (tensor.shape(low), tensor.shape(mid), tensor.shape(high))
-                for tensor in self.inputs}
+        return {tensor.name: (tensor.shape(low), tensor.shape(mid), tensor.shape(high)) for tensor in self.inputs}
 
     def bind(self, input_shapes: Mapping[str, tuple]) -> dict[str, int]:
         """Symbol values implied by concrete input shapes; a clear error on rank or size mismatch."""
@@ -149,18 +160,24 @@ class NetworkSpec:
                 raise ValueError(f"{self.name}: missing input {tensor.name!r}")
             shape = tuple(input_shapes[tensor.name])
             if len(shape) != len(tensor.dims):
-                raise ValueError(f"{self.name}: input {tensor.name!r} must have {len(tensor.dims)} dims "
-                                 f"{_dims_text(tensor.dims)}, got shape {list(shape)}")
+                raise ValueError(
+                    f"{self.name}: input {tensor.name!r} must have {len(tensor.dims)} dims "
+                    f"{_dims_text(tensor.dims)}, got shape {list(shape)}"
+                )
             for dim, size in zip(tensor.dims, shape):
                 if isinstance(dim, int):
                     if size != dim:
-                        raise ValueError(f"{self.name}: input {tensor.name!r} has shape {list(shape)}, "
-                                         f"expected {_dims_text(tensor.dims)}")
+                        raise ValueError(
+                            f"{self.name}: input {tensor.name!r} has shape {list(shape)}, "
+                            f"expected {_dims_text(tensor.dims)}"
+                        )
                     continue
                 seen = values.setdefault(dim, size)
                 if seen != size:
-                    raise ValueError(f"{self.name}: input {tensor.name!r} dim {AXIS_NAMES[dim]} is {size} "
-                                     f"but another input says {seen}")
+                    raise ValueError(
+                        f"{self.name}: input {tensor.name!r} dim {AXIS_NAMES[dim]} is {size} "
+                        f"but another input says {seen}"
+                    )
         if "h" in values:
             values.setdefault("H", values["h"] * self.factor)
             values.setdefault("W", values["w"] * self.factor)
@@ -171,18 +188,26 @@ class NetworkSpec:
 
     def to_dict(self) -> dict:
         """JSON form, stored in the manifest so engines can be built without loading the model."""
-        return {"name": self.name, "component": self.component, "factor": self.factor,
-                "guided": self.guided,
-                "inputs": [[t.name, list(t.dims), t.dtype, t.high] for t in self.inputs],
-                "outputs": [[t.name, list(t.dims), t.dtype, t.high] for t in self.outputs]}
+        return {
+            "name": self.name,
+            "component": self.component,
+            "factor": self.factor,
+            "guided": self.guided,
+            "inputs": [[t.name, list(t.dims), t.dtype, t.high] for t in self.inputs],
+            "outputs": [[t.name, list(t.dims), t.dtype, t.high] for t in self.outputs],
+        }
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> "NetworkSpec":
+    def from_dict(cls, data: Mapping) -> NetworkSpec:
         try:
-            return cls(name=data["name"], component=data["component"], factor=data["factor"],
-                       guided=data["guided"],
-                       inputs=tuple(TensorSpec(n, tuple(d), t, h) for n, d, t, h in data["inputs"]),
-                       outputs=tuple(TensorSpec(n, tuple(d), t, h) for n, d, t, h in data["outputs"]))
+            return cls(
+                name=data["name"],
+                component=data["component"],
+                factor=data["factor"],
+                guided=data["guided"],
+                inputs=tuple(TensorSpec(n, tuple(d), t, h) for n, d, t, h in data["inputs"]),
+                outputs=tuple(TensorSpec(n, tuple(d), t, h) for n, d, t, h in data["outputs"]),
+            )
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"malformed network spec {dict(data)!r}: {err}") from None
 
@@ -190,8 +215,14 @@ class NetworkSpec:
         values = self.bind(input_shapes)
         return {tensor.name: tensor.shape(values) for tensor in self.outputs}
 
-    def sample_inputs(self, image: ImageShape, *, dtype: torch.dtype = torch.float32,
-                      device: str | torch.device = "cpu", seed: int = 0) -> tuple[torch.Tensor, ...]:
+    def sample_inputs(
+        self,
+        image: ImageShape,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+    ) -> tuple[torch.Tensor, ...]:
         """Random inputs of the right names' shapes and dtypes (in input order); never zeros."""
         generator = torch.Generator("cpu").manual_seed(seed)
         values = self.symbols(image)
@@ -219,35 +250,51 @@ def vae_factor(vae_config) -> int:
 def text_encoder_spec(text_config) -> NetworkSpec:
     length, width = text_config.max_position_embeddings, text_config.hidden_size
     return NetworkSpec(
-        name="text_encoder", component="text_encoder", guided=True,
+        name="text_encoder",
+        component="text_encoder",
+        guided=True,
         inputs=(TensorSpec("input_ids", ("B", length), "int64", high=text_config.vocab_size),),
-        outputs=(TensorSpec("last_hidden_state", ("B", length, width), "float"),))
+        outputs=(TensorSpec("last_hidden_state", ("B", length, width), "float"),),
+    )
 
 
 def unet_spec(unet_config, vae_config, text_length: int = 77) -> NetworkSpec:
     # Timesteps travel as float32 [B]: Euler-family schedulers use fractional timesteps.
     return NetworkSpec(
-        name="unet", component="unet", guided=True, factor=vae_factor(vae_config),
-        inputs=(TensorSpec("sample", ("B", unet_config.in_channels, "h", "w"), "float"),
-                TensorSpec("timestep", ("B",), "float32"),
-                TensorSpec("encoder_hidden_states", ("B", text_length, unet_config.cross_attention_dim),
-                           "float")),
-        outputs=(TensorSpec("out_sample", ("B", unet_config.out_channels, "h", "w"), "float"),))
+        name="unet",
+        component="unet",
+        guided=True,
+        factor=vae_factor(vae_config),
+        inputs=(
+            TensorSpec("sample", ("B", unet_config.in_channels, "h", "w"), "float"),
+            TensorSpec("timestep", ("B",), "float32"),
+            TensorSpec("encoder_hidden_states", ("B", text_length, unet_config.cross_attention_dim), "float"),
+        ),
+        outputs=(TensorSpec("out_sample", ("B", unet_config.out_channels, "h", "w"), "float"),),
+    )
 
 
 def vae_decoder_spec(vae_config) -> NetworkSpec:
     return NetworkSpec(
-        name="vae_decoder", component="vae", factor=vae_factor(vae_config),
+        name="vae_decoder",
+        component="vae",
+        factor=vae_factor(vae_config),
         inputs=(TensorSpec("latent", ("B", vae_config.latent_channels, "h", "w"), "float"),),
-        outputs=(TensorSpec("images", ("B", vae_config.out_channels, "H", "W"), "float"),))
+        outputs=(TensorSpec("images", ("B", vae_config.out_channels, "H", "W"), "float"),),
+    )
 
 
 def vae_encoder_spec(vae_config) -> NetworkSpec:
     return NetworkSpec(
-        name="vae_encoder", component="vae", factor=vae_factor(vae_config),
+        name="vae_encoder",
+        component="vae",
+        factor=vae_factor(vae_config),
         inputs=(TensorSpec("images", ("B", vae_config.in_channels, "H", "W"), "float"),),
-        outputs=(TensorSpec("latent", ("B", vae_config.latent_channels, "h", "w"), "float"),
-                 TensorSpec("latent_logvar", ("B", vae_config.latent_channels, "h", "w"), "float")))
+        outputs=(
+            TensorSpec("latent", ("B", vae_config.latent_channels, "h", "w"), "float"),
+            TensorSpec("latent_logvar", ("B", vae_config.latent_channels, "h", "w"), "float"),
+        ),
+    )
 
 
 def network_specs(unet_config, vae_config, text_config) -> dict[str, NetworkSpec]:

@@ -15,6 +15,7 @@ the deserialization in load_engine, and all of runtime/backends/tensorrt_backend
 context, CUDA-graph capture and replay). tests/export/test_tensorrt.py runs the rest with the library
 faked, and skips the end-to-end engine test, saying why, where TensorRT or a GPU is missing.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,8 +63,10 @@ def import_tensorrt():
     try:
         import tensorrt
     except ImportError as err:
-        raise TensorRTUnavailable(f"TensorRT is not installed ({err}): install TensorRT 10 "
-                           "(`pip install tensorrt`) on a machine with an NVIDIA GPU") from None
+        raise TensorRTUnavailable(
+            f"TensorRT is not installed ({err}): install TensorRT 10 "
+            "(`pip install tensorrt`) on a machine with an NVIDIA GPU"
+        ) from None
     major = int(tensorrt.__version__.split(".")[0])
     if major < 10:
         raise TensorRTUnavailable(f"TensorRT {tensorrt.__version__} is installed; this code needs TensorRT 10")
@@ -85,13 +88,27 @@ def profile_json(spec: NetworkSpec, profile: ShapeProfile) -> dict[str, list[lis
     return {name: [list(shape) for shape in shapes] for name, shapes in spec.profile_shapes(profile).items()}
 
 
-def engine_metadata(spec: NetworkSpec, profile: ShapeProfile, options: EngineOptions, *,
-                    tensorrt_version: str, gpu: dict, onnx_sha256: str) -> dict:
-    return {"network": spec.name, "tensorrt_version": tensorrt_version,
-            "compute_capability": gpu["compute_capability"], "gpu_name": gpu.get("name", ""),
-            "precision": options.precision, "refittable": options.refittable,
-            "profile": profile_json(spec, profile), "image_profile": profile.as_dict(),
-            "onnx_sha256": onnx_sha256, "spec": spec.to_dict()}
+def engine_metadata(
+    spec: NetworkSpec,
+    profile: ShapeProfile,
+    options: EngineOptions,
+    *,
+    tensorrt_version: str,
+    gpu: dict,
+    onnx_sha256: str,
+) -> dict:
+    return {
+        "network": spec.name,
+        "tensorrt_version": tensorrt_version,
+        "compute_capability": gpu["compute_capability"],
+        "gpu_name": gpu.get("name", ""),
+        "precision": options.precision,
+        "refittable": options.refittable,
+        "profile": profile_json(spec, profile),
+        "image_profile": profile.as_dict(),
+        "onnx_sha256": onnx_sha256,
+        "spec": spec.to_dict(),
+    }
 
 
 def metadata_path(plan_path: Path) -> Path:
@@ -106,8 +123,9 @@ def read_metadata(plan_path: str | os.PathLike) -> dict:
     try:
         meta = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ArtifactError(f"{path} is missing: cannot tell which GPU and TensorRT built {plan_path}; "
-                            "rebuild the engine") from None
+        raise ArtifactError(
+            f"{path} is missing: cannot tell which GPU and TensorRT built {plan_path}; rebuild the engine"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ArtifactError(f"{path} is not readable engine metadata ({err})") from None
     required = ("tensorrt_version", "compute_capability", "profile", "onnx_sha256", "spec")
@@ -117,46 +135,66 @@ def read_metadata(plan_path: str | os.PathLike) -> dict:
     return meta
 
 
-def check_engine_compatible(meta: dict, plan_path, *, tensorrt_version: str, compute_capability: str,
-                            onnx_sha256: str | None = None) -> None:
+def check_engine_compatible(
+    meta: dict, plan_path, *, tensorrt_version: str, compute_capability: str, onnx_sha256: str | None = None
+) -> None:
     """Refuse an engine built by another TensorRT, for another GPU architecture, or from another graph."""
     if meta["tensorrt_version"] != tensorrt_version:
-        raise EngineMismatchError(f"{plan_path} was built by TensorRT {meta['tensorrt_version']} but "
-                                  f"TensorRT {tensorrt_version} is installed; rebuild the engine")
+        raise EngineMismatchError(
+            f"{plan_path} was built by TensorRT {meta['tensorrt_version']} but "
+            f"TensorRT {tensorrt_version} is installed; rebuild the engine"
+        )
     if meta["compute_capability"] != compute_capability:
         raise EngineMismatchError(
             f"{plan_path} was built for GPU compute capability {meta['compute_capability']} "
             f"({meta.get('gpu_name') or 'unknown GPU'}) but this GPU is {compute_capability}; rebuild the "
-            "engine on this GPU")
+            "engine on this GPU"
+        )
     if onnx_sha256 is not None and meta["onnx_sha256"] != onnx_sha256:
-        raise EngineMismatchError(f"{plan_path} was built from an ONNX graph with sha256 "
-                                  f"{meta['onnx_sha256'][:12]}... but the graph now is {onnx_sha256[:12]}... "
-                                  "(another model or export); rebuild the engine")
+        raise EngineMismatchError(
+            f"{plan_path} was built from an ONNX graph with sha256 "
+            f"{meta['onnx_sha256'][:12]}... but the graph now is {onnx_sha256[:12]}... "
+            "(another model or export); rebuild the engine"
+        )
 
 
 def check_shapes_in_profile(meta: dict, shapes: dict[str, tuple], plan_path) -> None:
     """Every input shape must lie within the engine's optimization profile, dim by dim."""
     for name, shape in shapes.items():
         if name not in meta["profile"]:
-            raise EngineMismatchError(f"{plan_path} has no input {name!r}; its inputs are "
-                                      f"{sorted(meta['profile'])}")
+            raise EngineMismatchError(f"{plan_path} has no input {name!r}; its inputs are {sorted(meta['profile'])}")
         low, _, high = meta["profile"][name]
         if len(shape) != len(low) or any(not lo <= size <= hi for size, lo, hi in zip(shape, low, high)):
             raise EngineMismatchError(
                 f"{plan_path}: input {name!r} shape {list(shape)} is outside the engine's profile "
-                f"(min {low}, max {high}); export again with wider --min/--max")
+                f"(min {low}, max {high}); export again with wider --min/--max"
+            )
 
 
-def engine_key_fields(name: str, onnx_sha256: str, profile: ShapeProfile, options: EngineOptions,
-                      tensorrt_version: str, gpu: dict) -> dict:
-    return {"artifact": f"{name}.plan", "onnx": onnx_sha256, "profile": profile.as_dict(),
-            "precision": options.precision, "refittable": options.refittable,
-            "workspace_bytes": options.workspace_bytes, "tensorrt": tensorrt_version,
-            "compute_capability": gpu["compute_capability"]}
+def engine_key_fields(
+    name: str, onnx_sha256: str, profile: ShapeProfile, options: EngineOptions, tensorrt_version: str, gpu: dict
+) -> dict:
+    return {
+        "artifact": f"{name}.plan",
+        "onnx": onnx_sha256,
+        "profile": profile.as_dict(),
+        "precision": options.precision,
+        "refittable": options.refittable,
+        "workspace_bytes": options.workspace_bytes,
+        "tensorrt": tensorrt_version,
+        "compute_capability": gpu["compute_capability"],
+    }
 
 
-def build_engine(onnx_path: Path, plan_path: Path, spec: NetworkSpec, profile: ShapeProfile,
-                 options: EngineOptions, timing_cache_path: Path, meta: dict) -> None:
+def build_engine(
+    onnx_path: Path,
+    plan_path: Path,
+    spec: NetworkSpec,
+    profile: ShapeProfile,
+    options: EngineOptions,
+    timing_cache_path: Path,
+    meta: dict,
+) -> None:
     """Parse onnx_path, build a serialized engine with one optimization profile, write it and its
     metadata, and save the (grown) timing cache for the next build."""
     trt = import_tensorrt()
@@ -197,16 +235,22 @@ def build_engine(onnx_path: Path, plan_path: Path, spec: NetworkSpec, profile: S
     os.replace(cache_temp, timing_cache_path)
 
 
-def ensure_engines(out_dir, model_path, *, profile: ShapeProfile | None = None,
-                   options: EngineOptions | None = None, networks=NETWORKS, device="cpu",
-                   progress: bool = True) -> dict[str, Path]:
+def ensure_engines(
+    out_dir,
+    model_path,
+    *,
+    profile: ShapeProfile | None = None,
+    options: EngineOptions | None = None,
+    networks=NETWORKS,
+    device="cpu",
+    progress: bool = True,
+) -> dict[str, Path]:
     """fp32 ONNX graphs, then one engine per network; reuses whatever the manifest says is current."""
     profile = profile or ShapeProfile()
     options = options or EngineOptions()
     trt = import_tensorrt()
     gpu = current_gpu()
-    ensure_onnx(out_dir, model_path, dtype="fp32", profile=profile, device=device,
-                networks=networks, progress=progress)
+    ensure_onnx(out_dir, model_path, dtype="fp32", profile=profile, device=device, networks=networks, progress=progress)
     manifest = Manifest.open(out_dir)
     timing_cache = manifest.out_dir / TIMING_CACHE_NAME
     plans = {}
@@ -221,16 +265,24 @@ def ensure_engines(out_dir, model_path, *, profile: ShapeProfile | None = None,
         if decision.reuse:
             log.info("%s.plan: reused (up to date)", name)
             continue
-        log.info("%s.plan: %s; building (%s, profile %s .. %s)", name, decision.reason,
-                 options.precision, profile.min, profile.max)
+        log.info(
+            "%s.plan: %s; building (%s, profile %s .. %s)",
+            name,
+            decision.reason,
+            options.precision,
+            profile.min,
+            profile.max,
+        )
         manifest.forget(f"{name}.plan")
-        meta = engine_metadata(spec, profile, options, tensorrt_version=trt.__version__, gpu=gpu,
-                               onnx_sha256=onnx_sha)
+        meta = engine_metadata(spec, profile, options, tensorrt_version=trt.__version__, gpu=gpu, onnx_sha256=onnx_sha)
         build_engine(manifest.out_dir / f"{name}.onnx", plan, spec, profile, options, timing_cache, meta)
-        manifest.record(f"{name}.plan", [plan.name, metadata_path(plan).name], fields,
-                        info={"network": name, "precision": options.precision,
-                              "profile": profile.as_dict()},
-                        extra_files=[TIMING_CACHE_NAME])
+        manifest.record(
+            f"{name}.plan",
+            [plan.name, metadata_path(plan).name],
+            fields,
+            info={"network": name, "precision": options.precision, "profile": profile.as_dict()},
+            extra_files=[TIMING_CACHE_NAME],
+        )
     return plans
 
 
@@ -239,11 +291,15 @@ def load_engine(plan_path: str | os.PathLike, *, onnx_sha256: str | None = None)
     trt = import_tensorrt()
     plan_path = Path(plan_path)
     meta = read_metadata(plan_path)
-    check_engine_compatible(meta, plan_path, tensorrt_version=trt.__version__,
-                            compute_capability=current_gpu()["compute_capability"], onnx_sha256=onnx_sha256)
+    check_engine_compatible(
+        meta,
+        plan_path,
+        tensorrt_version=trt.__version__,
+        compute_capability=current_gpu()["compute_capability"],
+        onnx_sha256=onnx_sha256,
+    )
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     engine = runtime.deserialize_cuda_engine(plan_path.read_bytes())
     if engine is None:
-        raise ArtifactError(f"TensorRT could not deserialize {plan_path} (truncated or corrupt); "
-                            "rebuild the engine")
+        raise ArtifactError(f"TensorRT could not deserialize {plan_path} (truncated or corrupt); rebuild the engine")
     return engine, meta

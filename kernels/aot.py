@@ -7,6 +7,7 @@ module does no work; tests/kernels/sass_compile.py compiles each entry for sm_90
 for names given in `constexprs`); a ":16" suffix marks a value divisible by 16, as Triton's JIT would
 specialise it (notation of triton/tools/compile.py).
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -17,7 +18,7 @@ _POINTER_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: 
 
 
 class AotConfig(NamedTuple):
-    fn: Any                     # the @triton.jit function
+    fn: Any  # the @triton.jit function
     signature: dict[str, str]
     constexprs: dict[str, Any]
     num_warps: int
@@ -57,7 +58,12 @@ def unique(configs: list[AotConfig]) -> list[AotConfig]:
     """`configs` without repeats (many model shapes share one specialisation), first-seen order."""
     seen = {}
     for entry in configs:
-        key = (entry.fn.__name__, tuple(entry.signature.items()), tuple(entry.constexprs.items()),
-               entry.num_warps, entry.num_stages)
+        key = (
+            entry.fn.__name__,
+            tuple(entry.signature.items()),
+            tuple(entry.constexprs.items()),
+            entry.num_warps,
+            entry.num_stages,
+        )
         seen.setdefault(key, entry)
     return list(seen.values())

@@ -28,6 +28,7 @@ triton_op traces into the kernel under fake tensors, which runs the kernel for r
 TRITON_INTERPRET and so breaks fake-tensor tracing on the CPU. Both ops run on CPU tensors under
 TRITON_INTERPRET=1.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -91,11 +92,24 @@ def _cast(x, dtype: tl.constexpr, INTERPRET_BF16: tl.constexpr):
 
 @triton.jit
 def _attend_key_block(
-    acc0, acc1, m_i, l_i, q0, q1,
-    k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1,  # pointers to this key block's [BLOCK_N, BLOCK_D*] tiles
-    key_mask, d0_mask, d1_mask,          # [BLOCK_N] keys < Nk; head-dim columns < HEAD_DIM per chunk
+    acc0,
+    acc1,
+    m_i,
+    l_i,
+    q0,
+    q1,
+    k_ptrs0,
+    k_ptrs1,
+    v_ptrs0,
+    v_ptrs1,  # pointers to this key block's [BLOCK_N, BLOCK_D*] tiles
+    key_mask,
+    d0_mask,
+    d1_mask,  # [BLOCK_N] keys < Nk; head-dim columns < HEAD_DIM per chunk
     qk_scale,
-    BLOCK_D1: tl.constexpr, MASK_KEYS: tl.constexpr, MASK_D0: tl.constexpr, MASK_D1: tl.constexpr,
+    BLOCK_D1: tl.constexpr,
+    MASK_KEYS: tl.constexpr,
+    MASK_D0: tl.constexpr,
+    MASK_D1: tl.constexpr,
     INTERPRET_BF16: tl.constexpr,
 ):
     """One step of the online softmax: fold a block of keys into (acc, running max m_i, running sum l_i)."""
@@ -123,12 +137,29 @@ def _attend_key_block(
 
 @triton.jit
 def _attention_fwd_kernel(
-    Q, K, V, O,  # pointers to element [0, 0, 0, 0] of the q, k, v, out [B, H, N, D] views
-    stride_qb, stride_qh, stride_qm, stride_qd,  # q strides in elements (batch, head, query, dim)
-    stride_kb, stride_kh, stride_kn, stride_kd,  # k strides in elements (batch, head, key, dim)
-    stride_vb, stride_vh, stride_vn, stride_vd,  # v strides in elements (batch, head, key, dim)
-    stride_ob, stride_oh, stride_om, stride_od,  # out strides in elements (batch, head, query, dim)
-    H, N_Q, N_K,  # heads, query length, key length
+    Q,
+    K,
+    V,
+    O,  # pointers to element [0, 0, 0, 0] of the q, k, v, out [B, H, N, D] views
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,  # q strides in elements (batch, head, query, dim)
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,  # k strides in elements (batch, head, key, dim)
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,  # v strides in elements (batch, head, key, dim)
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,  # out strides in elements (batch, head, query, dim)
+    H,
+    N_Q,
+    N_K,  # heads, query length, key length
     qk_scale,  # softmax scale * log2(e), fp32, > 0
     HEAD_DIM: tl.constexpr,  # D; a constant so that the head-dim masks stay vectorisable
     BLOCK_M: tl.constexpr,  # queries per program
@@ -186,19 +217,47 @@ def _attention_fwd_kernel(
     n_full = (N_K // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc0, acc1, m_i, l_i = _attend_key_block(
-            acc0, acc1, m_i, l_i, q0, q1,
-            k_ptrs0 + start_n * stride_kn, k_ptrs1 + start_n * stride_kn,
-            v_ptrs0 + start_n * stride_vn, v_ptrs1 + start_n * stride_vn,
-            offs_n < BLOCK_N, d0_mask, d1_mask, qk_scale,
-            BLOCK_D1, False, MASK_D0, MASK_D1, INTERPRET_BF16,
+            acc0,
+            acc1,
+            m_i,
+            l_i,
+            q0,
+            q1,
+            k_ptrs0 + start_n * stride_kn,
+            k_ptrs1 + start_n * stride_kn,
+            v_ptrs0 + start_n * stride_vn,
+            v_ptrs1 + start_n * stride_vn,
+            offs_n < BLOCK_N,
+            d0_mask,
+            d1_mask,
+            qk_scale,
+            BLOCK_D1,
+            False,
+            MASK_D0,
+            MASK_D1,
+            INTERPRET_BF16,
         )
     if n_full < N_K:
         acc0, acc1, m_i, l_i = _attend_key_block(
-            acc0, acc1, m_i, l_i, q0, q1,
-            k_ptrs0 + n_full * stride_kn, k_ptrs1 + n_full * stride_kn,
-            v_ptrs0 + n_full * stride_vn, v_ptrs1 + n_full * stride_vn,
-            n_full + offs_n < N_K, d0_mask, d1_mask, qk_scale,
-            BLOCK_D1, True, MASK_D0, MASK_D1, INTERPRET_BF16,
+            acc0,
+            acc1,
+            m_i,
+            l_i,
+            q0,
+            q1,
+            k_ptrs0 + n_full * stride_kn,
+            k_ptrs1 + n_full * stride_kn,
+            v_ptrs0 + n_full * stride_vn,
+            v_ptrs1 + n_full * stride_vn,
+            n_full + offs_n < N_K,
+            d0_mask,
+            d1_mask,
+            qk_scale,
+            BLOCK_D1,
+            True,
+            MASK_D0,
+            MASK_D1,
+            INTERPRET_BF16,
         )
 
     inv_l = 1.0 / l_i
@@ -275,8 +334,7 @@ def choose_config(head_dim: int, n_keys: int) -> AttentionConfig:
         block_n, num_stages = 32, 2
     if n_keys <= SHORT_CONTEXT and width <= 128:
         block_n, num_stages = SHORT_CONTEXT, 1
-    return AttentionConfig(block_m=128, block_n=block_n, block_d0=d0, block_d1=d1, num_warps=8,
-                           num_stages=num_stages)
+    return AttentionConfig(block_m=128, block_n=block_n, block_d0=d0, block_d1=d1, num_warps=8, num_stages=num_stages)
 
 
 def _alignment(*tensors: torch.Tensor) -> int:
@@ -299,8 +357,10 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
         if t.dim() != 4:
             raise ValueError(f"attention: {name} must be 4-D [B, H, N, D], got shape {tuple(t.shape)}")
     if q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"attention: q has dtype {q.dtype}; the kernel supports torch.float16 and "
-                        f"torch.bfloat16 (use attention_reference for float32)")
+        raise TypeError(
+            f"attention: q has dtype {q.dtype}; the kernel supports torch.float16 and "
+            f"torch.bfloat16 (use attention_reference for float32)"
+        )
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"attention: {name} has dtype {t.dtype} but q has {q.dtype}; they must match")
@@ -308,8 +368,10 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
             raise ValueError(f"attention: {name} is on {t.device} but q is on {q.device}")
     (b, h, _, d), (bk, hk, nk, dk), (bv, hv, nv, dv) = q.shape, k.shape, v.shape
     if (bk, hk, dk) != (b, h, d) or (bv, hv, dv) != (b, h, d):
-        raise ValueError(f"attention: batch, heads and head dim must match: q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise ValueError(
+            f"attention: batch, heads and head dim must match: q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
     if nk != nv:
         raise ValueError(f"attention: k has {nk} keys but v has {nv} values")
     if nk == 0:
@@ -319,8 +381,10 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     if b * h > 65535:
         raise ValueError(f"attention: batch*heads = {b * h} exceeds the grid limit of 65535")
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"attention: q is on {q.device}; the kernel runs on CUDA, or on the CPU only when "
-                         f"TRITON_INTERPRET=1 is set before `kernels` is imported")
+        raise ValueError(
+            f"attention: q is on {q.device}; the kernel runs on CUDA, or on the CPU only when "
+            f"TRITON_INTERPRET=1 is set before `kernels` is imported"
+        )
     if scale is not None and not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"attention: scale must be a positive finite number, got {scale}")
 
@@ -329,16 +393,20 @@ def _check_out(q: torch.Tensor, out: torch.Tensor) -> None:
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"attention: out must be a torch.Tensor, got {type(out).__name__}")
     if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-        raise ValueError(f"attention: out must be {tuple(q.shape)} {q.dtype} on {q.device} like q, got "
-                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+        raise ValueError(
+            f"attention: out must be {tuple(q.shape)} {q.dtype} on {q.device} like q, got "
+            f"{tuple(out.shape)} {out.dtype} on {out.device}"
+        )
 
 
 def _check_int32_offsets(*tensors: torch.Tensor) -> None:
     """The kernel computes offsets within one (batch, head) slice in int32."""
     for t in tensors:
         if t.shape[2] * abs(t.stride(2)) + t.shape[3] * abs(t.stride(3)) >= 2**31:
-            raise ValueError(f"attention: a {tuple(t.shape)} tensor with strides {t.stride()} spans more "
-                             f"than 2**31 elements within one head; split the sequence")
+            raise ValueError(
+                f"attention: a {tuple(t.shape)} tensor with strides {t.stride()} spans more "
+                f"than 2**31 elements within one head; split the sequence"
+            )
 
 
 def empty_output(q: torch.Tensor) -> torch.Tensor:
@@ -347,8 +415,14 @@ def empty_output(q: torch.Tensor) -> torch.Tensor:
     return torch.empty((b, n, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
 
 
-def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, scale: float | None,
-           config: AttentionConfig | None = None) -> None:
+def launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    scale: float | None,
+    config: AttentionConfig | None = None,
+) -> None:
     """Run the kernel into `out` (checked inputs). `config` overrides choose_config (benchmark sweeps)."""
     b, h, n_q, d = q.shape
     n_k = k.shape[2]
@@ -360,13 +434,27 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     grid = (triton.cdiv(n_q, cfg.block_m), b * h)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _attention_fwd_kernel[grid](
-            q, k, v, out,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            h, n_q, n_k, scale * _LOG2_E,
-            HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D0=cfg.block_d0,
-            BLOCK_D1=cfg.block_d1, VEC=_alignment(q, k, v, out),
+            q,
+            k,
+            v,
+            out,
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            *out.stride(),
+            h,
+            n_q,
+            n_k,
+            scale * _LOG2_E,
+            HEAD_DIM=d,
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            BLOCK_D0=cfg.block_d0,
+            BLOCK_D1=cfg.block_d1,
+            VEC=_alignment(q, k, v, out),
             INTERPRET_BF16=q.dtype == torch.bfloat16 and q.device.type != "cuda",
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )
 
 
@@ -383,8 +471,9 @@ def _attention_fake(q, k, v, scale):
 
 
 @torch.library.custom_op("sd_kernels::attention_out", mutates_args=("out",))
-def _attention_out_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                      scale: Optional[float]) -> None:
+def _attention_out_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, scale: Optional[float]
+) -> None:
     launch(q, k, v, out, scale)
 
 
@@ -393,8 +482,9 @@ def _attention_out_fake(q, k, v, out, scale):
     return None
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """softmax(q @ k^T * scale) @ v with scale defaulting to 1/sqrt(D); not causal, no mask.
 
     q: [B, H, Nq, D], k and v: [B, H, Nk, D], any strides, fp16 or bf16, D <= 256.
@@ -409,8 +499,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     return out
 
 
-def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-                        upcast: bool = True) -> torch.Tensor:
+def attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, upcast: bool = True
+) -> torch.Tensor:
     """Plain-torch attention; with upcast=True the math is fp32 and the result is cast back to q's dtype."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     dtype = q.dtype
@@ -433,20 +524,36 @@ def _aot_entry(head_dim: int, n_keys: int, dtype: torch.dtype) -> aot.AotConfig:
     args = dict(Q=dtype, K=dtype, V=dtype, O=dtype, H=heads, N_Q=n_q, N_K=n_keys, qk_scale=1.0)
     for t in "qkvo":
         rows = n_q if t in "qo" else n_keys
-        args.update({f"stride_{t}b": rows * heads * head_dim, f"stride_{t}h": head_dim,
-                     f"stride_{t}{'m' if t in 'qo' else 'n'}": heads * head_dim, f"stride_{t}d": 1})
-    tiling = {"HEAD_DIM": head_dim, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D0": cfg.block_d0,
-              "BLOCK_D1": cfg.block_d1, "VEC": 8, "INTERPRET_BF16": False}
-    return aot.config(_attention_fwd_kernel, args, tiling, cfg.num_warps, cfg.num_stages,
-                      count_args=("H", "N_Q", "N_K"))
+        args.update(
+            {
+                f"stride_{t}b": rows * heads * head_dim,
+                f"stride_{t}h": head_dim,
+                f"stride_{t}{'m' if t in 'qo' else 'n'}": heads * head_dim,
+                f"stride_{t}d": 1,
+            }
+        )
+    tiling = {
+        "HEAD_DIM": head_dim,
+        "BLOCK_M": cfg.block_m,
+        "BLOCK_N": cfg.block_n,
+        "BLOCK_D0": cfg.block_d0,
+        "BLOCK_D1": cfg.block_d1,
+        "VEC": 8,
+        "INTERPRET_BF16": False,
+    }
+    return aot.config(
+        _attention_fwd_kernel, args, tiling, cfg.num_warps, cfg.num_stages, count_args=("H", "N_Q", "N_K")
+    )
 
 
 def aot_configs() -> list[aot.AotConfig]:
     """Every tiling choose_config can pick, at the SD head dims (40 / 64 / 80 / 160) and the largest
     (256), for self-attention and for a 77-token context, in fp16 and bf16."""
-    return aot.unique([
-        _aot_entry(head_dim, n_keys, dtype)
-        for dtype in (torch.float16, torch.bfloat16)
-        for head_dim in (40, 64, 80, 160, 256)
-        for n_keys in ((4096, 77) if choose_config(head_dim, 4096) != choose_config(head_dim, 77) else (4096,))
-    ])
+    return aot.unique(
+        [
+            _aot_entry(head_dim, n_keys, dtype)
+            for dtype in (torch.float16, torch.bfloat16)
+            for head_dim in (40, 64, 80, 160, 256)
+            for n_keys in ((4096, 77) if choose_config(head_dim, 4096) != choose_config(head_dim, 77) else (4096,))
+        ]
+    )

@@ -18,6 +18,7 @@ Numerics. fp16, bf16 and fp32; the product and the GELU are computed in fp32 and
 so CUDA graphs capture it and fake / meta tensors trace through it), as kernels/attention.py explains.
 It runs on CPU tensors under TRITON_INTERPRET=1.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -86,11 +87,12 @@ def _check_inputs(x: torch.Tensor) -> None:
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"geglu: x has dtype {x.dtype}; supported: {SUPPORTED_DTYPES}")
     if x.dim() < 1 or x.shape[-1] == 0 or x.shape[-1] % 2:
-        raise ValueError(f"geglu: the last dim of x must be even and non-zero (two halves), got shape "
-                         f"{tuple(x.shape)}")
+        raise ValueError(f"geglu: the last dim of x must be even and non-zero (two halves), got shape {tuple(x.shape)}")
     if x.device.type not in ("cuda", "meta") and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"geglu: x is on {x.device}; the kernel runs on CUDA, or on the CPU only when "
-                         f"TRITON_INTERPRET=1 is set before `kernels` is imported")
+        raise ValueError(
+            f"geglu: x is on {x.device}; the kernel runs on CUDA, or on the CPU only when "
+            f"TRITON_INTERPRET=1 is set before `kernels` is imported"
+        )
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -109,14 +111,25 @@ def launch(x: torch.Tensor, out: torch.Tensor, config: GEGLUConfig | None = None
     if n_rows == 0:
         return
     if x.shape != (n_rows, 2 * width) or x.stride(1) != 1 or out.stride(1) != 1:
-        raise ValueError(f"geglu.launch: x must be [{n_rows}, {2 * width}] and both column strides 1, got x "
-                         f"{tuple(x.shape)} strides {x.stride()}, out strides {out.stride()}")
+        raise ValueError(
+            f"geglu.launch: x must be [{n_rows}, {2 * width}] and both column strides 1, got x "
+            f"{tuple(x.shape)} strides {x.stride()}, out strides {out.stride()}"
+        )
     cfg = config or choose_config(width)
     grid = (triton.cdiv(n_rows, cfg.block_m), triton.cdiv(width, cfg.block_n))
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        _geglu_kernel[grid](x, out, n_rows, width, x.stride(0), out.stride(0),
-                            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN_N=width % cfg.block_n == 0,
-                            num_warps=cfg.num_warps)
+        _geglu_kernel[grid](
+            x,
+            out,
+            n_rows,
+            width,
+            x.stride(0),
+            out.stride(0),
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            EVEN_N=width % cfg.block_n == 0,
+            num_warps=cfg.num_warps,
+        )
 
 
 def _empty_output(x: torch.Tensor) -> torch.Tensor:
@@ -157,9 +170,17 @@ def _aot_entry(width: int, dtype: str) -> aot.AotConfig:
     strides divisible by 16 (every SD width is), the row count of unknown divisibility."""
     cfg = choose_config(width)
     hint = ":16" if width % 16 == 0 else ""
-    signature = {"X": f"*{dtype}:16", "Y": f"*{dtype}:16", "n_rows": "i32", "C": f"i32{hint}",
-                 "stride_xm": "i32:16" if (2 * width) % 16 == 0 else "i32", "stride_ym": f"i32{hint}",
-                 "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "EVEN_N": "constexpr"}
+    signature = {
+        "X": f"*{dtype}:16",
+        "Y": f"*{dtype}:16",
+        "n_rows": "i32",
+        "C": f"i32{hint}",
+        "stride_xm": "i32:16" if (2 * width) % 16 == 0 else "i32",
+        "stride_ym": f"i32{hint}",
+        "BLOCK_M": "constexpr",
+        "BLOCK_N": "constexpr",
+        "EVEN_N": "constexpr",
+    }
     constexprs = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "EVEN_N": width % cfg.block_n == 0}
     return aot.AotConfig(_geglu_kernel, signature, constexprs, cfg.num_warps, 3)
 

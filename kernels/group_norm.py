@@ -38,6 +38,7 @@ Registered as the torch custom ops `sd_kernels::group_norm` (functional) and `sd
 torch.compile and torch.export. `torch.library.custom_op` is used rather than `triton_op` because
 `wrap_triton` does not accept the interpreter's kernels, and CPU tests run under TRITON_INTERPRET=1.
 """
+
 from __future__ import annotations
 
 import functools
@@ -208,8 +209,7 @@ def _group_norm_apply_kernel(
     if APPLY_SILU:
         y = y * tl.sigmoid(y)
     y_base = y_ptr + batch.to(tl.int64) * stride_yb + (group * CG).to(tl.int64) * stride_yc
-    tl.store(y_base + pos[:, None] * stride_yp + chan[None, :] * stride_yc,
-             y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_base + pos[:, None] * stride_yp + chan[None, :] * stride_yc, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -318,8 +318,9 @@ def _group_norm_cl_apply_kernel(
     pos = pid_p * BLOCK_HW + tl.arange(0, BLOCK_HW)
     mask = (pos < HW)[:, None] & col_mask[None, :]
     # The tile's load is issued first, so its latency overlaps the merge below.
-    x = tl.load(x_ptr + batch.to(tl.int64) * stride_xb + c0 + pos[:, None] * stride_xp + cols[None, :],
-                mask=mask, other=0.0)
+    x = tl.load(
+        x_ptr + batch.to(tl.int64) * stride_xb + c0 + pos[:, None] * stride_xp + cols[None, :], mask=mask, other=0.0
+    )
 
     # Merge the chunk's groups' partials (L1/L2 hits: every tile of the batch item reads the same ones),
     # MERGE_BLOCK chunks at a time so registers stay bounded whatever SPLIT: within a chunk the weighted
@@ -364,8 +365,11 @@ def _group_norm_cl_apply_kernel(
     y = x.to(tl.float32) * scale[None, :] + shift[None, :]
     if APPLY_SILU:
         y = y * tl.sigmoid(y)
-    tl.store(y_ptr + batch.to(tl.int64) * stride_yb + c0 + pos[:, None] * stride_yp + cols[None, :],
-             y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        y_ptr + batch.to(tl.int64) * stride_yb + c0 + pos[:, None] * stride_yp + cols[None, :],
+        y.to(y_ptr.dtype.element_ty),
+        mask=mask,
+    )
 
 
 @dataclass(frozen=True)
@@ -399,8 +403,14 @@ def _cheapest_channel_block(channels_per_group: int, block_hw: int, limit: int) 
     return best
 
 
-def choose_config(batch: int, channels_per_group: int, hw: int, groups: int, channels_contiguous: bool,
-                  sm_count: int = DEFAULT_SM_COUNT) -> LaunchConfig:
+def choose_config(
+    batch: int,
+    channels_per_group: int,
+    hw: int,
+    groups: int,
+    channels_contiguous: bool,
+    sm_count: int = DEFAULT_SM_COUNT,
+) -> LaunchConfig:
     """Tile shape and split, chosen from the shape and the memory format.
 
     - The tile's long side runs along the contiguous axis, so loads are wide and coalesced:
@@ -479,8 +489,9 @@ def _channel_chunking(channels: int, groups: int) -> tuple[int, int] | None:
     return None
 
 
-def choose_channels_last_config(batch: int, channels: int, hw: int, groups: int,
-                                sm_count: int = DEFAULT_SM_COUNT) -> ChannelsLastConfig | None:
+def choose_channels_last_config(
+    batch: int, channels: int, hw: int, groups: int, sm_count: int = DEFAULT_SM_COUNT
+) -> ChannelsLastConfig | None:
     """Tiles of [BLOCK_HW positions, one channel chunk] for channels_last input; None when a group is too
     wide for a chunk (then `choose_config`'s per-group tiles serve).
 
@@ -506,11 +517,12 @@ def choose_channels_last_config(batch: int, channels: int, hw: int, groups: int,
     tiles_per_prog = triton.cdiv(num_tiles, split)
     split = triton.cdiv(num_tiles, tiles_per_prog)  # no program left without a tile
     num_warps = max(1, min(8, block_hw * block_c // 1024))
-    return ChannelsLastConfig(groups_per_chunk, block_c, block_g, num_chunks, block_hw, num_tiles,
-                              tiles_per_prog, split, num_warps)
+    return ChannelsLastConfig(
+        groups_per_chunk, block_c, block_g, num_chunks, block_hw, num_tiles, tiles_per_prog, split, num_warps
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -544,11 +556,11 @@ def _check_inputs(x, num_groups, weight, bias, eps, activation, out=None) -> Non
         if not isinstance(param, torch.Tensor):
             raise TypeError(f"group_norm: {name} must be a tensor or None, got {type(param).__name__}")
         if tuple(param.shape) != (channels,):
-            raise ValueError(f"group_norm: {name} must have shape ({channels},) for {channels} channels, "
-                             f"got {tuple(param.shape)}")
+            raise ValueError(
+                f"group_norm: {name} must have shape ({channels},) for {channels} channels, got {tuple(param.shape)}"
+            )
         if param.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"group_norm: {name} dtype {param.dtype} is not supported; use one of "
-                            f"{SUPPORTED_DTYPES}")
+            raise TypeError(f"group_norm: {name} dtype {param.dtype} is not supported; use one of {SUPPORTED_DTYPES}")
         if param.device != x.device:
             raise ValueError(f"group_norm: {name} is on {param.device} but x is on {x.device}")
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
@@ -556,24 +568,38 @@ def _check_inputs(x, num_groups, weight, bias, eps, activation, out=None) -> Non
     if activation not in ACTIVATIONS:
         raise ValueError(f"group_norm: activation must be one of {ACTIVATIONS}, got {activation!r}")
     if channels * x.shape[2] * x.shape[3] >= 2**31:
-        raise ValueError(f"group_norm: one batch item of shape {tuple(x.shape[1:])} has >= 2**31 elements; "
-                         "in-batch offsets are 32-bit")
+        raise ValueError(
+            f"group_norm: one batch item of shape {tuple(x.shape[1:])} has >= 2**31 elements; "
+            "in-batch offsets are 32-bit"
+        )
     if out is not None:
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"group_norm: out must be a tensor, got {type(out).__name__}")
         if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
-            raise ValueError(f"group_norm: out must match x in shape, dtype and device: out is "
-                             f"{tuple(out.shape)} {out.dtype} {out.device}, x is "
-                             f"{tuple(x.shape)} {x.dtype} {x.device}")
+            raise ValueError(
+                f"group_norm: out must match x in shape, dtype and device: out is "
+                f"{tuple(out.shape)} {out.dtype} {out.device}, x is "
+                f"{tuple(x.shape)} {x.dtype} {x.device}"
+            )
         if _spatial_stride(out) is None:
             raise ValueError(f"group_norm: out strides {out.stride()} do not allow flattening H and W")
     if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"group_norm: x is on {x.device}; the kernel runs on CUDA, or on the CPU only when "
-                         f"TRITON_INTERPRET=1 is set before `kernels` is imported")
+        raise ValueError(
+            f"group_norm: x is on {x.device}; the kernel runs on CUDA, or on the CPU only when "
+            f"TRITON_INTERPRET=1 is set before `kernels` is imported"
+        )
 
 
-def launch(x: torch.Tensor, num_groups: int, weight, bias, eps: float, activation, out: torch.Tensor,
-           config: LaunchConfig | ChannelsLastConfig | None = None) -> None:
+def launch(
+    x: torch.Tensor,
+    num_groups: int,
+    weight,
+    bias,
+    eps: float,
+    activation,
+    out: torch.Tensor,
+    config: LaunchConfig | ChannelsLastConfig | None = None,
+) -> None:
     """Run both kernels, writing into `out` (inputs as group_norm checks them). `config` overrides the
     chosen configuration (tests and benchmarks use it); its type picks the path: ChannelsLastConfig
     needs x and out with channel stride 1."""
@@ -599,20 +625,49 @@ def _launch_channels_last(x, num_groups, weight, bias, eps, activation, out, con
     batch, channels, h, w = x.shape
     cg = channels // num_groups
     partial = torch.empty((batch * num_groups, 3, config.split), dtype=torch.float32, device=x.device)
-    common = dict(CG=cg, GROUPS_PER_CHUNK=config.groups_per_chunk, BLOCK_HW=config.block_hw,
-                  BLOCK_C=config.block_c, BLOCK_G=config.block_g, num_warps=config.num_warps)
+    common = dict(
+        CG=cg,
+        GROUPS_PER_CHUNK=config.groups_per_chunk,
+        BLOCK_HW=config.block_hw,
+        BLOCK_C=config.block_c,
+        BLOCK_G=config.block_g,
+        num_warps=config.num_warps,
+    )
     _group_norm_cl_stats_kernel[(batch * config.num_chunks, config.split)](
-        x, partial, x.stride(0), _spatial_stride(x), channels, h * w, num_groups, config.num_chunks,
-        config.tiles_per_prog, config.split, **common,
+        x,
+        partial,
+        x.stride(0),
+        _spatial_stride(x),
+        channels,
+        h * w,
+        num_groups,
+        config.num_chunks,
+        config.tiles_per_prog,
+        config.split,
+        **common,
     )
     for p0, tiles in _spatial_launches(h * w, config.block_hw):
         _group_norm_cl_apply_kernel[(batch * config.num_chunks, tiles)](
-            _at_position(x, p0), _at_position(out, p0), weight if weight is not None else x,
-            bias if bias is not None else x, partial,
-            x.stride(0), _spatial_stride(x), out.stride(0), _spatial_stride(out),
-            channels, h * w - p0, num_groups, config.num_chunks, config.split, float(eps),
-            MERGE_BLOCK=MERGE_BLOCK, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            APPLY_SILU=activation == "silu", **common,
+            _at_position(x, p0),
+            _at_position(out, p0),
+            weight if weight is not None else x,
+            bias if bias is not None else x,
+            partial,
+            x.stride(0),
+            _spatial_stride(x),
+            out.stride(0),
+            _spatial_stride(out),
+            channels,
+            h * w - p0,
+            num_groups,
+            config.num_chunks,
+            config.split,
+            float(eps),
+            MERGE_BLOCK=MERGE_BLOCK,
+            HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None,
+            APPLY_SILU=activation == "silu",
+            **common,
         )
 
 
@@ -642,25 +697,59 @@ def _launch_per_group(x, num_groups, weight, bias, eps, activation, out, config:
 
     partial = torch.empty((batch * num_groups, config.split, 3), dtype=torch.float32, device=x.device)
     _group_norm_stats_kernel[(batch * num_groups, config.split)](
-        x, partial, x.stride(0), x.stride(1), stride_xp,
-        cg, hw, num_groups, config.num_c_tiles, config.num_tiles, config.tiles_per_prog, config.split,
-        BLOCK_HW=config.block_hw, BLOCK_C=config.block_c, num_warps=config.num_warps,
+        x,
+        partial,
+        x.stride(0),
+        x.stride(1),
+        stride_xp,
+        cg,
+        hw,
+        num_groups,
+        config.num_c_tiles,
+        config.num_tiles,
+        config.tiles_per_prog,
+        config.split,
+        BLOCK_HW=config.block_hw,
+        BLOCK_C=config.block_c,
+        num_warps=config.num_warps,
     )
     for p0, tiles in _spatial_launches(hw, config.block_hw):
         _group_norm_apply_kernel[(batch * num_groups, tiles, config.num_c_tiles)](
-            _at_position(x, p0), _at_position(out, p0), weight if weight is not None else x,
-            bias if bias is not None else x, partial,
-            x.stride(0), x.stride(1), stride_xp, out.stride(0), out.stride(1), _spatial_stride(out),
-            cg, hw - p0, num_groups, config.split, float(eps),
-            BLOCK_HW=config.block_hw, BLOCK_C=config.block_c, MAX_SPLIT=MAX_SPLIT,
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, APPLY_SILU=activation == "silu",
+            _at_position(x, p0),
+            _at_position(out, p0),
+            weight if weight is not None else x,
+            bias if bias is not None else x,
+            partial,
+            x.stride(0),
+            x.stride(1),
+            stride_xp,
+            out.stride(0),
+            out.stride(1),
+            _spatial_stride(out),
+            cg,
+            hw - p0,
+            num_groups,
+            config.split,
+            float(eps),
+            BLOCK_HW=config.block_hw,
+            BLOCK_C=config.block_c,
+            MAX_SPLIT=MAX_SPLIT,
+            HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None,
+            APPLY_SILU=activation == "silu",
             num_warps=config.num_warps,
         )
 
 
 @torch.library.custom_op("sd_kernels::group_norm", mutates_args=())
-def _group_norm_op(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                   eps: float, activation: str | None) -> torch.Tensor:
+def _group_norm_op(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    activation: str | None,
+) -> torch.Tensor:
     out = torch.empty_like(x)
     launch(x, num_groups, weight, bias, eps, activation, out)
     return out
@@ -672,8 +761,15 @@ def _group_norm_fake(x, num_groups, weight, bias, eps, activation):
 
 
 @torch.library.custom_op("sd_kernels::group_norm_out", mutates_args=("out",))
-def _group_norm_out_op(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
-                       bias: torch.Tensor | None, eps: float, activation: str | None, out: torch.Tensor) -> None:
+def _group_norm_out_op(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    activation: str | None,
+    out: torch.Tensor,
+) -> None:
     launch(x, num_groups, weight, bias, eps, activation, out)
 
 
@@ -682,9 +778,15 @@ def _group_norm_out_fake(x, num_groups, weight, bias, eps, activation, out):
     return None
 
 
-def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
-               bias: torch.Tensor | None = None, eps: float = 1e-5, activation: str | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+def group_norm(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    activation: str | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """GroupNorm over [B, C, H, W] (NCHW-contiguous or channels_last), then `activation` (None | "silu").
 
     Statistics are computed in fp32; the result has x's dtype and memory format. With `out`, the result
@@ -697,14 +799,24 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
     return out
 
 
-def group_norm_reference(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
-                         bias: torch.Tensor | None = None, eps: float = 1e-5, activation: str | None = None,
-                         upcast: bool = True) -> torch.Tensor:
+def group_norm_reference(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    activation: str | None = None,
+    upcast: bool = True,
+) -> torch.Tensor:
     """Pure-torch GroupNorm(+SiLU). upcast=True computes in fp32 (fp64 stays fp64), then casts back."""
     compute = (torch.float64 if x.dtype == torch.float64 else torch.float32) if upcast else x.dtype
-    y = F.group_norm(x.to(compute), num_groups,
-                     weight.to(compute) if weight is not None else None,
-                     bias.to(compute) if bias is not None else None, eps)
+    y = F.group_norm(
+        x.to(compute),
+        num_groups,
+        weight.to(compute) if weight is not None else None,
+        bias.to(compute) if bias is not None else None,
+        eps,
+    )
     if activation == "silu":
         y = F.silu(y)
     elif activation is not None:
@@ -725,8 +837,16 @@ _COUNT_ARGS = ("G", "SPLIT", "NUM_C_TILES", "NUM_TILES", "TILES_PER_PROG")
 _CL_COUNT_ARGS = ("G", "NUM_CHUNKS", "TILES_PER_PROG", "SPLIT")
 
 
-def _aot_configs_for(batch: int, channels: int, hw: int, channels_last: bool, dtype: torch.dtype,
-                     activation: str | None, affine: bool, groups: int = 32) -> list[aot.AotConfig]:
+def _aot_configs_for(
+    batch: int,
+    channels: int,
+    hw: int,
+    channels_last: bool,
+    dtype: torch.dtype,
+    activation: str | None,
+    affine: bool,
+    groups: int = 32,
+) -> list[aot.AotConfig]:
     if channels_last:
         config = choose_channels_last_config(batch, channels, hw, groups)
         if config is not None:
@@ -734,33 +854,88 @@ def _aot_configs_for(batch: int, channels: int, hw: int, channels_last: bool, dt
     cg = channels // groups
     config = choose_config(batch, cg, hw, groups, channels_last)
     stride_c, stride_p = (1, channels) if channels_last else (hw, 1)
-    common = dict(stride_xb=channels * hw, stride_xc=stride_c, stride_xp=stride_p, CG=cg, HW=hw, G=groups,
-                  SPLIT=config.split)
-    stats_args = dict(common, x_ptr=dtype, partial_ptr=torch.float32, NUM_C_TILES=config.num_c_tiles,
-                      NUM_TILES=config.num_tiles, TILES_PER_PROG=config.tiles_per_prog)
-    apply_args = dict(common, x_ptr=dtype, y_ptr=dtype, w_ptr=dtype, b_ptr=dtype, partial_ptr=torch.float32,
-                      stride_yb=channels * hw, stride_yc=stride_c, stride_yp=stride_p, eps=1e-5)
-    apply_constexprs = dict(BLOCK_HW=config.block_hw, BLOCK_C=config.block_c, MAX_SPLIT=MAX_SPLIT,
-                            HAS_WEIGHT=affine, HAS_BIAS=affine, APPLY_SILU=activation == "silu")
-    return [aot.config(_group_norm_stats_kernel, stats_args, dict(BLOCK_HW=config.block_hw, BLOCK_C=config.block_c),
-                       config.num_warps, 3, _COUNT_ARGS),
-            aot.config(_group_norm_apply_kernel, apply_args, apply_constexprs, config.num_warps, 3, _COUNT_ARGS)]
+    common = dict(
+        stride_xb=channels * hw, stride_xc=stride_c, stride_xp=stride_p, CG=cg, HW=hw, G=groups, SPLIT=config.split
+    )
+    stats_args = dict(
+        common,
+        x_ptr=dtype,
+        partial_ptr=torch.float32,
+        NUM_C_TILES=config.num_c_tiles,
+        NUM_TILES=config.num_tiles,
+        TILES_PER_PROG=config.tiles_per_prog,
+    )
+    apply_args = dict(
+        common,
+        x_ptr=dtype,
+        y_ptr=dtype,
+        w_ptr=dtype,
+        b_ptr=dtype,
+        partial_ptr=torch.float32,
+        stride_yb=channels * hw,
+        stride_yc=stride_c,
+        stride_yp=stride_p,
+        eps=1e-5,
+    )
+    apply_constexprs = dict(
+        BLOCK_HW=config.block_hw,
+        BLOCK_C=config.block_c,
+        MAX_SPLIT=MAX_SPLIT,
+        HAS_WEIGHT=affine,
+        HAS_BIAS=affine,
+        APPLY_SILU=activation == "silu",
+    )
+    return [
+        aot.config(
+            _group_norm_stats_kernel,
+            stats_args,
+            dict(BLOCK_HW=config.block_hw, BLOCK_C=config.block_c),
+            config.num_warps,
+            3,
+            _COUNT_ARGS,
+        ),
+        aot.config(_group_norm_apply_kernel, apply_args, apply_constexprs, config.num_warps, 3, _COUNT_ARGS),
+    ]
 
 
-def _aot_channels_last_configs(batch, channels, hw, groups, config: ChannelsLastConfig, dtype, activation,
-                               affine) -> list[aot.AotConfig]:
-    common = dict(stride_xb=channels * hw, stride_xp=channels, C=channels, HW=hw, G=groups,
-                  NUM_CHUNKS=config.num_chunks, SPLIT=config.split)
-    constexprs = dict(CG=channels // groups, GROUPS_PER_CHUNK=config.groups_per_chunk, BLOCK_HW=config.block_hw,
-                      BLOCK_C=config.block_c, BLOCK_G=config.block_g)
+def _aot_channels_last_configs(
+    batch, channels, hw, groups, config: ChannelsLastConfig, dtype, activation, affine
+) -> list[aot.AotConfig]:
+    common = dict(
+        stride_xb=channels * hw,
+        stride_xp=channels,
+        C=channels,
+        HW=hw,
+        G=groups,
+        NUM_CHUNKS=config.num_chunks,
+        SPLIT=config.split,
+    )
+    constexprs = dict(
+        CG=channels // groups,
+        GROUPS_PER_CHUNK=config.groups_per_chunk,
+        BLOCK_HW=config.block_hw,
+        BLOCK_C=config.block_c,
+        BLOCK_G=config.block_g,
+    )
     stats_args = dict(common, x_ptr=dtype, partial_ptr=torch.float32, TILES_PER_PROG=config.tiles_per_prog)
-    apply_args = dict(common, x_ptr=dtype, y_ptr=dtype, w_ptr=dtype, b_ptr=dtype, partial_ptr=torch.float32,
-                      stride_yb=channels * hw, stride_yp=channels, eps=1e-5)
-    apply_constexprs = dict(constexprs, MERGE_BLOCK=MERGE_BLOCK, HAS_WEIGHT=affine, HAS_BIAS=affine,
-                            APPLY_SILU=activation == "silu")
-    return [aot.config(_group_norm_cl_stats_kernel, stats_args, constexprs, config.num_warps, 3, _CL_COUNT_ARGS),
-            aot.config(_group_norm_cl_apply_kernel, apply_args, apply_constexprs, config.num_warps, 3,
-                       _CL_COUNT_ARGS)]
+    apply_args = dict(
+        common,
+        x_ptr=dtype,
+        y_ptr=dtype,
+        w_ptr=dtype,
+        b_ptr=dtype,
+        partial_ptr=torch.float32,
+        stride_yb=channels * hw,
+        stride_yp=channels,
+        eps=1e-5,
+    )
+    apply_constexprs = dict(
+        constexprs, MERGE_BLOCK=MERGE_BLOCK, HAS_WEIGHT=affine, HAS_BIAS=affine, APPLY_SILU=activation == "silu"
+    )
+    return [
+        aot.config(_group_norm_cl_stats_kernel, stats_args, constexprs, config.num_warps, 3, _CL_COUNT_ARGS),
+        aot.config(_group_norm_cl_apply_kernel, apply_args, apply_constexprs, config.num_warps, 3, _CL_COUNT_ARGS),
+    ]
 
 
 def aot_configs() -> list[aot.AotConfig]:

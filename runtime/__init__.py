@@ -6,15 +6,31 @@
 
 Importing this package imports no torch (`python -m runtime --help` answers at once); `load` does.
 """
+
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: importing torch here would cost `--help` seconds
+    import torch
 
 __all__ = ["load"]
 
 
-def load(path, backend: str = "torch", device: str | torch.device = "cpu",
-         dtype: str | torch.dtype = "fp32", *, variant: str | None = None,
-         allow_pickle: bool = False, tokenizer_path=None, prediction_type: str | None = None,
-         cuda_graphs: bool | None = None, vae=None, **backend_options):
+def load(
+    path,
+    backend: str = "torch",
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "fp32",
+    *,
+    variant: str | None = None,
+    allow_pickle: bool = False,
+    tokenizer_path=None,
+    prediction_type: str | None = None,
+    cuda_graphs: bool | None = None,
+    vae=None,
+    **backend_options,
+):
     """Load a diffusers folder or a single-file checkpoint and return a ready `Pipeline`.
 
     backend: "torch" (eager reference), "triton" (our kernels), "onnxruntime" or "tensorrt" (exported
@@ -28,9 +44,15 @@ def load(path, backend: str = "torch", device: str | torch.device = "cpu",
     from runtime.pipeline import Pipeline
     from runtime.weights import load_components
 
-    components = load_components(path, device=device, dtype=dtype, variant=variant,
-                                 allow_pickle=allow_pickle, tokenizer_path=tokenizer_path,
-                                 prediction_type=prediction_type)
+    components = load_components(
+        path,
+        device=device,
+        dtype=dtype,
+        variant=variant,
+        allow_pickle=allow_pickle,
+        tokenizer_path=tokenizer_path,
+        prediction_type=prediction_type,
+    )
     if vae is not None:
         from runtime.weights import load_vae
 

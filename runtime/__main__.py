@@ -10,6 +10,7 @@ Every value is checked before any weights load. Errors print one line to stderr 
 `python -m runtime make-model --preset tiny OUT` writes a diffusers folder with random weights (the
 architectures the benchmark uses), a model to try everything on without a download.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,57 +57,97 @@ def _one_of(names) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="python -m runtime", description="Stable Diffusion image generation",
-                            formatter_class=_HelpFormatter)
+    parser = _OneLineParser(
+        prog="python -m runtime", description="Stable Diffusion image generation", formatter_class=_HelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
-    gen = commands.add_parser("generate", help="txt2img, img2img (--init-image) or inpaint (--mask)",
-                              formatter_class=_HelpFormatter)
-    gen.add_argument("--model", required=True, help="diffusers folder or single-file .safetensors "
-                     "(no model yet? `python -m runtime make-model --preset tiny OUT`)")
+    gen = commands.add_parser(
+        "generate", help="txt2img, img2img (--init-image) or inpaint (--mask)", formatter_class=_HelpFormatter
+    )
+    gen.add_argument(
+        "--model",
+        required=True,
+        help="diffusers folder or single-file .safetensors "
+        "(no model yet? `python -m runtime make-model --preset tiny OUT`)",
+    )
     gen.add_argument("--prompt", required=True, help="A1111 syntax: (word:1.3), ((word)), [word], BREAK")
     gen.add_argument("--out", required=True, help="output PNG path (more images: OUT-1.png, OUT-2.png, ...)")
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--steps", type=int, default=30, help="denoising steps")
     gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance; <= 1 turns it off")
-    gen.add_argument("--seed", type=int, default=RANDOM_SEED,
-                     help=f"{RANDOM_SEED}: random (printed and written into the PNG)")
+    gen.add_argument(
+        "--seed", type=int, default=RANDOM_SEED, help=f"{RANDOM_SEED}: random (printed and written into the PNG)"
+    )
     gen.add_argument("--width", type=int, default=None, help="default: the model's native size")
     gen.add_argument("--height", type=int, default=None, help="default: the model's native size")
-    gen.add_argument("--scheduler", default=None,
-                     help=f"one of {_one_of(cli_choices.schedulers())} (default: the model's own)")
+    gen.add_argument(
+        "--scheduler", default=None, help=f"one of {_one_of(cli_choices.schedulers())} (default: the model's own)"
+    )
     gen.add_argument("--num-images", type=int, default=1, help="images per prompt, one seed")
-    gen.add_argument("--max-pixels", type=int, default=None,
-                     help="refuse images larger than this many pixels (default 2048*2048; raise it to run "
-                          "larger sizes, which need much memory and time)")
-    gen.add_argument("--backend", default="torch", help=f"one of {_one_of(cli_choices.backends())}; "
-                     f"{_one_of(cli_choices.exported_backends())} need --engine-dir")
-    gen.add_argument("--engine-dir", default=None,
-                     help="folder of the exported graphs / engines for the "
-                          f"{_one_of(cli_choices.exported_backends())} backends (filled on first use)")
+    gen.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="refuse images larger than this many pixels (default 2048*2048; raise it to run "
+        "larger sizes, which need much memory and time)",
+    )
+    gen.add_argument(
+        "--backend",
+        default="torch",
+        help=f"one of {_one_of(cli_choices.backends())}; {_one_of(cli_choices.exported_backends())} need --engine-dir",
+    )
+    gen.add_argument(
+        "--engine-dir",
+        default=None,
+        help="folder of the exported graphs / engines for the "
+        f"{_one_of(cli_choices.exported_backends())} backends (filled on first use)",
+    )
     gen.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     gen.add_argument("--dtype", default="fp32", help=f"one of {_one_of(cli_choices.dtypes())}")
-    gen.add_argument("--variant", default=None, help="weight-file variant of a diffusers folder, e.g. fp16 "
-                     "(*.fp16.safetensors)")
-    gen.add_argument("--allow-pickle", action="store_true",
-                     help="allow .ckpt/.bin/.pt checkpoints (read weights-only); only for files you trust")
+    gen.add_argument(
+        "--variant", default=None, help="weight-file variant of a diffusers folder, e.g. fp16 (*.fp16.safetensors)"
+    )
+    gen.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow .ckpt/.bin/.pt checkpoints (read weights-only); only for files you trust",
+    )
     gen.add_argument("--init-image", default=None, help="img2img / inpainting source image")
-    gen.add_argument("--strength", type=float, default=None,
-                     help="how much of the init image to repaint, in (0, 1] (default 0.75 img2img, 1.0 inpaint)")
+    gen.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="how much of the init image to repaint, in (0, 1] (default 0.75 img2img, 1.0 inpaint)",
+    )
     gen.add_argument("--mask", default=None, help="inpainting mask (white = repaint); needs --init-image")
-    gen.add_argument("--prompt-syntax", default="a1111", choices=cli_choices.prompt_syntaxes(),
-                     help="a1111: (word:1.3), ((word)), [word], BREAK, prompts past 75 tokens in chunks; "
-                          "plain: the text as is, cut at 77 tokens with a warning (default: %(default)s)")
+    gen.add_argument(
+        "--prompt-syntax",
+        default="a1111",
+        choices=cli_choices.prompt_syntaxes(),
+        help="a1111: (word:1.3), ((word)), [word], BREAK, prompts past 75 tokens in chunks; "
+        "plain: the text as is, cut at 77 tokens with a warning (default: %(default)s)",
+    )
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     gen.add_argument("--refiner", default=None, help="SDXL refiner (folder or .safetensors) that finishes the image")
-    gen.add_argument("--refiner-start", type=float, default=None,
-                     help="fraction of the denoising the base does before the refiner (default 0.8)")
+    gen.add_argument(
+        "--refiner-start",
+        type=float,
+        default=None,
+        help="fraction of the denoising the base does before the refiner (default 0.8)",
+    )
     gen.add_argument("--vae", default=None, help="a separate VAE (diffusers folder or .safetensors)")
-    make = commands.add_parser("make-model", help="write a diffusers folder with random weights, to try things on",
-                               formatter_class=_HelpFormatter)
+    make = commands.add_parser(
+        "make-model",
+        help="write a diffusers folder with random weights, to try things on",
+        formatter_class=_HelpFormatter,
+    )
     make.add_argument("out", help="the folder to create (must not exist, or be empty)")
-    make.add_argument("--preset", default="tiny",
-                      help=f"architecture: one of {_one_of(cli_choices.table_names(_PRESETS_MODULE, '_KINDS'))} "
-                           "(tiny: seconds on a CPU)")
+    make.add_argument(
+        "--preset",
+        default="tiny",
+        help=f"architecture: one of {_one_of(cli_choices.table_names(_PRESETS_MODULE, '_KINDS'))} "
+        "(tiny: seconds on a CPU)",
+    )
     make.add_argument("--seed", type=int, default=0, help="the random weights' seed")
     return parser
 
@@ -187,8 +228,10 @@ def _check_values(args) -> None:
     if args.backend == "tensorrt" and on_cpu:
         raise CLIError("--backend tensorrt runs on CUDA: pass --device cuda")
     if args.backend == "triton" and on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
-        raise CLIError("--backend triton on --device cpu needs the Triton interpreter: set TRITON_INTERPRET=1 "
-                       "(slow; for testing) or use --device cuda")
+        raise CLIError(
+            "--backend triton on --device cpu needs the Triton interpreter: set TRITON_INTERPRET=1 "
+            "(slow; for testing) or use --device cuda"
+        )
 
 
 def run_generate(args) -> list[Path]:
@@ -200,8 +243,15 @@ def run_generate(args) -> list[Path]:
     init_image = imageio.load_image(args.init_image, "--init-image") if args.init_image else None
     mask = imageio.load_image(args.mask, "--mask") if args.mask else None
     backend_options = {} if args.engine_dir is None else {"engine_dir": args.engine_dir}
-    load_options = dict(backend=args.backend, device=args.device, dtype=args.dtype, variant=args.variant,
-                        allow_pickle=args.allow_pickle, vae=args.vae, **backend_options)
+    load_options = dict(
+        backend=args.backend,
+        device=args.device,
+        dtype=args.dtype,
+        variant=args.variant,
+        allow_pickle=args.allow_pickle,
+        vae=args.vae,
+        **backend_options,
+    )
     pipe = runtime.load(args.model, **load_options)
     refiner = None if args.refiner is None else runtime.load(args.refiner, **load_options)
     for loaded in (pipe, refiner):
@@ -210,9 +260,17 @@ def run_generate(args) -> list[Path]:
             if args.max_pixels is not None:
                 loaded.max_pixels = args.max_pixels
     seed = None if args.seed == RANDOM_SEED else args.seed
-    options = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
-                   width=args.width, height=args.height, seed=seed, num_images=args.num_images,
-                   scheduler=args.scheduler, progress=not args.no_progress)
+    options = dict(
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        guidance=args.guidance,
+        width=args.width,
+        height=args.height,
+        seed=seed,
+        num_images=args.num_images,
+        scheduler=args.scheduler,
+        progress=not args.no_progress,
+    )
     if mask is not None:
         strength = 1.0 if args.strength is None else args.strength
         results = pipe.inpaint(init_image, mask, args.prompt, strength=strength, **options)

@@ -3,6 +3,7 @@ that define them without importing their modules: those import torch, which take
 `python -m runtime --help` must answer at once. Each table stays the one place its names are written;
 tests/test_cli.py checks that what is read here equals the imported tables.
 """
+
 from __future__ import annotations
 
 import ast
@@ -11,7 +12,7 @@ import importlib.util
 from pathlib import Path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def table_names(module: str, table: str) -> tuple[str, ...]:
     """The string keys (dict) or items (tuple/list) of the literal `table` assigned at the top of `module`."""
     spec = importlib.util.find_spec(module)
@@ -19,8 +20,9 @@ def table_names(module: str, table: str) -> tuple[str, ...]:
         raise LookupError(f"module {module} not found")
     tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
     for node in tree.body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
-            if isinstance(node, ast.AnnAssign) else []
+        targets = (
+            node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        )
         if any(isinstance(target, ast.Name) and target.id == table for target in targets):
             value = node.value
             keys = value.keys if isinstance(value, ast.Dict) else getattr(value, "elts", None)

@@ -13,6 +13,7 @@ The ensemble of experts: the base denoises the steps whose timesteps are >= the 
 `refiner_start` (diffusers' denoising_end), the refiner the rest (denoising_start); `base_end` and
 `refiner_begin` are those two index rules.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,24 +42,32 @@ class MicroConditioning:
     negative_aesthetic_score: float = 2.5
 
     @classmethod
-    def from_kwargs(cls, kwargs: dict, kind: str) -> "MicroConditioning":
+    def from_kwargs(cls, kwargs: dict, kind: str) -> MicroConditioning:
         """Checked keyword arguments of generate / img2img / inpaint -> MicroConditioning."""
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - names)
         if unknown:
-            raise TypeError(f"unexpected keyword argument(s) {', '.join(unknown)}; SDXL conditioning takes "
-                            f"{', '.join(sorted(names))}")
+            raise TypeError(
+                f"unexpected keyword argument(s) {', '.join(unknown)}; SDXL conditioning takes "
+                f"{', '.join(sorted(names))}"
+            )
         if kwargs and kind not in SDXL_KINDS:
-            raise TypeError(f"{', '.join(sorted(kwargs))}: size / crop / aesthetic conditioning exists only for "
-                            f"SDXL models; this one is {kind}")
+            raise TypeError(
+                f"{', '.join(sorted(kwargs))}: size / crop / aesthetic conditioning exists only for "
+                f"SDXL models; this one is {kind}"
+            )
         for name, value in kwargs.items():
             if name.endswith("aesthetic_score"):
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                     raise ValueError(f"{name} must be a finite number, got {value!r}")
-            elif value is not None and not (isinstance(value, (tuple, list)) and len(value) == 2 and all(
-                    isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
-                raise ValueError(f"{name} must be a pair of non-negative ints (height, width) / (top, left), "
-                                 f"got {value!r}")
+            elif value is not None and not (
+                isinstance(value, (tuple, list))
+                and len(value) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+            ):
+                raise ValueError(
+                    f"{name} must be a pair of non-negative ints (height, width) / (top, left), got {value!r}"
+                )
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()})
 
     def time_ids(self, mode: str, height: int, width: int, aesthetic: bool) -> tuple[list[float], list[float]]:
@@ -67,16 +76,24 @@ class MicroConditioning:
         target = self.target_size or (height, width)
         if aesthetic:
             negative_original = self.negative_original_size or original
-            return ([*original, *self.crops_coords_top_left, self.aesthetic_score],
-                    [*negative_original, *self.negative_crops_coords_top_left, self.negative_aesthetic_score])
+            return (
+                [*original, *self.crops_coords_top_left, self.aesthetic_score],
+                [*negative_original, *self.negative_crops_coords_top_left, self.negative_aesthetic_score],
+            )
         positive = [*original, *self.crops_coords_top_left, *target]
         if mode == "txt2img":
             if self.negative_original_size is not None and self.negative_target_size is not None:
-                return positive, [*self.negative_original_size, *self.negative_crops_coords_top_left,
-                                  *self.negative_target_size]
+                return positive, [
+                    *self.negative_original_size,
+                    *self.negative_crops_coords_top_left,
+                    *self.negative_target_size,
+                ]
             return positive, positive
-        return positive, [*(self.negative_original_size or original), *self.negative_crops_coords_top_left,
-                          *(self.negative_target_size or target)]
+        return positive, [
+            *(self.negative_original_size or original),
+            *self.negative_crops_coords_top_left,
+            *(self.negative_target_size or target),
+        ]
 
 
 class SDXLConditioner:
@@ -84,9 +101,14 @@ class SDXLConditioner:
 
     def __init__(self, components):
         self.kind = components.kind
-        self.encoders = [(tokenizer, encoder) for tokenizer, encoder in
-                         ((components.tokenizer, components.text_encoder),
-                          (components.tokenizer_2, components.text_encoder_2)) if encoder is not None]
+        self.encoders = [
+            (tokenizer, encoder)
+            for tokenizer, encoder in (
+                (components.tokenizer, components.text_encoder),
+                (components.tokenizer_2, components.text_encoder_2),
+            )
+            if encoder is not None
+        ]
         flags = components.pipeline_config
         self.force_zeros = bool(flags.get("force_zeros_for_empty_prompt", self.kind == "sdxl"))
         self.aesthetic = bool(flags.get("requires_aesthetics_score", self.kind == "sdxl-refiner"))
@@ -95,8 +117,16 @@ class SDXLConditioner:
     def is_refiner(self) -> bool:
         return self.aesthetic
 
-    def encode(self, prompts: list[str], negatives: list[str], zero_negatives: bool, guided: bool,
-               num_images: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self,
+        prompts: list[str],
+        negatives: list[str],
+        zero_negatives: bool,
+        guided: bool,
+        num_images: int,
+        device,
+        dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(context [R, 77, C], text_embeds [R, P]); R = len(prompts) * num_images, doubled with
         guidance ([uncond; cond]). zero_negatives: no negative prompt was given."""
         context, pooled = self._encode_texts(prompts, device)
@@ -120,8 +150,9 @@ class SDXLConditioner:
         # diffusers takes the pooled output from the encoder with a projection: the last one.
         return torch.cat(hidden, dim=-1), pooled
 
-    def time_ids(self, micro: MicroConditioning, mode: str, height: int, width: int, rows: int, guided: bool,
-                 device, dtype) -> torch.Tensor:
+    def time_ids(
+        self, micro: MicroConditioning, mode: str, height: int, width: int, rows: int, guided: bool, device, dtype
+    ) -> torch.Tensor:
         """[rows (x2 when guided), 6 | 5] in the model dtype, as diffusers builds them."""
         positive, negative = micro.time_ids(mode, height, width, self.aesthetic)
         ids = torch.tensor([positive], dtype=dtype, device=device).repeat(rows, 1)
@@ -155,18 +186,23 @@ def check_refiner(base_kind: str, refiner, refiner_start) -> float | None:
     """The validated refiner_start (None without a refiner); clear errors before any work."""
     if refiner is None:
         if refiner_start is not None:
-            raise ValueError(f"refiner_start={refiner_start!r} was given without a refiner; pass refiner=<an SDXL "
-                             f"pipeline> or drop refiner_start")
+            raise ValueError(
+                f"refiner_start={refiner_start!r} was given without a refiner; pass refiner=<an SDXL "
+                f"pipeline> or drop refiner_start"
+            )
         return None
     if base_kind != "sdxl":
         raise ValueError(f"refiner= needs an SDXL base; this model is {base_kind}")
     refiner_kind = getattr(getattr(refiner, "components", None), "kind", None)
     if refiner_kind not in SDXL_KINDS:
-        raise ValueError(f"refiner must be an SDXL pipeline (runtime.load of an SDXL refiner or base), got "
-                         f"{refiner_kind or type(refiner).__name__}")
+        raise ValueError(
+            f"refiner must be an SDXL pipeline (runtime.load of an SDXL refiner or base), got "
+            f"{refiner_kind or type(refiner).__name__}"
+        )
     if refiner_start is None:
         refiner_start = DEFAULT_REFINER_START
     if isinstance(refiner_start, bool) or not isinstance(refiner_start, (int, float)) or not 0 < refiner_start < 1:
-        raise ValueError(f"refiner_start must be a fraction in (0, 1) of the denoising done by the base, "
-                         f"got {refiner_start!r}")
+        raise ValueError(
+            f"refiner_start must be a fraction in (0, 1) of the denoising done by the base, got {refiner_start!r}"
+        )
     return float(refiner_start)

@@ -8,6 +8,7 @@ diffusers repositories: stable-diffusion-v1-5 (SD 1.x), stabilityai/stable-diffu
 (SD 2.x, 768-v), stabilityai/stable-diffusion-xl-base-1.0 ("sdxl") and
 stable-diffusion-xl-refiner-1.0 ("sdxl-refiner"). Every call returns fresh dicts, so callers may edit them.
 """
+
 from __future__ import annotations
 
 import copy
@@ -86,21 +87,45 @@ _SCHEDULER_COMMON = {
 
 _DEFAULTS = {
     "sd1": {
-        "unet": {**_UNET_COMMON, "sample_size": 64, "cross_attention_dim": 768,
-                 "attention_head_dim": SD1_UNET_HEADS, "use_linear_projection": False, "upcast_attention": False},
+        "unet": {
+            **_UNET_COMMON,
+            "sample_size": 64,
+            "cross_attention_dim": 768,
+            "attention_head_dim": SD1_UNET_HEADS,
+            "use_linear_projection": False,
+            "upcast_attention": False,
+        },
         "vae": {**_VAE, "sample_size": 512},
-        "text_encoder": {**_TEXT_COMMON, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                         "num_attention_heads": 12, "hidden_act": "quick_gelu"},
+        "text_encoder": {
+            **_TEXT_COMMON,
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "hidden_act": "quick_gelu",
+        },
         "scheduler": {**_SCHEDULER_COMMON, "_class_name": "PNDMScheduler", "prediction_type": "epsilon"},
         "tokenizer": {"pad_token": "<|endoftext|>", "model_max_length": 77},
     },
     "sd2": {
-        "unet": {**_UNET_COMMON, "sample_size": 96, "cross_attention_dim": 1024,
-                 "attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True, "upcast_attention": True},
+        "unet": {
+            **_UNET_COMMON,
+            "sample_size": 96,
+            "cross_attention_dim": 1024,
+            "attention_head_dim": [5, 10, 20, 20],
+            "use_linear_projection": True,
+            "upcast_attention": True,
+        },
         "vae": {**_VAE, "sample_size": 768},
         # 23 layers: SD 2.x conditions on the penultimate of OpenCLIP ViT-H's 24 blocks.
-        "text_encoder": {**_TEXT_COMMON, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23,
-                         "num_attention_heads": 16, "hidden_act": "gelu"},
+        "text_encoder": {
+            **_TEXT_COMMON,
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 23,
+            "num_attention_heads": 16,
+            "hidden_act": "gelu",
+        },
         # SD 2.x (768-v) predicts v; the 512 "base" model predicts epsilon: pass prediction_type then.
         "scheduler": {**_SCHEDULER_COMMON, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction"},
         "tokenizer": {"pad_token": "!", "model_max_length": 77},
@@ -109,27 +134,55 @@ _DEFAULTS = {
 
 
 _SDXL_UNET = {
-    **_UNET_COMMON, "sample_size": 128, "addition_embed_type": "text_time",
-    "addition_time_embed_dim": SDXL_TIME_EMBED_DIM, "use_linear_projection": True, "upcast_attention": False,
+    **_UNET_COMMON,
+    "sample_size": 128,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": SDXL_TIME_EMBED_DIM,
+    "use_linear_projection": True,
+    "upcast_attention": False,
 }
 _SDXL_VAE = {**_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
 # OpenCLIP ViT-bigG/14 as transformers' CLIPTextModelWithProjection; all 32 blocks run (pooling reads
 # the last), SDXL conditions on the penultimate.
-_SDXL_TEXT_2 = {**_TEXT_COMMON, "architectures": ["CLIPTextModelWithProjection"], "hidden_size": 1280,
-                "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
-                "hidden_act": "gelu", "projection_dim": 1280}
-_SDXL_SCHEDULER = {**_SCHEDULER_COMMON, "_class_name": "EulerDiscreteScheduler", "prediction_type": "epsilon",
-                   "interpolation_type": "linear", "use_karras_sigmas": False}
+_SDXL_TEXT_2 = {
+    **_TEXT_COMMON,
+    "architectures": ["CLIPTextModelWithProjection"],
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+}
+_SDXL_SCHEDULER = {
+    **_SCHEDULER_COMMON,
+    "_class_name": "EulerDiscreteScheduler",
+    "prediction_type": "epsilon",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+}
 
 _DEFAULTS["sdxl"] = {
-    "unet": {**_SDXL_UNET, "block_out_channels": [320, 640, 1280], "attention_head_dim": [5, 10, 20],
-             "transformer_layers_per_block": [1, 2, 10], "cross_attention_dim": 2048,
-             "projection_class_embeddings_input_dim": 1280 + 6 * SDXL_TIME_EMBED_DIM,
-             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-             "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]},
+    "unet": {
+        **_SDXL_UNET,
+        "block_out_channels": [320, 640, 1280],
+        "attention_head_dim": [5, 10, 20],
+        "transformer_layers_per_block": [1, 2, 10],
+        "cross_attention_dim": 2048,
+        "projection_class_embeddings_input_dim": 1280 + 6 * SDXL_TIME_EMBED_DIM,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    },
     "vae": _SDXL_VAE,
-    "text_encoder": {**_TEXT_COMMON, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                     "num_attention_heads": 12, "hidden_act": "quick_gelu", "projection_dim": 768},
+    "text_encoder": {
+        **_TEXT_COMMON,
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "hidden_act": "quick_gelu",
+        "projection_dim": 768,
+    },
     "text_encoder_2": _SDXL_TEXT_2,
     "scheduler": _SDXL_SCHEDULER,
     "tokenizer": {"pad_token": "<|endoftext|>", "model_max_length": 77},
@@ -137,11 +190,16 @@ _DEFAULTS["sdxl"] = {
     "pipeline": {"force_zeros_for_empty_prompt": True, "requires_aesthetics_score": False},
 }
 _DEFAULTS["sdxl-refiner"] = {
-    "unet": {**_SDXL_UNET, "block_out_channels": [384, 768, 1536, 1536], "attention_head_dim": [6, 12, 24, 24],
-             "transformer_layers_per_block": 4, "cross_attention_dim": 1280,
-             "projection_class_embeddings_input_dim": 1280 + 5 * SDXL_TIME_EMBED_DIM,
-             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]},
+    "unet": {
+        **_SDXL_UNET,
+        "block_out_channels": [384, 768, 1536, 1536],
+        "attention_head_dim": [6, 12, 24, 24],
+        "transformer_layers_per_block": 4,
+        "cross_attention_dim": 1280,
+        "projection_class_embeddings_input_dim": 1280 + 5 * SDXL_TIME_EMBED_DIM,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    },
     "vae": _SDXL_VAE,
     "text_encoder_2": _SDXL_TEXT_2,
     "scheduler": _SDXL_SCHEDULER,
@@ -172,15 +230,30 @@ SDXL_BENCH_PRESETS = {
         "kind": "sdxl",
         "run": {"width": 128, "height": 128, "steps": 4, "guidance": 5.0},
         "configs": {
-            "unet": {"sample_size": 16, "block_out_channels": [32, 64, 128], "attention_head_dim": [1, 1, 2],
-                     "layers_per_block": 1, "transformer_layers_per_block": [1, 1, 2],
-                     "cross_attention_dim": 64 + 128, "norm_num_groups": 16,
-                     "projection_class_embeddings_input_dim": 128 + 6 * SDXL_TIME_EMBED_DIM},
-            "vae": {"block_out_channels": [16, 32, 32, 32], "layers_per_block": 1, "norm_num_groups": 8,
-                    "sample_size": 128},
+            "unet": {
+                "sample_size": 16,
+                "block_out_channels": [32, 64, 128],
+                "attention_head_dim": [1, 1, 2],
+                "layers_per_block": 1,
+                "transformer_layers_per_block": [1, 1, 2],
+                "cross_attention_dim": 64 + 128,
+                "norm_num_groups": 16,
+                "projection_class_embeddings_input_dim": 128 + 6 * SDXL_TIME_EMBED_DIM,
+            },
+            "vae": {
+                "block_out_channels": [16, 32, 32, 32],
+                "layers_per_block": 1,
+                "norm_num_groups": 8,
+                "sample_size": 128,
+            },
             "text_encoder": {**_TINY_SDXL_TEXT, "projection_dim": 64},
-            "text_encoder_2": {**_TINY_SDXL_TEXT, "hidden_size": 128, "intermediate_size": 256,
-                               "num_attention_heads": 2, "projection_dim": 128},
+            "text_encoder_2": {
+                **_TINY_SDXL_TEXT,
+                "hidden_size": 128,
+                "intermediate_size": 256,
+                "num_attention_heads": 2,
+                "projection_dim": 128,
+            },
         },
     },
 }

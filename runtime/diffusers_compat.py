@@ -16,6 +16,7 @@ prompts are read with `pipe.prompt_syntax` (A1111 syntax by default; for prompts
 tokens, diffusers' exact encoding); the images' metadata records the generator's initial seed.
 Unknown keywords raise TypeError, as diffusers' call does.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,13 +42,28 @@ class PipelineOutput:
         return (self.images, self.nsfw_content_detected)[index]
 
 
-def diffusers_call(pipe, prompt=None, height: int | None = None, width: int | None = None,
-                   num_inference_steps: int = 50, guidance_scale: float = 7.5, negative_prompt=None,
-                   num_images_per_prompt: int = 1, generator: torch.Generator | None = None,
-                   latents: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
-                   negative_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil",
-                   return_dict: bool = True, clip_skip: int | None = None, image=None, mask_image=None,
-                   strength: float | None = None, scheduler: str | None = None, progress: bool = True):
+def diffusers_call(
+    pipe,
+    prompt=None,
+    height: int | None = None,
+    width: int | None = None,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    negative_prompt=None,
+    num_images_per_prompt: int = 1,
+    generator: torch.Generator | None = None,
+    latents: torch.Tensor | None = None,
+    prompt_embeds: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    output_type: str = "pil",
+    return_dict: bool = True,
+    clip_skip: int | None = None,
+    image=None,
+    mask_image=None,
+    strength: float | None = None,
+    scheduler: str | None = None,
+    progress: bool = True,
+):
     """Pipeline.__call__. `scheduler` (one of runtime.schedulers' names) and `progress` are ours."""
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
@@ -76,13 +92,25 @@ def diffusers_call(pipe, prompt=None, height: int | None = None, width: int | No
         width, height = width or native_width, height or native_height
     if mode != "txt2img":
         from runtime import images as imageio
+
         image = imageio.load_image(image, "image")
         width, height = pipe._size_for_image(image, width, height)
         strength = (1.0 if mode == "inpaint" else 0.8) if strength is None else strength
     if latents is not None and height is None and width is None:
         height, width = (size * pipe.vae_scale_factor for size in latents.shape[-2:])
-    request = pipe._request(mode, prompts, negative_prompt, num_inference_steps, guidance_scale, width, height,
-                            seed, num_images_per_prompt, scheduler, strength)
+    request = pipe._request(
+        mode,
+        prompts,
+        negative_prompt,
+        num_inference_steps,
+        guidance_scale,
+        width,
+        height,
+        seed,
+        num_images_per_prompt,
+        scheduler,
+        strength,
+    )
     context = None
     if prompt_embeds is not None or negative_prompt_embeds is not None or clip_skip:
         with torch.inference_mode():
@@ -105,8 +133,10 @@ def _check_generator(generator):
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator= must be a torch.Generator, got {type(generator).__name__}")
     if generator.device.type != "cpu":
-        raise ValueError(f"generator= must be a CPU torch.Generator (the runtime draws noise on the CPU, as "
-                         f"diffusers does with a CPU generator), got one on {generator.device}")
+        raise ValueError(
+            f"generator= must be a CPU torch.Generator (the runtime draws noise on the CPU, as "
+            f"diffusers does with a CPU generator), got one on {generator.device}"
+        )
     return generator
 
 
@@ -121,19 +151,24 @@ def _context(pipe, request, prompt_embeds, negative_prompt_embeds, clip_skip) ->
         if negative_prompt_embeds is None:
             # diffusers applies clip_skip to the prompt only: its negative comes from the last layer.
             negative_prompt_embeds = pipe.encode_prompt(request.negatives, None, 1.0)
-        negative_prompt_embeds = _checked_embeds(pipe, negative_prompt_embeds, "negative_prompt_embeds",
-                                                 len(request.prompts))
+        negative_prompt_embeds = _checked_embeds(
+            pipe, negative_prompt_embeds, "negative_prompt_embeds", len(request.prompts)
+        )
         if negative_prompt_embeds.shape != prompt_embeds.shape:
-            raise ValueError(f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} and prompt_embeds "
-                             f"{tuple(prompt_embeds.shape)} must have the same shape")
+            raise ValueError(
+                f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} and prompt_embeds "
+                f"{tuple(prompt_embeds.shape)} must have the same shape"
+            )
         parts.insert(0, negative_prompt_embeds)
     return torch.cat(parts).repeat_interleave(request.num_images, dim=0)
 
 
 def _checked_embeds(pipe, embeds, name: str, rows: int) -> torch.Tensor:
     if not isinstance(embeds, torch.Tensor) or embeds.dim() != 3:
-        raise ValueError(f"{name} must be a tensor [batch, tokens, channels], got "
-                         f"{tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__}")
+        raise ValueError(
+            f"{name} must be a tensor [batch, tokens, channels], got "
+            f"{tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__}"
+        )
     channels = pipe.unet.config.cross_attention_dim
     if embeds.shape[0] != rows or embeds.shape[2] != channels:
         raise ValueError(f"{name} has shape {tuple(embeds.shape)}; expected [{rows}, tokens, {channels}]")
@@ -141,12 +176,17 @@ def _checked_embeds(pipe, embeds, name: str, rows: int) -> torch.Tensor:
 
 
 def _check_latents(pipe, request, latents) -> None:
-    expected = (len(request.prompts) * request.num_images, pipe.vae.config.latent_channels,
-                request.height // pipe.vae_scale_factor, request.width // pipe.vae_scale_factor)
+    expected = (
+        len(request.prompts) * request.num_images,
+        pipe.vae.config.latent_channels,
+        request.height // pipe.vae_scale_factor,
+        request.width // pipe.vae_scale_factor,
+    )
     if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
         found = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-        raise ValueError(f"latents must be a tensor of shape {expected} (batch, channels, height/8, width/8), "
-                         f"got {found}")
+        raise ValueError(
+            f"latents must be a tensor of shape {expected} (batch, channels, height/8, width/8), got {found}"
+        )
 
 
 def move_pipeline(pipe, *args, device=None, dtype=None, torch_device=None, torch_dtype=None):
@@ -173,13 +213,17 @@ def move_pipeline(pipe, *args, device=None, dtype=None, torch_device=None, torch
     if (new_device, new_dtype) == (pipe.device, pipe.dtype):
         return pipe
     if pipe.backend not in ("torch", "triton"):
-        raise ValueError(f"the {pipe.backend} backend runs graphs exported for {pipe.device} / {pipe.dtype} and "
-                         f"cannot move; load the model again with the device and dtype you want")
+        raise ValueError(
+            f"the {pipe.backend} backend runs graphs exported for {pipe.device} / {pipe.dtype} and "
+            f"cannot move; load the model again with the device and dtype you want"
+        )
     if pipe.backend == "triton" and new_device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"the triton backend runs on CUDA (or under TRITON_INTERPRET=1); cannot move to {new_device}")
     if pipe.graphs is not None and new_device.type != "cuda":
-        raise ValueError(f"this pipeline replays CUDA graphs; it cannot move to {new_device} "
-                         f"(load it with cuda_graphs=False to move it freely)")
+        raise ValueError(
+            f"this pipeline replays CUDA graphs; it cannot move to {new_device} "
+            f"(load it with cuda_graphs=False to move it freely)"
+        )
     with pipe._run_lock:
         for network in (pipe.unet, pipe.vae, pipe.text_encoder):
             network.to(device=new_device, dtype=new_dtype)

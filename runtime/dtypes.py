@@ -3,13 +3,20 @@
 A precision has one short name (`PRECISIONS`) and a few spellings users write (`DTYPES`); code that needs
 a subset (ONNX export: fp32 and fp16) names the subset by short names and looks the dtypes up here.
 """
+
 from __future__ import annotations
 
 import torch
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DTYPES = {**PRECISIONS, "float32": torch.float32, "float": torch.float32, "float16": torch.float16,
-          "half": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {
+    **PRECISIONS,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:

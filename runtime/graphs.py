@@ -16,13 +16,14 @@ buffers and nothing a caller holds is overwritten by the next run.
 The graph API is a constructor argument (torch.cuda by default), so tests can drive the same code on
 the CPU with a stand-in (tests/fake_cuda_graphs.py).
 """
+
 from __future__ import annotations
 
 import collections
 import dataclasses
 import logging
 import threading
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -47,33 +48,50 @@ class GraphKey:
     latent_shape: tuple[int, ...]
     dtype: torch.dtype
     scheduler: str
-    steps: int                            # the schedule's length
+    steps: int  # the schedule's length
     start: int
-    end: int                              # graphs run steps start .. end-1 (end < steps: a refiner finishes)
+    end: int  # graphs run steps start .. end-1 (end < steps: a refiner finishes)
     has_noise: bool
     inputs: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]  # (name, shape, dtype), sorted by name
 
     @classmethod
-    def for_run(cls, scheduler, latents: torch.Tensor, start: int, noise: torch.Tensor | None,
-                inputs: Mapping[str, torch.Tensor], end: int | None = None) -> GraphKey:
+    def for_run(
+        cls,
+        scheduler,
+        latents: torch.Tensor,
+        start: int,
+        noise: torch.Tensor | None,
+        inputs: Mapping[str, torch.Tensor],
+        end: int | None = None,
+    ) -> GraphKey:
         signature = tuple(sorted((name, tuple(t.shape), t.dtype) for name, t in inputs.items()))
         end = scheduler.num_steps if end is None else end
-        return cls(tuple(latents.shape), latents.dtype, scheduler_identity(scheduler), scheduler.num_steps,
-                   start, end, noise is not None, signature)
+        return cls(
+            tuple(latents.shape),
+            latents.dtype,
+            scheduler_identity(scheduler),
+            scheduler.num_steps,
+            start,
+            end,
+            noise is not None,
+            signature,
+        )
 
     def describe(self) -> str:
         b, c, h, w = self.latent_shape
         sampler = self.scheduler.split("(", 1)[0]
-        return (f"batch {b}, latents {c}x{h}x{w}, {str(self.dtype).removeprefix('torch.')}, "
-                f"{sampler} x{self.steps} steps {self.start}..{self.end - 1}")
+        return (
+            f"batch {b}, latents {c}x{h}x{w}, {str(self.dtype).removeprefix('torch.')}, "
+            f"{sampler} x{self.steps} steps {self.start}..{self.end - 1}"
+        )
 
 
 @dataclasses.dataclass
 class _Entry:
-    scheduler: object                     # keeps the multistep history tensors the graphs read alive
-    graphs: list                          # CUDAGraph objects; graph k runs step start + k
-    chain: list[torch.Tensor]             # chain[k] is graph k's input latents, chain[k + 1] its output
-    inputs: dict[str, torch.Tensor]       # the static copies of the request's named step inputs
+    scheduler: object  # keeps the multistep history tensors the graphs read alive
+    graphs: list  # CUDAGraph objects; graph k runs step start + k
+    chain: list[torch.Tensor]  # chain[k] is graph k's input latents, chain[k + 1] its output
+    inputs: dict[str, torch.Tensor]  # the static copies of the request's named step inputs
     guidance: torch.Tensor
     noise: torch.Tensor | None
 
@@ -113,10 +131,19 @@ class CudaGraphDenoiser:
             self._pool = None
         self._cuda.empty_cache()
 
-    def run(self, scheduler, latents: torch.Tensor, guidance: float, *, inputs: Mapping[str, torch.Tensor | None],
-            start: int = 0, end: int | None = None, noise: torch.Tensor | None = None,
-            between_steps: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
-            progress: Callable[[range], range] = lambda r: r) -> torch.Tensor:
+    def run(
+        self,
+        scheduler,
+        latents: torch.Tensor,
+        guidance: float,
+        *,
+        inputs: Mapping[str, torch.Tensor | None],
+        start: int = 0,
+        end: int | None = None,
+        noise: torch.Tensor | None = None,
+        between_steps: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        progress: Callable[[range], range] = lambda r: r,
+    ) -> torch.Tensor:
         """Steps start .. end-1 (end: scheduler.num_steps) on `latents`; returns new latents (not a static buffer).
 
         `scheduler` is set up for the request (timesteps, begin index); a new capture works on a clone.
@@ -157,8 +184,10 @@ class CudaGraphDenoiser:
             self._entries.clear()
             self._pool = None
             self._cuda.empty_cache()
-            raise RuntimeError(f"CUDA ran out of memory capturing the denoising graphs for {key.describe()}; "
-                               f"the graph cache was released. Try a smaller batch or size.") from err
+            raise RuntimeError(
+                f"CUDA ran out of memory capturing the denoising graphs for {key.describe()}; "
+                f"the graph cache was released. Try a smaller batch or size."
+            ) from err
         self._entries[key] = entry
         return entry
 
@@ -172,8 +201,14 @@ class CudaGraphDenoiser:
         static_noise = None if noise is None else noise.clone()
 
         def step(i: int, x: torch.Tensor) -> torch.Tensor:
-            return self._step_fn(scheduler, x, i, guidance=static_guidance,
-                                 noise_i=None if static_noise is None else static_noise[i], **static_inputs)
+            return self._step_fn(
+                scheduler,
+                x,
+                i,
+                guidance=static_guidance,
+                noise_i=None if static_noise is None else static_noise[i],
+                **static_inputs,
+            )
 
         # Warm up on a side stream: Triton compiles and autotunes, cuBLAS picks its kernels, the
         # caching allocator sizes its blocks; none of that may happen during capture.
@@ -198,5 +233,11 @@ class CudaGraphDenoiser:
                     out = step(i, chain[-1])
                 graphs.append(graph)
                 chain.append(out)
-        return _Entry(scheduler=scheduler, graphs=graphs, chain=chain, inputs=static_inputs,
-                      guidance=static_guidance, noise=static_noise)
+        return _Entry(
+            scheduler=scheduler,
+            graphs=graphs,
+            chain=chain,
+            inputs=static_inputs,
+            guidance=static_guidance,
+            noise=static_noise,
+        )

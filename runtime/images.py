@@ -3,6 +3,7 @@
 The conversions follow diffusers' VaeImageProcessor exactly (Lanczos resize, [0,1] -> [-1,1], mask
 binarised at 0.5, `round()` to uint8), so our outputs can be compared with diffusers' bit for bit.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -97,8 +98,7 @@ def _mask_fraction(mask: PIL.Image.Image) -> PIL.Image.Image | None:
             raise ValueError("mask holds NaN or inf values; a float mask must hold values in [0, 1]")
         return PIL.Image.fromarray(values, mode="F")
     if mask.mode not in ("1", "L", "P", "RGB", "CMYK", "YCbCr", "LAB", "HSV"):
-        raise ValueError(f"mask mode {mask.mode!r} is not supported; use a grayscale, RGB(A), 16-bit or "
-                         f"float image")
+        raise ValueError(f"mask mode {mask.mode!r} is not supported; use a grayscale, RGB(A), 16-bit or float image")
     return None
 
 
@@ -121,7 +121,7 @@ class GeneratedImage(PIL.Image.Image):
     """
 
     @classmethod
-    def of(cls, image: PIL.Image.Image) -> "GeneratedImage":
+    def of(cls, image: PIL.Image.Image) -> GeneratedImage:
         generated = cls()
         generated.__dict__.update(image.__dict__)
         generated.info = dict(image.info)
@@ -187,13 +187,13 @@ class GenerationInfo:
     scheduler: str
     width: int
     height: int
-    mode: str = "txt2img"          # txt2img | img2img | inpaint
+    mode: str = "txt2img"  # txt2img | img2img | inpaint
     strength: float | None = None  # img2img / inpaint only
     model: str | None = None
-    batch_index: int = 0           # position in a batch drawn from one seed
+    batch_index: int = 0  # position in a batch drawn from one seed
     model_hash: str | None = None  # A1111's short hash (runtime/model_hash.py)
-    backend: str | None = None     # what ran the networks: torch, triton, onnxruntime, tensorrt
-    dtype: str | None = None       # the networks' dtype: fp32, fp16, bf16
+    backend: str | None = None  # what ran the networks: torch, triton, onnxruntime, tensorrt
+    dtype: str | None = None  # the networks' dtype: fp32, fp16, bf16
 
     def parameters_text(self) -> str:
         """The A1111-style "parameters" text (prompt, negative prompt line, then key: value pairs)."""
@@ -219,7 +219,7 @@ class GenerationInfo:
         return "\n".join(lines)
 
     def as_text_chunks(self) -> dict[str, str]:
-        """"parameters" plus one text entry per field (absent optional fields left out)."""
+        """ "parameters" plus one text entry per field (absent optional fields left out)."""
         chunks = {"parameters": self.parameters_text()}
         for key, value in self.__dict__.items():
             if value is not None:

@@ -6,6 +6,7 @@ hex digits of one sha256 over its weight files (*.safetensors, *.bin, *.ckpt, *.
 vae/, text_encoder/), each fed as its relative path then its bytes, in sorted path order. Hashes are
 remembered per (path, size, modification time): a checkpoint is read once per process.
 """
+
 from __future__ import annotations
 
 import functools
@@ -24,9 +25,16 @@ def model_hash(source) -> str | None:
     if path.is_file():
         files = [path]
     elif path.is_dir():
-        files = sorted((p for folder in _WEIGHT_FOLDERS if (path / folder).is_dir()
-                        for p in (path / folder).iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES),
-                       key=lambda p: p.relative_to(path).as_posix())
+        files = sorted(
+            (
+                p
+                for folder in _WEIGHT_FOLDERS
+                if (path / folder).is_dir()
+                for p in (path / folder).iterdir()
+                if p.is_file() and p.suffix in _WEIGHT_SUFFIXES
+            ),
+            key=lambda p: p.relative_to(path).as_posix(),
+        )
     else:
         return None
     stamps = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)

@@ -23,6 +23,7 @@ denoising_end / denoising_start pair of calls.
 Cancelling: `callback(step_index, timestep, latents)` returning False raises `GenerationCancelled`
 (holding the latents reached); no image is decoded, so a cancelled run costs no VAE time.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,16 +38,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from runtime import conditioning
+from runtime import conditioning, validation
 from runtime import images as imageio
-from runtime import validation
 from runtime.caller_inputs import CallerInputs
+from runtime.dtypes import precision_name
 from runtime.graphs import CudaGraphDenoiser
 from runtime.images import GenerationInfo
 from runtime.model_hash import model_hash
 from runtime.prompt_syntax import encode_prompts
 from runtime.schedulers import SCHEDULER_NAMES, config_name, make_scheduler
-from runtime.dtypes import precision_name
 
 
 class GenerationCancelled(RuntimeError):
@@ -64,8 +64,8 @@ class _LatentBlend:
     noised to the next step's level (diffusers' StableDiffusionInpaintPipeline for 4-channel UNets)."""
 
     image_latents: torch.Tensor  # [B, 4, h, w], scaled
-    mask: torch.Tensor           # [B, 1, h, w], 1 = repaint
-    noise: torch.Tensor          # the initial noise, reused to noise the image at each level
+    mask: torch.Tensor  # [B, 1, h, w], 1 = repaint
+    noise: torch.Tensor  # the initial noise, reused to noise the image at each level
 
 
 @dataclass(frozen=True)
@@ -81,8 +81,8 @@ class _Request:
     height: int
     seed: int
     num_images: int
-    scheduler: str | None          # the caller's choice; None: the checkpoint's own scheduler
-    scheduler_name: str            # what ran, for metadata
+    scheduler: str | None  # the caller's choice; None: the checkpoint's own scheduler
+    scheduler_name: str  # what ran, for metadata
     strength: float | None
 
 
@@ -92,7 +92,7 @@ class _SDXLCall:
 
     micro: conditioning.MicroConditioning
     zero_negatives: bool  # no negative prompt given: force_zeros_for_empty_prompt applies
-    refiner: "Pipeline | None" = None
+    refiner: Pipeline | None = None
     refiner_start: float | None = None
 
 
@@ -127,59 +127,107 @@ class Pipeline:
         self._run_lock = validation.ReentryGuard()
 
     # ------------------------------------------------------------------ public entry points
-    def generate(self, prompt, *, negative_prompt=None, steps: int = 30, guidance: float = 7.5,
-                 width: int | None = None, height: int | None = None, seed: int | None = None,
-                 num_images: int = 1, scheduler: str | None = None, callback=None,
-                 progress: bool = True, refiner: "Pipeline | None" = None, refiner_start: float | None = None,
-                 **micro) -> list[PIL.Image.Image]:
+    def generate(
+        self,
+        prompt,
+        *,
+        negative_prompt=None,
+        steps: int = 30,
+        guidance: float = 7.5,
+        width: int | None = None,
+        height: int | None = None,
+        seed: int | None = None,
+        num_images: int = 1,
+        scheduler: str | None = None,
+        callback=None,
+        progress: bool = True,
+        refiner: Pipeline | None = None,
+        refiner_start: float | None = None,
+        **micro,
+    ) -> list[PIL.Image.Image]:
         """Text to image. Returns `len(prompts) * num_images` PIL images (each prompt's images together);
         each image's `info` holds the generation parameters (seed included) as PNG text entries.
         SDXL: `refiner` (another SDXL pipeline) finishes from `refiner_start` (default 0.8) of the
         denoising; `micro`: original_size, crops_coords_top_left, target_size and their negative_* forms."""
         if self.conditioner is not None and self.conditioner.is_refiner:
-            raise ValueError(f"{self.components.source} is an SDXL refiner (requires_aesthetics_score): it cannot "
-                             f"generate from noise; use it as refiner= of an SDXL base's generate, or img2img")
+            raise ValueError(
+                f"{self.components.source} is an SDXL refiner (requires_aesthetics_score): it cannot "
+                f"generate from noise; use it as refiner= of an SDXL base's generate, or img2img"
+            )
         sdxl = self._sdxl_call(negative_prompt, micro, refiner, refiner_start)
-        request = self._request("txt2img", prompt, negative_prompt, steps, guidance, width, height,
-                                seed, num_images, scheduler, None)
+        request = self._request(
+            "txt2img", prompt, negative_prompt, steps, guidance, width, height, seed, num_images, scheduler, None
+        )
         return self._run(request, callback=callback, progress=progress, sdxl=sdxl)
 
-    def img2img(self, image, prompt, *, strength: float = 0.75, negative_prompt=None, steps: int = 30,
-                guidance: float = 7.5, width: int | None = None, height: int | None = None,
-                seed: int | None = None, num_images: int = 1, scheduler: str | None = None,
-                callback=None, progress: bool = True, **micro) -> list[PIL.Image.Image]:
+    def img2img(
+        self,
+        image,
+        prompt,
+        *,
+        strength: float = 0.75,
+        negative_prompt=None,
+        steps: int = 30,
+        guidance: float = 7.5,
+        width: int | None = None,
+        height: int | None = None,
+        seed: int | None = None,
+        num_images: int = 1,
+        scheduler: str | None = None,
+        callback=None,
+        progress: bool = True,
+        **micro,
+    ) -> list[PIL.Image.Image]:
         """Image to image: `image` (PIL or path) noised to `strength` then denoised. The output size is
         width x height, by default the image's own size rounded down to a multiple of 8."""
         sdxl = self._sdxl_call(negative_prompt, micro, None, None)
         image = imageio.load_image(image, "init image")
         width, height = self._size_for_image(image, width, height)
-        request = self._request("img2img", prompt, negative_prompt, steps, guidance, width, height,
-                                seed, num_images, scheduler, strength)
+        request = self._request(
+            "img2img", prompt, negative_prompt, steps, guidance, width, height, seed, num_images, scheduler, strength
+        )
         return self._run(request, image=image, callback=callback, progress=progress, sdxl=sdxl)
 
-    def inpaint(self, image, mask, prompt, *, strength: float = 1.0, negative_prompt=None,
-                steps: int = 30, guidance: float = 7.5, width: int | None = None,
-                height: int | None = None, seed: int | None = None, num_images: int = 1,
-                scheduler: str | None = None, callback=None, progress: bool = True,
-                **micro) -> list[PIL.Image.Image]:
+    def inpaint(
+        self,
+        image,
+        mask,
+        prompt,
+        *,
+        strength: float = 1.0,
+        negative_prompt=None,
+        steps: int = 30,
+        guidance: float = 7.5,
+        width: int | None = None,
+        height: int | None = None,
+        seed: int | None = None,
+        num_images: int = 1,
+        scheduler: str | None = None,
+        callback=None,
+        progress: bool = True,
+        **micro,
+    ) -> list[PIL.Image.Image]:
         """Repaint where `mask` is white (>= 50% gray), keep the rest. 9-channel inpainting UNets get the
         mask and masked image as input; ordinary 4-channel UNets blend the known region back each step."""
         sdxl = self._sdxl_call(negative_prompt, micro, None, None)
         image, mask = self._inpaint_inputs(image, mask)
         width, height = self._size_for_image(image, width, height)
-        request = self._request("inpaint", prompt, negative_prompt, steps, guidance, width, height,
-                                seed, num_images, scheduler, strength)
+        request = self._request(
+            "inpaint", prompt, negative_prompt, steps, guidance, width, height, seed, num_images, scheduler, strength
+        )
         return self._run(request, image=image, mask=mask, callback=callback, progress=progress, sdxl=sdxl)
 
     def __call__(self, prompt=None, **kwargs):
         """diffusers' call: pipe(prompt, num_inference_steps=, guidance_scale=, ...) -> object with .images
         (runtime/diffusers_compat.py)."""
         from runtime.diffusers_compat import diffusers_call
+
         return diffusers_call(self, prompt, **kwargs)
 
-    def to(self, *args, **kwargs) -> "Pipeline":
+    def to(self, *args, **kwargs) -> Pipeline:
         """diffusers' .to(device), .to(dtype), .to(device, dtype); returns self (runtime/diffusers_compat.py)."""
         from runtime.diffusers_compat import move_pipeline
+
         return move_pipeline(self, *args, **kwargs)
 
     # ------------------------------------------------------------------ validation
@@ -187,11 +235,15 @@ class Pipeline:
         image = imageio.load_image(image, "init image")
         mask = imageio.load_image(mask, "mask")
         if mask.size != image.size:
-            raise ValueError(f"mask size {mask.size[0]}x{mask.size[1]} differs from the image size "
-                             f"{image.size[0]}x{image.size[1]}; give a mask of the same size")
+            raise ValueError(
+                f"mask size {mask.size[0]}x{mask.size[1]} differs from the image size "
+                f"{image.size[0]}x{image.size[1]}; give a mask of the same size"
+            )
         if self.unet.config.in_channels not in (4, 9):
-            raise ValueError(f"inpainting needs a UNet with 4 or 9 input channels, this one has "
-                             f"in_channels={self.unet.config.in_channels}")
+            raise ValueError(
+                f"inpainting needs a UNet with 4 or 9 input channels, this one has "
+                f"in_channels={self.unet.config.in_channels}"
+            )
         return image, mask
 
     def _sdxl_call(self, negative_prompt, micro: dict, refiner, refiner_start) -> _SDXLCall | None:
@@ -202,8 +254,10 @@ class Pipeline:
         if self.conditioner is None:
             return None
         if refiner is not None and refiner.vae.config.latent_channels != self.vae.config.latent_channels:
-            raise ValueError(f"refiner {refiner.components.source} has {refiner.vae.config.latent_channels} latent "
-                             f"channels, this base {self.vae.config.latent_channels}")
+            raise ValueError(
+                f"refiner {refiner.components.source} has {refiner.vae.config.latent_channels} latent "
+                f"channels, this base {self.vae.config.latent_channels}"
+            )
         return _SDXLCall(micro_conditioning, negative_prompt is None, refiner, refiner_start)
 
     def native_size(self) -> tuple[int, int]:
@@ -225,12 +279,16 @@ class Pipeline:
         if rounded[0] < factor or rounded[1] < factor:
             raise ValueError(f"init image is {image_width}x{image_height}; it must be at least {factor}x{factor}")
         if rounded != image.size and (width is None or height is None):
-            warnings.warn(f"init image size {image_width}x{image_height} is not a multiple of {factor}; "
-                          f"it is resized to {rounded[0]}x{rounded[1]}", stacklevel=3)
+            warnings.warn(
+                f"init image size {image_width}x{image_height} is not a multiple of {factor}; "
+                f"it is resized to {rounded[0]}x{rounded[1]}",
+                stacklevel=3,
+            )
         return (width if width is not None else rounded[0]), (height if height is not None else rounded[1])
 
-    def _request(self, mode, prompt, negative_prompt, steps, guidance, width, height, seed, num_images,
-                 scheduler, strength) -> _Request:
+    def _request(
+        self, mode, prompt, negative_prompt, steps, guidance, width, height, seed, num_images, scheduler, strength
+    ) -> _Request:
         prompts = _prompt_list(prompt, "prompt")
         validation.check_prompt_text(prompts, "prompt")
         if negative_prompt is None:
@@ -251,48 +309,80 @@ class Pipeline:
         if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not 0 <= guidance < math.inf:
             raise ValueError(f"guidance must be a finite number >= 0 (<= 1 turns guidance off), got {guidance!r}")
         if guidance <= 1 and negative_prompt:
-            warnings.warn(f"guidance {guidance} <= 1 turns classifier-free guidance off: "
-                          "the negative prompt is ignored", stacklevel=3)
+            warnings.warn(
+                f"guidance {guidance} <= 1 turns classifier-free guidance off: the negative prompt is ignored",
+                stacklevel=3,
+            )
         default_width, default_height = self.native_size()
         width = default_width if width is None else width
         height = default_height if height is None else height
         for name, value in (("width", width), ("height", height)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < self.vae_scale_factor \
-                    or value % self.vae_scale_factor:
-                raise ValueError(f"{name} must be a positive multiple of {self.vae_scale_factor} "
-                                 f"(the VAE factor), got {value!r}")
-        validation.check_pixels(width, height, len(prompts) * num_images, guidance > 1,
-                                torch.finfo(self.dtype).bits // 8, self.max_pixels)
+            if (
+                not isinstance(value, int)
+                or isinstance(value, bool)
+                or value < self.vae_scale_factor
+                or value % self.vae_scale_factor
+            ):
+                raise ValueError(
+                    f"{name} must be a positive multiple of {self.vae_scale_factor} (the VAE factor), got {value!r}"
+                )
+        validation.check_pixels(
+            width, height, len(prompts) * num_images, guidance > 1, torch.finfo(self.dtype).bits // 8, self.max_pixels
+        )
         if strength is not None:
             if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
                 raise ValueError(f"strength must be in (0, 1], got {strength!r}")
             if int(steps * strength) < 1:
-                raise ValueError(f"strength {strength} with {steps} steps leaves no denoising step "
-                                 f"(int(steps * strength) = 0); raise steps or strength")
+                raise ValueError(
+                    f"strength {strength} with {steps} steps leaves no denoising step "
+                    f"(int(steps * strength) = 0); raise steps or strength"
+                )
         if scheduler is not None and scheduler not in SCHEDULER_NAMES:
             raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
         if seed is None:
             seed = secrets.randbelow(validation.SEED_LIMIT)
         validation.check_seed(seed)
-        return _Request(mode=mode, prompts=prompts, negatives=negatives, steps=steps, guidance=float(guidance),
-                        width=width, height=height, seed=seed, num_images=num_images, scheduler=scheduler,
-                        scheduler_name=scheduler or self.default_scheduler_name(), strength=strength)
+        return _Request(
+            mode=mode,
+            prompts=prompts,
+            negatives=negatives,
+            steps=steps,
+            guidance=float(guidance),
+            width=width,
+            height=height,
+            seed=seed,
+            num_images=num_images,
+            scheduler=scheduler,
+            scheduler_name=scheduler or self.default_scheduler_name(),
+            strength=strength,
+        )
 
     def default_scheduler_name(self) -> str:
         """Our name for the scheduler the checkpoint's config names."""
         return config_name(self.scheduler_config)
 
     # ------------------------------------------------------------------ the run
-    def _run(self, request: _Request, *, image=None, mask=None, callback=None, progress=True,
-             inputs: CallerInputs | None = None, sdxl=None):
+    def _run(
+        self,
+        request: _Request,
+        *,
+        image=None,
+        mask=None,
+        callback=None,
+        progress=True,
+        inputs: CallerInputs | None = None,
+        sdxl=None,
+    ):
         validation.check_callback(callback)
         inputs = inputs or CallerInputs()
         if inputs.context is not None and self.conditioner is not None:
-            raise ValueError("prompt_embeds are not supported for SDXL yet (it also needs pooled text_embeds); "
-                             "pass the prompt text")
+            raise ValueError(
+                "prompt_embeds are not supported for SDXL yet (it also needs pooled text_embeds); pass the prompt text"
+            )
         with self._run_lock, torch.inference_mode():
-            return self._run_locked(request, image=image, mask=mask, callback=callback, progress=progress,
-                                    inputs=inputs, sdxl=sdxl)
+            return self._run_locked(
+                request, image=image, mask=mask, callback=callback, progress=progress, inputs=inputs, sdxl=sdxl
+            )
 
     def _run_locked(self, request: _Request, *, image, mask, callback, progress, inputs, sdxl=None):
         self.scheduler = scheduler = make_scheduler(request.scheduler, self.scheduler_config)
@@ -306,26 +396,47 @@ class Pipeline:
             context, added = inputs.context, None
         generator = inputs.generator or torch.Generator("cpu").manual_seed(request.seed)
         batch = len(request.prompts) * request.num_images
-        shape = (batch, self.vae.config.latent_channels,
-                 request.height // self.vae_scale_factor, request.width // self.vae_scale_factor)
+        shape = (
+            batch,
+            self.vae.config.latent_channels,
+            request.height // self.vae_scale_factor,
+            request.width // self.vae_scale_factor,
+        )
         start, conditioning, blend = 0, None, None
         if request.mode == "txt2img":
-            initial = inputs.latents.to(self.device, self.dtype) if inputs.latents is not None \
+            initial = (
+                inputs.latents.to(self.device, self.dtype)
+                if inputs.latents is not None
                 else self._randn(shape, generator)
+            )
             latents = initial * scheduler.init_noise_sigma
         elif request.mode == "img2img":
             start = scheduler.img2img_start(request.strength)
             latents = self._img2img_latents(image, request, shape, start, generator)
         else:
             start = scheduler.img2img_start(request.strength)
-            latents, conditioning, blend = self._inpaint_latents(image, mask, request, shape, start,
-                                                                 context.shape[0] != batch, generator)
+            latents, conditioning, blend = self._inpaint_latents(
+                image, mask, request, shape, start, context.shape[0] != batch, generator
+            )
         noise = scheduler.draw_noise(generator, shape, self.dtype, self.device, end=end)
-        latents = self.denoise(latents, context, request.guidance, start=start, noise=noise,
-                               conditioning=conditioning, blend=blend, callback=callback, progress=progress,
-                               added=added, end=end)
-        validation.check_finite(latents, f"the denoised latents (after the UNet and the {request.scheduler_name} "
-                                         f"scheduler, before the VAE; guidance {request.guidance:g})")
+        latents = self.denoise(
+            latents,
+            context,
+            request.guidance,
+            start=start,
+            noise=noise,
+            conditioning=conditioning,
+            blend=blend,
+            callback=callback,
+            progress=progress,
+            added=added,
+            end=end,
+        )
+        validation.check_finite(
+            latents,
+            f"the denoised latents (after the UNet and the {request.scheduler_name} "
+            f"scheduler, before the VAE; guidance {request.guidance:g})",
+        )
         if refine is not None:
             if inputs.output != "pil":
                 raise ValueError("a refiner run returns images; output_type 'latent' / 'pt' is not supported with it")
@@ -340,11 +451,19 @@ class Pipeline:
         if self.conditioner is None:
             return self.encode_prompt(request.prompts, request.negatives, request.guidance, request.num_images), None
         guided = request.guidance > 1
-        context, text_embeds = self.conditioner.encode(request.prompts, request.negatives, sdxl.zero_negatives,
-                                                       guided, request.num_images, self.device, self.dtype)
-        time_ids = self.conditioner.time_ids(sdxl.micro, request.mode, request.height, request.width,
-                                             len(request.prompts) * request.num_images, guided, self.device,
-                                             self.dtype)
+        context, text_embeds = self.conditioner.encode(
+            request.prompts, request.negatives, sdxl.zero_negatives, guided, request.num_images, self.device, self.dtype
+        )
+        time_ids = self.conditioner.time_ids(
+            sdxl.micro,
+            request.mode,
+            request.height,
+            request.width,
+            len(request.prompts) * request.num_images,
+            guided,
+            self.device,
+            self.dtype,
+        )
         return context, {"text_embeds": text_embeds, "time_ids": time_ids}
 
     def _plan_refiner(self, request: _Request, sdxl: _SDXLCall, callback, progress):
@@ -355,19 +474,31 @@ class Pipeline:
         refiner_scheduler.set_timesteps(request.steps, device=refiner.device)
         begin = conditioning.refiner_begin(refiner_scheduler, sdxl.refiner_start)
         if end == 0 or begin >= refiner_scheduler.num_steps:
-            raise ValueError(f"refiner_start={sdxl.refiner_start} with {request.steps} steps leaves "
-                             f"{'the base' if end == 0 else 'the refiner'} no step; move refiner_start or add steps")
+            raise ValueError(
+                f"refiner_start={sdxl.refiner_start} with {request.steps} steps leaves "
+                f"{'the base' if end == 0 else 'the refiner'} no step; move refiner_start or add steps"
+            )
         refiner_call = replace(sdxl, refiner=None, refiner_start=None)
 
         def refine(latents: torch.Tensor, generator: torch.Generator) -> list[PIL.Image.Image]:
             lock = contextlib.nullcontext() if refiner is self else refiner._run_lock
             with lock:
-                return refiner._refine_locked(latents, request, refiner_call, refiner_scheduler, begin, generator,
-                                              callback=callback, progress=progress)
+                return refiner._refine_locked(
+                    latents,
+                    request,
+                    refiner_call,
+                    refiner_scheduler,
+                    begin,
+                    generator,
+                    callback=callback,
+                    progress=progress,
+                )
+
         return end, refine
 
-    def _refine_locked(self, latents, request: _Request, sdxl: _SDXLCall, scheduler, begin: int, generator,
-                       callback, progress) -> list[PIL.Image.Image]:
+    def _refine_locked(
+        self, latents, request: _Request, sdxl: _SDXLCall, scheduler, begin: int, generator, callback, progress
+    ) -> list[PIL.Image.Image]:
         """Denoise `latents` (a base's, at step `begin`) from `begin` on, as diffusers' img2img with
         denoising_start: no noise is added; ancestral draws continue the base's generator."""
         self.scheduler = scheduler
@@ -375,13 +506,27 @@ class Pipeline:
         context, added = self._conditioning(replace(request, mode="img2img"), sdxl)
         latents = latents.to(self.device, self.dtype)
         noise = scheduler.draw_noise(generator, tuple(latents.shape), self.dtype, self.device)
-        latents = self.denoise(latents, context, request.guidance, start=begin, noise=noise, callback=callback,
-                               progress=progress, added=added)
+        latents = self.denoise(
+            latents,
+            context,
+            request.guidance,
+            start=begin,
+            noise=noise,
+            callback=callback,
+            progress=progress,
+            added=added,
+        )
         validation.check_finite(latents, "the refined latents (after the refiner's UNet, before the VAE)")
         return self._finish(self.decode_latents(latents), request)
 
-    def encode_prompt(self, prompts: list[str], negatives: list[str] | None, guidance: float,
-                      num_images: int = 1, clip_skip: int | None = None) -> torch.Tensor:
+    def encode_prompt(
+        self,
+        prompts: list[str],
+        negatives: list[str] | None,
+        guidance: float,
+        num_images: int = 1,
+        clip_skip: int | None = None,
+    ) -> torch.Tensor:
         """Text-encoder context [B, K * 77, C], B = len(prompts) * num_images, each prompt repeated in place;
         with guidance > 1 the unconditional half comes first: [uncond; cond], 2B rows. Prompts are read
         with `self.prompt_syntax` (runtime/prompt_syntax.py: K = 1 for prompts of at most 75 tokens)."""
@@ -391,10 +536,12 @@ class Pipeline:
         if self.conditioner is not None:  # SDXL: both encoders' penultimate states (no force-zeros here)
             return self.conditioner.encode(prompts, negatives, False, guided, num_images, self.device, self.dtype)[0]
         texts = (list(negatives) if guided else []) + list(prompts)
-        labels = ([f"negative prompt {i}" for i in range(len(negatives))] if guided else []) + \
-            [f"prompt {i}" for i in range(len(prompts))]
-        context = encode_prompts(self.tokenizer, self.text_encoder, texts, syntax=self.prompt_syntax,
-                                 clip_skip=clip_skip, labels=labels)
+        labels = ([f"negative prompt {i}" for i in range(len(negatives))] if guided else []) + [
+            f"prompt {i}" for i in range(len(prompts))
+        ]
+        context = encode_prompts(
+            self.tokenizer, self.text_encoder, texts, syntax=self.prompt_syntax, clip_skip=clip_skip, labels=labels
+        )
         context = context.to(self.dtype).repeat_interleave(num_images, dim=0)
         return context
 
@@ -465,22 +612,42 @@ class Pipeline:
             conditioning = torch.cat([conditioning, conditioning])
         return latents, conditioning, None
 
-    def denoise(self, latents: torch.Tensor, context: torch.Tensor, guidance: float, *, start: int = 0,
-                noise: torch.Tensor | None = None, conditioning: torch.Tensor | None = None,
-                blend: _LatentBlend | None = None, callback=None, progress: bool = True,
-                added: dict[str, torch.Tensor] | None = None, end: int | None = None) -> torch.Tensor:
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        context: torch.Tensor,
+        guidance: float,
+        *,
+        start: int = 0,
+        noise: torch.Tensor | None = None,
+        conditioning: torch.Tensor | None = None,
+        blend: _LatentBlend | None = None,
+        callback=None,
+        progress: bool = True,
+        added: dict[str, torch.Tensor] | None = None,
+        end: int | None = None,
+    ) -> torch.Tensor:
         """Run steps start..end-1 (end: S) of `self.scheduler` (already set up); return the final latents.
         `added`: the UNet's added conditioning (SDXL's text_embeds / time_ids), the same at every step."""
         self.scheduler.reset()
         if self.graphs is not None:
             between_steps = None
             if blend is not None or callback is not None:
+
                 def between_steps(i, x):
                     return self._after_step(i, x, start, blend, callback)
-            return self.graphs.run(self.scheduler, latents, guidance, start=start, end=end, noise=noise,
-                                   inputs=dict(context=context, conditioning=conditioning, **(added or {})),
-                                   between_steps=between_steps,
-                                   progress=lambda steps: tqdm(steps, disable=not progress, desc="denoising"))
+
+            return self.graphs.run(
+                self.scheduler,
+                latents,
+                guidance,
+                start=start,
+                end=end,
+                noise=noise,
+                inputs=dict(context=context, conditioning=conditioning, **(added or {})),
+                between_steps=between_steps,
+                progress=lambda steps: tqdm(steps, disable=not progress, desc="denoising"),
+            )
         stop = self.scheduler.num_steps if end is None else end
         for i in tqdm(range(start, stop), disable=not progress, desc="denoising"):
             noise_i = None if noise is None else noise[i]
@@ -488,22 +655,37 @@ class Pipeline:
             latents = self._after_step(i, latents, start, blend, callback)
         return latents
 
-    def _denoise_step(self, latents: torch.Tensor, i: int, context: torch.Tensor, guidance: float,
-                      noise_i: torch.Tensor | None, conditioning: torch.Tensor | None = None,
-                      added: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def _denoise_step(
+        self,
+        latents: torch.Tensor,
+        i: int,
+        context: torch.Tensor,
+        guidance: float,
+        noise_i: torch.Tensor | None,
+        conditioning: torch.Tensor | None = None,
+        added: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """One step with the run's scheduler; the unit a CUDA-graph runner replaces."""
-        return self.denoise_step(self.scheduler, latents, i, context, guidance, noise_i, conditioning,
-                                 **(added or {}))
+        return self.denoise_step(self.scheduler, latents, i, context, guidance, noise_i, conditioning, **(added or {}))
 
-    def denoise_step(self, scheduler, latents: torch.Tensor, i: int, context: torch.Tensor, guidance,
-                     noise_i: torch.Tensor | None, conditioning: torch.Tensor | None = None,
-                     **added: torch.Tensor) -> torch.Tensor:
+    def denoise_step(
+        self,
+        scheduler,
+        latents: torch.Tensor,
+        i: int,
+        context: torch.Tensor,
+        guidance,
+        noise_i: torch.Tensor | None,
+        conditioning: torch.Tensor | None = None,
+        **added: torch.Tensor,
+    ) -> torch.Tensor:
         """UNet once on the guided batch [uncond; cond], guidance combine, scheduler step.
 
         Guided iff `context` has twice the rows of `latents`. `guidance` may be a float or a 0-d device
         tensor (a captured graph keeps it in a buffer). `conditioning` (9-channel inpainting: mask and
         masked-image latents) is appended to the UNet input's channels. `added`: extra named UNet inputs
-        (SDXL's text_embeds, time_ids), already in guided-batch order; a graph runner keeps each in a buffer. Pure tensor work, no host sync.
+        (SDXL's text_embeds, time_ids), already in guided-batch order; a graph runner keeps each in a buffer.
+        Pure tensor work, no host sync.
         """
         guided = context.shape[0] != latents.shape[0]
         model_input = torch.cat([latents, latents]) if guided else latents
@@ -520,8 +702,9 @@ class Pipeline:
             prediction = uncond + scaled
         return scheduler.step(prediction, i, latents, noise=noise_i)
 
-    def _after_step(self, i: int, latents: torch.Tensor, start: int, blend: _LatentBlend | None,
-                    callback) -> torch.Tensor:
+    def _after_step(
+        self, i: int, latents: torch.Tensor, start: int, blend: _LatentBlend | None, callback
+    ) -> torch.Tensor:
         """Eager work between steps: 4-channel inpainting's blend, then the callback (which may cancel)."""
         if blend is not None:
             known = blend.image_latents
@@ -547,8 +730,10 @@ class Pipeline:
             try:
                 self.vae.to(torch.float32)
             except NotImplementedError as err:  # an exported VAE runs in the dtype it was exported in
-                raise FloatingPointError(f"the VAE decoded NaN in {vae_dtype} and the {self.backend} backend "
-                                         f"cannot decode again in fp32: {err}") from None
+                raise FloatingPointError(
+                    f"the VAE decoded NaN in {vae_dtype} and the {self.backend} backend "
+                    f"cannot decode again in fp32: {err}"
+                ) from None
             try:
                 decoded = self.vae.decode(scaled.float())
             finally:
@@ -563,17 +748,30 @@ class Pipeline:
     def _finish(self, decoded: torch.Tensor, request: _Request) -> list[PIL.Image.Image]:
         pil_images = self.to_pil(decoded)
         source = getattr(self.components, "source", None)
-        base = GenerationInfo(prompt="", negative_prompt="", seed=request.seed, steps=request.steps,
-                              guidance=request.guidance, scheduler=request.scheduler_name,
-                              width=request.width, height=request.height, mode=request.mode,
-                              strength=request.strength, model=Path(str(source)).name if source else None,
-                              model_hash=model_hash(source) if source else None, backend=self.backend,
-                              dtype=precision_name(self.dtype))
+        base = GenerationInfo(
+            prompt="",
+            negative_prompt="",
+            seed=request.seed,
+            steps=request.steps,
+            guidance=request.guidance,
+            scheduler=request.scheduler_name,
+            width=request.width,
+            height=request.height,
+            mode=request.mode,
+            strength=request.strength,
+            model=Path(str(source)).name if source else None,
+            model_hash=model_hash(source) if source else None,
+            backend=self.backend,
+            dtype=precision_name(self.dtype),
+        )
         for index, pil_image in enumerate(pil_images):
             prompt_index = index // request.num_images
-            info = replace(base, prompt=request.prompts[prompt_index],
-                           negative_prompt=request.negatives[prompt_index] if request.guidance > 1 else "",
-                           batch_index=index)
+            info = replace(
+                base,
+                prompt=request.prompts[prompt_index],
+                negative_prompt=request.negatives[prompt_index] if request.guidance > 1 else "",
+                batch_index=index,
+            )
             pil_image.info.update(info.as_text_chunks())
         return pil_images
 
@@ -582,8 +780,10 @@ def _vae_broken(decoded: torch.Tensor, latents: torch.Tensor, how: str) -> str:
     kind = "NaN" if torch.isnan(decoded).any() else "inf"
     if not torch.isfinite(latents).all():
         return f"the VAE decoded {kind} {how}: the latents it was given already hold NaN or inf"
-    return (f"the VAE decoded {kind} {how} from finite latents: the VAE weights are broken (a NaN or inf "
-            f"weight, e.g. in decoder.conv_out)")
+    return (
+        f"the VAE decoded {kind} {how} from finite latents: the VAE weights are broken (a NaN or inf "
+        f"weight, e.g. in decoder.conv_out)"
+    )
 
 
 def _module_dtype(module, default: torch.dtype) -> torch.dtype:
@@ -597,4 +797,3 @@ def _prompt_list(prompt, name: str) -> list[str]:
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
         return list(prompt)
     raise TypeError(f"{name} must be a string or a non-empty list of strings, got {prompt!r:.80}")
-

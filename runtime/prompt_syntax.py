@@ -23,6 +23,7 @@ A prompt without brackets or BREAK and with at most 75 tokens gives exactly the 
 tokenizer (one chunk) and weights of 1, so its context is bit-identical to plain encoding.
 syntax="plain" turns all this off: one 77-token window, the text past it cut off with a warning.
 """
+
 from __future__ import annotations
 
 import re
@@ -40,7 +41,8 @@ _ROUND_MULTIPLIER = 1.1
 _SQUARE_MULTIPLIER = 1 / 1.1
 _BREAK_WEIGHT = -1  # marks a BREAK entry in parse_prompt_attention's output, as in A1111
 
-_ATTENTION = re.compile(r"""
+_ATTENTION = re.compile(
+    r"""
 \\\(|
 \\\)|
 \\\[|
@@ -54,7 +56,9 @@ _ATTENTION = re.compile(r"""
 ]|
 [^\\()\[\]:]+|
 :
-""", re.X)
+""",
+    re.X,
+)
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 
 
@@ -126,7 +130,7 @@ def prompt_chunks(tokenizer, text: str) -> tuple[list[list[int]], list[list[floa
         padding = chunk_length - len(tokens)
         ids = [tokenizer.bos_token_id] + tokens + [tokenizer.eos_token_id] * (padding + 1)
         first_eos = len(tokens) + 1
-        ids[first_eos + 1:] = [tokenizer.pad_token_id] * (len(ids) - first_eos - 1)
+        ids[first_eos + 1 :] = [tokenizer.pad_token_id] * (len(ids) - first_eos - 1)
         chunks_ids.append(ids)
         chunks_weights.append([1.0] + weights + [1.0] * (padding + 1))
         tokens, weights, last_comma = [], [], -1
@@ -139,8 +143,8 @@ def prompt_chunks(tokenizer, text: str) -> tuple[list[list[int]], list[list[floa
             if token == tokenizer.comma_token_id:
                 last_comma = len(tokens)
             elif len(tokens) == chunk_length and last_comma != -1 and len(tokens) - last_comma <= COMMA_BACKTRACK:
-                moved_tokens, moved_weights = tokens[last_comma + 1:], weights[last_comma + 1:]
-                tokens, weights = tokens[:last_comma + 1], weights[:last_comma + 1]
+                moved_tokens, moved_weights = tokens[last_comma + 1 :], weights[last_comma + 1 :]
+                tokens, weights = tokens[: last_comma + 1], weights[: last_comma + 1]
                 next_chunk()
                 tokens, weights = moved_tokens, moved_weights
             if len(tokens) == chunk_length:
@@ -152,8 +156,15 @@ def prompt_chunks(tokenizer, text: str) -> tuple[list[list[int]], list[list[floa
     return chunks_ids, chunks_weights
 
 
-def encode_prompts(tokenizer, text_encoder, texts: list[str], *, syntax: str = "a1111",
-                   clip_skip: int | None = None, labels: list[str] | None = None) -> torch.Tensor:
+def encode_prompts(
+    tokenizer,
+    text_encoder,
+    texts: list[str],
+    *,
+    syntax: str = "a1111",
+    clip_skip: int | None = None,
+    labels: list[str] | None = None,
+) -> torch.Tensor:
     """Context [len(texts), K * max_length, C] for a CLIP text encoder (ids [N, max_length] -> [N, L, C]).
 
     syntax: "a1111" (the module docstring) or "plain" (one window; a warning per text that was cut,
@@ -196,9 +207,12 @@ def _plain_ids(tokenizer, texts: list[str], labels: list[str]) -> torch.Tensor:
         return tokenizer(texts)
     result = tokenizer.tokenize_with_info(texts)
     for cut in result.truncated:
-        warnings.warn(f"{labels[cut.index]} is longer than the text encoder's {result.input_ids.shape[1]} "
-                      f"tokens and was truncated; these words were dropped: {cut.dropped_text!r}", UserWarning,
-                      stacklevel=4)
+        warnings.warn(
+            f"{labels[cut.index]} is longer than the text encoder's {result.input_ids.shape[1]} "
+            f"tokens and was truncated; these words were dropped: {cut.dropped_text!r}",
+            UserWarning,
+            stacklevel=4,
+        )
     return result.input_ids
 
 
@@ -211,12 +225,16 @@ def hidden_states(text_encoder, ids: torch.Tensor, clip_skip: int | None = None)
         return text_encoder(ids)
     layers = getattr(getattr(text_encoder, "encoder", None), "layers", None)
     if layers is None or not hasattr(text_encoder, "embeddings") or not hasattr(text_encoder, "final_layer_norm"):
-        raise ValueError(f"clip_skip={clip_skip} needs the torch text encoder's layers; this text encoder "
-                         f"({type(text_encoder).__name__}) gives only its final output")
+        raise ValueError(
+            f"clip_skip={clip_skip} needs the torch text encoder's layers; this text encoder "
+            f"({type(text_encoder).__name__}) gives only its final output"
+        )
     if clip_skip >= len(layers):
-        raise ValueError(f"clip_skip must be an integer in [0, {len(layers)}) (the text encoder has "
-                         f"{len(layers)} layers), got {clip_skip!r}")
+        raise ValueError(
+            f"clip_skip must be an integer in [0, {len(layers)}) (the text encoder has "
+            f"{len(layers)} layers), got {clip_skip!r}"
+        )
     hidden = text_encoder.embeddings(ids)
-    for layer in layers[:len(layers) - clip_skip]:
+    for layer in layers[: len(layers) - clip_skip]:
         hidden = layer(hidden)
     return text_encoder.final_layer_norm(hidden)

@@ -17,6 +17,7 @@ One function per network maps each diffusers key to the original tensor it comes
 both use that single map, so the two directions cannot drift apart. Sizes that the shapes reveal
 are read from the checkpoint (`infer_configs`); the rest comes from runtime/default_configs.py.
 """
+
 from __future__ import annotations
 
 import re
@@ -82,23 +83,37 @@ class OriginalTensor:
 
 # ----------------------------------------------------------------------------- UNet
 
-_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-_UNET_TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-             "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2",
-             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+_UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_UNET_TOP = {
+    "conv_in": "input_blocks.0.0",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+}
 
 
 def _rename_head(rest: str, table: Mapping[str, str]) -> str:
     for new, old in table.items():
         if rest == new or rest.startswith(new + "."):
-            return old + rest[len(new):]
+            return old + rest[len(new) :]
     return rest
 
 
 def _no_original_name(network: str, key: str) -> KeyError:
-    return KeyError(f"{network} key {key!r} has no original-layout (CompVis) name: "
-                    f"only the SD 1.x / 2.x / XL architectures are supported")
+    return KeyError(
+        f"{network} key {key!r} has no original-layout (CompVis) name: "
+        f"only the SD 1.x / 2.x / XL architectures are supported"
+    )
 
 
 def unet_key_map(diffusers_keys: Iterable[str]) -> dict[str, OriginalTensor]:
@@ -116,13 +131,13 @@ def unet_key_map(diffusers_keys: Iterable[str]) -> dict[str, OriginalTensor]:
 def _unet_original_name(key: str, per_block: int, up_with_attention: set[int]) -> str:
     for new, old in _UNET_TOP.items():
         if key.startswith(new + "."):
-            return old + key[len(new):]
+            return old + key[len(new) :]
     m = re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)", key)
     if m:
         side, block, part, index, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
         if side == "down":
             if part == "downsamplers" and rest.startswith("conv."):
-                return f"input_blocks.{(block + 1) * per_block}.0.op.{rest[len('conv.'):]}"
+                return f"input_blocks.{(block + 1) * per_block}.0.op.{rest[len('conv.') :]}"
             layer = 1 + block * per_block + index
             if part == "resnets":
                 return f"input_blocks.{layer}.0.{_rename_head(rest, _UNET_RESNET)}"
@@ -169,7 +184,7 @@ def _vae_original(key: str, levels: int) -> OriginalTensor:
     if rest.startswith(("conv_in.", "conv_out.")):
         return OriginalTensor(key)
     if rest.startswith("conv_norm_out."):
-        return OriginalTensor(f"{side}.norm_out.{rest[len('conv_norm_out.'):]}")
+        return OriginalTensor(f"{side}.norm_out.{rest[len('conv_norm_out.') :]}")
     m = re.match(r"(down|up)_blocks\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.+)", rest)
     if m:
         direction, block, part, index, tail = m.group(1), int(m.group(2)), m.group(3), m.group(4), m.group(5)
@@ -192,15 +207,23 @@ def _vae_original(key: str, levels: int) -> OriginalTensor:
 
 # ----------------------------------------------------------------------------- text encoder
 
-_OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
-                    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
-_OPEN_CLIP_TOP = {"embeddings.token_embedding.weight": "token_embedding.weight",
-                  "embeddings.position_embedding.weight": "positional_embedding",
-                  "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+_OPEN_CLIP_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "self_attn.out_proj": "attn.out_proj",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+_OPEN_CLIP_TOP = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
 
 
 def strip_text_model_prefix(key: str) -> str:
-    return key[len(HF_TEXT_PREFIX):] if key.startswith(HF_TEXT_PREFIX) else key
+    return key[len(HF_TEXT_PREFIX) :] if key.startswith(HF_TEXT_PREFIX) else key
 
 
 def text_key_map(diffusers_keys: Iterable[str], kind: str) -> dict[str, OriginalTensor]:
@@ -224,8 +247,9 @@ def _open_clip_original(key: str) -> OriginalTensor:
         layer, rest = m.group(1), m.group(2)
         qkv = re.match(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)
         if qkv:
-            return OriginalTensor(f"transformer.resblocks.{layer}.attn.in_proj_{qkv.group(2)}", "qkv",
-                                  "qkv".index(qkv.group(1)))
+            return OriginalTensor(
+                f"transformer.resblocks.{layer}.attn.in_proj_{qkv.group(2)}", "qkv", "qkv".index(qkv.group(1))
+            )
         renamed = _rename_head(rest, _OPEN_CLIP_LAYER)
         if renamed != rest:
             return OriginalTensor(f"transformer.resblocks.{layer}.{renamed}")
@@ -233,6 +257,7 @@ def _open_clip_original(key: str) -> OriginalTensor:
 
 
 # ----------------------------------------------------------------------------- detection and configs
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -246,26 +271,44 @@ class Layout:
 def _sdxl_layout(shapes: Mapping[str, tuple[int, ...]], source: str) -> Layout:
     """SDXL base (CLIP-L at embedders.0, bigG at embedders.1) or refiner (bigG alone at embedders.0);
     anything else under conditioner.embedders. is a partial or foreign file."""
+
     def holds(prefix):
         return any(k.startswith(prefix) for k in shapes)
 
-    clip_l, big_g, refiner_g = holds(SDXL_CLIP_L_PREFIX), holds(SDXL_OPEN_CLIP_PREFIX), holds(SDXL_REFINER_OPEN_CLIP_PREFIX)
+    clip_l, big_g, refiner_g = (
+        holds(SDXL_CLIP_L_PREFIX),
+        holds(SDXL_OPEN_CLIP_PREFIX),
+        holds(SDXL_REFINER_OPEN_CLIP_PREFIX),
+    )
     if not holds(UNET_PREFIX):
-        raise ValueError(f"{source}: an SDXL checkpoint (keys under {SDXL_MARKER!r}) without a UNet: no key "
-                         f"starts with {UNET_PREFIX!r} (a partial file?)")
+        raise ValueError(
+            f"{source}: an SDXL checkpoint (keys under {SDXL_MARKER!r}) without a UNet: no key "
+            f"starts with {UNET_PREFIX!r} (a partial file?)"
+        )
     if SDXL_ADD_EMBEDDING not in shapes:
-        raise ValueError(f"{source}: an SDXL checkpoint without the UNet's added-conditioning embedding "
-                         f"{SDXL_ADD_EMBEDDING!r} (a partial file?)")
+        raise ValueError(
+            f"{source}: an SDXL checkpoint without the UNet's added-conditioning embedding "
+            f"{SDXL_ADD_EMBEDDING!r} (a partial file?)"
+        )
     if refiner_g and not clip_l and not big_g:
         return Layout("sdxl-refiner", None, SDXL_REFINER_OPEN_CLIP_PREFIX)
     if clip_l and big_g:
         return Layout("sdxl", SDXL_CLIP_L_PREFIX, SDXL_OPEN_CLIP_PREFIX)
-    found = [p for p, present in ((SDXL_CLIP_L_PREFIX, clip_l), (SDXL_OPEN_CLIP_PREFIX, big_g),
-                                  (SDXL_REFINER_OPEN_CLIP_PREFIX, refiner_g)) if present]
-    raise ValueError(f"{source}: a partial SDXL checkpoint: the base needs CLIP-L under {SDXL_CLIP_L_PREFIX!r} and "
-                     f"OpenCLIP bigG under {SDXL_OPEN_CLIP_PREFIX!r}, the refiner bigG alone under "
-                     f"{SDXL_REFINER_OPEN_CLIP_PREFIX!r}; the file has text encoders under "
-                     f"{', '.join(map(repr, found)) or 'none of these'}")
+    found = [
+        p
+        for p, present in (
+            (SDXL_CLIP_L_PREFIX, clip_l),
+            (SDXL_OPEN_CLIP_PREFIX, big_g),
+            (SDXL_REFINER_OPEN_CLIP_PREFIX, refiner_g),
+        )
+        if present
+    ]
+    raise ValueError(
+        f"{source}: a partial SDXL checkpoint: the base needs CLIP-L under {SDXL_CLIP_L_PREFIX!r} and "
+        f"OpenCLIP bigG under {SDXL_OPEN_CLIP_PREFIX!r}, the refiner bigG alone under "
+        f"{SDXL_REFINER_OPEN_CLIP_PREFIX!r}; the file has text encoders under "
+        f"{', '.join(map(repr, found)) or 'none of these'}"
+    )
 
 
 def detect_layout(shapes: Mapping[str, tuple[int, ...]], source: str = "checkpoint") -> Layout:
@@ -274,8 +317,10 @@ def detect_layout(shapes: Mapping[str, tuple[int, ...]], source: str = "checkpoi
         return _sdxl_layout(shapes, source)
     if not any(k.startswith(UNET_PREFIX) for k in shapes):
         sample = ", ".join(sorted(shapes)[:5]) or "(no tensors)"
-        raise ValueError(f"{source}: not a Stable Diffusion single-file checkpoint: no key starts with "
-                         f"{UNET_PREFIX!r} (first keys: {sample})")
+        raise ValueError(
+            f"{source}: not a Stable Diffusion single-file checkpoint: no key starts with "
+            f"{UNET_PREFIX!r} (first keys: {sample})"
+        )
     if any(k.startswith(SD2_TEXT_PREFIX + "transformer.resblocks.") for k in shapes):
         kind, text_prefix = "sd2", SD2_TEXT_PREFIX
     elif any(k.startswith(SD1_TEXT_PREFIX) for k in shapes):
@@ -286,8 +331,10 @@ def detect_layout(shapes: Mapping[str, tuple[int, ...]], source: str = "checkpoi
         context = _cross_attention_dim(shapes, source)
         kinds = {768: "sd1", 1024: "sd2"}
         if context not in kinds:
-            raise ValueError(f"{source}: no text encoder in the file and cross-attention width {context} is "
-                             f"neither 768 (SD 1.x) nor 1024 (SD 2.x): cannot tell the model kind")
+            raise ValueError(
+                f"{source}: no text encoder in the file and cross-attention width {context} is "
+                f"neither 768 (SD 1.x) nor 1024 (SD 2.x): cannot tell the model kind"
+            )
         kind, text_prefix = kinds[context], None
     return Layout(kind, text_prefix)
 
@@ -298,8 +345,10 @@ def _cross_attention_dim(shapes: Mapping[str, tuple[int, ...]], source: str) -> 
         raise ValueError(f"{source}: no UNet cross-attention weight (*attn2.to_k.weight) under {UNET_PREFIX!r}")
     shape = tuple(shapes[keys[0]])
     if len(shape) != 2:
-        raise ValueError(f"{source}: tensor {keys[0]!r} has shape {list(shape)}; a cross-attention key "
-                         f"projection is 2-D [inner, context width]")
+        raise ValueError(
+            f"{source}: tensor {keys[0]!r} has shape {list(shape)}; a cross-attention key "
+            f"projection is 2-D [inner, context width]"
+        )
     return shape[1]
 
 
@@ -338,9 +387,11 @@ def _check_sdxl_time_ids(configs: dict, kind: str, source: str) -> None:
     pooled = configs["text_encoder_2"]["projection_dim"]
     expected = pooled + SDXL_TIME_IDS[kind] * SDXL_TIME_EMBED_DIM
     if width != expected:
-        raise ValueError(f"{source}: the UNet's added-conditioning input is {width} wide; an {kind} model with a "
-                         f"{pooled}-wide pooled text embedding has {expected} ({SDXL_TIME_IDS[kind]} time ids x "
-                         f"{SDXL_TIME_EMBED_DIM})")
+        raise ValueError(
+            f"{source}: the UNet's added-conditioning input is {width} wide; an {kind} model with a "
+            f"{pooled}-wide pooled text embedding has {expected} ({SDXL_TIME_IDS[kind]} time ids x "
+            f"{SDXL_TIME_EMBED_DIM})"
+        )
 
 
 def _infer_unet(shapes: Mapping[str, tuple], kind: str, source: str) -> dict:
@@ -350,8 +401,9 @@ def _infer_unet(shapes: Mapping[str, tuple], kind: str, source: str) -> dict:
     downsamplers = _indices(shapes, p + r"input_blocks\.(\d+)\.0\.op\.weight")
     levels = len(downsamplers) + 1
     if (len(input_blocks) - levels) % levels:
-        raise ValueError(f"{source}: {len(input_blocks)} UNet input blocks with {levels} levels do not form "
-                         f"a Stable Diffusion UNet")
+        raise ValueError(
+            f"{source}: {len(input_blocks)} UNet input blocks with {levels} levels do not form a Stable Diffusion UNet"
+        )
     per_level = (len(input_blocks) - levels) // levels
     channels, down_types, up_types, depths = [], [], [], set()
     for level in range(levels):
@@ -365,8 +417,10 @@ def _infer_unet(shapes: Mapping[str, tuple], kind: str, source: str) -> dict:
         has_attention = UNET_PREFIX + f"output_blocks.{block * (per_level + 1)}.1.proj_in.weight" in shapes
         up_types.append("CrossAttnUpBlock2D" if has_attention else "UpBlock2D")
     if len(depths) > 1 and not kind.startswith("sdxl"):
-        raise ValueError(f"{source}: UNet transformer depth differs between levels {sorted(depths)}; "
-                         f"only SD 1.x / 2.x UNets (depth 1) are supported")
+        raise ValueError(
+            f"{source}: UNet transformer depth differs between levels {sorted(depths)}; "
+            f"only SD 1.x / 2.x UNets (depth 1) are supported"
+        )
     proj_in = [k for k in shapes if k.startswith(UNET_PREFIX) and k.endswith(".proj_in.weight")]
     heads = SD1_UNET_HEADS if kind == "sd1" else [max(1, c // SD2_UNET_HEAD_WIDTH) for c in channels]
     inferred = {
@@ -399,8 +453,10 @@ def _sdxl_depths(shapes: Mapping[str, tuple], down_types: list[str], per_level: 
         attention = p + rf"input_blocks\.{first}\.1\.transformer_blocks\.(\d+)\."
         depths.append(len(_indices(shapes, attention)) if kind == "CrossAttnDownBlock2D" else mid)
     if depths[-1] != mid:
-        raise ValueError(f"{source}: the UNet mid block has {mid} transformer blocks but the last level has "
-                         f"{depths[-1]}; diffusers' UNet gives both the same depth")
+        raise ValueError(
+            f"{source}: the UNet mid block has {mid} transformer blocks but the last level has "
+            f"{depths[-1]}; diffusers' UNet gives both the same depth"
+        )
     return depths[0] if len(set(depths)) == 1 else depths
 
 
@@ -450,9 +506,14 @@ def _infer_open_clip_text(shapes: Mapping[str, tuple], prefix: str, source: str,
 
 
 def _text_sizes(vocab: int, hidden: int, positions: int, layers: int, inner: int) -> dict:
-    return {"vocab_size": vocab, "hidden_size": hidden, "max_position_embeddings": positions,
-            "num_hidden_layers": layers, "intermediate_size": inner,
-            "num_attention_heads": max(1, hidden // TEXT_HEAD_WIDTH)}
+    return {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "max_position_embeddings": positions,
+        "num_hidden_layers": layers,
+        "intermediate_size": inner,
+        "num_attention_heads": max(1, hidden // TEXT_HEAD_WIDTH),
+    }
 
 
 def is_unused_original_key(key: str, layout: Layout, text_layers: int) -> bool:
@@ -462,21 +523,30 @@ def is_unused_original_key(key: str, layout: Layout, text_layers: int) -> bool:
     if layout.kind.startswith("sdxl"):
         if layout.text_prefix is not None and key == layout.text_prefix + "embeddings.position_ids":
             return True
-        return layout.text_prefix_2 is not None and key in (layout.text_prefix_2 + "logit_scale",
-                                                            layout.text_prefix_2 + "attn_mask")
+        return layout.text_prefix_2 is not None and key in (
+            layout.text_prefix_2 + "logit_scale",
+            layout.text_prefix_2 + "attn_mask",
+        )
     if layout.text_prefix is None or not key.startswith(layout.text_prefix):
         return False
-    rest = key[len(layout.text_prefix):]
+    rest = key[len(layout.text_prefix) :]
     if layout.kind == "sd1":
         return rest == "embeddings.position_ids"
-    return (rest in ("text_projection", "logit_scale", "attn_mask")
-            or rest.startswith(f"transformer.resblocks.{text_layers}."))
+    return rest in ("text_projection", "logit_scale", "attn_mask") or rest.startswith(
+        f"transformer.resblocks.{text_layers}."
+    )
 
 
 # ----------------------------------------------------------------------------- diffusers -> original
 
-def to_original_layout(*, unet: Mapping[str, torch.Tensor], vae: Mapping[str, torch.Tensor],
-                       text_encoder: Mapping[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+
+def to_original_layout(
+    *,
+    unet: Mapping[str, torch.Tensor],
+    vae: Mapping[str, torch.Tensor],
+    text_encoder: Mapping[str, torch.Tensor],
+    kind: str,
+) -> dict[str, torch.Tensor]:
     """diffusers / transformers state dicts -> one original-layout (CompVis) state dict.
 
     `kind` picks the text-encoder layout: "sd1" (HF CLIP under cond_stage_model.transformer.) or
@@ -504,5 +574,5 @@ def to_original_layout(*, unet: Mapping[str, torch.Tensor], vae: Mapping[str, to
         layers = len(_indices(out, re.escape(text_prefix) + r"transformer\.resblocks\.(\d+)\."))
         last = f"{text_prefix}transformer.resblocks.{layers - 1}."
         for key in [k for k in out if k.startswith(last)]:
-            out[f"{text_prefix}transformer.resblocks.{layers}." + key[len(last):]] = torch.zeros_like(out[key])
+            out[f"{text_prefix}transformer.resblocks.{layers}." + key[len(last) :]] = torch.zeros_like(out[key])
     return {k: v.contiguous() for k, v in out.items()}

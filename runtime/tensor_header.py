@@ -6,6 +6,7 @@ loader check every name, shape and dtype against the model before any tensor dat
 file of the wrong model is refused in milliseconds), and lets a truncated file be named as such
 instead of surfacing as an mmap or deserialisation error.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # bytes per element of each safetensors dtype name; FLOAT_DTYPES are the ones weights may have.
-DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-               "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+DTYPE_SIZES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+}
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 
@@ -56,18 +72,25 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if dtype not in DTYPE_SIZES:
             raise ValueError(f"{bad}: tensor {name!r} has unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                                  for d in shape):
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
             raise ValueError(f"{bad}: tensor {name!r} has shape {shape!r}, not a list of sizes")
-        if not (isinstance(offsets, list) and len(offsets) == 2
-                and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-                and 0 <= offsets[0] <= offsets[1]):
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
             raise ValueError(f"{bad}: tensor {name!r} has data_offsets {offsets!r}")
         if offsets[1] > data_size:
-            raise ValueError(f"{bad}: tensor {name!r} ends at byte {offsets[1]} of the data, but the file "
-                             f"holds only {data_size} bytes of data")
+            raise ValueError(
+                f"{bad}: tensor {name!r} ends at byte {offsets[1]} of the data, but the file "
+                f"holds only {data_size} bytes of data"
+            )
         if offsets[1] - offsets[0] != math.prod(shape) * DTYPE_SIZES[dtype]:
-            raise ValueError(f"{bad}: tensor {name!r} ({dtype} {shape}) does not match its "
-                             f"{offsets[1] - offsets[0]} bytes")
+            raise ValueError(
+                f"{bad}: tensor {name!r} ({dtype} {shape}) does not match its {offsets[1] - offsets[0]} bytes"
+            )
         tensors[name] = TensorInfo(dtype, tuple(shape))
     return tensors

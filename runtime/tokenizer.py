@@ -15,6 +15,7 @@ Sources of a vocabulary: a diffusers `tokenizer/` folder (tokenizer.json, or voc
 explicit vocab/merges files, or open_clip's bundled BPE file (single-file checkpoints ship no tokenizer
 and there is no network at runtime).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -37,8 +38,10 @@ MAX_LENGTH = 77
 
 # OpenAI CLIP's word splitter: special tokens, English contractions, letter runs, single digits,
 # runs of anything else that is not whitespace.
-_CLIP_SPLIT_PATTERN = (r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"
-                       r"[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+")
+_CLIP_SPLIT_PATTERN = (
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"
+    r"[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+)
 
 # transformers writes this for "no limit" in tokenizer_config.json's model_max_length.
 _UNSET_MODEL_MAX_LENGTH = 10**6
@@ -47,8 +50,9 @@ _UNSET_MODEL_MAX_LENGTH = 10**6
 _OPEN_CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 _OPEN_CLIP_MERGE_COUNT = 49152 - 256 - 2
 
-_FOLDER_FILES_HELP = ("tokenizer.json, or vocab.json + merges.txt (optionally with tokenizer_config.json / "
-                      "special_tokens_map.json)")
+_FOLDER_FILES_HELP = (
+    "tokenizer.json, or vocab.json + merges.txt (optionally with tokenizer_config.json / special_tokens_map.json)"
+)
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -69,8 +73,9 @@ class TokenizedPrompts:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible map from the 256 byte values to printable unicode characters."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     extra = 0
     for b in range(256):
@@ -106,8 +111,7 @@ def _read_json(path: Path):
 
 def _read_vocab_json(path: Path) -> dict[str, int]:
     vocab = _read_json(path)
-    if not isinstance(vocab, dict) or not all(isinstance(k, str) and isinstance(v, int)
-                                              for k, v in vocab.items()):
+    if not isinstance(vocab, dict) or not all(isinstance(k, str) and isinstance(v, int) for k, v in vocab.items()):
         raise ValueError(f"{path} must be a JSON object mapping token strings to integer ids")
     return vocab
 
@@ -115,8 +119,7 @@ def _read_vocab_json(path: Path) -> dict[str, int]:
 def _parse_merge(line, where: str) -> tuple[str, str]:
     # tokenizers >= 0.20 writes merges as [a, b] pairs; older files and merges.txt as "a b".
     parts = line.split(" ") if isinstance(line, str) else line
-    if not isinstance(parts, (list, tuple)) or len(parts) != 2 or not all(
-            isinstance(p, str) and p for p in parts):
+    if not isinstance(parts, (list, tuple)) or len(parts) != 2 or not all(isinstance(p, str) and p for p in parts):
         raise ValueError(f"{where}: a merge must be two symbols, got {line!r}")
     return parts[0], parts[1]
 
@@ -141,8 +144,7 @@ def _read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, st
         found = model.get("type") if isinstance(model, dict) else None
         raise ValueError(f"{path}: 'model.type' must be 'BPE' for a CLIP tokenizer, got {found!r}")
     vocab, merges = model.get("vocab"), model.get("merges")
-    if not isinstance(vocab, dict) or not all(isinstance(k, str) and isinstance(v, int)
-                                              for k, v in vocab.items()):
+    if not isinstance(vocab, dict) or not all(isinstance(k, str) and isinstance(v, int) for k, v in vocab.items()):
         raise ValueError(f"{path}: 'model.vocab' must map token strings to integer ids")
     if not isinstance(merges, list):
         raise ValueError(f"{path}: 'model.merges' must be a list, got {type(merges).__name__}")
@@ -191,14 +193,17 @@ def _open_clip_bpe_path() -> Path:
     # find_spec locates the package without importing it (open_clip's import pulls in a lot).
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"open_clip is not installed, so its {_OPEN_CLIP_BPE_FILE} is not available; "
-                                f"pass a tokenizer folder instead ({_FOLDER_FILES_HELP})")
+        raise FileNotFoundError(
+            f"open_clip is not installed, so its {_OPEN_CLIP_BPE_FILE} is not available; "
+            f"pass a tokenizer folder instead ({_FOLDER_FILES_HELP})"
+        )
     for location in spec.submodule_search_locations:
         path = Path(location) / _OPEN_CLIP_BPE_FILE
         if path.is_file():
             return path
-    raise FileNotFoundError(f"open_clip is installed but {_OPEN_CLIP_BPE_FILE} was not found in "
-                            f"{list(spec.submodule_search_locations)}")
+    raise FileNotFoundError(
+        f"open_clip is installed but {_OPEN_CLIP_BPE_FILE} was not found in {list(spec.submodule_search_locations)}"
+    )
 
 
 def open_clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -208,8 +213,9 @@ def open_clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]
     path = _open_clip_bpe_path()
     with gzip.open(path, "rt", encoding="utf-8") as f:
         lines = f.read().split("\n")
-    merges = [_parse_merge(line, f"{path} line {i + 1}")
-              for i, line in enumerate(lines[1:_OPEN_CLIP_MERGE_COUNT + 1])]
+    merges = [
+        _parse_merge(line, f"{path} line {i + 1}") for i, line in enumerate(lines[1 : _OPEN_CLIP_MERGE_COUNT + 1])
+    ]
     tokens = byte_level_alphabet() + ["".join(m) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
     return {token: i for i, token in enumerate(tokens)}, merges
 
@@ -218,8 +224,14 @@ class CLIPTokenizer:
     """prompts -> LongTensor [B, max_length]: BOS, tokens, EOS, pad. Calling it warns
     (PromptTruncatedWarning) for every prompt that was cut; `tokenize_with_info` returns that instead."""
 
-    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: str = SD1_PAD_TOKEN,
-                 max_length: int = MAX_LENGTH, source: str = "vocabulary"):
+    def __init__(
+        self,
+        vocab: dict[str, int],
+        merges: list[tuple[str, str]],
+        pad_token: str = SD1_PAD_TOKEN,
+        max_length: int = MAX_LENGTH,
+        source: str = "vocabulary",
+    ):
         for role, token in (("BOS", BOS_TOKEN), ("EOS", EOS_TOKEN), ("pad", pad_token)):
             if token not in vocab:
                 raise ValueError(f"{source}: the {role} token {token!r} is not in the vocabulary")
@@ -233,24 +245,37 @@ class CLIPTokenizer:
         self.vocab_size = len(vocab)
         self.comma_token_id = vocab.get(",</w>")  # A1111 moves text after a comma to the next chunk
         try:
-            model = BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
-                        fuse_unk=False, unk_token=EOS_TOKEN)
+            model = BPE(
+                vocab=vocab,
+                merges=merges,
+                continuing_subword_prefix="",
+                end_of_word_suffix="</w>",
+                fuse_unk=False,
+                unk_token=EOS_TOKEN,
+            )
         except Exception as e:  # tokenizers raises a bare Exception for merges naming unknown tokens
             raise ValueError(f"{source}: vocabulary and merges do not fit together: {e}") from None
         tokenizer = Tokenizer(model)
         tokenizer.normalizer = normalizers.Sequence(
-            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_CLIP_SPLIT_PATTERN), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ])
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+        )
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_CLIP_SPLIT_PATTERN), behavior="removed", invert=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False),
+            ]
+        )
         tokenizer.post_processor = processors.RobertaProcessing(
-            (EOS_TOKEN, self.eos_token_id), (BOS_TOKEN, self.bos_token_id),
-            trim_offsets=False, add_prefix_space=False)
+            (EOS_TOKEN, self.eos_token_id), (BOS_TOKEN, self.bos_token_id), trim_offsets=False, add_prefix_space=False
+        )
         # As in transformers: the literal BOS/EOS strings in a prompt become those tokens. The pad
         # token is not added here, so SD 2.x's "!" stays ordinary text (see the module docstring).
-        tokenizer.add_special_tokens([AddedToken(BOS_TOKEN, special=True, normalized=False),
-                                      AddedToken(EOS_TOKEN, special=True, normalized=False)])
+        tokenizer.add_special_tokens(
+            [
+                AddedToken(BOS_TOKEN, special=True, normalized=False),
+                AddedToken(EOS_TOKEN, special=True, normalized=False),
+            ]
+        )
         # Truncation counts BOS and EOS, so EOS stays last.
         tokenizer.enable_truncation(max_length)
         tokenizer.enable_padding(length=max_length, pad_id=self.pad_token_id, pad_token=pad_token)
@@ -261,42 +286,54 @@ class CLIPTokenizer:
         self._uncut.no_padding()
 
     @classmethod
-    def from_vocab_files(cls, vocab_json: str | os.PathLike, merges_txt: str | os.PathLike,
-                         pad_token: str = SD1_PAD_TOKEN, max_length: int = MAX_LENGTH) -> "CLIPTokenizer":
+    def from_vocab_files(
+        cls,
+        vocab_json: str | os.PathLike,
+        merges_txt: str | os.PathLike,
+        pad_token: str = SD1_PAD_TOKEN,
+        max_length: int = MAX_LENGTH,
+    ) -> CLIPTokenizer:
         vocab_json, merges_txt = Path(vocab_json), Path(merges_txt)
         for path in (vocab_json, merges_txt):
             if not path.is_file():
                 raise FileNotFoundError(f"CLIP tokenizer file not found: {path}")
-        return cls(_read_vocab_json(vocab_json), _read_merges_txt(merges_txt), pad_token=pad_token,
-                   max_length=max_length, source=f"{vocab_json} + {merges_txt.name}")
+        return cls(
+            _read_vocab_json(vocab_json),
+            _read_merges_txt(merges_txt),
+            pad_token=pad_token,
+            max_length=max_length,
+            source=f"{vocab_json} + {merges_txt.name}",
+        )
 
     @classmethod
-    def from_folder(cls, path: str | os.PathLike) -> "CLIPTokenizer":
+    def from_folder(cls, path: str | os.PathLike) -> CLIPTokenizer:
         """A diffusers `tokenizer/` folder: tokenizer.json, or vocab.json + merges.txt. The pad token
         and max length come from tokenizer_config.json / special_tokens_map.json when present."""
         folder = Path(path)
         if not folder.is_dir():
-            raise FileNotFoundError(f"CLIP tokenizer folder not found: {folder} (expected a folder with "
-                                    f"{_FOLDER_FILES_HELP})")
+            raise FileNotFoundError(
+                f"CLIP tokenizer folder not found: {folder} (expected a folder with {_FOLDER_FILES_HELP})"
+            )
         pad_token, max_length = _folder_settings(folder)
         if (folder / "tokenizer.json").is_file():
             vocab, merges = _read_tokenizer_json(folder / "tokenizer.json")
-            return cls(vocab, merges, pad_token=pad_token, max_length=max_length,
-                       source=str(folder / "tokenizer.json"))
+            return cls(vocab, merges, pad_token=pad_token, max_length=max_length, source=str(folder / "tokenizer.json"))
         if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            return cls.from_vocab_files(folder / "vocab.json", folder / "merges.txt", pad_token=pad_token,
-                                        max_length=max_length)
+            return cls.from_vocab_files(
+                folder / "vocab.json", folder / "merges.txt", pad_token=pad_token, max_length=max_length
+            )
         present = sorted(p.name for p in folder.iterdir())
-        raise FileNotFoundError(f"CLIP tokenizer folder {folder} lacks the vocabulary: expected "
-                                f"{_FOLDER_FILES_HELP}; found {present or 'nothing'}")
+        raise FileNotFoundError(
+            f"CLIP tokenizer folder {folder} lacks the vocabulary: expected "
+            f"{_FOLDER_FILES_HELP}; found {present or 'nothing'}"
+        )
 
     @classmethod
-    def from_open_clip_bpe(cls, pad_token: str = SD1_PAD_TOKEN, max_length: int = MAX_LENGTH) -> "CLIPTokenizer":
+    def from_open_clip_bpe(cls, pad_token: str = SD1_PAD_TOKEN, max_length: int = MAX_LENGTH) -> CLIPTokenizer:
         """The CLIP vocabulary from open_clip's bundled BPE file, for checkpoints that ship no tokenizer.
         pad_token: SD1_PAD_TOKEN for SD 1.x, SD2_PAD_TOKEN for SD 2.x."""
         vocab, merges = open_clip_vocab_and_merges()
-        return cls(vocab, merges, pad_token=pad_token, max_length=max_length,
-                   source=f"open_clip {_OPEN_CLIP_BPE_FILE}")
+        return cls(vocab, merges, pad_token=pad_token, max_length=max_length, source=f"open_clip {_OPEN_CLIP_BPE_FILE}")
 
     def tokenize_with_info(self, prompts: str | list[str]) -> TokenizedPrompts:
         prompts = [prompts] if isinstance(prompts, str) else prompts
@@ -322,6 +359,10 @@ class CLIPTokenizer:
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
         result = self.tokenize_with_info(prompts)
         for cut in result.truncated:
-            warnings.warn(f"prompt {cut.index} is longer than {self.max_length} CLIP tokens; this part is "
-                          f"ignored: {cut.dropped_text!r}", PromptTruncatedWarning, stacklevel=2)
+            warnings.warn(
+                f"prompt {cut.index} is longer than {self.max_length} CLIP tokens; this part is "
+                f"ignored: {cut.dropped_text!r}",
+                PromptTruncatedWarning,
+                stacklevel=2,
+            )
         return result.input_ids

@@ -3,6 +3,7 @@
 Kept apart from pipeline.py so the pipeline calls each in a line: what a caller may ask for (sizes,
 counts, seeds, callbacks, prompt text), and where a non-finite value first appears.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,14 +23,18 @@ MAX_IMAGES_PER_CALL = 64  # prompts x num_images in one batch
 
 def check_seed(seed) -> None:
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r:.40}: torch's CPU generator "
-                         f"uses only the low 32 bits, so larger seeds would repeat smaller ones' images")
+        raise ValueError(
+            f"seed must be an integer in [0, 2**32), got {seed!r:.40}: torch's CPU generator "
+            f"uses only the low 32 bits, so larger seeds would repeat smaller ones' images"
+        )
 
 
 def check_batch(prompts: int, num_images: int) -> None:
     if prompts * num_images > MAX_IMAGES_PER_CALL:
-        raise ValueError(f"{prompts} prompt(s) x num_images={num_images} is {prompts * num_images} images in "
-                         f"one batch; at most {MAX_IMAGES_PER_CALL} per call (call again for more)")
+        raise ValueError(
+            f"{prompts} prompt(s) x num_images={num_images} is {prompts * num_images} images in "
+            f"one batch; at most {MAX_IMAGES_PER_CALL} per call (call again for more)"
+        )
 
 
 def check_prompt_text(texts: list[str], name: str) -> None:
@@ -39,15 +44,18 @@ def check_prompt_text(texts: list[str], name: str) -> None:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as error:
-            raise ValueError(f"{name} {index} is not valid Unicode text: character {error.start} is "
-                             f"{text[error.start]!r} (bytes that were not UTF-8); re-encode the prompt "
-                             f"as UTF-8") from None
+            raise ValueError(
+                f"{name} {index} is not valid Unicode text: character {error.start} is "
+                f"{text[error.start]!r} (bytes that were not UTF-8); re-encode the prompt "
+                f"as UTF-8"
+            ) from None
 
 
 def check_callback(callback) -> None:
     if callback is not None and not callable(callback):
-        raise TypeError(f"callback must be callable (step_index, timestep, latents) -> bool | None, got "
-                        f"{type(callback).__name__}")
+        raise TypeError(
+            f"callback must be callable (step_index, timestep, latents) -> bool | None, got {type(callback).__name__}"
+        )
 
 
 def estimated_bytes(width: int, height: int, batch: int, guided: bool, element_size: int) -> int:
@@ -63,17 +71,25 @@ def check_pixels(width: int, height: int, batch: int, guided: bool, element_size
     if max_pixels is None or width * height <= max_pixels:
         return
     gib = estimated_bytes(width, height, batch, guided, element_size) / 2**30
-    raise ValueError(f"{width}x{height} is {width * height:,} pixels per image, above the limit of "
-                     f"{max_pixels:,} (max_pixels); a run at this size needs an estimated {gib:,.1f} GiB and "
-                     f"a long time. Raise the limit (Pipeline.max_pixels, --max-pixels) to run it anyway")
+    raise ValueError(
+        f"{width}x{height} is {width * height:,} pixels per image, above the limit of "
+        f"{max_pixels:,} (max_pixels); a run at this size needs an estimated {gib:,.1f} GiB and "
+        f"a long time. Raise the limit (Pipeline.max_pixels, --max-pixels) to run it anyway"
+    )
 
 
 def check_finite(tensor: torch.Tensor, what: str) -> None:
     """Raise FloatingPointError naming `what` if `tensor` holds NaN or +-inf (one host sync)."""
     if not bool(torch.isfinite(tensor).all()):
-        kinds = [name for name, found in (("NaN", torch.isnan(tensor).any()),
-                                          ("+inf", torch.isposinf(tensor).any()),
-                                          ("-inf", torch.isneginf(tensor).any())) if bool(found)]
+        kinds = [
+            name
+            for name, found in (
+                ("NaN", torch.isnan(tensor).any()),
+                ("+inf", torch.isposinf(tensor).any()),
+                ("-inf", torch.isneginf(tensor).any()),
+            )
+            if bool(found)
+        ]
         raise FloatingPointError(f"{what} holds {' and '.join(kinds)}")
 
 
@@ -87,9 +103,11 @@ class ReentryGuard:
 
     def __enter__(self):
         if self._owner == threading.get_ident():
-            raise RuntimeError("a pipeline call was made from inside its own run (e.g. from the step "
-                               "callback); the pipeline runs one request at a time, so this would wait "
-                               "forever. Start the next call after this one returns")
+            raise RuntimeError(
+                "a pipeline call was made from inside its own run (e.g. from the step "
+                "callback); the pipeline runs one request at a time, so this would wait "
+                "forever. Start the next call after this one returns"
+            )
         self._lock.acquire()
         self._owner = threading.get_ident()
         return self

@@ -20,6 +20,7 @@ Pickle files (.ckpt, .pt, .pth, .bin) can run code when unpickled; they are refu
 allow_pickle=True, and then read only with torch.load(weights_only=True), which loads the whole
 file into memory first (the one-tensor-at-a-time guarantee holds for safetensors only).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,8 +46,12 @@ from runtime.tensor_header import FLOAT_DTYPES, read_header
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # Weight file stems per component folder, as diffusers / transformers write them.
-_WEIGHT_STEMS = {"unet": ("diffusion_pytorch_model",), "vae": ("diffusion_pytorch_model",),
-                 "text_encoder": ("model", "pytorch_model"), "text_encoder_2": ("model", "pytorch_model")}
+_WEIGHT_STEMS = {
+    "unet": ("diffusion_pytorch_model",),
+    "vae": ("diffusion_pytorch_model",),
+    "text_encoder": ("model", "pytorch_model"),
+    "text_encoder_2": ("model", "pytorch_model"),
+}
 _COMPONENT_FOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _SDXL_TEXT_PAIRS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 _SHOWN = 5  # how many offending names an error lists
@@ -75,6 +80,7 @@ class Components:
 
 # ----------------------------------------------------------------------------- arguments
 
+
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """torch.float16 or a name ("fp16", "float16", "half", "bf16", "fp32", ...) -> torch.dtype."""
     try:
@@ -91,11 +97,14 @@ def resolve_device(device: str | torch.device) -> torch.device:
         raise WeightLoadError(f"device {device!r} is not a valid torch device: {error}") from None
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise WeightLoadError(f"device {device!r} requested but CUDA is not available on this machine "
-                                  f"(torch.cuda.is_available() is False); use device='cpu'")
+            raise WeightLoadError(
+                f"device {device!r} requested but CUDA is not available on this machine "
+                f"(torch.cuda.is_available() is False); use device='cpu'"
+            )
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise WeightLoadError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA "
-                                  f"device(s) exist")
+            raise WeightLoadError(
+                f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
     elif resolved.type != "cpu":
         raise WeightLoadError(f"device {device!r} is not supported; use 'cpu' or 'cuda[:N]'")
     return resolved
@@ -107,6 +116,7 @@ def _check_prediction_type(prediction_type: str | None) -> None:
 
 
 # ----------------------------------------------------------------------------- tensor files
+
 
 class TensorStore:
     """The tensors of one model: a .safetensors file, a set of shards, or a (pickle) dict.
@@ -122,7 +132,7 @@ class TensorStore:
         self._readers: dict[str, Callable[[str], torch.Tensor]] = {}
         self._stack = contextlib.ExitStack()
 
-    def __enter__(self) -> "TensorStore":
+    def __enter__(self) -> TensorStore:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -144,19 +154,23 @@ class TensorStore:
         if only is not None:
             absent = sorted(only - set(shapes))
             if absent:
-                raise WeightLoadError(f"{self.label}: the index maps {len(absent)} key(s) to {path.name} that "
-                                      f"the file does not hold: {_few(absent)}")
+                raise WeightLoadError(
+                    f"{self.label}: the index maps {len(absent)} key(s) to {path.name} that "
+                    f"the file does not hold: {_few(absent)}"
+                )
             shapes = {k: v for k, v in shapes.items() if k in only}
         opened = []
 
         def read(key: str) -> torch.Tensor:
             if not opened:
                 from safetensors import SafetensorError, safe_open
+
                 try:
                     opened.append(self._stack.enter_context(safe_open(str(path), framework="pt", device="cpu")))
                 except SafetensorError as error:
-                    raise WeightLoadError(f"{path}: not a readable .safetensors file (truncated or "
-                                          f"corrupt?): {error}") from None
+                    raise WeightLoadError(
+                        f"{path}: not a readable .safetensors file (truncated or corrupt?): {error}"
+                    ) from None
             return opened[0].get_tensor(key)
 
         for key in shapes:
@@ -182,7 +196,8 @@ def _refuse_pickle(path: Path) -> WeightLoadError:
     return WeightLoadError(
         f"{path} is a pickle file ({path.suffix}): unpickling can execute arbitrary code, so it is not "
         f"read by default. Prefer a .safetensors copy; or, if you trust the file, pass allow_pickle=True "
-        f"(it is then read with torch.load(weights_only=True), which refuses anything but tensors).")
+        f"(it is then read with torch.load(weights_only=True), which refuses anything but tensors)."
+    )
 
 
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
@@ -198,6 +213,7 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- building and filling models
+
 
 class _EmptyOnMeta(TorchFunctionMode):
     """`torch.empty` without an explicit device allocates on meta; every other factory is untouched.
@@ -239,8 +255,12 @@ def _build(what: str, model_cls, config_cls, config: dict, config_label: str) ->
 
 
 # Config fields to name when a weight of this kind has the wrong shape.
-_SHAPE_HINTS = {"attn2.to_k.weight": "cross_attention_dim", "attn2.to_v.weight": "cross_attention_dim",
-                "token_embedding.weight": "vocab_size / hidden_size", "conv_in.weight": "in_channels"}
+_SHAPE_HINTS = {
+    "attn2.to_k.weight": "cross_attention_dim",
+    "attn2.to_v.weight": "cross_attention_dim",
+    "token_embedding.weight": "vocab_size / hidden_size",
+    "conv_in.weight": "in_channels",
+}
 
 
 @dataclass
@@ -262,8 +282,11 @@ class _Job:
         missing += [where.key for k, where in self.plan.items() if k in expected and where.key not in self.store.shapes]
         extra = sorted(set(self.unexpected) | {k for k in self.plan if k not in expected})
         parameters = {name for name, _ in self.model.named_parameters()}
-        not_float = [where.key for key, where in self.plan.items() if key in parameters
-                     and not self.store.floating.get(where.key, True)]
+        not_float = [
+            where.key
+            for key, where in self.plan.items()
+            if key in parameters and not self.store.floating.get(where.key, True)
+        ]
         mismatched, hints = [], set()
         for key, where in self.plan.items():
             if key in expected and where.key in self.store.shapes:
@@ -280,11 +303,15 @@ class _Job:
             hint = f" (check config field {', '.join(sorted(hints))})" if hints else ""
             problems.append(f"{len(mismatched)} shape mismatch(es): {_few(mismatched)}{hint}")
         if not_float:
-            problems.append(f"{len(not_float)} weight(s) stored as integers or bools where floating-point "
-                            f"weights belong: {_few(not_float)}")
+            problems.append(
+                f"{len(not_float)} weight(s) stored as integers or bools where floating-point "
+                f"weights belong: {_few(not_float)}"
+            )
         if problems:
-            raise WeightLoadError(f"{self.what} weights in {self.store.label} do not match the model built from "
-                                  f"{self.config_label}: " + "; ".join(problems))
+            raise WeightLoadError(
+                f"{self.what} weights in {self.store.label} do not match the model built from "
+                f"{self.config_label}: " + "; ".join(problems)
+            )
 
     def load(self, dtype: torch.dtype, device: torch.device) -> nn.Module:
         """Read, cast and assign one tensor at a time; returns the model in eval mode without grad."""
@@ -312,6 +339,7 @@ def _run(jobs: list[_Job], dtype: torch.dtype, device: torch.device) -> dict[str
 
 # ----------------------------------------------------------------------------- configs
 
+
 def _read_json(path: Path, expected: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: expected {expected}")
@@ -335,8 +363,10 @@ def _kind_of_unet_config(config: dict) -> str:
 def _check_context_width(unet_config: dict, text_config: dict, unet_label: str, text_label: str) -> None:
     context, hidden = unet_config.get("cross_attention_dim"), text_config.get("hidden_size")
     if isinstance(context, int) and isinstance(hidden, int) and context != hidden:
-        raise WeightLoadError(f"{unet_label} field cross_attention_dim={context} does not match "
-                              f"{text_label} field hidden_size={hidden}: the text encoder does not fit this UNet")
+        raise WeightLoadError(
+            f"{unet_label} field cross_attention_dim={context} does not match "
+            f"{text_label} field hidden_size={hidden}: the text encoder does not fit this UNet"
+        )
 
 
 def _scheduler_config(config: dict, prediction_type: str | None) -> dict:
@@ -351,8 +381,11 @@ def _model_classes():
     from runtime.models.unet import UNet, UNetConfig
     from runtime.models.vae import AutoencoderKL, VAEConfig
 
-    return {"unet": (UNet, UNetConfig), "vae": (AutoencoderKL, VAEConfig),
-            "text_encoder": (CLIPTextModel, CLIPTextConfig)}
+    return {
+        "unet": (UNet, UNetConfig),
+        "vae": (AutoencoderKL, VAEConfig),
+        "text_encoder": (CLIPTextModel, CLIPTextConfig),
+    }
 
 
 def _sdxl_model_classes():
@@ -363,7 +396,7 @@ def _sdxl_model_classes():
 
 
 def _sdxl_kind(unet: dict, text_2: dict, unet_label: str) -> str:
-    """"sdxl" or "sdxl-refiner" from how many time ids the UNet's add_embedding reads: (its input width -
+    """ "sdxl" or "sdxl-refiner" from how many time ids the UNet's add_embedding reads: (its input width -
     the pooled text width) / the sinusoid width is 6 for the base, 5 (no target size; an aesthetic score)
     for the refiner."""
     from runtime.default_configs import SDXL_TIME_IDS
@@ -374,10 +407,12 @@ def _sdxl_kind(unet: dict, text_2: dict, unet_label: str) -> str:
     for kind, count in SDXL_TIME_IDS.items():
         if ids == count:
             return kind
-    raise WeightLoadError(f"{unet_label}: projection_class_embeddings_input_dim={width} is neither the SDXL base's "
-                          f"nor the refiner's: with a {pooled}-wide pooled text embedding (text_encoder_2 "
-                          f"projection_dim) and addition_time_embed_dim={step}, the base has "
-                          f"{pooled + 6 * (step or 0)} and the refiner {pooled + 5 * (step or 0)}")
+    raise WeightLoadError(
+        f"{unet_label}: projection_class_embeddings_input_dim={width} is neither the SDXL base's "
+        f"nor the refiner's: with a {pooled}-wide pooled text embedding (text_encoder_2 "
+        f"projection_dim) and addition_time_embed_dim={step}, the base has "
+        f"{pooled + 6 * (step or 0)} and the refiner {pooled + 5 * (step or 0)}"
+    )
 
 
 # ----------------------------------------------------------------------------- diffusers folders
@@ -388,15 +423,21 @@ _TEXT_POSITION_IDS = ("embeddings.position_ids", "text_model.embeddings.position
 
 def _variants_present(names: list[str], stem: str) -> list[str]:
     """Variant names ("fp16", ...) of `stem` weight files among `names`."""
-    patterns = (rf"{re.escape(stem)}\.(\w+)[.-].*(safetensors|bin)$", rf"{re.escape(stem)}\.safetensors\.index\.(\w+)\.json$")
+    patterns = (
+        rf"{re.escape(stem)}\.(\w+)[.-].*(safetensors|bin)$",
+        rf"{re.escape(stem)}\.safetensors\.index\.(\w+)\.json$",
+    )
     return sorted({m.group(1) for name in names for pattern in patterns if (m := re.match(pattern, name))})
 
 
 def _store_for(folder: Path, stem: str, variant: str | None, allow_pickle: bool) -> TensorStore | None:
     """`stem`[.variant] weights in `folder`: one .safetensors, shards with an index, or a pickle .bin."""
     dot = f".{variant}" if variant else ""
-    single, index, pickled = (folder / f"{stem}{dot}.safetensors", folder / f"{stem}.safetensors.index{dot}.json",
-                              folder / f"{stem}{dot}.bin")
+    single, index, pickled = (
+        folder / f"{stem}{dot}.safetensors",
+        folder / f"{stem}.safetensors.index{dot}.json",
+        folder / f"{stem}{dot}.bin",
+    )
     for candidate in (single, index, pickled):
         _refuse_non_file(candidate)
     if single.is_file():
@@ -433,21 +474,26 @@ def _find_weight_files(folder: Path, component: str, variant: str | None, allow_
         if store is None and variant is not None:
             store = _store_for(folder, stem, None, allow_pickle)
             if store is not None:
-                warnings.warn(f"{folder}: no {variant!r} variant of the {component} weights; "
-                              f"using {Path(store.label).name}", stacklevel=4)
+                warnings.warn(
+                    f"{folder}: no {variant!r} variant of the {component} weights; using {Path(store.label).name}",
+                    stacklevel=4,
+                )
         if store is not None:
             return store
         others = _variants_present(present, stem)
         if variant is None and len(others) > 1:
-            raise WeightLoadError(f"{folder}: no plain {stem} weights but several variants {others}: "
-                                  f"pass variant=... to choose one")
+            raise WeightLoadError(
+                f"{folder}: no plain {stem} weights but several variants {others}: pass variant=... to choose one"
+            )
         store = _store_for(folder, stem, others[0], allow_pickle) if variant is None and others else None
         if store is not None:
             return store
     wanted = f"variant {variant!r} " if variant else ""
-    raise FileNotFoundError(f"{folder}: no {wanted}weights found for {component} (expected e.g. "
-                            f"{_WEIGHT_STEMS[component][0]}{'.' + variant if variant else ''}.safetensors or a "
-                            f"*.safetensors.index.json); folder holds: {', '.join(present) or 'nothing'}")
+    raise FileNotFoundError(
+        f"{folder}: no {wanted}weights found for {component} (expected e.g. "
+        f"{_WEIGHT_STEMS[component][0]}{'.' + variant if variant else ''}.safetensors or a "
+        f"*.safetensors.index.json); folder holds: {', '.join(present) or 'nothing'}"
+    )
 
 
 def _sharded_store(index: Path) -> TensorStore:
@@ -458,8 +504,9 @@ def _sharded_store(index: Path) -> TensorStore:
     by_file: dict[str, set[str]] = {}
     for key, name in weight_map.items():
         if not isinstance(name, str):
-            raise WeightLoadError(f"{index}: 'weight_map' entry {key!r} is {name!r}; expected the name of a "
-                                  f"shard file (a string)")
+            raise WeightLoadError(
+                f"{index}: 'weight_map' entry {key!r} is {name!r}; expected the name of a shard file (a string)"
+            )
         by_file.setdefault(name, set()).add(key)
     for name in by_file:
         shard = _shard_path(index, name)
@@ -478,8 +525,10 @@ def _shard_path(index: Path, name: str) -> Path:
     The name itself may not climb out ("..", absolute paths, separators); a symlink the folder holds
     is the folder owner's choice (the Hugging Face cache links every file to its blob store)."""
     if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name or Path(name).name != name:
-        raise WeightLoadError(f"{index}: 'weight_map' names shard {name!r}, which is not a plain file name in "
-                              f"{index.parent}; refusing to read outside the model folder")
+        raise WeightLoadError(
+            f"{index}: 'weight_map' names shard {name!r}, which is not a plain file name in "
+            f"{index.parent}; refusing to read outside the model folder"
+        )
     return index.parent / name
 
 
@@ -504,8 +553,9 @@ def _folder_plan(component: str, model: nn.Module, store: TensorStore) -> tuple[
             if leaf == "weight" and not head.endswith("group_norm"):
                 op = "to_linear"  # some old files hold these as 1x1 convs
         if name in by_name:
-            raise WeightLoadError(f"{store.label}: keys {by_name[name].key!r} and {file_key!r} both give "
-                                  f"{component} parameter {name!r}")
+            raise WeightLoadError(
+                f"{store.label}: keys {by_name[name].key!r} and {file_key!r} both give {component} parameter {name!r}"
+            )
         by_name[name] = OriginalTensor(file_key, op)
         if name not in model_keys:
             unexpected.append(file_key)
@@ -513,22 +563,37 @@ def _folder_plan(component: str, model: nn.Module, store: TensorStore) -> tuple[
 
 
 def _load_folder(path: Path, *, device, dtype, variant, allow_pickle, tokenizer_path, prediction_type):
-    model_index = _read_json(path / "model_index.json",
-                             "a diffusers pipeline folder holds model_index.json next to unet/, vae/, "
-                             "text_encoder/, tokenizer/ and scheduler/ (for a single-file checkpoint pass "
-                             "the .safetensors file itself)")
+    model_index = _read_json(
+        path / "model_index.json",
+        "a diffusers pipeline folder holds model_index.json next to unet/, vae/, "
+        "text_encoder/, tokenizer/ and scheduler/ (for a single-file checkpoint pass "
+        "the .safetensors file itself)",
+    )
     if "text_encoder_2" in model_index:
-        return _load_sdxl_folder(path, model_index, device=device, dtype=dtype, variant=variant,
-                                 allow_pickle=allow_pickle, tokenizer_path=tokenizer_path,
-                                 prediction_type=prediction_type)
+        return _load_sdxl_folder(
+            path,
+            model_index,
+            device=device,
+            dtype=dtype,
+            variant=variant,
+            allow_pickle=allow_pickle,
+            tokenizer_path=tokenizer_path,
+            prediction_type=prediction_type,
+        )
     needed = [c for c in _COMPONENT_FOLDERS if not (c == "tokenizer" and tokenizer_path is not None)]
     for component in needed:
         if not (path / component).is_dir():
-            raise FileNotFoundError(f"{path}: component folder {component}/ is missing (model_index.json "
-                                    f"lists {sorted(k for k in model_index if not k.startswith('_'))})")
+            raise FileNotFoundError(
+                f"{path}: component folder {component}/ is missing (model_index.json "
+                f"lists {sorted(k for k in model_index if not k.startswith('_'))})"
+            )
     configs = {c: _read_json(path / c / "config.json", f"the {c} config") for c in ("unet", "vae", "text_encoder")}
-    _check_context_width(configs["unet"], configs["text_encoder"], str(path / "unet" / "config.json"),
-                         str(path / "text_encoder" / "config.json"))
+    _check_context_width(
+        configs["unet"],
+        configs["text_encoder"],
+        str(path / "unet" / "config.json"),
+        str(path / "text_encoder" / "config.json"),
+    )
     scheduler = _read_json(path / "scheduler" / "scheduler_config.json", "the scheduler config")
     from runtime.tokenizer import CLIPTokenizer
 
@@ -544,22 +609,35 @@ def _load_folder(path: Path, *, device, dtype, variant, allow_pickle, tokenizer_
             plan, unexpected = _folder_plan(component, model, store)
             jobs.append(_Job(component, model, plan, store, unexpected, config_label))
         models = _run(jobs, dtype, device)
-    return Components(models["unet"], models["vae"], models["text_encoder"], tokenizer,
-                      _scheduler_config(scheduler, prediction_type), str(path), _kind_of_unet_config(configs["unet"]))
+    return Components(
+        models["unet"],
+        models["vae"],
+        models["text_encoder"],
+        tokenizer,
+        _scheduler_config(scheduler, prediction_type),
+        str(path),
+        _kind_of_unet_config(configs["unet"]),
+    )
 
 
-def _load_sdxl_folder(path: Path, model_index: dict, *, device, dtype, variant, allow_pickle, tokenizer_path,
-                      prediction_type):
+def _load_sdxl_folder(
+    path: Path, model_index: dict, *, device, dtype, variant, allow_pickle, tokenizer_path, prediction_type
+):
     """An SDXL base (both text pairs) or refiner (text_encoder / tokenizer listed as null) folder."""
     from runtime.tokenizer import CLIPTokenizer
 
     index_label = str(path / "model_index.json")
-    listed = {name for name, value in model_index.items()
-              if not name.startswith("_") and isinstance(value, list) and value and value[0] is not None}
+    listed = {
+        name
+        for name, value in model_index.items()
+        if not name.startswith("_") and isinstance(value, list) and value and value[0] is not None
+    }
     for component in ("unet", "vae", "scheduler", "text_encoder_2", "tokenizer_2"):
         if component not in listed:
-            raise WeightLoadError(f"{index_label}: an SDXL pipeline needs component {component!r}, which it does "
-                                  f"not list (or lists as null)")
+            raise WeightLoadError(
+                f"{index_label}: an SDXL pipeline needs component {component!r}, which it does "
+                f"not list (or lists as null)"
+            )
     texts = [pair for pair in _SDXL_TEXT_PAIRS if pair[0] in listed]
     networks = ["unet", "vae", *(text for text, _ in texts)]
     for component in [*networks, "scheduler", *(tok for _, tok in texts)]:
@@ -568,23 +646,29 @@ def _load_sdxl_folder(path: Path, model_index: dict, *, device, dtype, variant, 
     configs = {c: _read_json(path / c / "config.json", f"the {c} config") for c in networks}
     unet_label = str(path / "unet" / "config.json")
     if configs["unet"].get("addition_embed_type") != "text_time":
-        raise WeightLoadError(f"{unet_label}: model_index.json lists text_encoder_2 (SDXL) but this UNet has no "
-                              f"SDXL added conditioning (addition_embed_type="
-                              f"{configs['unet'].get('addition_embed_type')!r}, expected 'text_time')")
+        raise WeightLoadError(
+            f"{unet_label}: model_index.json lists text_encoder_2 (SDXL) but this UNet has no "
+            f"SDXL added conditioning (addition_embed_type="
+            f"{configs['unet'].get('addition_embed_type')!r}, expected 'text_time')"
+        )
     kind = _sdxl_kind(configs["unet"], configs["text_encoder_2"], unet_label)
     expected_texts = ("text_encoder", "text_encoder_2") if kind == "sdxl" else ("text_encoder_2",)
     if tuple(text for text, _ in texts) != expected_texts:
-        raise WeightLoadError(f"{index_label}: the UNet is an {kind} UNet, which reads {' + '.join(expected_texts)}, "
-                              f"but the folder lists {' + '.join(text for text, _ in texts)}")
+        raise WeightLoadError(
+            f"{index_label}: the UNet is an {kind} UNet, which reads {' + '.join(expected_texts)}, "
+            f"but the folder lists {' + '.join(text for text, _ in texts)}"
+        )
     _check_sdxl_context(configs, unet_label, {t: str(path / t / "config.json") for t in expected_texts})
     aesthetic = model_index.get("requires_aesthetics_score", False)
     if bool(aesthetic) != (kind == "sdxl-refiner"):
-        raise WeightLoadError(f"{index_label}: requires_aesthetics_score={aesthetic!r}, but the UNet's added "
-                              f"conditioning is an {kind}'s ({'5 time ids with' if kind == 'sdxl-refiner' else '6 time ids, no'}"
-                              f" aesthetic score)")
+        raise WeightLoadError(
+            f"{index_label}: requires_aesthetics_score={aesthetic!r}, but the UNet's added "
+            f"conditioning is an {kind}'s ({'5 time ids with' if kind == 'sdxl-refiner' else '6 time ids, no'}"
+            f" aesthetic score)"
+        )
     scheduler = _read_json(path / "scheduler" / "scheduler_config.json", "the scheduler config")
     tokenizers = {}
-    for text, tok in texts:
+    for _encoder, tok in texts:
         folder = Path(tokenizer_path) if tokenizer_path is not None and tok == "tokenizer" else path / tok
         tokenizers[tok] = CLIPTokenizer.from_folder(folder)
     with contextlib.ExitStack() as stack:
@@ -598,26 +682,42 @@ def _load_sdxl_folder(path: Path, model_index: dict, *, device, dtype, variant, 
             plan, unexpected = _folder_plan(component, model, store)
             jobs.append(_Job(component, model, plan, store, unexpected, config_label))
         models = _run(jobs, dtype, device)
-    flags = {"force_zeros_for_empty_prompt": bool(model_index.get("force_zeros_for_empty_prompt", True)),
-             "requires_aesthetics_score": bool(aesthetic)}
-    return Components(models["unet"], models["vae"], models.get("text_encoder"), tokenizers.get("tokenizer"),
-                      _scheduler_config(scheduler, prediction_type), str(path), kind,
-                      text_encoder_2=models["text_encoder_2"], tokenizer_2=tokenizers["tokenizer_2"],
-                      pipeline_config=flags)
+    flags = {
+        "force_zeros_for_empty_prompt": bool(model_index.get("force_zeros_for_empty_prompt", True)),
+        "requires_aesthetics_score": bool(aesthetic),
+    }
+    return Components(
+        models["unet"],
+        models["vae"],
+        models.get("text_encoder"),
+        tokenizers.get("tokenizer"),
+        _scheduler_config(scheduler, prediction_type),
+        str(path),
+        kind,
+        text_encoder_2=models["text_encoder_2"],
+        tokenizer_2=tokenizers["tokenizer_2"],
+        pipeline_config=flags,
+    )
 
 
 def _check_sdxl_context(configs: dict, unet_label: str, text_labels: dict) -> None:
     """The UNet's cross-attention width is the sum of the text encoders' widths (768 + 1280 = 2048)."""
     context = configs["unet"].get("cross_attention_dim")
     widths = {t: configs[t].get("hidden_size") for t in text_labels}
-    if isinstance(context, int) and all(isinstance(w, int) for w in widths.values()) and \
-            context != sum(widths.values()):
+    if (
+        isinstance(context, int)
+        and all(isinstance(w, int) for w in widths.values())
+        and context != sum(widths.values())
+    ):
         parts = " + ".join(f"{text_labels[t]} hidden_size={w}" for t, w in widths.items())
-        raise WeightLoadError(f"{unet_label} field cross_attention_dim={context} does not match {parts} "
-                              f"(the UNet reads the text encoders' hidden states side by side)")
+        raise WeightLoadError(
+            f"{unet_label} field cross_attention_dim={context} does not match {parts} "
+            f"(the UNet reads the text encoders' hidden states side by side)"
+        )
 
 
 # ----------------------------------------------------------------------------- single files
+
 
 def _single_file_tokenizer(tokenizer_path, pad_token: str, source: Path):
     from runtime.tokenizer import CLIPTokenizer
@@ -627,9 +727,11 @@ def _single_file_tokenizer(tokenizer_path, pad_token: str, source: Path):
     try:
         return CLIPTokenizer.from_open_clip_bpe(pad_token=pad_token)
     except FileNotFoundError as error:
-        raise FileNotFoundError(f"{source}: a single-file checkpoint carries no tokenizer, and the bundled "
-                                f"vocabulary is unavailable ({error}); pass tokenizer_path=<folder with "
-                                f"vocab.json + merges.txt> or install open_clip_torch") from None
+        raise FileNotFoundError(
+            f"{source}: a single-file checkpoint carries no tokenizer, and the bundled "
+            f"vocabulary is unavailable ({error}); pass tokenizer_path=<folder with "
+            f"vocab.json + merges.txt> or install open_clip_torch"
+        ) from None
 
 
 def _single_file_configs(store: TensorStore, name: str) -> tuple[single_file.Layout, dict]:
@@ -643,8 +745,10 @@ def _single_file_configs(store: TensorStore, name: str) -> tuple[single_file.Lay
         _check_sdxl_context(configs, f"{name} (UNet)", {t: f"{name} ({t})" for t in texts})
         return layout, configs
     if layout.text_prefix is None:
-        raise WeightLoadError(f"{store.label}: no text encoder in the checkpoint (no key under "
-                              f"{single_file.SD1_TEXT_PREFIX!r} or {single_file.SD2_TEXT_PREFIX!r})")
+        raise WeightLoadError(
+            f"{store.label}: no text encoder in the checkpoint (no key under "
+            f"{single_file.SD1_TEXT_PREFIX!r} or {single_file.SD2_TEXT_PREFIX!r})"
+        )
     _check_context_width(configs["unet"], configs["text_encoder"], f"{name} (UNet)", f"{name} (text encoder)")
     return layout, configs
 
@@ -652,8 +756,12 @@ def _single_file_configs(store: TensorStore, name: str) -> tuple[single_file.Lay
 def _single_file_jobs(store: TensorStore, layout: single_file.Layout, configs: dict) -> list[_Job]:
     """The three networks of an original-layout checkpoint, built empty and mapped to its keys."""
     config_label = f"the {layout.kind.upper()} defaults with sizes read from {store.label}"
-    prefixes = {"unet": single_file.UNET_PREFIX, "vae": single_file.VAE_PREFIX, "text_encoder": layout.text_prefix,
-                "text_encoder_2": layout.text_prefix_2}
+    prefixes = {
+        "unet": single_file.UNET_PREFIX,
+        "vae": single_file.VAE_PREFIX,
+        "text_encoder": layout.text_prefix,
+        "text_encoder_2": layout.text_prefix_2,
+    }
     # The text layout of each encoder: HF CLIP names ("sd1") or OpenCLIP names.
     text_layouts = {"text_encoder": "sd1" if layout.kind.startswith("sdxl") else layout.kind, "text_encoder_2": "sd2"}
     text_layers = configs.get("text_encoder", configs.get("text_encoder_2"))["num_hidden_layers"]
@@ -674,8 +782,11 @@ def _single_file_jobs(store: TensorStore, layout: single_file.Layout, configs: d
         prefix = prefixes[component]
         plan = {k: OriginalTensor(prefix + v.key, v.op, v.part) for k, v in mapping.items()}
         used = {v.key for v in plan.values()}
-        unexpected = [k for k in store.shapes if k.startswith(prefix) and k not in used
-                      and not single_file.is_unused_original_key(k, layout, text_layers)]
+        unexpected = [
+            k
+            for k in store.shapes
+            if k.startswith(prefix) and k not in used and not single_file.is_unused_original_key(k, layout, text_layers)
+        ]
         jobs.append(_Job(component, model, plan, store, unexpected, config_label))
     return jobs
 
@@ -690,22 +801,41 @@ def _load_single_file(path: Path, *, device, dtype, allow_pickle, tokenizer_path
             store.add_safetensors(path)
         layout, configs = _single_file_configs(store, str(path))
         # tokenizer_path stands for the first tokenizer; SDXL's second (padding with "!") is the bundled one.
-        tokenizers = {name: _single_file_tokenizer(tokenizer_path if name == "tokenizer" else None,
-                                                   configs[name]["pad_token"], path)
-                      for name in ("tokenizer", "tokenizer_2") if name in configs}
+        tokenizers = {
+            name: _single_file_tokenizer(
+                tokenizer_path if name == "tokenizer" else None, configs[name]["pad_token"], path
+            )
+            for name in ("tokenizer", "tokenizer_2")
+            if name in configs
+        }
         if layout.text_prefix is None:
             tokenizers.pop("tokenizer", None)  # the refiner
         models = _run(_single_file_jobs(store, layout, configs), dtype, device)
-    return Components(models["unet"], models["vae"], models.get("text_encoder"), tokenizers.get("tokenizer"),
-                      _scheduler_config(configs["scheduler"], prediction_type), str(path), layout.kind,
-                      text_encoder_2=models.get("text_encoder_2"), tokenizer_2=tokenizers.get("tokenizer_2"),
-                      pipeline_config=dict(configs.get("pipeline", {})))
+    return Components(
+        models["unet"],
+        models["vae"],
+        models.get("text_encoder"),
+        tokenizers.get("tokenizer"),
+        _scheduler_config(configs["scheduler"], prediction_type),
+        str(path),
+        layout.kind,
+        text_encoder_2=models.get("text_encoder_2"),
+        tokenizer_2=tokenizers.get("tokenizer_2"),
+        pipeline_config=dict(configs.get("pipeline", {})),
+    )
 
 
 # ----------------------------------------------------------------------------- a separate VAE
 
-def load_vae(path: str | os.PathLike, components: Components, *, device: str | torch.device = "cpu",
-             dtype: str | torch.dtype = torch.float32, allow_pickle: bool = False) -> nn.Module:
+
+def load_vae(
+    path: str | os.PathLike,
+    components: Components,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = torch.float32,
+    allow_pickle: bool = False,
+) -> nn.Module:
     """A VAE to use instead of `components.vae`: a diffusers vae/ folder (config.json + weights) or a
     single .safetensors VAE (LDM keys, bare or under first_stage_model.; e.g. sdxl_vae.safetensors).
 
@@ -733,7 +863,9 @@ def load_vae(path: str | os.PathLike, components: Components, *, device: str | t
             store = stack.enter_context(TensorStore(str(path)))
             store.add_safetensors(path)
             prefix = single_file.VAE_PREFIX if any(k.startswith(single_file.VAE_PREFIX) for k in store.shapes) else ""
-            shapes = {single_file.VAE_PREFIX + k[len(prefix):]: v for k, v in store.shapes.items() if k.startswith(prefix)}
+            shapes = {
+                single_file.VAE_PREFIX + k[len(prefix) :]: v for k, v in store.shapes.items() if k.startswith(prefix)
+            }
             try:
                 sizes = single_file._infer_vae(shapes, str(path))
             except ValueError as error:
@@ -744,25 +876,37 @@ def load_vae(path: str | os.PathLike, components: Components, *, device: str | t
             mapping = single_file.vae_key_map(list(model.state_dict()))
             plan = {k: OriginalTensor(prefix + v.key, v.op, v.part) for k, v in mapping.items()}
             used = {v.key for v in plan.values()}
-            unexpected = [k for k in store.shapes if k.startswith(prefix) and k not in used
-                          and not k.startswith(prefix + "loss.")]
+            unexpected = [
+                k for k in store.shapes if k.startswith(prefix) and k not in used and not k.startswith(prefix + "loss.")
+            ]
         found = model.config
         if found.latent_channels != current.latent_channels:
-            raise WeightLoadError(f"{path}: this VAE has {found.latent_channels} latent channels, the "
-                                  f"{components.kind} model's UNet reads {current.latent_channels}")
+            raise WeightLoadError(
+                f"{path}: this VAE has {found.latent_channels} latent channels, the "
+                f"{components.kind} model's UNet reads {current.latent_channels}"
+            )
         if found.scaling_factor != current.scaling_factor:
             family = {0.18215: " (an SD 1.x / 2.x VAE)", 0.13025: " (an SDXL VAE)"}.get(found.scaling_factor, "")
-            raise WeightLoadError(f"{path}: this VAE's scaling_factor is {found.scaling_factor}{family}; the "
-                                  f"{components.kind} model's latents use {current.scaling_factor}")
+            raise WeightLoadError(
+                f"{path}: this VAE's scaling_factor is {found.scaling_factor}{family}; the "
+                f"{components.kind} model's latents use {current.scaling_factor}"
+            )
         return _run([_Job("vae", model, plan, store, unexpected, config_label)], resolved_dtype, resolved_device)["vae"]
 
 
 # ----------------------------------------------------------------------------- entry point
 
-def load_components(path: str | os.PathLike, *, device: str | torch.device = "cpu",
-                    dtype: str | torch.dtype = torch.float32, variant: str | None = None,
-                    allow_pickle: bool = False, tokenizer_path: str | os.PathLike | None = None,
-                    prediction_type: str | None = None) -> Components:
+
+def load_components(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = torch.float32,
+    variant: str | None = None,
+    allow_pickle: bool = False,
+    tokenizer_path: str | os.PathLike | None = None,
+    prediction_type: str | None = None,
+) -> Components:
     """Load a diffusers pipeline folder or a single-file (CompVis / A1111) checkpoint.
 
     device: "cpu" or "cuda[:N]". dtype: torch dtype or name ("fp16", "bf16", "fp32", ...).
@@ -784,15 +928,32 @@ def load_components(path: str | os.PathLike, *, device: str | torch.device = "cp
         raise FileNotFoundError(f"tokenizer_path {tokenizer_path} is not a folder")
     if path.is_dir():
         if (path / "config.json").is_file() and not (path / "model_index.json").is_file():
-            raise FileNotFoundError(f"{path} looks like one component folder (config.json, no model_index.json); "
-                                    f"pass the pipeline folder that holds model_index.json")
-        return _load_folder(path, device=resolved_device, dtype=resolved_dtype, variant=variant,
-                            allow_pickle=allow_pickle, tokenizer_path=tokenizer_path, prediction_type=prediction_type)
+            raise FileNotFoundError(
+                f"{path} looks like one component folder (config.json, no model_index.json); "
+                f"pass the pipeline folder that holds model_index.json"
+            )
+        return _load_folder(
+            path,
+            device=resolved_device,
+            dtype=resolved_dtype,
+            variant=variant,
+            allow_pickle=allow_pickle,
+            tokenizer_path=tokenizer_path,
+            prediction_type=prediction_type,
+        )
     if path.suffix not in (".safetensors", *PICKLE_SUFFIXES):
-        raise WeightLoadError(f"{path}: unsupported file type {path.suffix!r}; expected a .safetensors "
-                              f"single-file checkpoint (or {', '.join(PICKLE_SUFFIXES)} with allow_pickle=True) "
-                              f"or a diffusers folder")
+        raise WeightLoadError(
+            f"{path}: unsupported file type {path.suffix!r}; expected a .safetensors "
+            f"single-file checkpoint (or {', '.join(PICKLE_SUFFIXES)} with allow_pickle=True) "
+            f"or a diffusers folder"
+        )
     if variant is not None:
         raise WeightLoadError(f"variant={variant!r} applies to diffusers folders only, not to the file {path}")
-    return _load_single_file(path, device=resolved_device, dtype=resolved_dtype, allow_pickle=allow_pickle,
-                             tokenizer_path=tokenizer_path, prediction_type=prediction_type)
+    return _load_single_file(
+        path,
+        device=resolved_device,
+        dtype=resolved_dtype,
+        allow_pickle=allow_pickle,
+        tokenizer_path=tokenizer_path,
+        prediction_type=prediction_type,
+    )

@@ -4,6 +4,7 @@ Triton decides at decoration time whether a kernel is compiled or interpreted, s
 switch must be set before anything imports `kernels`: on a machine without CUDA every Triton kernel
 runs under TRITON_INTERPRET=1 (numpy on the CPU).
 """
+
 import os
 
 import torch

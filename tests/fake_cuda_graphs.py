@@ -11,6 +11,7 @@ k wrote only through those buffers. Also as with a real capture:
   it made into tensors that existed before it are undone;
 - a host sync (.item(), a data-dependent branch) inside a capture raises.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,8 +22,7 @@ from torch.utils._pytree import tree_leaves
 
 aten = torch.ops.aten
 # Ops that read a device value back to the host: illegal while a CUDA graph captures.
-_HOST_SYNCS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.equal.default,
-               aten.nonzero.default}
+_HOST_SYNCS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.equal.default, aten.nonzero.default}
 
 
 def _tensors(value) -> list[torch.Tensor]:
@@ -45,22 +45,22 @@ def _written(func, args, kwargs) -> list[torch.Tensor]:
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-            and a.dtype == b.dtype)
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
 
 
 class _Recorder(TorchDispatchMode):
     def __init__(self):
         super().__init__()
-        self.ops: list[tuple] = []                # (func, args, kwargs, result)
-        self.new_storages: set[int] = set()       # storages the capture allocated
-        self.saved: dict[int, tuple] = {}         # storage key -> (storage, its bytes before the capture)
+        self.ops: list[tuple] = []  # (func, args, kwargs, result)
+        self.new_storages: set[int] = set()  # storages the capture allocated
+        self.saved: dict[int, tuple] = {}  # storage key -> (storage, its bytes before the capture)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _HOST_SYNCS:
-            raise RuntimeError(f"fake CUDA graph: {func} syncs with the host during capture "
-                               f"(a real capture fails here)")
+            raise RuntimeError(
+                f"fake CUDA graph: {func} syncs with the host during capture (a real capture fails here)"
+            )
         for target in _written(func, args, kwargs):
             key = _storage_key(target)
             if key not in self.new_storages and key not in self.saved:

@@ -20,6 +20,7 @@ same seed hold identical tensors. Sizes keep SD's fixed constants (32 norm group
 heads, 8x VAE factor, 77 tokens, the real 49408-token vocabulary) so that the single-file loader,
 which reads sizes from tensor shapes, understands these files exactly as it does real ones.
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,31 +37,66 @@ from tests.tokenizer_fixtures import write_sd_tokenizer_folder
 
 KINDS = ("sd1", "sd2")
 
-_TEXT = {"vocab_size": 49408, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
-         "num_attention_heads": 1, "max_position_embeddings": 77, "layer_norm_eps": 1e-5,
-         "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1, "projection_dim": 64}
-_UNET = {"sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
-         "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "cross_attention_dim": 64, "norm_num_groups": 32}
-_VAE = {"sample_size": 64, "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1,
-        "block_out_channels": [32, 64, 64, 64], "down_block_types": ["DownEncoderBlock2D"] * 4,
-        "up_block_types": ["UpDecoderBlock2D"] * 4, "norm_num_groups": 32, "scaling_factor": 0.18215}
-_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-             "beta_schedule": "scaled_linear", "steps_offset": 1}
+_TEXT = {
+    "vocab_size": 49408,
+    "hidden_size": 64,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 1,
+    "max_position_embeddings": 77,
+    "layer_norm_eps": 1e-5,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+    "projection_dim": 64,
+}
+_UNET = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 64,
+    "norm_num_groups": 32,
+}
+_VAE = {
+    "sample_size": 64,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 1,
+    "block_out_channels": [32, 64, 64, 64],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "norm_num_groups": 32,
+    "scaling_factor": 0.18215,
+}
+_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+}
 
 _CONFIGS = {
     "sd1": {
         "unet": {**_UNET, "block_out_channels": [32, 64], "attention_head_dim": 8, "use_linear_projection": False},
         "vae": _VAE,
         "text_encoder": {**_TEXT, "hidden_act": "quick_gelu"},
-        "scheduler": {**_SCHEDULE, "_class_name": "PNDMScheduler", "prediction_type": "epsilon",
-                      "skip_prk_steps": True, "set_alpha_to_one": False},
+        "scheduler": {
+            **_SCHEDULE,
+            "_class_name": "PNDMScheduler",
+            "prediction_type": "epsilon",
+            "skip_prk_steps": True,
+            "set_alpha_to_one": False,
+        },
         "tokenizer": {"pad_token": "<|endoftext|>"},
     },
     "sd2": {
         # SD 2.x heads are 64 wide: 64 and 128 channels -> 1 and 2 heads.
-        "unet": {**_UNET, "block_out_channels": [64, 128], "attention_head_dim": [1, 2],
-                 "use_linear_projection": True},
+        "unet": {**_UNET, "block_out_channels": [64, 128], "attention_head_dim": [1, 2], "use_linear_projection": True},
         "vae": _VAE,
         "text_encoder": {**_TEXT, "hidden_act": "gelu"},
         "scheduler": {**_SCHEDULE, "_class_name": "EulerDiscreteScheduler", "prediction_type": "v_prediction"},
@@ -136,8 +172,14 @@ def _write_tokenizer_folder(folder: Path, pad_token: str) -> None:
         (folder / name).write_bytes(data)
 
 
-def save_diffusers_folder(path, kind: str = "sd1", dtype: torch.dtype = torch.float32, variant: str | None = None,
-                          shards: bool = False, seed: int = 0) -> Path:
+def save_diffusers_folder(
+    path,
+    kind: str = "sd1",
+    dtype: torch.dtype = torch.float32,
+    variant: str | None = None,
+    shards: bool = False,
+    seed: int = 0,
+) -> Path:
     """Write a diffusers StableDiffusionPipeline folder at `path` and return it.
 
     dtype: dtype of the stored weights. variant: e.g. "fp16" names the weight files
@@ -164,10 +206,15 @@ def save_diffusers_folder(path, kind: str = "sd1", dtype: torch.dtype = torch.fl
 
     scheduler_class = small_configs(kind)["scheduler"]["_class_name"]
     model_index = {
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
-        "feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None],
-        "scheduler": ["diffusers", scheduler_class], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", scheduler_class],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
     (path / "model_index.json").write_text(json.dumps(model_index, indent=2))
@@ -205,5 +252,8 @@ def full_size_meta_models(kind: str) -> dict[str, torch.nn.Module]:
     unet, vae = ({k: v for k, v in configs[n].items() if not k.startswith("_")} for n in ("unet", "vae"))
     text = {k: v for k, v in configs["text_encoder"].items() if k not in ("architectures", "model_type")}
     with torch.device("meta"):
-        return {"unet": UNet2DConditionModel(**unet), "vae": AutoencoderKL(**vae),
-                "text_encoder": CLIPTextModel(CLIPTextConfig(**text))}
+        return {
+            "unet": UNet2DConditionModel(**unet),
+            "vae": AutoencoderKL(**vae),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**text)),
+        }

@@ -3,6 +3,7 @@
 The hook is installed once per process (audit hooks cannot be removed) and records only while a
 `recording()` block is active on any thread.
 """
+
 import contextlib
 import os
 import sys

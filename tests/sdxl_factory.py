@@ -15,6 +15,7 @@ attention heads in the UNet and both text encoders, 32 norm groups, 256-wide tim
 77 tokens and the real 49408-token vocabulary. The same (kind, seed) always gives the same weights,
 so a folder and a single file saved with the same seed hold identical tensors.
 """
+
 from __future__ import annotations
 
 import copy
@@ -32,48 +33,116 @@ from tests.model_factory import _write_tokenizer_folder, perturb_
 SDXL_KINDS = ("sdxl", "sdxl-refiner")
 TIME_EMBED_DIM = 256  # SDXL's; the single-file loader assumes it
 
-_TEXT = {"vocab_size": 49408, "max_position_embeddings": 77, "layer_norm_eps": 1e-5, "bos_token_id": 0,
-         "eos_token_id": 2, "pad_token_id": 1}
-_CLIP_L = {**_TEXT, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 1,
-           "hidden_act": "quick_gelu", "projection_dim": 64}
-_BIG_G = {**_TEXT, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 3, "num_attention_heads": 2,
-          "hidden_act": "gelu", "projection_dim": 128}
-_VAE = {"sample_size": 64, "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1,
-        "block_out_channels": [32, 64, 64, 64], "down_block_types": ["DownEncoderBlock2D"] * 4,
-        "up_block_types": ["UpDecoderBlock2D"] * 4, "norm_num_groups": 32, "scaling_factor": 0.13025,
-        "force_upcast": True}
-_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
-              "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1, "timestep_spacing": "leading",
-              "prediction_type": "epsilon", "interpolation_type": "linear", "use_karras_sigmas": False}
-_UNET = {"sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
-         "use_linear_projection": True, "addition_embed_type": "text_time",
-         "addition_time_embed_dim": TIME_EMBED_DIM}
+_TEXT = {
+    "vocab_size": 49408,
+    "max_position_embeddings": 77,
+    "layer_norm_eps": 1e-5,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+}
+_CLIP_L = {
+    **_TEXT,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 1,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 64,
+}
+_BIG_G = {
+    **_TEXT,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 2,
+    "hidden_act": "gelu",
+    "projection_dim": 128,
+}
+_VAE = {
+    "sample_size": 64,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 1,
+    "block_out_channels": [32, 64, 64, 64],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "norm_num_groups": 32,
+    "scaling_factor": 0.13025,
+    "force_upcast": True,
+}
+_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "prediction_type": "epsilon",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+}
+_UNET = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": TIME_EMBED_DIM,
+}
 
 _CONFIGS = {
     "sdxl": {
         # SDXL's shape: a plain top level, then cross-attention levels of growing transformer depth.
-        "unet": {**_UNET, "block_out_channels": [32, 64, 128], "attention_head_dim": [1, 1, 2],
-                 "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-                 "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-                 "transformer_layers_per_block": [1, 1, 2], "cross_attention_dim": 64 + 128,
-                 "projection_class_embeddings_input_dim": 128 + 6 * TIME_EMBED_DIM},
-        "vae": _VAE, "text_encoder": _CLIP_L, "text_encoder_2": _BIG_G, "scheduler": _SCHEDULER,
-        "tokenizer": {"pad_token": "<|endoftext|>"}, "tokenizer_2": {"pad_token": "!"},
+        "unet": {
+            **_UNET,
+            "block_out_channels": [32, 64, 128],
+            "attention_head_dim": [1, 1, 2],
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "transformer_layers_per_block": [1, 1, 2],
+            "cross_attention_dim": 64 + 128,
+            "projection_class_embeddings_input_dim": 128 + 6 * TIME_EMBED_DIM,
+        },
+        "vae": _VAE,
+        "text_encoder": _CLIP_L,
+        "text_encoder_2": _BIG_G,
+        "scheduler": _SCHEDULER,
+        "tokenizer": {"pad_token": "<|endoftext|>"},
+        "tokenizer_2": {"pad_token": "!"},
         "pipeline": {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True},
     },
     "sdxl-refiner": {
         # The refiner's shape: plain first and last levels, one depth everywhere, encoder 2 only.
-        "unet": {**_UNET, "block_out_channels": [32, 64, 64], "attention_head_dim": [1, 1, 1],
-                 "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-                 "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-                 "transformer_layers_per_block": 2, "cross_attention_dim": 128,
-                 "projection_class_embeddings_input_dim": 128 + 5 * TIME_EMBED_DIM},
-        "vae": _VAE, "text_encoder_2": _BIG_G, "scheduler": _SCHEDULER, "tokenizer_2": {"pad_token": "!"},
-        "pipeline": {"_class_name": "StableDiffusionXLImg2ImgPipeline", "force_zeros_for_empty_prompt": False,
-                     "requires_aesthetics_score": True},
+        "unet": {
+            **_UNET,
+            "block_out_channels": [32, 64, 64],
+            "attention_head_dim": [1, 1, 1],
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "transformer_layers_per_block": 2,
+            "cross_attention_dim": 128,
+            "projection_class_embeddings_input_dim": 128 + 5 * TIME_EMBED_DIM,
+        },
+        "vae": _VAE,
+        "text_encoder_2": _BIG_G,
+        "scheduler": _SCHEDULER,
+        "tokenizer_2": {"pad_token": "!"},
+        "pipeline": {
+            "_class_name": "StableDiffusionXLImg2ImgPipeline",
+            "force_zeros_for_empty_prompt": False,
+            "requires_aesthetics_score": True,
+        },
     },
 }
-NETWORKS = {"sdxl": ("unet", "vae", "text_encoder", "text_encoder_2"), "sdxl-refiner": ("unet", "vae", "text_encoder_2")}
+NETWORKS = {
+    "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2"),
+    "sdxl-refiner": ("unet", "vae", "text_encoder_2"),
+}
 
 
 def small_sdxl_configs(kind: str) -> dict[str, dict]:
@@ -105,8 +174,14 @@ def _cached_models(kind: str, seed: int) -> dict[str, torch.nn.Module]:
     return models
 
 
-def save_sdxl_folder(path, kind: str = "sdxl", dtype: torch.dtype = torch.float32, variant: str | None = None,
-                     shards: bool = False, seed: int = 0) -> Path:
+def save_sdxl_folder(
+    path,
+    kind: str = "sdxl",
+    dtype: torch.dtype = torch.float32,
+    variant: str | None = None,
+    shards: bool = False,
+    seed: int = 0,
+) -> Path:
     """A diffusers SDXL pipeline folder at `path` (the refiner's lists text_encoder / tokenizer as null)."""
     import diffusers
 
@@ -128,13 +203,16 @@ def save_sdxl_folder(path, kind: str = "sdxl", dtype: torch.dtype = torch.float3
             _write_tokenizer_folder(path / name, configs[name]["pad_token"])
     pipeline = configs["pipeline"]
     model_index = {
-        "_class_name": pipeline.pop("_class_name"), "_diffusers_version": diffusers.__version__, **pipeline,
+        "_class_name": pipeline.pop("_class_name"),
+        "_diffusers_version": diffusers.__version__,
+        **pipeline,
         "scheduler": ["diffusers", configs["scheduler"]["_class_name"]],
         "text_encoder": ["transformers", "CLIPTextModel"] if "text_encoder" in configs else [None, None],
         "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
         "tokenizer": ["transformers", "CLIPTokenizer"] if "tokenizer" in configs else [None, None],
         "tokenizer_2": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
     }
     (path / "model_index.json").write_text(json.dumps(model_index, indent=2))
     return path
@@ -142,11 +220,19 @@ def save_sdxl_folder(path, kind: str = "sdxl", dtype: torch.dtype = torch.float3
 
 # ----------------------------------------------------------------------------- the single-file writer
 
-_OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
-                    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
-_OPEN_CLIP_TOP = {"embeddings.token_embedding.weight": "token_embedding.weight",
-                  "embeddings.position_embedding.weight": "positional_embedding",
-                  "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+_OPEN_CLIP_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "self_attn.out_proj": "attn.out_proj",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+_OPEN_CLIP_TOP = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
 
 
 def _open_clip_state_dict(text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -164,11 +250,13 @@ def _open_clip_state_dict(text: dict[str, torch.Tensor]) -> dict[str, torch.Tens
             layer, rest = m.group(1), m.group(2)
             qkv = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)
             if qkv:
-                fused.setdefault(f"transformer.resblocks.{layer}.attn.in_proj_{qkv.group(2)}", {})[qkv.group(1)] = tensor
+                fused.setdefault(f"transformer.resblocks.{layer}.attn.in_proj_{qkv.group(2)}", {})[qkv.group(1)] = (
+                    tensor
+                )
                 continue
             for new, old in _OPEN_CLIP_LAYER.items():
                 if rest.startswith(new + "."):
-                    rest = old + rest[len(new):]
+                    rest = old + rest[len(new) :]
                     break
             out[f"transformer.resblocks.{layer}.{rest}"] = tensor
     for key, parts in fused.items():
@@ -202,8 +290,9 @@ def sdxl_single_file_state_dict(kind: str = "sdxl", dtype: torch.dtype = torch.f
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def save_sdxl_single_file(path, kind: str = "sdxl", dtype: torch.dtype = torch.float32, seed: int = 0,
-                          drop_prefix: str | None = None) -> Path:
+def save_sdxl_single_file(
+    path, kind: str = "sdxl", dtype: torch.dtype = torch.float32, seed: int = 0, drop_prefix: str | None = None
+) -> Path:
     """Write sdxl_single_file_state_dict(...) to `path`; drop_prefix leaves out every key under it
     (a partial file, for error tests)."""
     from safetensors.torch import save_file

@@ -1,4 +1,5 @@
 """runtime.bench's fairness arithmetic (no timings): interleaved order, spreads, per-round ratios, labels."""
+
 import pytest
 
 from runtime.bench.measure import BenchConfig, row_labels
@@ -7,7 +8,13 @@ from runtime.bench.rounds import round_ratios, round_robin, spread
 
 def test_rounds_interleave_every_row_once_per_round():
     assert round_robin(["torch", "triton", "diffusers"], 2) == [
-        (0, "torch"), (0, "triton"), (0, "diffusers"), (1, "torch"), (1, "triton"), (1, "diffusers")]
+        (0, "torch"),
+        (0, "triton"),
+        (0, "diffusers"),
+        (1, "torch"),
+        (1, "triton"),
+        (1, "diffusers"),
+    ]
 
 
 def test_round_robin_rejects_no_rounds_and_duplicate_labels():
@@ -37,15 +44,18 @@ def test_ratios_are_taken_within_each_round_then_summarised():
 
 
 def test_a_round_without_samples_on_either_side_is_left_out():
-    assert round_ratios([[2.0], [], [4.0]], [[1.0], [1.0], []]) == {"median": 2.0, "min": 2.0, "max": 2.0,
-                                                                    "rounds": 1}
+    assert round_ratios([[2.0], [], [4.0]], [[1.0], [1.0], []]) == {"median": 2.0, "min": 2.0, "max": 2.0, "rounds": 1}
     assert round_ratios([[]], [[1.0]]) is None
 
 
 def test_round_count_covers_the_requested_step_samples():
     config = BenchConfig(preset="tiny", device="cpu", dtype="fp32", width=64, height=64, steps=11, step_iters=50)
-    assert config.round_count == 5          # 10 intervals per image, 50 wanted
+    assert config.round_count == 5  # 10 intervals per image, 50 wanted
     short = BenchConfig(preset="tiny", device="cpu", dtype="fp32", width=64, height=64, steps=21, step_iters=20)
-    assert short.round_count == 3           # never fewer than 3 rounds: a ratio needs a range
-    assert BenchConfig(preset="tiny", device="cpu", dtype="fp32", width=64, height=64, steps=21,
-                       step_iters=20, rounds=2).round_count == 2
+    assert short.round_count == 3  # never fewer than 3 rounds: a ratio needs a range
+    assert (
+        BenchConfig(
+            preset="tiny", device="cpu", dtype="fp32", width=64, height=64, steps=21, step_iters=20, rounds=2
+        ).round_count
+        == 2
+    )

@@ -1,5 +1,6 @@
 """The census (benchmarks/census.py) counts what the real networks do, checked against facts derivable
 by hand from the SD 1.5 / 2.1 architectures. No timing is asserted: modelled times are only reported."""
+
 import json
 
 import pytest
@@ -74,8 +75,10 @@ def test_sd15_vae_decode_and_text_encoder(counted):
 
 def test_main_writes_json_with_modelled_rows(tmp_path, capsys):
     out = tmp_path / "census.json"
-    assert census.main(["--models", "sd15", "--backends", "triton", "--top", "sd15/triton/unet_step",
-                        "--json", str(out)]) == 0
+    assert (
+        census.main(["--models", "sd15", "--backends", "triton", "--top", "sd15/triton/unet_step", "--json", str(out)])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "modelled" in printed.splitlines()[0] and "top 15 ops by modelled time" in printed
     payload = json.loads(out.read_text())
@@ -88,11 +91,14 @@ def test_main_writes_json_with_modelled_rows(tmp_path, capsys):
     assert len(payload["top_ops"]["sd15/triton/unet_step"]) == census.TOP_OPS
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--models", "sd9"], "--models: unknown ['sd9']"),
-    (["--backends", "tensorrt"], "--backends: unknown ['tensorrt']"),
-    (["--models", "sd15", "--backends", "torch", "--top", "sd15/triton/unet_step"], "--top:"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--models", "sd9"], "--models: unknown ['sd9']"),
+        (["--backends", "tensorrt"], "--backends: unknown ['tensorrt']"),
+        (["--models", "sd15", "--backends", "torch", "--top", "sd15/triton/unet_step"], "--top:"),
+    ],
+)
 def test_bad_arguments_are_usage_errors_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         census.parse_args(argv)
@@ -102,7 +108,7 @@ def test_bad_arguments_are_usage_errors_before_any_work(argv, message, capsys):
 
 def test_diffusers_unet_does_the_same_matrix_work(counted):
     pytest.importorskip("diffusers")
-    (records, graphed), = census.count_networks("sd15", "diffusers").values()
+    ((records, graphed),) = census.count_networks("sd15", "diffusers").values()
     assert not graphed
     assert len(_ops(records, "aten.native_group_norm")) == 61 and len(_ops(records, "sdpa")) == 32
     ours, _ = counted["sd15", "torch"]["unet_step"]

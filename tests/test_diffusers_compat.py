@@ -1,4 +1,5 @@
 """pipe(...) with diffusers' keywords against diffusers' own pipelines on the tiny SD1 model (>= 35 dB)."""
+
 import types
 
 import numpy as np
@@ -28,8 +29,9 @@ def pipe(folder):
 
 @pytest.fixture(scope="module")
 def components(folder):
-    base = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False,
-                                                   torch_dtype=torch.float32)
+    base = StableDiffusionPipeline.from_pretrained(
+        folder, safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32
+    )
     return base.components
 
 
@@ -57,8 +59,14 @@ def picture(width, height, seed=0):
 
 
 def test_txt2img_call_matches_diffusers(pipe, components):
-    kwargs = dict(negative_prompt="blurry", num_inference_steps=3, guidance_scale=7.5, width=64, height=48,
-                  num_images_per_prompt=2)
+    kwargs = dict(
+        negative_prompt="blurry",
+        num_inference_steps=3,
+        guidance_scale=7.5,
+        width=64,
+        height=48,
+        num_images_per_prompt=2,
+    )
     mine = pipe(PROMPT, generator=generator(7), progress=False, **kwargs).images
     theirs = diffusers_pipe(StableDiffusionPipeline, components)(PROMPT, generator=generator(7), **kwargs).images
     assert_close(mine, theirs)
@@ -87,15 +95,16 @@ def test_prompt_embeds_match_diffusers(pipe, components):
     positive = pipe.encode_prompt(["a lighthouse", "a bowl of ramen"], None, 1.0)
     negative = pipe.encode_prompt(["blurry", "dark"], None, 1.0)
     kwargs = dict(num_inference_steps=2, guidance_scale=7.5, width=32, height=32)
-    mine = pipe(prompt_embeds=positive, negative_prompt_embeds=negative, generator=generator(1), progress=False,
-                **kwargs).images
+    mine = pipe(
+        prompt_embeds=positive, negative_prompt_embeds=negative, generator=generator(1), progress=False, **kwargs
+    ).images
     reference = diffusers_pipe(StableDiffusionPipeline, components)
-    theirs = reference(prompt_embeds=positive, negative_prompt_embeds=negative, generator=generator(1),
-                       **kwargs).images
+    theirs = reference(prompt_embeds=positive, negative_prompt_embeds=negative, generator=generator(1), **kwargs).images
     assert_close(mine, theirs)
     # prompt_embeds with a text negative prompt: the negative is encoded.
-    mine = pipe(prompt_embeds=positive[:1], negative_prompt="blurry", generator=generator(2), progress=False,
-                **kwargs).images
+    mine = pipe(
+        prompt_embeds=positive[:1], negative_prompt="blurry", generator=generator(2), progress=False, **kwargs
+    ).images
     theirs = reference(prompt_embeds=positive[:1], negative_prompt="blurry", generator=generator(2), **kwargs).images
     assert_close(mine, theirs)
     assert mine[0].info["prompt"] == "<prompt_embeds>"
@@ -111,15 +120,20 @@ def test_clip_skip_matches_diffusers(pipe, components):
     reference = diffusers_pipe(StableDiffusionPipeline, components)
 
     def ids(text):
-        return reference.tokenizer(text, padding="max_length", max_length=77, truncation=True,
-                                   return_tensors="pt").input_ids
+        return reference.tokenizer(
+            text, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
 
     with torch.no_grad():
         hidden = reference.text_encoder(ids(PROMPT), output_hidden_states=True).hidden_states[-2]
         prompt_embeds = reference.text_encoder.final_layer_norm(hidden)
         negative_prompt_embeds = reference.text_encoder(ids("blurry"))[0]
-    theirs = reference(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                       generator=generator(4), **{k: v for k, v in kwargs.items() if k != "negative_prompt"}).images
+    theirs = reference(
+        prompt_embeds=prompt_embeds,
+        negative_prompt_embeds=negative_prompt_embeds,
+        generator=generator(4),
+        **{k: v for k, v in kwargs.items() if k != "negative_prompt"},
+    ).images
     assert_close(mine, theirs)
     unskipped = pipe(PROMPT, generator=generator(4), progress=False, **kwargs).images
     assert psnr(mine[0], unskipped[0]) < MIN_PSNR_DB  # the skip changed the image
@@ -131,12 +145,14 @@ def test_img2img_and_inpaint_calls_match_diffusers(pipe, components):
     kwargs = dict(num_inference_steps=4, guidance_scale=7.5, negative_prompt="blurry")
     mine = pipe("oil painting", image=init, strength=0.6, generator=generator(5), progress=False, **kwargs).images
     theirs = diffusers_pipe(StableDiffusionImg2ImgPipeline, components)(
-        "oil painting", image=init, strength=0.6, generator=generator(5), **kwargs).images
+        "oil painting", image=init, strength=0.6, generator=generator(5), **kwargs
+    ).images
     assert_close(mine, theirs)
     assert mine[0].info["mode"] == "img2img"
     mine = pipe("a window", image=init, mask_image=mask, generator=generator(6), progress=False, **kwargs).images
     theirs = diffusers_pipe(StableDiffusionInpaintPipeline, components)(
-        "a window", image=init, mask_image=mask, generator=generator(6), **kwargs).images
+        "a window", image=init, mask_image=mask, generator=generator(6), **kwargs
+    ).images
     assert_close(mine, theirs)
     assert mine[0].info["mode"] == "inpaint"
 
@@ -146,18 +162,24 @@ def test_return_dict_false_gives_a_tuple(pipe):
     assert len(images) == 1 and nsfw is None
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    (dict(eta=0.5), TypeError, "eta"),
-    (dict(output_type="jpeg"), ValueError, "output_type must be one of pil, np, pt, latent, got 'jpeg'"),
-    (dict(latents=torch.zeros(1, 4, 5, 5), width=32, height=32), ValueError,
-     r"latents must be a tensor of shape \(1, 4, 4, 4\)"),
-    (dict(strength=0.5), ValueError, "strength= is for img2img and inpainting"),
-    (dict(mask_image=PIL.Image.new("L", (32, 32))), ValueError, "mask_image= needs image="),
-    (dict(generator=[torch.Generator()]), ValueError, "a list .* is not supported"),
-    (dict(prompt_embeds=torch.zeros(1, 77, 64)), ValueError, "exactly one of prompt= and prompt_embeds="),
-    (dict(clip_skip=5), ValueError, r"clip_skip must be an integer in \[0, 2\)"),
-    (dict(num_inference_steps=0), ValueError, "steps must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(eta=0.5), TypeError, "eta"),
+        (dict(output_type="jpeg"), ValueError, "output_type must be one of pil, np, pt, latent, got 'jpeg'"),
+        (
+            dict(latents=torch.zeros(1, 4, 5, 5), width=32, height=32),
+            ValueError,
+            r"latents must be a tensor of shape \(1, 4, 4, 4\)",
+        ),
+        (dict(strength=0.5), ValueError, "strength= is for img2img and inpainting"),
+        (dict(mask_image=PIL.Image.new("L", (32, 32))), ValueError, "mask_image= needs image="),
+        (dict(generator=[torch.Generator()]), ValueError, "a list .* is not supported"),
+        (dict(prompt_embeds=torch.zeros(1, 77, 64)), ValueError, "exactly one of prompt= and prompt_embeds="),
+        (dict(clip_skip=5), ValueError, r"clip_skip must be an integer in \[0, 2\)"),
+        (dict(num_inference_steps=0), ValueError, "steps must be an integer >= 1"),
+    ],
+)
 def test_bad_arguments(pipe, kwargs, error, message):
     with pytest.raises(error, match=message):
         pipe(PROMPT, progress=False, **kwargs)
@@ -179,13 +201,13 @@ def test_to_moves_dtype_and_back(folder):
 
 
 def test_to_refuses_what_the_backend_cannot_do():
-    exported = types.SimpleNamespace(backend="onnxruntime", device=torch.device("cpu"), dtype=torch.float32,
-                                     graphs=None)
+    exported = types.SimpleNamespace(
+        backend="onnxruntime", device=torch.device("cpu"), dtype=torch.float32, graphs=None
+    )
     with pytest.raises(ValueError, match="the onnxruntime backend runs graphs exported for cpu"):
         move_pipeline(exported, torch.float16)
     assert move_pipeline(exported, "cpu", torch.float32) is exported  # no change asked: fine
-    graphed = types.SimpleNamespace(backend="torch", device=torch.device("cuda"), dtype=torch.float16,
-                                    graphs=object())
+    graphed = types.SimpleNamespace(backend="torch", device=torch.device("cuda"), dtype=torch.float16, graphs=object())
     with pytest.raises(ValueError, match="replays CUDA graphs; it cannot move to cpu"):
         move_pipeline(graphed, "cpu")
     with pytest.raises(Exception, match="unknown dtype 'fp12'|not a valid torch device"):

@@ -5,6 +5,7 @@ Every test of the graph logic runs twice: on the CPU with the stand-in API of te
 (fp16 on the CPU, so a guidance fp16 cannot represent is checked here too), and with torch.cuda on a GPU
 (the triton backend; skipped without CUDA). Comparisons are of the final latents, exactly.
 """
+
 import copy
 import json
 import logging
@@ -47,8 +48,10 @@ def inpaint9_model(tiny_model, tmp_path_factory):
     (folder / "unet" / "config.json").write_text(json.dumps(config))
     torch.manual_seed(9)
     unet = UNet(UNetConfig.from_dict(config))
-    save_file({k: v.contiguous() for k, v in unet.state_dict().items()},
-              str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in unet.state_dict().items()},
+        str(folder / "unet" / "diffusion_pytorch_model.safetensors"),
+    )
     return folder
 
 
@@ -68,8 +71,9 @@ def pipelines(api):
             if api == "fake":
                 loaded[folder, dtype] = runtime.load(folder, backend="torch", device="cpu", dtype=dtype).components
             else:
-                loaded[folder, dtype] = runtime.load(folder, backend="triton", device="cuda", dtype=dtype,
-                                                     cuda_graphs=False).components
+                loaded[folder, dtype] = runtime.load(
+                    folder, backend="triton", device="cuda", dtype=dtype, cuda_graphs=False
+                ).components
         components = loaded[folder, dtype]
         backend = "torch" if api == "fake" else "triton"
         fake = FakeCudaGraphs() if api == "fake" else None
@@ -94,8 +98,15 @@ def _final_latents(pipe, run):
 
 
 def _txt2img(scheduler="dpmpp_2m", guidance=7.3, steps=4, seed=3, **extra):
-    kwargs = dict(steps=steps, seed=seed, num_images=2, scheduler=scheduler, guidance=guidance,
-                  progress=False, **{**SIZE, **extra})
+    kwargs = dict(
+        steps=steps,
+        seed=seed,
+        num_images=2,
+        scheduler=scheduler,
+        guidance=guidance,
+        progress=False,
+        **{**SIZE, **extra},
+    )
     if guidance > 1:
         kwargs["negative_prompt"] = "blurry"
     return lambda pipe: pipe.generate("a red fox", **kwargs)
@@ -125,12 +136,12 @@ def test_fake_graph_replays_into_its_buffers_and_computes_nothing_at_capture():
     with fake.graph(graph):
         y = x * 2 + history
         history.copy_(y)
-    assert torch.isnan(y).all()                    # a capture computes nothing usable
-    assert torch.equal(history, torch.zeros(3))    # and its writes into older tensors are undone
+    assert torch.isnan(y).all()  # a capture computes nothing usable
+    assert torch.equal(history, torch.zeros(3))  # and its writes into older tensors are undone
     x.fill_(5.0)
     graph.replay()
     assert torch.equal(y, torch.full((3,), 10.0)) and torch.equal(history, y)
-    graph.replay()                                 # reads the history it wrote: 10 + 10
+    graph.replay()  # reads the history it wrote: 10 + 10
     assert torch.equal(y, torch.full((3,), 20.0))
     with pytest.raises(RuntimeError, match="syncs with the host"):
         with fake.graph(fake.CUDAGraph()):
@@ -195,22 +206,33 @@ def _picture_and_mask(size=(32, 48)):
 
 
 @pytest.mark.parametrize("guidance", GUIDANCES)
-@pytest.mark.parametrize("mode, scheduler, strength", [("img2img", "euler_a", 0.6), ("inpaint4", "dpmpp_2m", 0.8),
-                                                       ("inpaint4", "pndm", 1.0), ("inpaint9", "pndm", 1.0),
-                                                       ("inpaint9", "lcm", 0.7)])
-def test_img2img_and_inpaint_replay_equal_eager(pipelines, tiny_model, inpaint9_model, mode, scheduler, strength,
-                                                guidance):
+@pytest.mark.parametrize(
+    "mode, scheduler, strength",
+    [
+        ("img2img", "euler_a", 0.6),
+        ("inpaint4", "dpmpp_2m", 0.8),
+        ("inpaint4", "pndm", 1.0),
+        ("inpaint9", "pndm", 1.0),
+        ("inpaint9", "lcm", 0.7),
+    ],
+)
+def test_img2img_and_inpaint_replay_equal_eager(
+    pipelines, tiny_model, inpaint9_model, mode, scheduler, strength, guidance
+):
     """Graphs that start mid-schedule (img2img, strength < 1), a between-step hook that rewrites the
     latents (4-channel inpainting's blend) and extra conditioning channels (9-channel inpainting)."""
     graphed, eager, _ = pipelines(inpaint9_model if mode == "inpaint9" else tiny_model)
     image, mask = _picture_and_mask()
     kwargs = dict(strength=strength, steps=5, seed=2, scheduler=scheduler, guidance=guidance, progress=False)
     if mode == "img2img":
+
         def run(pipe):
             return pipe.img2img(image, "a fox", **kwargs)
     else:
+
         def run(pipe):
             return pipe.inpaint(image, mask, "a fox", **kwargs)
+
     _capture_replay_eager(graphed, eager, run, f"{mode} {scheduler} strength {strength} g={guidance}")
 
 
@@ -255,13 +277,12 @@ def test_new_shapes_capture_within_the_cache_bound_lru(pipelines, tiny_model, ca
     captures = [r for r in caplog.records if r.getMessage().startswith("capturing CUDA graphs")]
     # A, B, C captured; A's second and third runs replay (C evicted B, the least recently used, not A).
     assert len(captures) == 3
-    assert [key.latent_shape[2:] for key in graphed.graphs.keys()] == [(4, 6), (4, 4)]
+    assert [key.latent_shape[2:] for key in graphed.graphs.keys()]  # noqa: SIM118 (a method, not a dict) == [(4, 6), (4, 4)]
 
 
 def test_scheduler_or_step_count_change_between_runs(pipelines, tiny_model):
     graphed, eager, _ = pipelines(tiny_model)
-    for scheduler, steps in (("dpmpp_2m", 4), ("euler", 4), ("dpmpp_2m", 3), ("dpmpp_2m_karras", 4),
-                             ("dpmpp_2m", 4)):
+    for scheduler, steps in (("dpmpp_2m", 4), ("euler", 4), ("dpmpp_2m", 3), ("dpmpp_2m_karras", 4), ("dpmpp_2m", 4)):
         run = _txt2img(scheduler, 7.3, steps=steps)
         _assert_bits_equal(_final_latents(graphed, run), _final_latents(eager, run), f"{scheduler} x{steps}")
     assert len(graphed.graphs) == 4
@@ -273,6 +294,7 @@ def test_cancel_mid_run_and_callbacks_get_tensors_they_own(pipelines, tiny_model
     def cancelled_latents(pipe):
         def stop_after_two(step, timestep, latents):
             return step < 1
+
         with pytest.raises(GenerationCancelled) as caught:
             _txt2img("dpmpp_2m", 7.3, seed=1, callback=stop_after_two)(pipe)
         assert caught.value.step_index == 1
@@ -286,8 +308,11 @@ def test_cancel_mid_run_and_callbacks_get_tensors_they_own(pipelines, tiny_model
     cancelled, expected_cancelled = cancelled_latents(graphed), cancelled_latents(eager)
     kept = per_step_latents(graphed, seed=1)
     expected_kept = per_step_latents(eager, seed=1)
-    _assert_bits_equal(_final_latents(graphed, _txt2img("dpmpp_2m", 7.3, seed=2)),
-                       _final_latents(eager, _txt2img("dpmpp_2m", 7.3, seed=2)), "a full run after a cancel")
+    _assert_bits_equal(
+        _final_latents(graphed, _txt2img("dpmpp_2m", 7.3, seed=2)),
+        _final_latents(eager, _txt2img("dpmpp_2m", 7.3, seed=2)),
+        "a full run after a cancel",
+    )
     # Later runs reuse the static buffers; what callers were given must not change under them.
     _assert_bits_equal(cancelled, expected_cancelled, "GenerationCancelled.latents")
     assert len(kept) == len(expected_kept) == 4

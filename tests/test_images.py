@@ -1,4 +1,5 @@
 """runtime/images.py: conversions match diffusers' VaeImageProcessor, PNG metadata, atomic writes, PSNR."""
+
 import math
 import os
 
@@ -38,8 +39,7 @@ def test_image_to_tensor_drops_alpha():
 @pytest.mark.parametrize("mode", ["L", "RGB"])
 def test_mask_to_tensor_matches_diffusers(mode):
     mask = random_image(40, 24, mode, seed=1)
-    processor = VaeImageProcessor(vae_scale_factor=8, do_normalize=False, do_binarize=True,
-                                  do_convert_grayscale=True)
+    processor = VaeImageProcessor(vae_scale_factor=8, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
     reference = processor.preprocess(mask, height=16, width=32)
     ours = images.mask_to_tensor(mask, 32, 16)
     assert ours.shape == (1, 1, 16, 32)
@@ -74,16 +74,27 @@ def test_psnr_bad_inputs():
 
 
 def make_info(**overrides):
-    fields = dict(prompt="a red fox", negative_prompt="blurry", seed=1234, steps=3, guidance=7.5,
-                  scheduler="euler_a", width=64, height=48, model="tiny-sd")
+    fields = dict(
+        prompt="a red fox",
+        negative_prompt="blurry",
+        seed=1234,
+        steps=3,
+        guidance=7.5,
+        scheduler="euler_a",
+        width=64,
+        height=48,
+        model="tiny-sd",
+    )
     fields.update(overrides)
     return images.GenerationInfo(**fields)
 
 
 def test_parameters_text_is_a1111_style():
     text = make_info().parameters_text()
-    assert text == ("a red fox\nNegative prompt: blurry\n"
-                    "Steps: 3, Sampler: Euler a, CFG scale: 7.5, Seed: 1234, Size: 64x48, Model: tiny-sd")
+    assert text == (
+        "a red fox\nNegative prompt: blurry\n"
+        "Steps: 3, Sampler: Euler a, CFG scale: 7.5, Seed: 1234, Size: 64x48, Model: tiny-sd"
+    )
     no_negative = make_info(negative_prompt="", model=None, strength=0.5, mode="img2img").parameters_text()
     assert "Negative prompt" not in no_negative
     assert no_negative.endswith("Denoising strength: 0.5")
@@ -187,6 +198,7 @@ def test_model_hash_of_a_file_is_a1111s(tmp_path):
     import hashlib
 
     from runtime.model_hash import model_hash
+
     checkpoint = tmp_path / "model.safetensors"
     checkpoint.write_bytes(b"weights" * 1000)
     assert model_hash(checkpoint) == hashlib.sha256(b"weights" * 1000).hexdigest()[:10]
@@ -195,6 +207,7 @@ def test_model_hash_of_a_file_is_a1111s(tmp_path):
 
 def test_model_hash_of_a_folder_covers_its_weight_files(tmp_path):
     from runtime.model_hash import model_hash
+
     for folder in ("unet", "vae", "text_encoder"):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "model.safetensors").write_bytes(folder.encode() * 10)

@@ -1,6 +1,7 @@
 """The import graph of runtime/, kernels/ and export/ runs one way (DESIGN.md, "Layout"): no cycles, and
 none of the forbidden arrows below. Function-local imports count: hiding an arrow in a function body
 does not make it go away."""
+
 import ast
 from pathlib import Path
 
@@ -116,8 +117,12 @@ def _component(module: str) -> str:
 
 
 def _forbidden_arrows(graph, importer, imported) -> list[str]:
-    return [f"{source} -> {target}" for source, targets in sorted(graph.items()) for target in sorted(targets)
-            if _within(source, importer) and _within(target, imported)]
+    return [
+        f"{source} -> {target}"
+        for source, targets in sorted(graph.items())
+        for target in sorted(targets)
+        if _within(source, importer) and _within(target, imported)
+    ]
 
 
 def test_no_module_imports_itself_back():
@@ -133,7 +138,8 @@ def test_no_folder_imports_itself_back():
     folders = {}
     for source, targets in import_graph().items():
         folders.setdefault(_component(source), set()).update(
-            _component(t) for t in targets if _component(t) != _component(source) and t != "runtime")
+            _component(t) for t in targets if _component(t) != _component(source) and t != "runtime"
+        )
     assert _cycles(folders) == []
 
 

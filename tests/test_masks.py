@@ -3,6 +3,7 @@
 One picture drawn in each mode: the top half marked to repaint, the bottom half to keep. Every mode
 must give the same 0/1 mask, at the drawn size and resized.
 """
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -52,8 +53,19 @@ def drawn(mode: str) -> PIL.Image.Image:
     raise AssertionError(mode)
 
 
-MODES = ["L", "I;16", "I;16-dim", "I", "F", "F-dim", "RGBA-alpha-only", "RGBA-white-brush", "RGBA-opaque",
-         "LA", "P-transparent"]  # P-transparent: mode "P"
+MODES = [
+    "L",
+    "I;16",
+    "I;16-dim",
+    "I",
+    "F",
+    "F-dim",
+    "RGBA-alpha-only",
+    "RGBA-white-brush",
+    "RGBA-opaque",
+    "LA",
+    "P-transparent",
+]  # P-transparent: mode "P"
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -2,18 +2,23 @@
 
 Same folder, same seed, same scheduler: our images must be within 35 dB PSNR of diffusers' (uint8).
 """
+
 import json
 import math
 import shutil
 import warnings
 
+import diffusers
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-import diffusers
-from diffusers import (StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
-                       UNet2DConditionModel)
+from diffusers import (
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 
 import runtime
 from runtime import images as imageio
@@ -23,7 +28,6 @@ from runtime.schedulers import diffusers_equivalent
 from tests.model_factory import save_diffusers_folder
 
 MIN_PSNR_DB = 35.0
-
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +74,9 @@ _references = {}
 def reference(cls, folder, scheduler=None):
     """diffusers' pipeline `cls` on `folder` (loaded once per folder), with the named scheduler."""
     if folder not in _references:
-        base = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False,
-                                                       torch_dtype=torch.float32)
+        base = StableDiffusionPipeline.from_pretrained(
+            folder, safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32
+        )
         _references[folder] = base.components
     pipe = cls(**_references[folder])
     if scheduler is not None:
@@ -104,7 +109,7 @@ def random_picture(width, height, seed):
 
 def box_mask(width, height):
     mask = np.zeros((height, width), np.uint8)
-    mask[height // 4: 3 * height // 4, width // 4: 3 * width // 4] = 255
+    mask[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 255
     return PIL.Image.fromarray(mask, mode="L")
 
 
@@ -113,11 +118,19 @@ def box_mask(width, height):
 def test_txt2img_matches_diffusers_sd1(sd1_folder, scheduler):
     # None: the checkpoint's own (PNDM); a negative prompt, 2 images, a non-square size.
     kwargs = dict(negative_prompt="blurry, low quality", guidance=7.5, width=64, height=48)
-    mine = ours(sd1_folder).generate("a red fox in the snow", steps=3, seed=7, num_images=2,
-                                     scheduler=scheduler, progress=False, **kwargs)
+    mine = ours(sd1_folder).generate(
+        "a red fox in the snow", steps=3, seed=7, num_images=2, scheduler=scheduler, progress=False, **kwargs
+    )
     theirs = reference(StableDiffusionPipeline, sd1_folder, scheduler)(
-        "a red fox in the snow", negative_prompt=kwargs["negative_prompt"], num_inference_steps=3,
-        guidance_scale=7.5, width=64, height=48, num_images_per_prompt=2, generator=generator(7)).images
+        "a red fox in the snow",
+        negative_prompt=kwargs["negative_prompt"],
+        num_inference_steps=3,
+        guidance_scale=7.5,
+        width=64,
+        height=48,
+        num_images_per_prompt=2,
+        generator=generator(7),
+    ).images
     assert_close_images(mine, theirs)
     assert mine[0].size == (64, 48)
     assert psnr(mine[0], mine[1]) < 30  # two different samples, not one image twice
@@ -127,10 +140,10 @@ def test_txt2img_matches_diffusers_sd1(sd1_folder, scheduler):
 def test_txt2img_matches_diffusers_sd2(sd2_folder, scheduler):
     # Two prompts (each repeated num_images times), v-prediction model, native size.
     prompts = ["a lighthouse at dusk", "a bowl of ramen"]
-    mine = ours(sd2_folder).generate(prompts, steps=2, seed=11, guidance=5.0, scheduler=scheduler,
-                                     progress=False)
+    mine = ours(sd2_folder).generate(prompts, steps=2, seed=11, guidance=5.0, scheduler=scheduler, progress=False)
     theirs = reference(StableDiffusionPipeline, sd2_folder, scheduler)(
-        prompts, num_inference_steps=2, guidance_scale=5.0, generator=generator(11)).images
+        prompts, num_inference_steps=2, guidance_scale=5.0, generator=generator(11)
+    ).images
     assert_close_images(mine, theirs)
     assert mine[0].size == ours(sd2_folder).native_size()
 
@@ -138,10 +151,12 @@ def test_txt2img_matches_diffusers_sd2(sd2_folder, scheduler):
 def test_txt2img_fp16_matches_diffusers(sd1_folder):
     # 40x24 px = 3x5 latents: a size where CPU fp16 randn differs from fp32 randn cast to fp16, so
     # the initial noise must be drawn in the model dtype, as diffusers' randn_tensor does.
-    mine = runtime.load(sd1_folder, dtype="fp16").generate("a red fox", steps=2, seed=7, width=40, height=24,
-                                                          scheduler="euler_a", progress=False)
-    pipe = StableDiffusionPipeline.from_pretrained(sd1_folder, safety_checker=None, requires_safety_checker=False,
-                                                   torch_dtype=torch.float16)
+    mine = runtime.load(sd1_folder, dtype="fp16").generate(
+        "a red fox", steps=2, seed=7, width=40, height=24, scheduler="euler_a", progress=False
+    )
+    pipe = StableDiffusionPipeline.from_pretrained(
+        sd1_folder, safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float16
+    )
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     theirs = pipe("a red fox", num_inference_steps=2, width=40, height=24, generator=generator(7)).images
@@ -149,10 +164,10 @@ def test_txt2img_fp16_matches_diffusers(sd1_folder):
 
 
 def test_txt2img_without_guidance_matches_diffusers(sd1_folder):
-    mine = ours(sd1_folder).generate("a cat", steps=2, seed=3, guidance=1.0, scheduler="euler_a",
-                                     progress=False)
+    mine = ours(sd1_folder).generate("a cat", steps=2, seed=3, guidance=1.0, scheduler="euler_a", progress=False)
     theirs = reference(StableDiffusionPipeline, sd1_folder, "euler_a")(
-        "a cat", num_inference_steps=2, guidance_scale=1.0, generator=generator(3)).images
+        "a cat", num_inference_steps=2, guidance_scale=1.0, generator=generator(3)
+    ).images
     assert_close_images(mine, theirs)
 
 
@@ -189,11 +204,26 @@ def test_denoise_step_takes_guidance_as_a_device_scalar(sd1_folder):
 @pytest.mark.parametrize("scheduler, strength", [(None, 0.75), ("euler_a", 0.6), ("dpmpp_2m_karras", 1.0)])
 def test_img2img_matches_diffusers(sd1_folder, scheduler, strength):
     init = random_picture(64, 48, seed=5)
-    mine = ours(sd1_folder).img2img(init, "an oil painting", strength=strength, steps=4, seed=21,
-                                    negative_prompt="photo", scheduler=scheduler, num_images=2, progress=False)
+    mine = ours(sd1_folder).img2img(
+        init,
+        "an oil painting",
+        strength=strength,
+        steps=4,
+        seed=21,
+        negative_prompt="photo",
+        scheduler=scheduler,
+        num_images=2,
+        progress=False,
+    )
     theirs = reference(StableDiffusionImg2ImgPipeline, sd1_folder, scheduler)(
-        "an oil painting", image=init, strength=strength, num_inference_steps=4, negative_prompt="photo",
-        num_images_per_prompt=2, generator=generator(21)).images
+        "an oil painting",
+        image=init,
+        strength=strength,
+        num_inference_steps=4,
+        negative_prompt="photo",
+        num_images_per_prompt=2,
+        generator=generator(21),
+    ).images
     assert_close_images(mine, theirs)
     assert mine[0].size == (64, 48)
 
@@ -201,11 +231,18 @@ def test_img2img_matches_diffusers(sd1_folder, scheduler, strength):
 def test_img2img_matches_diffusers_sd2(sd2_folder):
     # v-prediction model with its own Euler scheduler: add_noise and the steps in sigma space.
     init = random_picture(64, 64, seed=6)
-    mine = ours(sd2_folder).img2img(init, "a watercolor", strength=0.5, steps=4, seed=13, guidance=5.0,
-                                    negative_prompt="photo", progress=False)
+    mine = ours(sd2_folder).img2img(
+        init, "a watercolor", strength=0.5, steps=4, seed=13, guidance=5.0, negative_prompt="photo", progress=False
+    )
     theirs = reference(StableDiffusionImg2ImgPipeline, sd2_folder)(
-        "a watercolor", image=init, strength=0.5, num_inference_steps=4, guidance_scale=5.0,
-        negative_prompt="photo", generator=generator(13)).images
+        "a watercolor",
+        image=init,
+        strength=0.5,
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        negative_prompt="photo",
+        generator=generator(13),
+    ).images
     assert_close_images(mine, theirs)
 
 
@@ -213,22 +250,39 @@ def test_img2img_matches_diffusers_sd2(sd2_folder):
 @pytest.mark.parametrize("scheduler, strength", [(None, 1.0), ("euler_a", 0.75)])
 def test_inpaint_4_channel_matches_diffusers(sd1_folder, scheduler, strength):
     image, mask = random_picture(64, 48, seed=8), box_mask(64, 48)
-    mine = ours(sd1_folder).inpaint(image, mask, "a window", strength=strength, steps=3, seed=4,
-                                    scheduler=scheduler, progress=False)
+    mine = ours(sd1_folder).inpaint(
+        image, mask, "a window", strength=strength, steps=3, seed=4, scheduler=scheduler, progress=False
+    )
     theirs = reference(StableDiffusionInpaintPipeline, sd1_folder, scheduler)(
-        "a window", image=image, mask_image=mask, strength=strength, num_inference_steps=3, width=64,
-        height=48, generator=generator(4)).images
+        "a window",
+        image=image,
+        mask_image=mask,
+        strength=strength,
+        num_inference_steps=3,
+        width=64,
+        height=48,
+        generator=generator(4),
+    ).images
     assert_close_images(mine, theirs)
 
 
 @pytest.mark.parametrize("scheduler, strength", [(None, 1.0), ("ddim", 0.5)])
 def test_inpaint_9_channel_matches_diffusers(inpaint9_folder, scheduler, strength):
     image, mask = random_picture(64, 64, seed=9), box_mask(64, 64)
-    mine = ours(inpaint9_folder).inpaint(image, mask, "a door", strength=strength, steps=3, seed=5,
-                                         num_images=2, scheduler=scheduler, progress=False)
+    mine = ours(inpaint9_folder).inpaint(
+        image, mask, "a door", strength=strength, steps=3, seed=5, num_images=2, scheduler=scheduler, progress=False
+    )
     theirs = reference(StableDiffusionInpaintPipeline, inpaint9_folder, scheduler)(
-        "a door", image=image, mask_image=mask, strength=strength, num_inference_steps=3, width=64,
-        height=64, num_images_per_prompt=2, generator=generator(5)).images
+        "a door",
+        image=image,
+        mask_image=mask,
+        strength=strength,
+        num_inference_steps=3,
+        width=64,
+        height=64,
+        num_images_per_prompt=2,
+        generator=generator(5),
+    ).images
     assert_close_images(mine, theirs)
 
 
@@ -236,8 +290,16 @@ def test_inpaint_keeps_the_unmasked_region(sd1_folder):
     image, mask = random_picture(64, 64, seed=10), box_mask(64, 64)
     pipe = ours(sd1_folder)
     seen = []
-    result = pipe.inpaint(image, mask, "a window", steps=3, seed=4, scheduler="ddim", progress=False,
-                          callback=lambda i, t, latents: seen.append(latents.clone()))[0]
+    result = pipe.inpaint(
+        image,
+        mask,
+        "a window",
+        steps=3,
+        seed=4,
+        scheduler="ddim",
+        progress=False,
+        callback=lambda i, t, latents: seen.append(latents.clone()),
+    )[0]
     # Latent blending: after the last step the unmasked latents are exactly the image's (the seed's
     # first draw is the VAE sample of the image), the masked ones are generated.
     with torch.no_grad():
@@ -253,8 +315,9 @@ def test_inpaint_keeps_the_unmasked_region(sd1_folder):
     repainted = np.asarray(mask) > 0
     # The known region only goes through a VAE round trip; the masked one is generated afresh.
     kept_error = np.abs(ours_kept - image_kept).mean()
-    repaint_error = np.abs(np.asarray(result)[repainted].astype(float)
-                           - np.asarray(image)[repainted].astype(float)).mean()
+    repaint_error = np.abs(
+        np.asarray(result)[repainted].astype(float) - np.asarray(image)[repainted].astype(float)
+    ).mean()
     assert kept_error < repaint_error
 
 
@@ -278,14 +341,19 @@ def test_default_scheduler_name_comes_from_the_checkpoint(sd1_folder):
 def test_callback_sees_every_step_and_can_cancel(sd1_folder):
     pipe = ours(sd1_folder)
     seen = []
-    pipe.generate("a boat", steps=3, seed=1, scheduler="ddim", progress=False,
-                  callback=lambda i, t, latents: seen.append((i, int(t), tuple(latents.shape))))
+    pipe.generate(
+        "a boat",
+        steps=3,
+        seed=1,
+        scheduler="ddim",
+        progress=False,
+        callback=lambda i, t, latents: seen.append((i, int(t), tuple(latents.shape))),
+    )
     assert [s[0] for s in seen] == [0, 1, 2]
     assert [s[1] for s in seen] == pipe.scheduler.timesteps.tolist()
     assert seen[0][2] == (1, 4, 8, 8)
     with pytest.raises(GenerationCancelled, match="cancelled by the callback after step 1") as info:
-        pipe.generate("a boat", steps=3, seed=1, scheduler="ddim", progress=False,
-                      callback=lambda i, t, latents: i < 1)
+        pipe.generate("a boat", steps=3, seed=1, scheduler="ddim", progress=False, callback=lambda i, t, latents: i < 1)
     assert info.value.step_index == 1
     assert torch.isfinite(info.value.latents).all()
 
@@ -357,17 +425,20 @@ def guarded_pipe(sd1_folder, monkeypatch):
     return pipe
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(width=60), "width must be a positive multiple of 8 .*got 60"),
-    (dict(height=36), "height must be a positive multiple of 8 .*got 36"),
-    (dict(steps=0), "steps must be an integer >= 1, got 0"),
-    (dict(guidance=-1.0), "guidance must be a finite number >= 0"),
-    (dict(guidance=float("nan")), "guidance must be a finite number >= 0 .*got nan"),
-    (dict(scheduler="heun"), "unknown scheduler 'heun'; choose one of ddim, pndm, euler, euler_a"),
-    (dict(num_images=0), "num_images must be an integer >= 1, got 0"),
-    (dict(seed=-5), "seed must be an integer in"),
-    (dict(negative_prompt=["a", "b"]), "negative_prompt has 2 entries but prompt has 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(width=60), "width must be a positive multiple of 8 .*got 60"),
+        (dict(height=36), "height must be a positive multiple of 8 .*got 36"),
+        (dict(steps=0), "steps must be an integer >= 1, got 0"),
+        (dict(guidance=-1.0), "guidance must be a finite number >= 0"),
+        (dict(guidance=float("nan")), "guidance must be a finite number >= 0 .*got nan"),
+        (dict(scheduler="heun"), "unknown scheduler 'heun'; choose one of ddim, pndm, euler, euler_a"),
+        (dict(num_images=0), "num_images must be an integer >= 1, got 0"),
+        (dict(seed=-5), "seed must be an integer in"),
+        (dict(negative_prompt=["a", "b"]), "negative_prompt has 2 entries but prompt has 1"),
+    ],
+)
 def test_generate_bad_input(guarded_pipe, kwargs, message):
     with pytest.raises(ValueError, match=message):
         guarded_pipe.generate("a boat", progress=False, **kwargs)
@@ -378,12 +449,15 @@ def test_prompt_type_checked(guarded_pipe):
         guarded_pipe.generate([], progress=False)
 
 
-@pytest.mark.parametrize("strength, message", [
-    (0.0, r"strength must be in \(0, 1\], got 0.0"),
-    (1.5, r"strength must be in \(0, 1\], got 1.5"),
-    (True, r"strength must be in \(0, 1\], got True"),
-    (0.1, "strength 0.1 with 4 steps leaves no denoising step"),
-])
+@pytest.mark.parametrize(
+    "strength, message",
+    [
+        (0.0, r"strength must be in \(0, 1\], got 0.0"),
+        (1.5, r"strength must be in \(0, 1\], got 1.5"),
+        (True, r"strength must be in \(0, 1\], got True"),
+        (0.1, "strength 0.1 with 4 steps leaves no denoising step"),
+    ],
+)
 def test_img2img_bad_strength(guarded_pipe, strength, message):
     with pytest.raises(ValueError, match=message):
         guarded_pipe.img2img(random_picture(64, 64, 0), "x", strength=strength, steps=4, progress=False)
@@ -401,8 +475,9 @@ def test_missing_init_image(guarded_pipe, tmp_path):
 
 def test_init_image_not_a_multiple_of_8_is_resized_with_a_warning(sd1_folder):
     with pytest.warns(UserWarning, match="init image size 67x50 is not a multiple of 8; it is resized to 64x48"):
-        out = ours(sd1_folder).img2img(random_picture(67, 50, 0), "x", steps=2, seed=0, scheduler="ddim",
-                                       progress=False)
+        out = ours(sd1_folder).img2img(
+            random_picture(67, 50, 0), "x", steps=2, seed=0, scheduler="ddim", progress=False
+        )
     assert out[0].size == (64, 48)
 
 
@@ -419,8 +494,9 @@ def test_long_prompt_warns_with_the_dropped_words(sd1_folder, plain_syntax):
     with pytest.warns(UserWarning, match=r"prompt 0 is longer .*77 tokens .*dropped: '.*zebra giraffe'"):
         ours(sd1_folder).generate(long_prompt, steps=1, seed=0, scheduler="ddim", progress=False)
     with pytest.warns(UserWarning, match=r"negative prompt 0 is longer .*dropped: '.*zebra giraffe'"):
-        ours(sd1_folder).generate("a cat", negative_prompt=long_prompt, steps=1, seed=0, scheduler="ddim",
-                                  progress=False)
+        ours(sd1_folder).generate(
+            "a cat", negative_prompt=long_prompt, steps=1, seed=0, scheduler="ddim", progress=False
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a prompt that fits gives no warning
         ours(sd1_folder).generate("a cat", steps=1, seed=0, scheduler="ddim", progress=False)

@@ -1,5 +1,6 @@
 """Requests refused before any network runs (sizes, counts, seeds, callbacks, prompt text), re-entry
 from a callback, and non-finite values named where they first appear."""
+
 import threading
 
 import pytest
@@ -68,16 +69,27 @@ def test_other_threads_still_wait_their_turn(pipe):
     assert not errors and len(results) == 2
 
 
-@pytest.mark.parametrize("options, error, message", [
-    (dict(callback=42), TypeError, "callback must be callable"),
-    (dict(num_images=10**6), ValueError, r"1000000 images in one batch; at most 64 per call"),
-    (dict(seed=2**32), ValueError, r"seed must be an integer in \[0, 2\*\*32\).*low 32 bits"),
-    (dict(seed=2**64 - 1), ValueError, r"seed must be an integer in \[0, 2\*\*32\)"),
-    (dict(width=4096, height=4096), ValueError, r"4096x4096 is 16,777,216 pixels per image, above the limit "
-                                                r"of 4,194,304 .*estimated [\d,.]+ GiB"),
-    (dict(negative_prompt="bad \udcff bytes"), ValueError, r"negative_prompt 0 is not valid Unicode text: "
-                                                          r"character 4 is '\\udcff'"),
-])
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        (dict(callback=42), TypeError, "callback must be callable"),
+        (dict(num_images=10**6), ValueError, r"1000000 images in one batch; at most 64 per call"),
+        (dict(seed=2**32), ValueError, r"seed must be an integer in \[0, 2\*\*32\).*low 32 bits"),
+        (dict(seed=2**64 - 1), ValueError, r"seed must be an integer in \[0, 2\*\*32\)"),
+        (
+            dict(width=4096, height=4096),
+            ValueError,
+            r"4096x4096 is 16,777,216 pixels per image, above the limit "
+            r"of 4,194,304 .*estimated [\d,.]+ GiB",
+        ),
+        (
+            dict(negative_prompt="bad \udcff bytes"),
+            ValueError,
+            r"negative_prompt 0 is not valid Unicode text: "
+            r"character 4 is '\\udcff'",
+        ),
+    ],
+)
 def test_refused_before_any_unet_step(pipe, unet_calls, options, error, message):
     with pytest.raises(error, match=message):
         _generate(pipe, **options)
@@ -114,8 +126,11 @@ def test_every_accepted_seed_is_recorded_and_distinct(pipe):
 def test_overflowing_guidance_is_named_before_the_vae(pipe, monkeypatch):
     decoded = []
     monkeypatch.setattr(pipe.vae, "decode", lambda z: decoded.append(z) or z)
-    with pytest.raises(FloatingPointError, match=r"the denoised latents \(after the UNet and the ddim scheduler, "
-                                                 r"before the VAE; guidance 1e\+308\) holds"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"the denoised latents \(after the UNet and the ddim scheduler, "
+        r"before the VAE; guidance 1e\+308\) holds",
+    ):
         _generate(pipe, guidance=1e308)
     assert decoded == []
 
@@ -126,8 +141,9 @@ def test_inf_in_vae_weights_is_an_error_not_a_white_image(pipe):
     with torch.no_grad():
         bias[0] = float("inf")
     try:
-        with pytest.raises(FloatingPointError, match="VAE decoded inf in fp32 from finite latents: the VAE "
-                                                     "weights are broken"):
+        with pytest.raises(
+            FloatingPointError, match="VAE decoded inf in fp32 from finite latents: the VAE weights are broken"
+        ):
             _generate(pipe)
     finally:
         with torch.no_grad():

@@ -1,4 +1,5 @@
 """runtime/bench/presets.py: random-weight models written as diffusers folders, loadable by us and diffusers."""
+
 import re
 
 import pytest
@@ -45,7 +46,7 @@ def test_without_open_clip_a_byte_level_vocabulary_is_written(tmp_path, monkeypa
     # Each non-space character is its own token (its "</w>" form at a word's end), between BOS and EOS.
     characters = len(PROMPT.replace(" ", "").lower())
     assert ours[0, 0].item() == 512
-    assert (ours[0, 1:characters + 1] < 512).all() and ours[0, characters + 1].item() == 513
+    assert (ours[0, 1 : characters + 1] < 512).all() and ours[0, characters + 1].item() == 513
 
 
 def test_unknown_preset_is_a_clear_error():
@@ -63,8 +64,10 @@ class _PeakActivations:
 
     def __init__(self, model: torch.nn.Module):
         self.peaks: dict[str, float] = {}
-        self._handles = [module.register_forward_hook(self._hook(name or type(model).__name__))
-                         for name, module in model.named_modules()]
+        self._handles = [
+            module.register_forward_hook(self._hook(name or type(model).__name__))
+            for name, module in model.named_modules()
+        ]
 
     def _hook(self, name: str):
         def record(_module, _inputs, output):
@@ -73,14 +76,16 @@ class _PeakActivations:
                 if torch.is_tensor(tensor) and tensor.is_floating_point():
                     peak = tensor.detach().abs().max().item()
                     self.peaks[name] = max(self.peaks.get(name, 0.0), peak)
+
         return record
 
     def assert_within(self, bound: float, what: str) -> None:
         assert self.peaks, f"{what}: no activation was recorded"
         worst = max(self.peaks, key=self.peaks.get)
         assert all(torch.isfinite(torch.tensor(v)) for v in self.peaks.values()), f"{what}: non-finite at {worst}"
-        assert self.peaks[worst] < bound, (f"{what}: activation {self.peaks[worst]:.4g} at {worst} "
-                                           f"exceeds {bound:.4g} (fp16 max / 8)")
+        assert self.peaks[worst] < bound, (
+            f"{what}: activation {self.peaks[worst]:.4g} at {worst} exceeds {bound:.4g} (fp16 max / 8)"
+        )
 
     def __enter__(self):
         return self

@@ -1,4 +1,5 @@
 """runtime/prompt_syntax.py: A1111's emphasis parser, chunking and weighting, on the real CLIP vocabulary."""
+
 import warnings
 
 import pytest
@@ -28,30 +29,47 @@ def sd2_tokenizer(vocab_files):
 
 
 # A1111's parse_prompt_attention docstring examples, verbatim (modules/prompt_parser.py).
-@pytest.mark.parametrize("text, expected", [
-    ("normal text", [["normal text", 1.0]]),
-    ("an (important) word", [["an ", 1.0], ["important", 1.1], [" word", 1.0]]),
-    ("(unbalanced", [["unbalanced", 1.1]]),
-    ("\\(literal\\]", [["(literal]", 1.0]]),
-    ("(unnecessary)(parens)", [["unnecessaryparens", 1.1]]),
-    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
-     [["a ", 1.0], ["house", 1.5730000000000004], [" ", 1.1], ["on", 1.0], [" a ", 1.1], ["hill", 0.55],
-      [", sun, ", 1.1], ["sky", 1.4641000000000006], [".", 1.1]]),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("normal text", [["normal text", 1.0]]),
+        ("an (important) word", [["an ", 1.0], ["important", 1.1], [" word", 1.0]]),
+        ("(unbalanced", [["unbalanced", 1.1]]),
+        ("\\(literal\\]", [["(literal]", 1.0]]),
+        ("(unnecessary)(parens)", [["unnecessaryparens", 1.1]]),
+        (
+            "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+            [
+                ["a ", 1.0],
+                ["house", 1.5730000000000004],
+                [" ", 1.1],
+                ["on", 1.0],
+                [" a ", 1.1],
+                ["hill", 0.55],
+                [", sun, ", 1.1],
+                ["sky", 1.4641000000000006],
+                [".", 1.1],
+            ],
+        ),
+    ],
+)
 def test_parse_matches_a1111_documented_examples(text, expected):
     assert parse_prompt_attention(text) == expected
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("[word]", [["word", 1 / 1.1]]),
-    ("((word))", [["word", 1.1 * 1.1]]),
-    ("a BREAK b", [["a", 1.0], ["BREAK", -1], ["b", 1.0]]),
-    ("a break b", [["a break b", 1.0]]),          # only the upper-case word splits
-    ("BREAKFAST", [["BREAKFAST", 1.0]]),           # and only as a word of its own
-    ("", [["", 1.0]]),
-    ("(a:-0.5)", [["a", -0.5]]),
-    ("ratio 3:2", [["ratio 3:2", 1.0]]),          # a colon outside (word:w) is text
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("[word]", [["word", 1 / 1.1]]),
+        ("((word))", [["word", 1.1 * 1.1]]),
+        ("a BREAK b", [["a", 1.0], ["BREAK", -1], ["b", 1.0]]),
+        ("a break b", [["a break b", 1.0]]),  # only the upper-case word splits
+        ("BREAKFAST", [["BREAKFAST", 1.0]]),  # and only as a word of its own
+        ("", [["", 1.0]]),
+        ("(a:-0.5)", [["a", -0.5]]),
+        ("ratio 3:2", [["ratio 3:2", 1.0]]),  # a colon outside (word:w) is text
+    ],
+)
 def test_parse_rules(text, expected):
     assert parse_prompt_attention(text) == expected
 
@@ -61,8 +79,16 @@ def _words(tokenizer, text):
 
 
 @pytest.mark.parametrize("pad", [SD1_PAD_TOKEN, SD2_PAD_TOKEN])
-@pytest.mark.parametrize("prompt", ["a photograph of an astronaut riding a horse", "", "   spaced   out  ",
-                                    "A Photo Of A CAT, it's 42 years old!!!", "cat " * 75])
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "a photograph of an astronaut riding a horse",
+        "",
+        "   spaced   out  ",
+        "A Photo Of A CAT, it's 42 years old!!!",
+        "cat " * 75,
+    ],
+)
 def test_plain_prompt_gives_todays_ids(vocab_files, pad, prompt):
     tokenizer = CLIPTokenizer.from_vocab_files(*vocab_files, pad_token=pad)
     ids, weights = prompt_chunks(tokenizer, prompt)
@@ -155,8 +181,9 @@ def test_long_prompt_and_shorter_negative_share_the_chunk_count(tokenizer):
 def test_plain_syntax_truncates_with_a_warning(tokenizer):
     encoder = _LookupEncoder()
     with pytest.warns(UserWarning, match="negative prompt 0 is longer than the text encoder's 77 tokens.*zebra'"):
-        context = encode_prompts(tokenizer, encoder, ["cat " * 80 + "zebra", "(a)"], syntax="plain",
-                                 labels=["negative prompt 0", "prompt 0"])
+        context = encode_prompts(
+            tokenizer, encoder, ["cat " * 80 + "zebra", "(a)"], syntax="plain", labels=["negative prompt 0", "prompt 0"]
+        )
     assert torch.equal(context, encoder(tokenizer(["cat " * 80, "(a)"])))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -172,6 +199,7 @@ def test_clip_skip_matches_transformers_hidden_states():
     import transformers
 
     from tests.model_factory import build_reference_models
+
     reference = build_reference_models("sd1", seed=0)["text_encoder"]
     ours = CLIPTextModel(CLIPTextConfig.from_dict(reference.config.to_dict()))
     ours.load_state_dict(reference.state_dict())
@@ -185,14 +213,18 @@ def test_clip_skip_matches_transformers_hidden_states():
     assert isinstance(reference, transformers.CLIPTextModel)
 
 
-@pytest.mark.parametrize("clip_skip, message", [
-    (2, r"clip_skip must be an integer in \[0, 2\) \(the text encoder has 2 layers\), got 2"),
-    (-1, "clip_skip must be an integer >= 0"),
-    (True, "clip_skip must be an integer >= 0"),
-])
+@pytest.mark.parametrize(
+    "clip_skip, message",
+    [
+        (2, r"clip_skip must be an integer in \[0, 2\) \(the text encoder has 2 layers\), got 2"),
+        (-1, "clip_skip must be an integer >= 0"),
+        (True, "clip_skip must be an integer >= 0"),
+    ],
+)
 def test_bad_clip_skip(clip_skip, message):
-    encoder = CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2,
-                                           num_attention_heads=1))
+    encoder = CLIPTextModel(
+        CLIPTextConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=1)
+    )
     with pytest.raises(ValueError, match=message):
         hidden_states(encoder, torch.zeros(1, 77, dtype=torch.long), clip_skip)
 
@@ -210,8 +242,10 @@ def test_triton_attention_takes_multi_chunk_contexts(shape):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     b, h, nq, nk, d = shape
     generator = torch.Generator().manual_seed(nk)
-    q, k, v = (torch.randn(size, generator=generator).to(device, torch.float16)
-               for size in ((b, h, nq, d), (b, h, nk, d), (b, h, nk, d)))
+    q, k, v = (
+        torch.randn(size, generator=generator).to(device, torch.float16)
+        for size in ((b, h, nq, d), (b, h, nk, d), (b, h, nk, d))
+    )
     torch.testing.assert_close(attention(q, k, v), attention_reference(q, k, v), rtol=2e-3, atol=2e-3)
 
 

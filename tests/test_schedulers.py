@@ -4,6 +4,7 @@ Both sides are driven like StableDiffusionPipeline drives a scheduler, with the 
 fixed function of the input and the timestep) and the same generator seed for ancestral noise; the
 latents after every step must agree to 1e-6 relative (in practice they are bit-identical).
 """
+
 import inspect
 from types import SimpleNamespace
 
@@ -17,16 +18,31 @@ from runtime.schedulers.config import DIFFUSERS_DEFAULTS
 
 # runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json
 SD1 = {
-    "_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
-    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
     "clip_sample": False,
 }
 # stabilityai/stable-diffusion-2 (768-v): Euler, v-prediction, no timestep_spacing key (Euler default linspace)
 SD2_EULER = {
-    "_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.10.0.dev0", "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
-    "prediction_type": "v_prediction", "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "_class_name": "EulerDiscreteScheduler",
+    "_diffusers_version": "0.10.0.dev0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
     "trained_betas": None,
 }
 # stabilityai/stable-diffusion-2-1: DDIM, v-prediction
@@ -52,8 +68,14 @@ DIFFUSERS_EQUIVALENT = {
     "pndm": ("PNDMScheduler", {}),
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=False)),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True)),
+    "dpmpp_2m": (
+        "DPMSolverMultistepScheduler",
+        dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=False),
+    ),
+    "dpmpp_2m_karras": (
+        "DPMSolverMultistepScheduler",
+        dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True),
+    ),
     "lcm": ("LCMScheduler", {}),
 }
 
@@ -277,8 +299,9 @@ def test_unknown_class_without_name_is_explained():
         make_scheduler(None, dict(SD1, _class_name="HeunDiscreteScheduler"))
 
 
-@pytest.mark.parametrize("field, value", [("beta_schedule", "foo"), ("prediction_type", "x0"),
-                                          ("timestep_spacing", "middle")])
+@pytest.mark.parametrize(
+    "field, value", [("beta_schedule", "foo"), ("prediction_type", "x0"), ("timestep_spacing", "middle")]
+)
 def test_unknown_config_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"{field}.*{value}"):
         make_scheduler("ddim", dict(SD1, **{field: value}))

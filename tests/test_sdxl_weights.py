@@ -1,5 +1,6 @@
 """SDXL base and refiner weights: diffusers folders (variants, shards, refiner without encoder 1) and
 single files (SGM layout), the family read from the tensors, and clear errors for partial files."""
+
 import json
 import shutil
 
@@ -35,8 +36,11 @@ def single(kind, tmp_path_factory):
 
 
 def _states(components) -> dict:
-    return {name: getattr(components, name).state_dict() for name in ("unet", "vae", "text_encoder", "text_encoder_2")
-            if getattr(components, name) is not None}
+    return {
+        name: getattr(components, name).state_dict()
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+        if getattr(components, name) is not None
+    }
 
 
 def _assert_identical(ours: dict, reference: dict, what: str):
@@ -85,8 +89,9 @@ def test_writer_is_undone_by_diffusers_converters(kind):
 
     reference = build_sdxl_reference_models(kind)
     original = sdxl_single_file_state_dict(kind)
-    _assert_identical(convert_ldm_unet_checkpoint(original, small_sdxl_configs(kind)["unet"]),
-                      reference["unet"].state_dict(), "unet")
+    _assert_identical(
+        convert_ldm_unet_checkpoint(original, small_sdxl_configs(kind)["unet"]), reference["unet"].state_dict(), "unet"
+    )
     prefix = SDXL_OPEN_CLIP_PREFIX if kind == "sdxl" else "conditioner.embedders.0.model."
     text = convert_open_clip_checkpoint(reference["text_encoder_2"], original, prefix=prefix)
     _assert_identical(text, reference["text_encoder_2"].state_dict(), "text_encoder_2")
@@ -102,13 +107,16 @@ def test_fp16_variant_and_shards(tmp_path):
         _assert_identical(state, {k: v.half() for k, v in reference[name].state_dict().items()}, name)
 
 
-@pytest.mark.parametrize("drop, message", [
-    (SDXL_OPEN_CLIP_PREFIX, "partial SDXL checkpoint"),
-    (SDXL_CLIP_L_PREFIX, "partial SDXL checkpoint"),
-    (UNET_PREFIX, "without a UNet"),
-    ("first_stage_model.", "no VAE"),
-    (SDXL_OPEN_CLIP_PREFIX + "transformer.resblocks.1.ln_1.weight", "missing key"),
-])
+@pytest.mark.parametrize(
+    "drop, message",
+    [
+        (SDXL_OPEN_CLIP_PREFIX, "partial SDXL checkpoint"),
+        (SDXL_CLIP_L_PREFIX, "partial SDXL checkpoint"),
+        (UNET_PREFIX, "without a UNet"),
+        ("first_stage_model.", "no VAE"),
+        (SDXL_OPEN_CLIP_PREFIX + "transformer.resblocks.1.ln_1.weight", "missing key"),
+    ],
+)
 def test_partial_single_file_is_refused_naming_the_file(tmp_path, drop, message):
     path = save_sdxl_single_file(tmp_path / "partial.safetensors", "sdxl", drop_prefix=drop)
     with pytest.raises(WeightLoadError, match=message) as error:
@@ -134,7 +142,8 @@ def test_base_folder_without_text_encoder_2_folder(tmp_path):
 def test_mismatched_context_width_names_both_configs(tmp_path):
     path = save_sdxl_folder(tmp_path / "model", "sdxl")
     config = json.loads((path / "text_encoder" / "config.json").read_text())
-    (path / "text_encoder" / "config.json").write_text(json.dumps({**config, "hidden_size": 128,
-                                                                    "intermediate_size": 128}))
+    (path / "text_encoder" / "config.json").write_text(
+        json.dumps({**config, "hidden_size": 128, "intermediate_size": 128})
+    )
     with pytest.raises(WeightLoadError, match="cross_attention_dim=192"):
         load_components(path)

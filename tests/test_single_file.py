@@ -3,6 +3,7 @@
 The map is checked against an independent implementation (diffusers' own single-file converters),
 against real SD 1.5 key names, and at the full SD 1.5 / 2.1 sizes with shape-only meta tensors.
 """
+
 import pytest
 import torch
 

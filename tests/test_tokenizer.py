@@ -1,4 +1,5 @@
 """Our CLIP tokenizer against transformers' CLIPTokenizer (what diffusers calls) and open_clip."""
+
 import json
 import warnings
 
@@ -6,8 +7,13 @@ import pytest
 import torch
 import transformers
 
-from runtime.tokenizer import (SD1_PAD_TOKEN, SD2_PAD_TOKEN, CLIPTokenizer, PromptTruncatedWarning,
-                               open_clip_vocab_and_merges)
+from runtime.tokenizer import (
+    SD1_PAD_TOKEN,
+    SD2_PAD_TOKEN,
+    CLIPTokenizer,
+    PromptTruncatedWarning,
+    open_clip_vocab_and_merges,
+)
 from tests.tokenizer_fixtures import open_clip_reference_vocab, write_clip_vocab_files, write_sd_tokenizer_folder
 
 PROMPTS = [
@@ -95,8 +101,8 @@ def test_sd2_pad_token_does_not_split_prompts_unlike_transformers(tmp_path):
     prompt = "wow! !! !!!"
     ours = CLIPTokenizer.from_folder(folder)([prompt])[0]
     tokens = SimpleTokenizer().encode(prompt)
-    assert ours[1:1 + len(tokens)].tolist() == tokens
-    assert ours[1 + len(tokens)] == 49407 and (ours[2 + len(tokens):] == 0).all()
+    assert ours[1 : 1 + len(tokens)].tolist() == tokens
+    assert ours[1 + len(tokens)] == 49407 and (ours[2 + len(tokens) :] == 0).all()
     diffusers_ids = transformers.CLIPTokenizer.from_pretrained(folder)(prompt).input_ids
     assert diffusers_ids[2:8] == [0] * 6
 
@@ -142,7 +148,7 @@ def test_simple_prompts_match_open_clip():
     ids = CLIPTokenizer.from_open_clip_bpe()(SIMPLE_PROMPTS)
     for row, prompt in zip(ids, SIMPLE_PROMPTS):
         tokens = reference.encode(prompt)
-        assert row[1:1 + len(tokens)].tolist() == tokens
+        assert row[1 : 1 + len(tokens)].tolist() == tokens
         assert row[1 + len(tokens)] == 49407
 
 
@@ -213,11 +219,14 @@ def test_bad_files_give_clear_errors(tmp_path, vocab_files):
         CLIPTokenizer.from_folder(bad_config)
 
 
-@pytest.mark.parametrize("prompts, message", [
-    ([], "non-empty list"),
-    (["ok", 3], "prompt 1 must be a string"),
-    (None, "non-empty list"),
-])
+@pytest.mark.parametrize(
+    "prompts, message",
+    [
+        ([], "non-empty list"),
+        (["ok", 3], "prompt 1 must be a string"),
+        (None, "non-empty list"),
+    ],
+)
 def test_bad_prompts_give_clear_errors(vocab_files, prompts, message):
     with pytest.raises(ValueError, match=message):
         CLIPTokenizer.from_vocab_files(*vocab_files)(prompts)

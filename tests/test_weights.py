@@ -1,5 +1,6 @@
 """load_components: diffusers folders and single files load to exactly the reference weights,
 in the requested dtype, one tensor at a time; every kind of bad input gets a clear error."""
+
 import json
 import shutil
 import weakref
@@ -30,8 +31,10 @@ NETWORKS = ("unet", "vae", "text_encoder")
 def saved(tmp_path_factory):
     """kind -> (diffusers folder, single file), the same seed-0 weights in both (fp32)."""
     root = tmp_path_factory.mktemp("weights")
-    return {kind: (save_diffusers_folder(root / kind, kind), save_single_file(root / f"{kind}.safetensors", kind))
-            for kind in KINDS}
+    return {
+        kind: (save_diffusers_folder(root / kind, kind), save_single_file(root / f"{kind}.safetensors", kind))
+        for kind in KINDS
+    }
 
 
 @pytest.fixture
@@ -51,6 +54,7 @@ def assert_matches_reference(components, kind, seed=0, dtype=torch.float32):
 
 # ----------------------------------------------------------------------------- loading
 
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_folder_and_single_file_load_identical_reference_weights(saved, kind):
     folder, single = saved[kind]
@@ -62,8 +66,11 @@ def test_folder_and_single_file_load_identical_reference_weights(saved, kind):
         module = getattr(from_single, name)
         assert not module.training and not any(p.requires_grad for p in module.parameters())
     pad = "<|endoftext|>" if kind == "sd1" else "!"
-    assert from_single.tokenizer.pad_token_id == from_folder.tokenizer.pad_token_id == \
-        from_folder.tokenizer._tokenizer.token_to_id(pad)
+    assert (
+        from_single.tokenizer.pad_token_id
+        == from_folder.tokenizer.pad_token_id
+        == from_folder.tokenizer._tokenizer.token_to_id(pad)
+    )
     assert from_folder.scheduler_config["prediction_type"] == ("epsilon" if kind == "sd1" else "v_prediction")
     assert from_single.scheduler_config["prediction_type"] == ("epsilon" if kind == "sd1" else "v_prediction")
 
@@ -77,9 +84,12 @@ def test_loaded_models_compute_like_the_references(saved):
     context = components.text_encoder(ids)
     torch.testing.assert_close(context, reference["text_encoder"](ids).last_hidden_state, rtol=1e-4, atol=1e-5)
     latents = torch.randn(2, 4, 8, 8, generator=generator)
-    torch.testing.assert_close(components.unet(latents, torch.tensor([10, 900]), context),
-                               reference["unet"](latents, torch.tensor([10, 900]), context).sample,
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        components.unet(latents, torch.tensor([10, 900]), context),
+        reference["unet"](latents, torch.tensor([10, 900]), context).sample,
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("dtype,expected", [("fp16", torch.float16), ("bfloat16", torch.bfloat16)])
@@ -243,13 +253,16 @@ class _NotATensor:
 def test_allowed_pickle_is_still_read_weights_only(tmp_path):
     path = tmp_path / "payload.ckpt"
     torch.save({"state_dict": single_file_state_dict("sd1"), "payload": _NotATensor()}, path)
-    with pytest.raises(WeightLoadError, match=r"payload\.ckpt: could not be read with torch\.load\(weights_only=True\)"):
+    with pytest.raises(
+        WeightLoadError, match=r"payload\.ckpt: could not be read with torch\.load\(weights_only=True\)"
+    ):
         load_components(path, allow_pickle=True)
 
 
 def test_overrides(saved):
-    components = load_components(saved["sd2"][1], prediction_type="epsilon",
-                                 tokenizer_path=saved["sd1"][0] / "tokenizer")
+    components = load_components(
+        saved["sd2"][1], prediction_type="epsilon", tokenizer_path=saved["sd1"][0] / "tokenizer"
+    )
     assert components.scheduler_config["prediction_type"] == "epsilon"
     assert components.tokenizer.pad_token_id == 49407  # SD 1.x's pad, from the folder given
 
@@ -269,6 +282,7 @@ def test_parameters_on_meta_keeps_buffers_real():
 
 
 # ----------------------------------------------------------------------------- errors
+
 
 def test_bad_arguments(saved, tmp_path):
     folder = saved["sd1"][0]
@@ -311,11 +325,18 @@ def test_missing_variant_falls_back_to_plain_files_or_lists_files(folder_copy):
     with pytest.warns(UserWarning) as record:
         assert_matches_reference(load_components(folder_copy, variant="fp16"), "sd1")
     messages = sorted(str(w.message) for w in record)
-    assert len(messages) == 3 and "vae: no 'fp16' variant of the vae weights; using diffusion_pytorch_model" \
-        in messages[2], messages
+    assert (
+        len(messages) == 3 and "vae: no 'fp16' variant of the vae weights; using diffusion_pytorch_model" in messages[2]
+    ), messages
     (folder_copy / "vae" / "diffusion_pytorch_model.safetensors").rename(folder_copy / "vae" / "weights.safetensors")
-    with pytest.raises(FileNotFoundError, match=r"vae: no variant 'fp16' weights.*folder holds: config\.json, "
-                                                r"weights\.safetensors"), pytest.warns(UserWarning, match="unet"):
+    with (
+        pytest.raises(
+            FileNotFoundError,
+            match=r"vae: no variant 'fp16' weights.*folder holds: config\.json, "
+            r"weights\.safetensors",
+        ),
+        pytest.warns(UserWarning, match="unet"),
+    ):
         load_components(folder_copy, variant="fp16")
 
 
@@ -369,13 +390,19 @@ def test_bad_shard_index_named(folder_copy):
     with pytest.raises(WeightLoadError, match=r"index\.json: field 'weight_map' is missing or empty"):
         load_components(folder_copy)
     write_index({**dict.fromkeys(keys, shard), "extra.weight": shard})
-    with pytest.raises(WeightLoadError, match=r"index\.json: the index maps 1 key\(s\) to "
-                                              r"diffusion_pytorch_model-00001-of-00001\.safetensors that the file "
-                                              r"does not hold: extra\.weight"):
+    with pytest.raises(
+        WeightLoadError,
+        match=r"index\.json: the index maps 1 key\(s\) to "
+        r"diffusion_pytorch_model-00001-of-00001\.safetensors that the file "
+        r"does not hold: extra\.weight",
+    ):
         load_components(folder_copy)
     write_index(dict.fromkeys(keys, "diffusion_pytorch_model-00002-of-00002.safetensors"))
-    with pytest.raises(FileNotFoundError, match=r"index\.json: shard 'diffusion_pytorch_model-00002-of-00002"
-                                                r"\.safetensors' listed in 'weight_map' does not exist"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"index\.json: shard 'diffusion_pytorch_model-00002-of-00002"
+        r"\.safetensors' listed in 'weight_map' does not exist",
+    ):
         load_components(folder_copy)
 
 
@@ -400,8 +427,11 @@ def test_missing_and_unexpected_keys_named(folder_copy):
         state["mystery.weight"] = torch.randn(3)
 
     _edit_unet(folder_copy, edit)
-    with pytest.raises(WeightLoadError, match=r"unet weights in .*diffusion_pytorch_model\.safetensors.*"
-                                              r"missing key\(s\): conv_in\.bias.*unexpected key\(s\): mystery\.weight"):
+    with pytest.raises(
+        WeightLoadError,
+        match=r"unet weights in .*diffusion_pytorch_model\.safetensors.*"
+        r"missing key\(s\): conv_in\.bias.*unexpected key\(s\): mystery\.weight",
+    ):
         load_components(folder_copy)
 
 
@@ -414,8 +444,11 @@ def test_all_headers_checked_before_any_tensor_is_read(folder_copy, monkeypatch)
     reads = []
     real_read = weights.TensorStore.read
     monkeypatch.setattr(weights.TensorStore, "read", lambda self, key: reads.append(key) or real_read(self, key))
-    with pytest.raises(WeightLoadError, match=r"text_encoder weights in .*model\.safetensors.*"
-                                              r"final_layer_norm\.bias: file \[3\] vs config \[64\]"):
+    with pytest.raises(
+        WeightLoadError,
+        match=r"text_encoder weights in .*model\.safetensors.*"
+        r"final_layer_norm\.bias: file \[3\] vs config \[64\]",
+    ):
         load_components(folder_copy)
     assert reads == []
 
@@ -436,8 +469,11 @@ def test_config_contradicting_weights(folder_copy):
 
     text_path = folder_copy / "text_encoder" / "config.json"
     text_path.write_text(json.dumps({**json.loads(text_path.read_text()), "hidden_size": 32}))
-    with pytest.raises(WeightLoadError, match=r"attn2\.to_k\.weight: file \[32, 64\] vs config \[32, 32\].*"
-                                              r"check config field cross_attention_dim"):
+    with pytest.raises(
+        WeightLoadError,
+        match=r"attn2\.to_k\.weight: file \[32, 64\] vs config \[32, 32\].*"
+        r"check config field cross_attention_dim",
+    ):
         load_components(folder_copy)
 
     text_path.write_text(json.dumps({**json.loads(text_path.read_text()), "hidden_size": 64}))
@@ -479,9 +515,12 @@ def test_single_file_errors(tmp_path, monkeypatch):
     damaged["first_stage_model.decoder.mystery.weight"] = torch.randn(3)
     path = tmp_path / "damaged.safetensors"
     save_file(damaged, path)
-    with pytest.raises(WeightLoadError, match=r"vae weights in .*damaged\.safetensors.*1 missing key\(s\): "
-                                              r"first_stage_model\.decoder\.mid\.attn_1\.q\.bias; 1 unexpected "
-                                              r"key\(s\): first_stage_model\.decoder\.mystery\.weight"):
+    with pytest.raises(
+        WeightLoadError,
+        match=r"vae weights in .*damaged\.safetensors.*1 missing key\(s\): "
+        r"first_stage_model\.decoder\.mid\.attn_1\.q\.bias; 1 unexpected "
+        r"key\(s\): first_stage_model\.decoder\.mystery\.weight",
+    ):
         load_components(path)
 
     no_text = tmp_path / "unet_vae_only.safetensors"

@@ -1,5 +1,6 @@
 """Untrusted weight folders: shard indexes confined to their folder, odd entries named, weights that
 are not files, integer weights, shapes refused from the header alone, loads in parallel threads."""
+
 import json
 import os
 import shutil
@@ -34,7 +35,9 @@ def sharded(sd1_folder, tmp_path):
 
     def write_index(weight_map):
         (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {}, "weight_map": weight_map}))
+            json.dumps({"metadata": {}, "weight_map": weight_map})
+        )
+
     write_index(dict.fromkeys(keys, SHARD))
     return folder, write_index, keys
 
@@ -75,8 +78,11 @@ def test_weights_path_that_is_a_directory_or_a_link_loop(sd1_folder, tmp_path):
     os.symlink("loop_b", folder / "vae" / "loop_a")
     os.symlink("loop_a", folder / "vae" / "loop_b")
     os.symlink("loop_a", weights)
-    with pytest.raises(WeightLoadError, match=r"diffusion_pytorch_model\.safetensors is a symlink that leads to "
-                                              r"no file"):
+    with pytest.raises(
+        WeightLoadError,
+        match=r"diffusion_pytorch_model\.safetensors is a symlink that leads to "
+        r"no file",
+    ):
         load_components(folder)
     os.symlink("self", tmp_path / "self")
     with pytest.raises(WeightLoadError, match=r"self is a symlink that leads nowhere"):
@@ -113,9 +119,14 @@ def test_wrong_shape_in_a_huge_sparse_file_is_refused_from_the_header(tmp_path):
         handle.write(struct.pack("<Q", len(raw)) + raw)
         handle.truncate(8 + len(raw) + offset)  # sparse: no blocks written
     assert path.stat().st_size > 40 << 30
-    with recording() as opened, \
-            pytest.raises(WeightLoadError, match=r"1 shape mismatch\(es\): first_stage_model\.decoder\.conv_out\.weight: "
-                                                 r"file \[3, \d+, 3, \d+\] vs config \[3, \d+, 3, 3\]"):
+    with (
+        recording() as opened,
+        pytest.raises(
+            WeightLoadError,
+            match=r"1 shape mismatch\(es\): first_stage_model\.decoder\.conv_out\.weight: "
+            r"file \[3, \d+, 3, \d+\] vs config \[3, \d+, 3, 3\]",
+        ),
+    ):
         load_components(path)
     assert opened.count(str(path)) == 1  # the header only; safetensors never mapped it
 
@@ -133,8 +144,11 @@ def test_one_dimensional_cross_attention_weight_in_a_single_file(tmp_path):
     state[key] = state[key].flatten()
     path = tmp_path / "bad.safetensors"
     save_file(state, path)
-    with pytest.raises(WeightLoadError, match=r"attn2\.to_k\.weight' has shape \[\d+\]; a cross-attention key "
-                                              r"projection is 2-D"):
+    with pytest.raises(
+        WeightLoadError,
+        match=r"attn2\.to_k\.weight' has shape \[\d+\]; a cross-attention key "
+        r"projection is 2-D",
+    ):
         load_components(path)
 
 

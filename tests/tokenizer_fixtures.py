@@ -4,6 +4,7 @@ open_clip's SimpleTokenizer is an implementation independent of ours and of tran
 encoder and merge ranks are what OpenAI's vocab.json / merges.txt hold, except that it names the
 special tokens <start_of_text> / <end_of_text> instead of <|startoftext|> / <|endoftext|>.
 """
+
 import json
 from pathlib import Path
 
@@ -38,11 +39,23 @@ def write_sd_tokenizer_folder(folder: Path, pad_token: str) -> Path:
     def added(content):
         return {"content": content, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
 
-    special = {"bos_token": added("<|startoftext|>"), "eos_token": added("<|endoftext|>"),
-               "unk_token": added("<|endoftext|>"), "pad_token": pad_token}
+    special = {
+        "bos_token": added("<|startoftext|>"),
+        "eos_token": added("<|endoftext|>"),
+        "unk_token": added("<|endoftext|>"),
+        "pad_token": pad_token,
+    }
     (folder / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
-    config = {"add_prefix_space": False, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-              "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "do_lower_case": True,
-              "errors": "replace", "model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}
+    config = {
+        "add_prefix_space": False,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "do_lower_case": True,
+        "errors": "replace",
+        "model_max_length": 77,
+        "tokenizer_class": "CLIPTokenizer",
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     return folder

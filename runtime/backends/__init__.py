@@ -4,9 +4,10 @@ A backend is a function that takes the loaded components and returns them ready 
 the eager modules as they are (the reference); `triton` swaps our kernels in by module substitution;
 `onnxruntime` and `tensorrt` replace the networks by exported graphs / engines (engine_dir=...).
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from runtime.backends.onnxruntime_backend import prepare_onnxruntime
 from runtime.backends.tensorrt_backend import prepare_tensorrt

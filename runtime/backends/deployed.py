@@ -4,6 +4,7 @@
 onnxruntime_backend.py, TensorRT in tensorrt_backend.py); `DeployedTextEncoder` / `DeployedUNet` /
 `DeployedVAE` give it the interface the pipeline calls; `replace_networks` puts them into the components.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,8 +48,9 @@ def timestep_batch(timestep, batch: int, device) -> torch.Tensor:
     if t.numel() == 1:
         return t.expand(batch)
     if t.numel() != batch:
-        raise ValueError(f"timestep has {t.numel()} values but the sample batch is {batch}; "
-                         "give one timestep or one per sample")
+        raise ValueError(
+            f"timestep has {t.numel()} values but the sample batch is {batch}; give one timestep or one per sample"
+        )
     return t
 
 
@@ -69,8 +71,7 @@ class DeployedUNet:
 
     def __call__(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         timestep = timestep_batch(timestep, sample.shape[0], sample.device)
-        return self.network(sample=sample, timestep=timestep,
-                            encoder_hidden_states=encoder_hidden_states)["out_sample"]
+        return self.network(sample=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states)["out_sample"]
 
     def parameters(self):
         return self.network.parameters()
@@ -95,8 +96,10 @@ class DeployedVAE:
         return self.decoder_network.parameters()
 
     def to(self, *args, **kwargs):
-        raise NotImplementedError("a deployed VAE runs its exported graph in the dtype it was exported "
-                                  "in; it cannot be cast. Export in fp32 if the fp16 VAE overflows")
+        raise NotImplementedError(
+            "a deployed VAE runs its exported graph in the dtype it was exported "
+            "in; it cannot be cast. Export in fp32 if the fp16 VAE overflows"
+        )
 
 
 def replace_networks(components, make_network):

@@ -4,16 +4,17 @@ The three [inner, C] weights (and biases, where there are any) are concatenated 
 tensor, and to_q / to_k / to_v keep their Parameters as views into it: the state dict keeps its keys and
 values, in-place loads and edits of any projection reach the fused weight, and no weight is stored twice.
 A conversion (`.to(dtype)`, `.half()`, `.cuda()`) or a deepcopy handles each Parameter on its own, so
-`_apply` and `__setstate__` fuse again afterwards. The split into heads is a strided view of the GEMM's output, which the attention core
-reads in place.
+`_apply` and `__setstate__` fuse again afterwards. The split into heads is a strided view of the GEMM's
+output, which the attention core reads in place.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from runtime.models.substitution import rebind, replace_modules
 from runtime.models.blocks import Attention, BasicTransformerBlock, SpatialSelfAttention
+from runtime.models.substitution import rebind, replace_modules
 
 
 class FusedQKVAttention(Attention):
@@ -68,8 +69,9 @@ def _self_attentions(model: torch.nn.Module) -> set[int]:
     happens to be as wide as the tokens, so it is never one of them. Projections must agree on bias."""
     found = [b.attn1 for b in model.modules() if isinstance(b, BasicTransformerBlock) and not b.only_cross_attention]
     found += [m for m in model.modules() if type(m) is SpatialSelfAttention]
-    return {id(m) for m in found if type(m) in FUSED
-            and len({p.bias is not None for p in (m.to_q, m.to_k, m.to_v)}) == 1}
+    return {
+        id(m) for m in found if type(m) in FUSED and len({p.bias is not None for p in (m.to_q, m.to_k, m.to_v)}) == 1
+    }
 
 
 def _fused(module: Attention) -> Attention:

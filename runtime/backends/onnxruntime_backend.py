@@ -9,6 +9,7 @@ vae.decode(z), vae.encode(x), vae.encode_moments(x), each with the original `.co
 Tensors are handed to onnxruntime by pointer (IO binding), on the GPU with the CUDA execution
 provider when onnxruntime-gpu is installed and the model is on CUDA, otherwise on the CPU.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,15 +36,21 @@ class OrtNetwork(DeployedNetwork):
         if providers is None:
             providers = (["CUDAExecutionProvider"] if use_cuda else []) + ["CPUExecutionProvider"]
         if self.device.type == "cuda" and not use_cuda:
-            log.warning("onnxruntime has no CUDA execution provider (install onnxruntime-gpu): %s "
-                        "runs on the CPU and tensors are copied to and from the GPU", spec.name)
+            log.warning(
+                "onnxruntime has no CUDA execution provider (install onnxruntime-gpu): %s "
+                "runs on the CPU and tensors are copied to and from the GPU",
+                spec.name,
+            )
         self.ort_device = torch.device("cuda", self.device.index or 0) if use_cuda else torch.device("cpu")
         self.session = ort.InferenceSession(str(path), providers=providers)
         names = ([i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
         if names != (spec.input_names, spec.output_names):
             from export.manifest import ArtifactError
-            raise ArtifactError(f"{path}: graph inputs/outputs {names} are not those of {spec.name} "
-                                f"{(spec.input_names, spec.output_names)}")
+
+            raise ArtifactError(
+                f"{path}: graph inputs/outputs {names} are not those of {spec.name} "
+                f"{(spec.input_names, spec.output_names)}"
+            )
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         device_type, device_id = self.ort_device.type, self.ort_device.index or 0
@@ -52,15 +59,16 @@ class OrtNetwork(DeployedNetwork):
         for name, value in inputs.items():
             value = value.to(self.ort_device).contiguous()
             keep.append(value)
-            binding.bind_input(name, device_type, device_id, _NUMPY[value.dtype], tuple(value.shape),
-                               value.data_ptr())
+            binding.bind_input(name, device_type, device_id, _NUMPY[value.dtype], tuple(value.shape), value.data_ptr())
         outputs = {}
         shapes = self.spec.output_shapes({name: tuple(value.shape) for name, value in inputs.items()})
         for tensor_spec in self.spec.outputs:
-            out = torch.empty(shapes[tensor_spec.name], dtype=tensor_spec.torch_dtype(self.graph_dtype),
-                              device=self.ort_device)
-            binding.bind_output(tensor_spec.name, device_type, device_id, _NUMPY[out.dtype],
-                                tuple(out.shape), out.data_ptr())
+            out = torch.empty(
+                shapes[tensor_spec.name], dtype=tensor_spec.torch_dtype(self.graph_dtype), device=self.ort_device
+            )
+            binding.bind_output(
+                tensor_spec.name, device_type, device_id, _NUMPY[out.dtype], tuple(out.shape), out.data_ptr()
+            )
             outputs[tensor_spec.name] = out
         if device_type == "cuda":
             torch.cuda.current_stream(self.ort_device).synchronize()  # inputs written before ORT reads
@@ -87,5 +95,6 @@ def prepare_onnxruntime(components, *, engine_dir=None, providers=None):
         raise ValueError(f"the onnxruntime backend runs fp32 or fp16 graphs; the model was loaded as {dtype}")
     paths = ensure_onnx(engine_dir, components.source, dtype=dtype_name(dtype), components=components)
     specs = specs_of(components)
-    return replace_networks(components, lambda name: OrtNetwork(paths[name], specs[name], device, dtype,
-                                                                 dtype, providers))
+    return replace_networks(
+        components, lambda name: OrtNetwork(paths[name], specs[name], device, dtype, dtype, providers)
+    )

@@ -11,6 +11,7 @@ inputs in, replay the graph, and return copies of the outputs.
 
 Never executed so far: no machine this was developed on has TensorRT (see export/tensorrt.py).
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,8 +30,9 @@ class TensorRTNetwork(DeployedNetwork):
         super().__init__(spec, device, dtype, torch.float32)
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream(device=self.device)
-        self.tensor_dtypes = {name: _torch_dtype(trt, self.engine.get_tensor_dtype(name))
-                              for name in spec.input_names + spec.output_names}
+        self.tensor_dtypes = {
+            name: _torch_dtype(trt, self.engine.get_tensor_dtype(name)) for name in spec.input_names + spec.output_names
+        }
         self.graphs: dict[tuple, tuple] = {}
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -54,10 +56,14 @@ class TensorRTNetwork(DeployedNetwork):
         return outputs
 
     def _capture(self, shapes: dict[str, tuple]):
-        static_inputs = {name: torch.empty(shape, dtype=self.tensor_dtypes[name], device=self.device)
-                         for name, shape in shapes.items()}
-        static_outputs = {name: torch.empty(shape, dtype=self.tensor_dtypes[name], device=self.device)
-                          for name, shape in self.spec.output_shapes(shapes).items()}
+        static_inputs = {
+            name: torch.empty(shape, dtype=self.tensor_dtypes[name], device=self.device)
+            for name, shape in shapes.items()
+        }
+        static_outputs = {
+            name: torch.empty(shape, dtype=self.tensor_dtypes[name], device=self.device)
+            for name, shape in self.spec.output_shapes(shapes).items()
+        }
         for name, tensor in {**static_inputs, **static_outputs}.items():
             if name in static_inputs:
                 self.context.set_input_shape(name, tensor.shape)
@@ -73,13 +79,17 @@ class TensorRTNetwork(DeployedNetwork):
 
 
 def _torch_dtype(trt, trt_dtype) -> torch.dtype:
-    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
-             trt.int64: torch.int64, trt.int32: torch.int32}
+    table = {
+        trt.float32: torch.float32,
+        trt.float16: torch.float16,
+        trt.bfloat16: torch.bfloat16,
+        trt.int64: torch.int64,
+        trt.int32: torch.int32,
+    }
     return table[trt_dtype]
 
 
-def prepare_tensorrt(components, *, engine_dir=None, profile=None, precision: str = "fp16",
-                     refittable: bool = False):
+def prepare_tensorrt(components, *, engine_dir=None, profile=None, precision: str = "fp16", refittable: bool = False):
     """Build (or reuse) engines in engine_dir and run components' networks with them.
 
     profile: export.specs.ShapeProfile (default 256-1024 px, batch 1-4); precision: fp16, bf16, fp32.
@@ -94,8 +104,12 @@ def prepare_tensorrt(components, *, engine_dir=None, profile=None, precision: st
     if device.type != "cuda":
         raise ValueError(f"the tensorrt backend runs on CUDA; load the model with device='cuda' (got {device})")
     dtype = next(components.unet.parameters()).dtype
-    plans = ensure_engines(engine_dir, components.source, profile=profile,
-                           options=EngineOptions(precision=precision, refittable=refittable))
+    plans = ensure_engines(
+        engine_dir,
+        components.source,
+        profile=profile,
+        options=EngineOptions(precision=precision, refittable=refittable),
+    )
     manifest = Manifest.open(engine_dir)
     specs = specs_of(components)
 
@@ -103,4 +117,5 @@ def prepare_tensorrt(components, *, engine_dir=None, profile=None, precision: st
         onnx_sha = manifest.verify(f"{name}.onnx")["files"][f"{name}.onnx"]["sha256"]
         manifest.verify(f"{name}.plan")
         return TensorRTNetwork(plans[name], specs[name], device, dtype, onnx_sha)
+
     return replace_networks(components, make)

@@ -1,20 +1,23 @@
 """The `triton` backend: our GroupNorm and attention kernels swapped into the UNet and the VAE."""
+
 from __future__ import annotations
 
 import torch
 
 from runtime.backends.fused_qkv import fuse_qkv
 from runtime.models.blocks import GEGLU
-from runtime.models.substitution import rebind, replace_modules
 from runtime.models.layers import AttentionCore, GroupNorm
+from runtime.models.substitution import rebind, replace_modules
 
 
 def prepare_triton(components, *, channels_last: bool = True):
     try:
         from runtime.backends.triton_layers import TritonAttentionCore, TritonGEGLU, TritonGroupNorm
     except ImportError as err:
-        raise RuntimeError(f"the triton backend needs the `triton` package ({err}); "
-                           "install it with `pip install triton` or use backend='torch'") from err
+        raise RuntimeError(
+            f"the triton backend needs the `triton` package ({err}); "
+            "install it with `pip install triton` or use backend='torch'"
+        ) from err
     for model in (components.unet, components.vae):
         fuse_qkv(model)  # self-attention's q, k, v as one GEMM
         # Exact types: a module that is already kernel-backed is not replaced twice.

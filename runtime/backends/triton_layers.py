@@ -1,4 +1,5 @@
 """Kernel-backed versions of runtime.models.layers, used by the `triton` backend."""
+
 from __future__ import annotations
 
 import torch

@@ -4,10 +4,12 @@ the models it runs (models, presets: random weights at real architectures), the 
 
 Importing the package stays light (presets and provenance are imported by tests and kernel benchmarks).
 """
+
 from __future__ import annotations
 
 
 def main(argv: list[str] | None = None) -> int:
     """python -m runtime.bench [args]; returns the exit status."""
     from runtime.bench.cli import main as cli_main
+
     return cli_main(argv)

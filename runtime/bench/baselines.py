@@ -3,6 +3,7 @@
 It loads the same diffusers folder our backends load and answers the calls the benchmark makes of a
 Pipeline (generate, encode_prompt, decode_latents), so it is measured in exactly the same way.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ import torch
 
 from runtime.schedulers import diffusers_equivalent
 from runtime.weights import resolve_dtype
+
 
 class DiffusersBaseline:
     def __init__(self, pipe, device: str):
@@ -27,9 +29,9 @@ class DiffusersBaseline:
             self.pipe.scheduler = self._default_scheduler
             return
         import diffusers
+
         class_name, overrides = diffusers_equivalent(name)  # the sampler our rows run
-        self.pipe.scheduler = getattr(diffusers, class_name).from_config(self._default_scheduler.config,
-                                                                         **overrides)
+        self.pipe.scheduler = getattr(diffusers, class_name).from_config(self._default_scheduler.config, **overrides)
 
     @torch.inference_mode()
     def encode_prompt(self, prompts, negatives, guidance, num_images=1):
@@ -39,8 +41,21 @@ class DiffusersBaseline:
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return self.pipe.vae.decode(latents / self.pipe.vae.config.scaling_factor).sample
 
-    def generate(self, prompt, *, negative_prompt, steps, guidance, width, height, seed, num_images,
-                 scheduler=None, progress=False, callback=None) -> list[PIL.Image.Image]:
+    def generate(
+        self,
+        prompt,
+        *,
+        negative_prompt,
+        steps,
+        guidance,
+        width,
+        height,
+        seed,
+        num_images,
+        scheduler=None,
+        progress=False,
+        callback=None,
+    ) -> list[PIL.Image.Image]:
         self._set_scheduler(scheduler)
         self.pipe.set_progress_bar_config(disable=not progress)
 
@@ -49,10 +64,18 @@ class DiffusersBaseline:
                 callback(i, t, kwargs["latents"])
             return kwargs
 
-        output = self.pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
-                           guidance_scale=guidance, width=width, height=height, num_images_per_prompt=num_images,
-                           generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
-                           callback_on_step_end=on_step_end)
+        output = self.pipe(
+            prompt,
+            negative_prompt=negative_prompt,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            width=width,
+            height=height,
+            num_images_per_prompt=num_images,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="np",
+            callback_on_step_end=on_step_end,
+        )
         return [PIL.Image.fromarray((image * 255).round().astype(np.uint8)) for image in output.images]
 
 
@@ -69,8 +92,8 @@ def diffusers_pipeline(master, config) -> DiffusersBaseline:
     dtype = resolve_dtype(config.dtype)
     if any((source / "unet").glob("*.safetensors")) or any((source / "unet").glob("*.bin")):
         pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-            master.source, torch_dtype=dtype, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
+            master.source, torch_dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
     else:
         pipe = _pipeline_from_master(master, source)
     pipe.to(config.device, dtype)
@@ -92,7 +115,12 @@ def _pipeline_from_master(master, source: Path):
         theirs.load_state_dict({k: v.detach().float().cpu() for k, v in ours.state_dict().items()}, strict=True)
     scheduler_class = getattr(diffusers, master.scheduler_config["_class_name"])
     return diffusers.StableDiffusionPipeline(
-        vae=vae.eval(), text_encoder=text_encoder.eval(), unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        unet=unet.eval(),
         tokenizer=transformers.CLIPTokenizer.from_pretrained(str(source / "tokenizer")),
-        scheduler=scheduler_class.from_config(dict(master.scheduler_config)), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
+        scheduler=scheduler_class.from_config(dict(master.scheduler_config)),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )

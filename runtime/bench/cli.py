@@ -7,6 +7,7 @@ decode and end-to-end time, it/s, peak GPU memory, PSNR of the final image again
 reference, and each step-time ratio to the torch and diffusers rows taken round by round (median and
 range). `--self-check` runs one backend as two rows: their ratio shows the bench's own noise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,15 @@ import time
 import torch
 
 from runtime.backends import BACKENDS
-from runtime.bench.measure import BenchConfig, build_row, device_clocks, reference_images, row_labels, run_round, summarize
+from runtime.bench.measure import (
+    BenchConfig,
+    build_row,
+    device_clocks,
+    reference_images,
+    row_labels,
+    run_round,
+    summarize,
+)
 from runtime.bench.models import available_backends, build_master
 from runtime.bench.presets import PRESETS
 from runtime.bench.results import write_result
@@ -30,10 +39,8 @@ from runtime.schedulers import SCHEDULER_NAMES
 
 def default_config(device: str) -> BenchConfig:
     if device.startswith("cuda"):
-        return BenchConfig(preset="sd15", device=device, dtype="fp16", width=512, height=512,
-                           steps=30, step_iters=50)
-    return BenchConfig(preset="tiny", device=device, dtype="fp32", width=64, height=64,
-                       steps=10, step_iters=20)
+        return BenchConfig(preset="sd15", device=device, dtype="fp16", width=512, height=512, steps=30, step_iters=50)
+    return BenchConfig(preset="tiny", device=device, dtype="fp32", width=64, height=64, steps=10, step_iters=20)
 
 
 def parse_args(argv: list[str] | None) -> tuple[BenchConfig, list[str], str | None]:
@@ -47,20 +54,35 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, list[str], str | No
     p.add_argument("--width", type=int, default=defaults.width)
     p.add_argument("--height", type=int, default=defaults.height)
     p.add_argument("--steps", type=int, default=defaults.steps, help="denoising steps of each image")
-    p.add_argument("--step-iters", type=int, default=defaults.step_iters,
-                   help="timed UNet steps for the median / p90 (at least 20)")
+    p.add_argument(
+        "--step-iters",
+        type=int,
+        default=defaults.step_iters,
+        help="timed UNet steps for the median / p90 (at least 20)",
+    )
     p.add_argument("--batch", type=int, default=1, help="images per prompt")
     p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--scheduler", default=None, choices=SCHEDULER_NAMES,
-                   help="sampler (default: the checkpoint's)")
-    p.add_argument("--backends", default=None,
-                   help="comma-separated (default: every one available here, plus diffusers if installed)")
-    p.add_argument("--engine-dir", help="where exported backends keep ONNX files / engines "
-                   "(default: a temporary folder, exported anew each run)")
-    p.add_argument("--rounds", type=int, default=None,
-                   help="interleaved rounds, one image per row each (default: enough for --step-iters, 3 at least)")
-    p.add_argument("--self-check", action="store_true",
-                   help="run one backend (--backends, default torch) as two rows and report their ratio")
+    p.add_argument("--scheduler", default=None, choices=SCHEDULER_NAMES, help="sampler (default: the checkpoint's)")
+    p.add_argument(
+        "--backends",
+        default=None,
+        help="comma-separated (default: every one available here, plus diffusers if installed)",
+    )
+    p.add_argument(
+        "--engine-dir",
+        help="where exported backends keep ONNX files / engines (default: a temporary folder, exported anew each run)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="interleaved rounds, one image per row each (default: enough for --step-iters, 3 at least)",
+    )
+    p.add_argument(
+        "--self-check",
+        action="store_true",
+        help="run one backend (--backends, default torch) as two rows and report their ratio",
+    )
     p.add_argument("--json", dest="json_path", help="write the raw numbers here (rewritten after every round)")
     args = p.parse_args(argv)
     if args.width <= 0 or args.height <= 0 or args.width % 8 or args.height % 8:
@@ -71,10 +93,21 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, list[str], str | No
         p.error("--step-iters must be at least 20 for a meaningful p90")
     if args.rounds is not None and args.rounds < 1:
         p.error(f"--rounds must be at least 1, got {args.rounds}")
-    config = BenchConfig(preset=args.preset, device=args.device, dtype=args.dtype, width=args.width,
-                         height=args.height, steps=args.steps, step_iters=args.step_iters,
-                         batch=args.batch, guidance=args.guidance, scheduler=args.scheduler,
-                         model=args.model, engine_dir=args.engine_dir, rounds=args.rounds)
+    config = BenchConfig(
+        preset=args.preset,
+        device=args.device,
+        dtype=args.dtype,
+        width=args.width,
+        height=args.height,
+        steps=args.steps,
+        step_iters=args.step_iters,
+        batch=args.batch,
+        guidance=args.guidance,
+        scheduler=args.scheduler,
+        model=args.model,
+        engine_dir=args.engine_dir,
+        rounds=args.rounds,
+    )
     if args.self_check:
         backends = args.backends.split(",") if args.backends else ["torch"]
         if len(backends) != 1:
@@ -90,8 +123,10 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, list[str], str | No
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'backend':<22}{'step ms (med/p10/p90)':>28}{'x torch (range)':>22}{'it/s':>8}{'text ms':>9}{'vae ms':>9}"
-            f"{'e2e ms':>10}{'peak MB':>9}{'PSNR dB':>9}")
+    head = (
+        f"{'backend':<22}{'step ms (med/p10/p90)':>28}{'x torch (range)':>22}{'it/s':>8}{'text ms':>9}{'vae ms':>9}"
+        f"{'e2e ms':>10}{'peak MB':>9}{'PSNR dB':>9}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
@@ -100,10 +135,12 @@ def format_table(rows: list[dict]) -> str:
         step = r["unet_step_ms"]
         peak = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
         psnr = "ref" if r["psnr_db"] is None else f"{r['psnr_db']:.1f}"  # "inf": identical pixels
-        lines.append(f"{r['label']:<22}{step['median']:>11.2f} /{step['p10']:>7.2f} /{step['p90']:>7.2f}"
-                     f"{_ratio_text(r['ratio_to_torch']):>22}{r['it_per_s']:>8.1f}"
-                     f"{r['text_encode_ms']:>9.2f}{r['vae_decode_ms']:>9.2f}{r['end_to_end_ms']:>10.1f}"
-                     f"{peak:>9}{psnr:>9}")
+        lines.append(
+            f"{r['label']:<22}{step['median']:>11.2f} /{step['p10']:>7.2f} /{step['p90']:>7.2f}"
+            f"{_ratio_text(r['ratio_to_torch']):>22}{r['it_per_s']:>8.1f}"
+            f"{r['text_encode_ms']:>9.2f}{r['vae_decode_ms']:>9.2f}{r['end_to_end_ms']:>10.1f}"
+            f"{peak:>9}{psnr:>9}"
+        )
     for r in rows:
         ratio = r.get("ratio_to_diffusers")
         if ratio is not None and r["backend"] != "diffusers":
@@ -121,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     config, backends, json_path = parse_args(argv)
     started = time.perf_counter()
     labels = row_labels(backends)
-    print(f"runtime.bench: {config.describe()}; rows {', '.join(l for l, _ in labels)}, "
-          f"{config.round_count} rounds", file=sys.stderr)
+    print(
+        f"runtime.bench: {config.describe()}; rows {', '.join(l for l, _ in labels)}, {config.round_count} rounds",
+        file=sys.stderr,
+    )
     rounds_log: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="runtime-bench-") as scratch:
         if config.engine_dir is None:
@@ -151,8 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         by_label = {row.label: row for row in rows}
         for index, (round_index, label) in enumerate(order):
             if index % len(rows) == 0:
-                rounds_log.append({"round": round_index, "order": [l for r, l in order if r == round_index],
-                                   "device_clocks": device_clocks(config.device)})
+                rounds_log.append(
+                    {
+                        "round": round_index,
+                        "order": [l for r, l in order if r == round_index],
+                        "device_clocks": device_clocks(config.device),
+                    }
+                )
                 print(f"round {round_index + 1}/{config.round_count}", file=sys.stderr)
             run_round(by_label[label], config)
             if json_path and (index + 1) % len(rows) == 0:  # a cut run keeps every finished round
@@ -162,14 +206,17 @@ def main(argv: list[str] | None = None) -> int:
         if len(rows) == 2 and rows[0].backend == rows[1].backend:
             self_check = round_ratios(rows[1].step_ms, rows[0].step_ms)
     print(format_table(table))
-    print(f"({time.perf_counter() - started:.1f} s in all; PSNR against fp32 torch on the same seed; "
-          f"ratios are per-round medians of step time, with their range)")
+    print(
+        f"({time.perf_counter() - started:.1f} s in all; PSNR against fp32 torch on the same seed; "
+        f"ratios are per-round medians of step time, with their range)"
+    )
     if json_path:
-        write_result(json_path, "runtime.bench", config.as_dict(), table, rounds=rounds_log,
-                     self_check=self_check)
+        write_result(json_path, "runtime.bench", config.as_dict(), table, rounds=rounds_log, self_check=self_check)
     if self_check is not None:
-        print(f"self-check: {labels[1][0]} / {labels[0][0]} step time {_ratio_text(self_check)} "
-              f"over {self_check['rounds']} rounds (1.0 is a fair bench)")
+        print(
+            f"self-check: {labels[1][0]} / {labels[0][0]} step time {_ratio_text(self_check)} "
+            f"over {self_check['rounds']} rounds (1.0 is a fair bench)"
+        )
     return 1 if any("error" in r for r in table) else 0
 
 

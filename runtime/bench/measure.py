@@ -6,13 +6,13 @@ Per round, each row runs one guided image with a step callback (the step interva
 time), `TEXT_REPEATS` prompt encodes and one VAE decode. Rows also record what could bias them: their wall
 and CPU time, the memory they hold, and the order they ran in.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import pathlib
 import resource
 import shutil
-import statistics
 import subprocess
 import time
 
@@ -33,19 +33,19 @@ TEXT_REPEATS = 3  # prompt encodes per row and round (each is short)
 class BenchConfig:
     """One benchmark request, the same for every backend."""
 
-    preset: str                 # random-weight architecture when `model` is None: "tiny" | "sd15"
-    device: str                 # "cpu" | "cuda" | "cuda:N"
-    dtype: str                  # dtype of the backends under test (the reference is always fp32 torch)
+    preset: str  # random-weight architecture when `model` is None: "tiny" | "sd15"
+    device: str  # "cpu" | "cuda" | "cuda:N"
+    dtype: str  # dtype of the backends under test (the reference is always fp32 torch)
     width: int
     height: int
-    steps: int                  # denoising steps of each generated image
-    step_iters: int             # timed UNet steps for the median / p90 (at least), over all rounds
-    batch: int = 1              # images per prompt
-    guidance: float = 7.5       # > 1: classifier-free guidance, the UNet runs on the doubled batch
+    steps: int  # denoising steps of each generated image
+    step_iters: int  # timed UNet steps for the median / p90 (at least), over all rounds
+    batch: int = 1  # images per prompt
+    guidance: float = 7.5  # > 1: classifier-free guidance, the UNet runs on the doubled batch
     scheduler: str | None = None
-    model: str | None = None    # a diffusers folder or single file; None: random weights of `preset`
+    model: str | None = None  # a diffusers folder or single file; None: random weights of `preset`
     engine_dir: str | None = None  # exported backends' artifacts (ONNX, engines); reused across runs
-    rounds: int | None = None   # None: enough rounds of `steps` images for `step_iters` intervals, 3 at least
+    rounds: int | None = None  # None: enough rounds of `steps` images for `step_iters` intervals, 3 at least
 
     @property
     def round_count(self) -> int:
@@ -55,8 +55,10 @@ class BenchConfig:
 
     def describe(self) -> str:
         weights = self.model or f"random {self.preset} weights"
-        return (f"{weights}, {self.width}x{self.height}, batch {self.batch}, {self.steps} steps, "
-                f"guidance {self.guidance}, {self.dtype} on {self.device}")
+        return (
+            f"{weights}, {self.width}x{self.height}, batch {self.batch}, {self.steps} steps, "
+            f"guidance {self.guidance}, {self.dtype} on {self.device}"
+        )
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -99,17 +101,31 @@ def device_clocks(device: str) -> dict | None:
     index = torch.device(device).index or 0
     fields = ("clocks.sm", "clocks.mem", "temperature.gpu", "power.draw")
     try:
-        out = subprocess.run(["nvidia-smi", f"--id={index}", f"--query-gpu={','.join(fields)}",
-                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=5).stdout
+        out = subprocess.run(
+            ["nvidia-smi", f"--id={index}", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout
         return {field: float(value) for field, value in zip(fields, out.strip().split(", "))}
     except (OSError, subprocess.SubprocessError, ValueError):
         return None
 
 
 def _generate(pipe, config: BenchConfig, callback=None) -> np.ndarray:
-    images = pipe.generate(PROMPT, negative_prompt=NEGATIVE, steps=config.steps, guidance=config.guidance,
-                           width=config.width, height=config.height, seed=SEED, num_images=config.batch,
-                           scheduler=config.scheduler, progress=False, callback=callback)
+    images = pipe.generate(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        steps=config.steps,
+        guidance=config.guidance,
+        width=config.width,
+        height=config.height,
+        seed=SEED,
+        num_images=config.batch,
+        scheduler=config.scheduler,
+        progress=False,
+        callback=callback,
+    )
     return np.stack([np.asarray(image) for image in images])
 
 
@@ -124,17 +140,17 @@ class Row:
 
     label: str
     backend: str
-    order: int                              # position in the run order (rows are built and run in it)
+    order: int  # position in the run order (rows are built and run in it)
     pipe: object = None
     error: str | None = None
-    images: np.ndarray | None = None        # from the uncounted warm-up image
-    latents: torch.Tensor | None = None     # what its VAE decode times
+    images: np.ndarray | None = None  # from the uncounted warm-up image
+    latents: torch.Tensor | None = None  # what its VAE decode times
     build_s: float = 0.0
-    wall_s: float = 0.0                     # build, warm-up and timed work of this row
-    cpu_s: float = 0.0                      # process CPU time spent in them
+    wall_s: float = 0.0  # build, warm-up and timed work of this row
+    cpu_s: float = 0.0  # process CPU time spent in them
     rss_after_build_mb: float | None = None
-    peak_mem_mb: float | None = None        # GPU: this row's weights and its warm-up image's peak
-    step_ms: list[list[float]] = dataclasses.field(default_factory=list)   # [round] -> step intervals
+    peak_mem_mb: float | None = None  # GPU: this row's weights and its warm-up image's peak
+    step_ms: list[list[float]] = dataclasses.field(default_factory=list)  # [round] -> step intervals
     e2e_ms: list[list[float]] = dataclasses.field(default_factory=list)
     text_ms: list[list[float]] = dataclasses.field(default_factory=list)
     vae_ms: list[list[float]] = dataclasses.field(default_factory=list)
@@ -180,6 +196,7 @@ def build_row(label: str, backend: str, order: int, master, config: BenchConfig)
             start = time.perf_counter()
             if backend == "diffusers":
                 from runtime.bench.baselines import diffusers_pipeline
+
                 row.pipe = diffusers_pipeline(master, config)
             else:
                 # Each exported backend keeps its own artifacts (their dtypes and tools differ).
@@ -193,9 +210,13 @@ def build_row(label: str, backend: str, order: int, master, config: BenchConfig)
             if on_gpu:
                 row.peak_mem_mb = (torch.cuda.max_memory_allocated(device) - held_before) / 2**20
             factor = row.pipe.vae_scale_factor
-            row.latents = torch.randn(config.batch, row.pipe.vae.config.latent_channels, config.height // factor,
-                                      config.width // factor,
-                                      generator=torch.Generator().manual_seed(SEED)).to(device, row.pipe.dtype)
+            row.latents = torch.randn(
+                config.batch,
+                row.pipe.vae.config.latent_channels,
+                config.height // factor,
+                config.width // factor,
+                generator=torch.Generator().manual_seed(SEED),
+            ).to(device, row.pipe.dtype)
             row.pipe.decode_latents(row.latents)  # the decode path alone, warmed up too
         row.rss_after_build_mb = rss_mb()
     except Exception as err:  # noqa: BLE001 -- the row says what broke; other rows still run
@@ -221,8 +242,13 @@ def run_round(row: Row, config: BenchConfig) -> None:
             row.e2e_ms.append(_time_ms(lambda: _generate(row.pipe, config, on_step), device))
             # The first interval also holds the set-up before the first step: the intervals between steps.
             row.step_ms.append([(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])])
-            row.text_ms.append(_time_ms(lambda: row.pipe.encode_prompt(prompts, negatives, config.guidance,
-                                                                       config.batch), device, TEXT_REPEATS))
+            row.text_ms.append(
+                _time_ms(
+                    lambda: row.pipe.encode_prompt(prompts, negatives, config.guidance, config.batch),
+                    device,
+                    TEXT_REPEATS,
+                )
+            )
             row.vae_ms.append(_time_ms(lambda: row.pipe.decode_latents(row.latents), device))
     except Exception as err:  # noqa: BLE001
         row.fail(err)
@@ -235,14 +261,21 @@ def _flat(per_round: list[list[float]]) -> list[float]:
 def summarize(row: Row, rows: list[Row], config: BenchConfig, reference: np.ndarray | None) -> dict:
     """The row's result: medians and spreads, per-round ratios to the torch and diffusers rows, PSNR,
     and what could bias it."""
-    bias = {"order": row.order, "build_s": row.build_s, "wall_s": row.wall_s, "cpu_s": row.cpu_s,
-            "rss_after_build_mb": row.rss_after_build_mb, "peak_rss_mb": peak_rss_mb()}
+    bias = {
+        "order": row.order,
+        "build_s": row.build_s,
+        "wall_s": row.wall_s,
+        "cpu_s": row.cpu_s,
+        "rss_after_build_mb": row.rss_after_build_mb,
+        "peak_rss_mb": peak_rss_mb(),
+    }
     if row.error is not None or not _flat(row.step_ms):
         return {"backend": row.backend, "label": row.label, "error": row.error or "no steps were timed", **bias}
     step = spread(_flat(row.step_ms))
-    medians = {key: spread(_flat(getattr(row, attr)))
-               for key, attr in (("text_encode_ms", "text_ms"), ("vae_decode_ms", "vae_ms"),
-                                 ("end_to_end_ms", "e2e_ms"))}
+    medians = {
+        key: spread(_flat(getattr(row, attr)))
+        for key, attr in (("text_encode_ms", "text_ms"), ("vae_decode_ms", "vae_ms"), ("end_to_end_ms", "e2e_ms"))
+    }
     ratios = {}
     for key, backend in (("ratio_to_torch", "torch"), ("ratio_to_diffusers", "diffusers")):
         baseline = next((r for r in rows if r.backend == backend and r.error is None and r.step_ms), None)
@@ -251,9 +284,9 @@ def summarize(row: Row, rows: list[Row], config: BenchConfig, reference: np.ndar
             ratios[key]["baseline"] = baseline.label
     is_reference = row.backend == "torch" and config.dtype == "fp32"
     return {
-        "backend": row.backend, "label": row.label,
-        "unet_step_ms": {"median": step["median"], "p10": step["p10"], "p90": step["p90"],
-                         "samples": step["n"]},
+        "backend": row.backend,
+        "label": row.label,
+        "unet_step_ms": {"median": step["median"], "p10": step["p10"], "p90": step["p90"], "samples": step["n"]},
         **{key: value["median"] for key, value in medians.items()},
         "spread": {key: {**value, "samples": value.pop("n")} for key, value in medians.items()},
         "it_per_s": 1e3 / step["median"],

@@ -1,4 +1,5 @@
 """The models the benchmark runs: one fp32 master copy, and a pipeline per backend made from it."""
+
 from __future__ import annotations
 
 import copy
@@ -19,6 +20,7 @@ def available_backends(device: str) -> list[str]:
         names.append("triton")
     if importlib.util.find_spec("onnxruntime") is not None:
         import onnxruntime
+
         # On a GPU, onnxruntime's CPU provider would be a misleading row (and take minutes).
         if not on_gpu or "CUDAExecutionProvider" in onnxruntime.get_available_providers():
             names.append("onnxruntime")
@@ -31,6 +33,7 @@ def available_backends(device: str) -> list[str]:
 
 def _interpreting() -> bool:
     import os
+
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -50,8 +53,13 @@ def build_master(config, scratch: Path) -> Components:
     folder = write_random_model(config.preset, scratch / f"random-{config.preset}", weights=False)
     networks = {name: random_network(config.preset, name, device=config.device) for name in NETWORKS}
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    return Components(**networks, tokenizer=CLIPTokenizer.from_folder(folder / "tokenizer"),
-                      scheduler_config=scheduler_config, source=str(folder), kind=preset_kind(config.preset))
+    return Components(
+        **networks,
+        tokenizer=CLIPTokenizer.from_folder(folder / "tokenizer"),
+        scheduler_config=scheduler_config,
+        source=str(folder),
+        kind=preset_kind(config.preset),
+    )
 
 
 def pipeline_for(backend: str, master: Components, device: str, dtype, engine_dir=None):

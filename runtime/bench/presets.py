@@ -5,6 +5,7 @@ projections, 64-wide heads, the 23-layer OpenCLIP ViT-H text encoder); `tiny` ke
 shape of every network (conv projections, quick_gelu text encoder, 8x VAE, PNDM schedule) but small
 enough that a CPU runs a guided image in a second or two.
 """
+
 from __future__ import annotations
 
 import copy
@@ -17,32 +18,53 @@ from runtime import default_configs
 
 _TINY = {
     "unet": {
-        "sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
-        "block_out_channels": [32, 64], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "cross_attention_dim": 64,
-        "attention_head_dim": 8, "norm_num_groups": 16, "act_fn": "silu",
-        "flip_sin_to_cos": True, "freq_shift": 0,
+        "sample_size": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": 1,
+        "block_out_channels": [32, 64],
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "cross_attention_dim": 64,
+        "attention_head_dim": 8,
+        "norm_num_groups": 16,
+        "act_fn": "silu",
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
     },
     "vae": {
-        "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1,
-        "block_out_channels": [16, 32, 32, 32], "norm_num_groups": 8, "sample_size": 64,
-        "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-        "act_fn": "silu", "scaling_factor": 0.18215,
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 4,
+        "layers_per_block": 1,
+        "block_out_channels": [16, 32, 32, 32],
+        "norm_num_groups": 8,
+        "sample_size": 64,
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "act_fn": "silu",
+        "scaling_factor": 0.18215,
     },
     "text_encoder": {
-        "vocab_size": 49408, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+        "vocab_size": 49408,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu",
         "layer_norm_eps": 1e-5,
     },
 }
 
-# preset -> the default_configs kind (also the Components.kind of its random model) whose full-size configs it starts from
+# preset -> the default_configs kind (also the Components.kind of its random model) whose full-size
+# configs it starts from
 _KINDS = {"tiny": "sd1", "sd15": "sd1", "sd21": "sd2"}
 PRESETS = tuple(_KINDS)
 
 
 def preset_kind(name: str) -> str:
-    """"sd1" | "sd2": the model family of preset `name`."""
+    """ "sd1" | "sd2": the model family of preset `name`."""
     preset_configs(name)  # the unknown-preset error
     return _KINDS[name]
 
@@ -59,8 +81,9 @@ def preset_configs(name: str) -> dict:
     return configs
 
 
-def perturb_(module: torch.nn.Module, generator: torch.Generator, relative: float = 0.1,
-             absolute: float = 0.1) -> torch.nn.Module:
+def perturb_(
+    module: torch.nn.Module, generator: torch.Generator, relative: float = 0.1, absolute: float = 0.1
+) -> torch.nn.Module:
     """Move every parameter of `module` off its default init, in place, deterministically from
     `generator`; returns `module`.
 
@@ -82,8 +105,11 @@ def perturb_(module: torch.nn.Module, generator: torch.Generator, relative: floa
 
 
 NETWORKS = ("unet", "vae", "text_encoder")
-_WEIGHTS_FILE = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
-                 "text_encoder": "model.safetensors"}
+_WEIGHTS_FILE = {
+    "unet": "diffusion_pytorch_model.safetensors",
+    "vae": "diffusion_pytorch_model.safetensors",
+    "text_encoder": "model.safetensors",
+}
 
 
 def random_network(preset: str, name: str, seed: int = 0, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -97,9 +123,11 @@ def random_network(preset: str, name: str, seed: int = 0, device: str | torch.de
     if name not in NETWORKS:
         raise ValueError(f"unknown network {name!r}; choose one of {NETWORKS}")
     config = preset_configs(preset)[name]
-    build = {"unet": lambda: UNet(UNetConfig.from_dict(config)),
-             "vae": lambda: AutoencoderKL(VAEConfig.from_dict(config)),
-             "text_encoder": lambda: CLIPTextModel(CLIPTextConfig.from_dict(config))}[name]
+    build = {
+        "unet": lambda: UNet(UNetConfig.from_dict(config)),
+        "vae": lambda: AutoencoderKL(VAEConfig.from_dict(config)),
+        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig.from_dict(config)),
+    }[name]
     offset = NETWORKS.index(name)  # each network its own stream: building one alone gives the same weights
     device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -140,18 +168,27 @@ def write_random_model(preset: str, folder: str | Path, seed: int = 0, weights: 
     (folder / "tokenizer").mkdir(exist_ok=True)
     _write_json(folder / "tokenizer" / "vocab.json", vocab)
     (folder / "tokenizer" / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
-    _write_json(folder / "tokenizer" / "special_tokens_map.json",
-                {"bos_token": "<|startoftext|>", "eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN,
-                 "unk_token": EOS_TOKEN})
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
+    )
+    _write_json(
+        folder / "tokenizer" / "special_tokens_map.json",
+        {"bos_token": "<|startoftext|>", "eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN, "unk_token": EOS_TOKEN},
+    )
     _write_json(folder / "tokenizer" / "tokenizer_config.json", {"model_max_length": 77})
-    _write_json(folder / "model_index.json", {
-        "_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None],
-        "requires_safety_checker": False, "safety_checker": [None, None],
-        "scheduler": ["diffusers", configs["scheduler"]["_class_name"]],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-    })
+    _write_json(
+        folder / "model_index.json",
+        {
+            "_class_name": "StableDiffusionPipeline",
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+            "safety_checker": [None, None],
+            "scheduler": ["diffusers", configs["scheduler"]["_class_name"]],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        },
+    )
     return folder
 
 

@@ -4,6 +4,7 @@ The GPU machine receives a copy of the working tree without .git: `python -m run
 --write-sha` (run by gpu_check.sh wherever git works) records HEAD in benchmarks/.git_sha beforehand, and
 git_sha() reads that file when git cannot answer.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,8 +76,12 @@ def provenance() -> dict:
 
     return {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-                     **{name: _package_version(name) for name in ("triton", "onnxruntime", "diffusers")}},
+        "versions": {
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "python": platform.python_version(),
+            **{name: _package_version(name) for name in ("triton", "onnxruntime", "diffusers")},
+        },
         "git": git_sha(),
         "utc": _utc_now(),
     }

@@ -6,6 +6,7 @@
 Written whole after every row (to a temporary file, then renamed), so that a run cut short keeps what it
 measured and no reader ever sees a half-written file.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,13 +30,20 @@ def finite_or_text(value):
     return value
 
 
-def write_result(path: str | os.PathLike, benchmark: str, config: dict, rows: list[dict],
-                 stamp: dict | None = None, **extra) -> pathlib.Path:
+def write_result(
+    path: str | os.PathLike, benchmark: str, config: dict, rows: list[dict], stamp: dict | None = None, **extra
+) -> pathlib.Path:
     """Write the result file (parents created); `stamp` defaults to a fresh provenance()."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"schema": SCHEMA, "benchmark": benchmark, "provenance": stamp or provenance(),
-               "config": config, "rows": rows, **extra}
+    payload = {
+        "schema": SCHEMA,
+        "benchmark": benchmark,
+        "provenance": stamp or provenance(),
+        "config": config,
+        "rows": rows,
+        **extra,
+    }
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(finite_or_text(payload), indent=2) + "\n")
     os.replace(partial, path)

@@ -6,6 +6,7 @@ during a run (clocks, temperature, other processes, the page cache) falls on eve
 is taken within each round (row's median / baseline's median, the same round) and then summarised over
 rounds: its median and range show how stable the claim is.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -26,8 +27,12 @@ def spread(samples: list[float]) -> dict:
     """{"median", "p10", "p90", "n"} of `samples` (linear-interpolated percentiles)."""
     if not samples:
         raise ValueError("no samples to summarise")
-    return {"median": statistics.median(samples), "p10": float(np.percentile(samples, 10)),
-            "p90": float(np.percentile(samples, 90)), "n": len(samples)}
+    return {
+        "median": statistics.median(samples),
+        "p10": float(np.percentile(samples, 10)),
+        "p90": float(np.percentile(samples, 90)),
+        "n": len(samples),
+    }
 
 
 def round_ratios(row: list[list[float]], baseline: list[list[float]]) -> dict | None:

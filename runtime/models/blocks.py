@@ -8,6 +8,7 @@ SiLU fused where diffusers applies SiLU right after the norm) and every attentio
 
 Also here: `config_from_dict`, the strict diffusers-config parser both model configs use.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,6 +27,7 @@ SILU_NAMES = ("silu", "swish")
 
 # ----------------------------------------------------------------------------- config parsing
 
+
 def _freeze(value):
     """JSON lists -> tuples (recursively), so frozen configs stay hashable and comparable."""
     if isinstance(value, (list, tuple)):
@@ -33,8 +35,9 @@ def _freeze(value):
     return value
 
 
-def config_from_dict(cls, raw: Mapping, class_names: tuple[str, ...], inert: Mapping[str, tuple],
-                     ignored: frozenset[str]):
+def config_from_dict(
+    cls, raw: Mapping, class_names: tuple[str, ...], inert: Mapping[str, tuple], ignored: frozenset[str]
+):
     """Build the frozen dataclass `cls` from a diffusers config.json dict, strictly.
 
     - keys starting with "_" are diffusers bookkeeping (`_class_name`, `_diffusers_version`,
@@ -57,8 +60,9 @@ def config_from_dict(cls, raw: Mapping, class_names: tuple[str, ...], inert: Map
             continue
         if key in inert:
             if _freeze(value) not in inert[key]:
-                raise ValueError(f"{cls.__name__}: config field {key!r} = {value!r} is not supported "
-                                 f"(supported: {inert[key]})")
+                raise ValueError(
+                    f"{cls.__name__}: config field {key!r} = {value!r} is not supported (supported: {inert[key]})"
+                )
             continue
         if key not in fields:
             raise ValueError(f"{cls.__name__}: config field {key!r} = {value!r} is not supported")
@@ -73,8 +77,10 @@ def check_silu(owner: str, act_fn: str) -> None:
 
 # ----------------------------------------------------------------------------- time embedding
 
-def timestep_embedding(timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float,
-                       max_period: float = 10000.0) -> torch.Tensor:
+
+def timestep_embedding(
+    timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float, max_period: float = 10000.0
+) -> torch.Tensor:
     """Sinusoidal embedding of a [N] tensor of (possibly fractional) timesteps -> [N, dim], fp32.
 
     Same formula as diffusers' get_timestep_embedding. The frequencies are rebuilt on the device
@@ -106,6 +112,7 @@ class TimestepEmbedding(nn.Module):
 
 # ----------------------------------------------------------------------------- resnet, resampling
 
+
 class ResnetBlock2D(nn.Module):
     """GroupNorm+SiLU -> conv -> (+ time embedding) -> GroupNorm+SiLU -> conv, plus the shortcut.
 
@@ -114,8 +121,15 @@ class ResnetBlock2D(nn.Module):
     inference, so it is left out.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None, groups: int,
-                 eps: float, output_scale_factor: float = 1.0):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int | None,
+        groups: int,
+        eps: float,
+        output_scale_factor: float = 1.0,
+    ):
         super().__init__()
         self.output_scale_factor = output_scale_factor
         self.norm1 = GroupNorm(groups, in_channels, eps=eps, activation="silu")
@@ -123,7 +137,9 @@ class ResnetBlock2D(nn.Module):
         self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels is not None else None
         self.norm2 = GroupNorm(groups, out_channels, eps=eps, activation="silu")
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
+        self.conv_shortcut = (
+            nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
+        )
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         h = self.conv1(self.norm1(x))
@@ -169,6 +185,7 @@ class Upsample2D(nn.Module):
 
 # ----------------------------------------------------------------------------- attention
 
+
 class Attention(nn.Module):
     """Multi-head attention over token sequences [B, N, C] (diffusers `Attention`, SD subset).
 
@@ -177,8 +194,15 @@ class Attention(nn.Module):
     `upcast` (SD 2.1's upcast_attention) is handed to the core, which keeps scores in fp32.
     """
 
-    def __init__(self, query_dim: int, heads: int, head_dim: int, context_dim: int | None = None,
-                 qkv_bias: bool = False, upcast: bool = False):
+    def __init__(
+        self,
+        query_dim: int,
+        heads: int,
+        head_dim: int,
+        context_dim: int | None = None,
+        qkv_bias: bool = False,
+        upcast: bool = False,
+    ):
         super().__init__()
         inner = heads * head_dim
         self.heads = heads
@@ -255,13 +279,15 @@ class BasicTransformerBlock(nn.Module):
     `only_cross_attention` makes attn1 attend to the context as well (diffusers semantics).
     """
 
-    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, only_cross_attention: bool,
-                 upcast_attention: bool):
+    def __init__(
+        self, dim: int, heads: int, head_dim: int, context_dim: int, only_cross_attention: bool, upcast_attention: bool
+    ):
         super().__init__()
         self.only_cross_attention = only_cross_attention
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, heads, head_dim, context_dim=context_dim if only_cross_attention else None,
-                               upcast=upcast_attention)
+        self.attn1 = Attention(
+            dim, heads, head_dim, context_dim=context_dim if only_cross_attention else None, upcast=upcast_attention
+        )
         self.norm2 = nn.LayerNorm(dim)
         self.attn2 = Attention(dim, heads, head_dim, context_dim=context_dim, upcast=upcast_attention)
         self.norm3 = nn.LayerNorm(dim)
@@ -279,12 +305,23 @@ class Transformer2DModel(nn.Module):
     proj_in/proj_out are 1x1 convs (SD 1.x) or Linear layers (SD 2.x, use_linear_projection).
     """
 
-    def __init__(self, heads: int, channels: int, num_layers: int, context_dim: int, groups: int,
-                 use_linear_projection: bool, only_cross_attention: bool, upcast_attention: bool):
+    def __init__(
+        self,
+        heads: int,
+        channels: int,
+        num_layers: int,
+        context_dim: int,
+        groups: int,
+        use_linear_projection: bool,
+        only_cross_attention: bool,
+        upcast_attention: bool,
+    ):
         super().__init__()
         if channels % heads:
-            raise ValueError(f"attention: {channels} channels cannot be split into {heads} heads "
-                             "(config field 'attention_head_dim' / number of heads)")
+            raise ValueError(
+                f"attention: {channels} channels cannot be split into {heads} heads "
+                "(config field 'attention_head_dim' / number of heads)"
+            )
         self.use_linear_projection = use_linear_projection
         self.norm = GroupNorm(groups, channels, eps=1e-6)
         if use_linear_projection:
@@ -293,11 +330,14 @@ class Transformer2DModel(nn.Module):
         else:
             self.proj_in = nn.Conv2d(channels, channels, kernel_size=1)
             self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
-        self.transformer_blocks = nn.ModuleList([
-            BasicTransformerBlock(channels, heads, channels // heads, context_dim, only_cross_attention,
-                                  upcast_attention)
-            for _ in range(num_layers)
-        ])
+        self.transformer_blocks = nn.ModuleList(
+            [
+                BasicTransformerBlock(
+                    channels, heads, channels // heads, context_dim, only_cross_attention, upcast_attention
+                )
+                for _ in range(num_layers)
+            ]
+        )
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape

@@ -14,11 +14,13 @@ loader's job (runtime/weights.py).
 The attention here is causal and is deliberately NOT `layers.AttentionCore`: kernel backends target
 the UNet and VAE only, and the text encoder runs once per prompt.
 """
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,30 +31,88 @@ ACTIVATIONS = ("quick_gelu", "gelu")  # SD 1.x (OpenAI CLIP ViT-L/14) and SD 2.x
 # Keys of a transformers config.json that do not change the encoder's forward math: bookkeeping,
 # generation settings every PretrainedConfig carried in 4.x, special-token ids other than end-of-text
 # (which pooling reads), dropout (inactive at inference) and init settings.
-_IGNORED_KEYS = frozenset({
-    "_name_or_path", "_commit_hash", "_attn_implementation", "_attn_implementation_autoset",
-    "_attn_implementation_internal", "architectures", "transformers_version", "torch_dtype", "dtype",
-    "model_type", "bos_token_id", "pad_token_id", "sep_token_id",
-    "decoder_start_token_id", "attention_dropout", "dropout", "initializer_range",
-    "initializer_factor", "output_hidden_states", "output_attentions", "return_dict", "torchscript",
-    "use_bfloat16", "tf_legacy_loss", "pruned_heads", "tie_word_embeddings", "chunk_size_feed_forward",
-    "is_encoder_decoder", "is_decoder", "cross_attention_hidden_size", "add_cross_attention",
-    "tie_encoder_decoder", "finetuning_task", "id2label", "label2id", "tokenizer_class", "prefix",
-    "task_specific_params", "problem_type", "max_length", "min_length", "do_sample", "early_stopping",
-    "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p",
-    "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
-    "bad_words_ids", "num_return_sequences", "output_scores", "return_dict_in_generate",
-    "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
-    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
-})
+_IGNORED_KEYS = frozenset(
+    {
+        "_name_or_path",
+        "_commit_hash",
+        "_attn_implementation",
+        "_attn_implementation_autoset",
+        "_attn_implementation_internal",
+        "architectures",
+        "transformers_version",
+        "torch_dtype",
+        "dtype",
+        "model_type",
+        "bos_token_id",
+        "pad_token_id",
+        "sep_token_id",
+        "decoder_start_token_id",
+        "attention_dropout",
+        "dropout",
+        "initializer_range",
+        "initializer_factor",
+        "output_hidden_states",
+        "output_attentions",
+        "return_dict",
+        "torchscript",
+        "use_bfloat16",
+        "tf_legacy_loss",
+        "pruned_heads",
+        "tie_word_embeddings",
+        "chunk_size_feed_forward",
+        "is_encoder_decoder",
+        "is_decoder",
+        "cross_attention_hidden_size",
+        "add_cross_attention",
+        "tie_encoder_decoder",
+        "finetuning_task",
+        "id2label",
+        "label2id",
+        "tokenizer_class",
+        "prefix",
+        "task_specific_params",
+        "problem_type",
+        "max_length",
+        "min_length",
+        "do_sample",
+        "early_stopping",
+        "num_beams",
+        "num_beam_groups",
+        "diversity_penalty",
+        "temperature",
+        "top_k",
+        "top_p",
+        "typical_p",
+        "repetition_penalty",
+        "length_penalty",
+        "no_repeat_ngram_size",
+        "encoder_no_repeat_ngram_size",
+        "bad_words_ids",
+        "num_return_sequences",
+        "output_scores",
+        "return_dict_in_generate",
+        "forced_bos_token_id",
+        "forced_eos_token_id",
+        "remove_invalid_values",
+        "exponential_decay_length_penalty",
+        "suppress_tokens",
+        "begin_suppress_tokens",
+    }
+)
 
 _ACCEPTED_MODEL_TYPES = ("clip_text_model",)
 
 # Range of each size field: several times the largest real encoder (OpenCLIP bigG: 1280 wide, 32
 # layers), so an absurd config fails at parse time instead of after minutes of construction.
-_SIZE_LIMITS = {"vocab_size": 1_000_000, "hidden_size": 16384, "intermediate_size": 65536,
-                "num_hidden_layers": 128, "num_attention_heads": 256, "max_position_embeddings": 4096,
-                "projection_dim": 16384}
+_SIZE_LIMITS = {
+    "vocab_size": 1_000_000,
+    "hidden_size": 16384,
+    "intermediate_size": 65536,
+    "num_hidden_layers": 128,
+    "num_attention_heads": 256,
+    "max_position_embeddings": 4096,
+    "projection_dim": 16384,
+}
 
 
 @dataclass(frozen=True)
@@ -77,15 +137,22 @@ class CLIPTextConfig:
             if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
                 raise ValueError(f"CLIPTextConfig.{name} must be an integer in [1, {limit}], got {value!r:.60}")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"CLIPTextConfig.hidden_size={self.hidden_size} is not divisible by "
-                             f"num_attention_heads={self.num_attention_heads}")
+            raise ValueError(
+                f"CLIPTextConfig.hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
         if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"CLIPTextConfig.hidden_act={self.hidden_act!r} is not implemented; "
-                             f"expected one of {ACTIVATIONS}")
-        if isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, (int, float)) \
-                or not 0 < self.layer_norm_eps < 1:
-            raise ValueError(f"CLIPTextConfig.layer_norm_eps must be a number in (0, 1), "
-                             f"got {self.layer_norm_eps!r:.60}")
+            raise ValueError(
+                f"CLIPTextConfig.hidden_act={self.hidden_act!r} is not implemented; expected one of {ACTIVATIONS}"
+            )
+        if (
+            isinstance(self.layer_norm_eps, bool)
+            or not isinstance(self.layer_norm_eps, (int, float))
+            or not 0 < self.layer_norm_eps < 1
+        ):
+            raise ValueError(
+                f"CLIPTextConfig.layer_norm_eps must be a number in (0, 1), got {self.layer_norm_eps!r:.60}"
+            )
         if isinstance(self.eos_token_id, bool) or not isinstance(self.eos_token_id, int) or self.eos_token_id < 0:
             raise ValueError(f"CLIPTextConfig.eos_token_id must be a non-negative int, got {self.eos_token_id!r:.60}")
 
@@ -94,24 +161,28 @@ class CLIPTextConfig:
         return self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_dict(cls, config: Mapping[str, Any]) -> "CLIPTextConfig":
+    def from_dict(cls, config: Mapping[str, Any]) -> CLIPTextConfig:
         """Build from a transformers text_encoder/config.json dict. Bookkeeping keys are ignored;
         any other unknown key is rejected, since it may change the math in a way we do not implement."""
         if not isinstance(config, Mapping):
             raise ValueError(f"CLIP text config must be a dict, got {type(config).__name__}")
         model_type = config.get("model_type", "clip_text_model")
         if model_type not in _ACCEPTED_MODEL_TYPES:
-            raise ValueError(f"CLIP text config key 'model_type'={model_type!r} is not supported; "
-                             f"expected one of {_ACCEPTED_MODEL_TYPES}")
+            raise ValueError(
+                f"CLIP text config key 'model_type'={model_type!r} is not supported; "
+                f"expected one of {_ACCEPTED_MODEL_TYPES}"
+            )
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {}
         for key, value in config.items():
             if key in fields:
                 kwargs[key] = value
             elif key not in _IGNORED_KEYS:
-                raise ValueError(f"CLIP text config key {key!r} (value {value!r}) is not supported: "
-                                 f"it is neither a known field {sorted(fields)} nor a known "
-                                 f"bookkeeping key")
+                raise ValueError(
+                    f"CLIP text config key {key!r} (value {value!r}) is not supported: "
+                    f"it is neither a known field {sorted(fields)} nor a known "
+                    f"bookkeeping key"
+                )
         return cls(**kwargs)
 
 
@@ -233,13 +304,14 @@ class CLIPTextModel(nn.Module):
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         # Shape and dtype checks read only metadata: no host sync.
         if input_ids.dim() != 2:
-            raise ValueError(f"CLIPTextModel input_ids must be [batch, tokens], got shape "
-                             f"{tuple(input_ids.shape)}")
+            raise ValueError(f"CLIPTextModel input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"CLIPTextModel input_ids must be int64 or int32, got {input_ids.dtype}")
         if input_ids.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(f"CLIPTextModel input_ids has {input_ids.shape[1]} tokens; at most "
-                             f"max_position_embeddings={self.config.max_position_embeddings} fit")
+            raise ValueError(
+                f"CLIPTextModel input_ids has {input_ids.shape[1]} tokens; at most "
+                f"max_position_embeddings={self.config.max_position_embeddings} fit"
+            )
 
 
 class CLIPTextModelWithProjection(nn.Module):

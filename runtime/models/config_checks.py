@@ -7,6 +7,7 @@ here with the widest range a Stable Diffusion model plausibly uses (several time
 value), and calls `check_fields` first thing in __post_init__; the model's own consistency checks
 (divisibility, block types) follow.
 """
+
 from __future__ import annotations
 
 import math
@@ -75,8 +76,11 @@ def _ok(value, rule) -> bool:
             return len(value) > 0 and all(_int_ok(v, rule) for v in value)
         return _int_ok(value, rule)
     if isinstance(rule, IntList):
-        return isinstance(value, tuple) and rule.min_len <= len(value) <= rule.max_len \
+        return (
+            isinstance(value, tuple)
+            and rule.min_len <= len(value) <= rule.max_len
             and all(_int_ok(v, rule) for v in value)
+        )
     if isinstance(rule, Number):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             return False

@@ -5,6 +5,7 @@ substitute kernel-backed modules at load time (see runtime/models/substitution.p
 models knowing. Both keep the parameter names of their torch / diffusers counterparts, so the
 state-dict keys stay identical to diffusers.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,9 @@ class GroupNorm(nn.GroupNorm):
     both in a single pass over memory. Parameters are `weight` and `bias`, as in nn.GroupNorm.
     """
 
-    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
-                 activation: str | None = None):
+    def __init__(
+        self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, activation: str | None = None
+    ):
         if activation not in ACTIVATIONS:
             raise ValueError(f"GroupNorm activation must be one of {ACTIVATIONS}, got {activation!r}")
         super().__init__(num_groups, num_channels, eps=eps, affine=affine)

@@ -1,7 +1,8 @@
 """Module substitution: how a backend swaps kernels into a model without the model knowing."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -16,8 +17,9 @@ def rebind(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
     return new
 
 
-def replace_modules(model: nn.Module, match: Callable[[nn.Module], bool],
-                    make: Callable[[nn.Module], nn.Module]) -> list[Replacement]:
+def replace_modules(
+    model: nn.Module, match: Callable[[nn.Module], bool], make: Callable[[nn.Module], nn.Module]
+) -> list[Replacement]:
     """Replace every submodule for which `match` holds by `make(old)`; return what was replaced, so a
     caller can put it back (`restore_modules`)."""
     replaced = []

@@ -6,6 +6,7 @@ diffusers state dict loads with `load_state_dict(strict=True)` and no conversion
 forward(sample, timestep, encoder_hidden_states) has no host syncs and no branching on tensor
 values, so it can be captured in a CUDA graph (pass the timestep as a device tensor for that).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,14 +52,16 @@ _INERT = {
 # Keys that cannot change the computation of the supported blocks: dropout (inference), and
 # options diffusers only passes to block types we reject (SimpleCrossAttn*, ResnetDownsample*,
 # the "text" addition embedding).
-_IGNORED = frozenset({
-    "dropout",
-    "resnet_skip_time_act",
-    "resnet_out_scale_factor",
-    "cross_attention_norm",
-    "mid_block_only_cross_attention",
-    "addition_embed_type_num_heads",
-})
+_IGNORED = frozenset(
+    {
+        "dropout",
+        "resnet_skip_time_act",
+        "resnet_out_scale_factor",
+        "cross_attention_norm",
+        "mid_block_only_cross_attention",
+        "addition_embed_type_num_heads",
+    }
+)
 
 
 # Type and range of each size and flag field (runtime/models/config_checks.py), checked first.
@@ -93,8 +96,10 @@ def _per_level(value, levels: int, name: str) -> tuple:
     """Expand an int/bool per-UNet value to one entry per resolution level, checking the length."""
     if isinstance(value, tuple):
         if len(value) != levels:
-            raise ValueError(f"UNetConfig: config field {name!r} = {value!r} has {len(value)} entries, "
-                             f"expected one per level ({levels})")
+            raise ValueError(
+                f"UNetConfig: config field {name!r} = {value!r} has {len(value)} entries, "
+                f"expected one per level ({levels})"
+            )
         return value
     return (value,) * levels
 
@@ -162,7 +167,7 @@ class UNetConfig:
     """Kernel size of conv_out (odd)."""
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "UNetConfig":
+    def from_dict(cls, raw: dict) -> UNetConfig:
         """Parse a diffusers UNet config.json dict; unknown or unsupported fields raise ValueError."""
         return config_from_dict(cls, raw, ("UNet2DConditionModel",), _INERT, _IGNORED)
 
@@ -171,39 +176,59 @@ class UNetConfig:
         levels = len(self.block_out_channels)
         if levels == 0:
             raise ValueError("UNetConfig: config field 'block_out_channels' is empty")
-        for name, types, allowed in (("down_block_types", self.down_block_types, DOWN_BLOCK_TYPES),
-                                     ("up_block_types", self.up_block_types, UP_BLOCK_TYPES)):
+        for name, types, allowed in (
+            ("down_block_types", self.down_block_types, DOWN_BLOCK_TYPES),
+            ("up_block_types", self.up_block_types, UP_BLOCK_TYPES),
+        ):
             if len(types) != levels:
-                raise ValueError(f"UNetConfig: config field {name!r} = {types!r} must have one entry per "
-                                 f"block_out_channels entry ({levels})")
+                raise ValueError(
+                    f"UNetConfig: config field {name!r} = {types!r} must have one entry per "
+                    f"block_out_channels entry ({levels})"
+                )
             for block_type in types:
                 if block_type not in allowed:
-                    raise ValueError(f"UNetConfig: config field {name!r} contains {block_type!r}; "
-                                     f"supported: {allowed}")
+                    raise ValueError(f"UNetConfig: config field {name!r} contains {block_type!r}; supported: {allowed}")
         if self.mid_block_type not in MID_BLOCK_TYPES:
-            raise ValueError(f"UNetConfig: config field 'mid_block_type' = {self.mid_block_type!r} is not "
-                             f"supported (supported: {MID_BLOCK_TYPES})")
+            raise ValueError(
+                f"UNetConfig: config field 'mid_block_type' = {self.mid_block_type!r} is not "
+                f"supported (supported: {MID_BLOCK_TYPES})"
+            )
         check_silu("UNetConfig", self.act_fn)
         if not isinstance(self.norm_num_groups, int) or self.norm_num_groups <= 0:
-            raise ValueError(f"UNetConfig: config field 'norm_num_groups' = {self.norm_num_groups!r} is not "
-                             "supported (a positive int is required)")
+            raise ValueError(
+                f"UNetConfig: config field 'norm_num_groups' = {self.norm_num_groups!r} is not "
+                "supported (a positive int is required)"
+            )
         for channels in self.block_out_channels:
             if channels % self.norm_num_groups:
-                raise ValueError(f"UNetConfig: config field 'norm_num_groups' = {self.norm_num_groups} does "
-                                 f"not divide block_out_channels entry {channels}")
-        for name in ("only_cross_attention", "layers_per_block", "cross_attention_dim",
-                     "transformer_layers_per_block", "attention_head_dim"):
+                raise ValueError(
+                    f"UNetConfig: config field 'norm_num_groups' = {self.norm_num_groups} does "
+                    f"not divide block_out_channels entry {channels}"
+                )
+        for name in (
+            "only_cross_attention",
+            "layers_per_block",
+            "cross_attention_dim",
+            "transformer_layers_per_block",
+            "attention_head_dim",
+        ):
             for entry in _per_level(getattr(self, name), levels, name):
                 if isinstance(entry, tuple):
-                    raise ValueError(f"UNetConfig: config field {name!r} = {getattr(self, name)!r}: nested "
-                                     "per-layer lists are not supported")
+                    raise ValueError(
+                        f"UNetConfig: config field {name!r} = {getattr(self, name)!r}: nested "
+                        "per-layer lists are not supported"
+                    )
         for channels, heads in zip(self.block_out_channels, self.heads_per_level):
             if heads <= 0 or channels % heads:
-                raise ValueError(f"UNetConfig: config field 'attention_head_dim' gives {heads} heads, which "
-                                 f"does not divide {channels} channels")
+                raise ValueError(
+                    f"UNetConfig: config field 'attention_head_dim' gives {heads} heads, which "
+                    f"does not divide {channels} channels"
+                )
         if self.addition_embed_type not in (None, "text_time"):
-            raise ValueError(f"UNetConfig: config field 'addition_embed_type' = {self.addition_embed_type!r} "
-                             "is not supported (supported: None, 'text_time')")
+            raise ValueError(
+                f"UNetConfig: config field 'addition_embed_type' = {self.addition_embed_type!r} "
+                "is not supported (supported: None, 'text_time')"
+            )
         if self.addition_embed_type == "text_time":
             for name in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
                 if getattr(self, name) is None:
@@ -232,6 +257,7 @@ class UNetConfig:
 @dataclass(frozen=True)
 class _AttnSpec:
     """Everything a level's Transformer2DModels need besides channels."""
+
     heads: int
     num_layers: int
     context_dim: int
@@ -241,8 +267,16 @@ class _AttnSpec:
     upcast_attention: bool
 
     def build(self, channels: int) -> Transformer2DModel:
-        return Transformer2DModel(self.heads, channels, self.num_layers, self.context_dim, self.groups,
-                                  self.use_linear_projection, self.only_cross_attention, self.upcast_attention)
+        return Transformer2DModel(
+            self.heads,
+            channels,
+            self.num_layers,
+            self.context_dim,
+            self.groups,
+            self.use_linear_projection,
+            self.only_cross_attention,
+            self.upcast_attention,
+        )
 
 
 class DownBlock(nn.Module):
@@ -252,19 +286,30 @@ class DownBlock(nn.Module):
     downsampled state).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, temb_channels: int, groups: int,
-                 eps: float, add_downsample: bool, downsample_padding: int, attn: _AttnSpec | None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        num_layers: int,
+        temb_channels: int,
+        groups: int,
+        eps: float,
+        add_downsample: bool,
+        downsample_padding: int,
+        attn: _AttnSpec | None,
+    ):
         super().__init__()
-        self.resnets = nn.ModuleList([
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels, groups, eps)
-            for i in range(num_layers)
-        ])
+        self.resnets = nn.ModuleList(
+            [
+                ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels, groups, eps)
+                for i in range(num_layers)
+            ]
+        )
         if attn is not None:
             self.attentions = nn.ModuleList([attn.build(out_channels) for _ in range(num_layers)])
         else:
             self.attentions = None
-        self.downsamplers = (nn.ModuleList([Downsample2D(out_channels, downsample_padding)])
-                             if add_downsample else None)
+        self.downsamplers = nn.ModuleList([Downsample2D(out_channels, downsample_padding)]) if add_downsample else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor):
         skips = ()
@@ -282,14 +327,14 @@ class DownBlock(nn.Module):
 class MidBlock(nn.Module):
     """UNetMidBlock2DCrossAttn: resnet, then (transformer, resnet) once."""
 
-    def __init__(self, channels: int, temb_channels: int, groups: int, eps: float, output_scale_factor: float,
-                 attn: _AttnSpec):
+    def __init__(
+        self, channels: int, temb_channels: int, groups: int, eps: float, output_scale_factor: float, attn: _AttnSpec
+    ):
         super().__init__()
         self.attentions = nn.ModuleList([attn.build(channels)])
-        self.resnets = nn.ModuleList([
-            ResnetBlock2D(channels, channels, temb_channels, groups, eps, output_scale_factor)
-            for _ in range(2)
-        ])
+        self.resnets = nn.ModuleList(
+            [ResnetBlock2D(channels, channels, temb_channels, groups, eps, output_scale_factor) for _ in range(2)]
+        )
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x = self.resnets[0](x, temb)
@@ -300,8 +345,18 @@ class MidBlock(nn.Module):
 class UpBlock(nn.Module):
     """CrossAttnUpBlock2D (attn given) or UpBlock2D: each resnet eats one skip connection."""
 
-    def __init__(self, in_channels: int, prev_output_channels: int, out_channels: int, num_layers: int,
-                 temb_channels: int, groups: int, eps: float, add_upsample: bool, attn: _AttnSpec | None):
+    def __init__(
+        self,
+        in_channels: int,
+        prev_output_channels: int,
+        out_channels: int,
+        num_layers: int,
+        temb_channels: int,
+        groups: int,
+        eps: float,
+        add_upsample: bool,
+        attn: _AttnSpec | None,
+    ):
         super().__init__()
         resnets = []
         for i in range(num_layers):
@@ -315,8 +370,14 @@ class UpBlock(nn.Module):
             self.attentions = None
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
 
-    def forward(self, x: torch.Tensor, skips: tuple[torch.Tensor, ...], temb: torch.Tensor, context: torch.Tensor,
-                upsample_size: tuple[int, int] | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        skips: tuple[torch.Tensor, ...],
+        temb: torch.Tensor,
+        context: torch.Tensor,
+        upsample_size: tuple[int, int] | None,
+    ) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
             x = resnet(torch.cat([x, skips[-1 - i]], dim=1), temb)
             if self.attentions is not None:
@@ -345,21 +406,38 @@ class UNet(nn.Module):
         only_cross = config.per_level("only_cross_attention")
 
         def attn_spec(level: int) -> _AttnSpec:
-            return _AttnSpec(heads[level], transformer_layers[level], context_dims[level], groups,
-                             config.use_linear_projection, only_cross[level], config.upcast_attention)
+            return _AttnSpec(
+                heads[level],
+                transformer_layers[level],
+                context_dims[level],
+                groups,
+                config.use_linear_projection,
+                only_cross[level],
+                config.upcast_attention,
+            )
 
-        self.conv_in = nn.Conv2d(config.in_channels, channels[0], kernel_size=config.conv_in_kernel,
-                                 padding=(config.conv_in_kernel - 1) // 2)
+        self.conv_in = nn.Conv2d(
+            config.in_channels, channels[0], kernel_size=config.conv_in_kernel, padding=(config.conv_in_kernel - 1) // 2
+        )
         self.time_embedding = TimestepEmbedding(channels[0], temb)
         if config.addition_embed_type == "text_time":
             self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, temb)
 
         self.down_blocks = nn.ModuleList()
         for i, block_type in enumerate(config.down_block_types):
-            self.down_blocks.append(DownBlock(
-                channels[max(i - 1, 0)], channels[i], layers[i], temb, groups, eps,
-                add_downsample=i < levels - 1, downsample_padding=config.downsample_padding,
-                attn=attn_spec(i) if block_type == "CrossAttnDownBlock2D" else None))
+            self.down_blocks.append(
+                DownBlock(
+                    channels[max(i - 1, 0)],
+                    channels[i],
+                    layers[i],
+                    temb,
+                    groups,
+                    eps,
+                    add_downsample=i < levels - 1,
+                    downsample_padding=config.downsample_padding,
+                    attn=attn_spec(i) if block_type == "CrossAttnDownBlock2D" else None,
+                )
+            )
 
         self.mid_block = None
         if config.mid_block_type is not None:
@@ -372,16 +450,27 @@ class UNet(nn.Module):
         reversed_channels = channels[::-1]
         for i, block_type in enumerate(config.up_block_types):
             level = levels - 1 - i
-            self.up_blocks.append(UpBlock(
-                in_channels=reversed_channels[min(i + 1, levels - 1)],
-                prev_output_channels=reversed_channels[max(i - 1, 0)],
-                out_channels=reversed_channels[i], num_layers=layers[level] + 1, temb_channels=temb,
-                groups=groups, eps=eps, add_upsample=i < levels - 1,
-                attn=attn_spec(level) if block_type == "CrossAttnUpBlock2D" else None))
+            self.up_blocks.append(
+                UpBlock(
+                    in_channels=reversed_channels[min(i + 1, levels - 1)],
+                    prev_output_channels=reversed_channels[max(i - 1, 0)],
+                    out_channels=reversed_channels[i],
+                    num_layers=layers[level] + 1,
+                    temb_channels=temb,
+                    groups=groups,
+                    eps=eps,
+                    add_upsample=i < levels - 1,
+                    attn=attn_spec(level) if block_type == "CrossAttnUpBlock2D" else None,
+                )
+            )
 
         self.conv_norm_out = GroupNorm(groups, channels[0], eps=eps, activation="silu")
-        self.conv_out = nn.Conv2d(channels[0], config.out_channels, kernel_size=config.conv_out_kernel,
-                                  padding=(config.conv_out_kernel - 1) // 2)
+        self.conv_out = nn.Conv2d(
+            channels[0],
+            config.out_channels,
+            kernel_size=config.conv_out_kernel,
+            padding=(config.conv_out_kernel - 1) // 2,
+        )
         # Context widths the cross-attention layers expect, checked in forward for a clear error.
         attended = [i for i, t in enumerate(config.down_block_types) if t == "CrossAttnDownBlock2D"]
         attended += [levels - 1 - i for i, t in enumerate(config.up_block_types) if t == "CrossAttnUpBlock2D"]
@@ -394,8 +483,10 @@ class UNet(nn.Module):
         if not torch.is_tensor(timestep):
             timestep = torch.tensor(timestep, device=sample.device)
         if timestep.dim() > 1 or (timestep.dim() == 1 and timestep.shape[0] not in (1, batch)):
-            raise ValueError(f"UNet: timestep must be a number, a 0-d tensor or a [batch={batch}] tensor, "
-                             f"got shape {tuple(timestep.shape)}")
+            raise ValueError(
+                f"UNet: timestep must be a number, a 0-d tensor or a [batch={batch}] tensor, "
+                f"got shape {tuple(timestep.shape)}"
+            )
         return timestep.to(sample.device).reshape(-1).expand(batch)
 
     def _time_embedding(self, timestep, sample: torch.Tensor, text_embeds, time_ids) -> torch.Tensor:
@@ -406,27 +497,40 @@ class UNet(nn.Module):
         emb = self.time_embedding(t_emb.to(sample.dtype))
         if config.addition_embed_type == "text_time":
             if text_embeds is None or time_ids is None:
-                raise ValueError("UNet: this SDXL-style UNet (addition_embed_type='text_time') needs "
-                                 "`text_embeds` [B, C] and `time_ids` [B, 6]")
-            time_embeds = timestep_embedding(time_ids.flatten(), config.addition_time_embed_dim,
-                                             config.flip_sin_to_cos, config.freq_shift)
+                raise ValueError(
+                    "UNet: this SDXL-style UNet (addition_embed_type='text_time') needs "
+                    "`text_embeds` [B, C] and `time_ids` [B, 6]"
+                )
+            time_embeds = timestep_embedding(
+                time_ids.flatten(), config.addition_time_embed_dim, config.flip_sin_to_cos, config.freq_shift
+            )
             time_embeds = time_embeds.reshape(text_embeds.shape[0], -1)
             add_embeds = torch.cat([text_embeds, time_embeds.to(text_embeds.dtype)], dim=-1)
             emb = emb + self.add_embedding(add_embeds.to(emb.dtype))
         return emb
 
-    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
-                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """sample [B, in_channels, h, w], timestep (number, 0-d or [B]), encoder_hidden_states [B, N, C]
         -> prediction [B, out_channels, h, w]. text_embeds / time_ids only for SDXL-style configs."""
         if sample.dim() != 4 or sample.shape[1] != self.config.in_channels:
             raise ValueError(f"UNet: sample must be [B, {self.config.in_channels}, h, w], got {tuple(sample.shape)}")
         if encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[0] != sample.shape[0]:
-            raise ValueError(f"UNet: encoder_hidden_states must be [B={sample.shape[0]}, tokens, C], "
-                             f"got {tuple(encoder_hidden_states.shape)}")
+            raise ValueError(
+                f"UNet: encoder_hidden_states must be [B={sample.shape[0]}, tokens, C], "
+                f"got {tuple(encoder_hidden_states.shape)}"
+            )
         if any(encoder_hidden_states.shape[2] != width for width in self._context_dims):
-            raise ValueError(f"UNet: encoder_hidden_states width {encoder_hidden_states.shape[2]} does not match "
-                             f"config field cross_attention_dim ({', '.join(map(str, self._context_dims))})")
+            raise ValueError(
+                f"UNet: encoder_hidden_states width {encoder_hidden_states.shape[2]} does not match "
+                f"config field cross_attention_dim ({', '.join(map(str, self._context_dims))})"
+            )
         emb = self._time_embedding(timestep, sample, text_embeds, time_ids)
         context = encoder_hidden_states
 

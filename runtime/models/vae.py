@@ -3,6 +3,7 @@
 encode(images in [-1, 1]) -> mean of the latent distribution, NOT multiplied by scaling_factor;
 decode(z) expects z already divided by config.scaling_factor and returns images in about [-1, 1].
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -87,7 +88,7 @@ class VAEConfig:
     """Whether the encoder and decoder mid blocks have their self-attention."""
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "VAEConfig":
+    def from_dict(cls, raw: dict) -> VAEConfig:
         """Parse a diffusers VAE config.json dict; unknown or unsupported fields raise ValueError."""
         return config_from_dict(cls, raw, ("AutoencoderKL",), _INERT, frozenset())
 
@@ -96,26 +97,36 @@ class VAEConfig:
         levels = len(self.block_out_channels)
         if levels == 0:
             raise ValueError("VAEConfig: config field 'block_out_channels' is empty")
-        for name, types, allowed in (("down_block_types", self.down_block_types, "DownEncoderBlock2D"),
-                                     ("up_block_types", self.up_block_types, "UpDecoderBlock2D")):
+        for name, types, allowed in (
+            ("down_block_types", self.down_block_types, "DownEncoderBlock2D"),
+            ("up_block_types", self.up_block_types, "UpDecoderBlock2D"),
+        ):
             if len(types) != levels:
-                raise ValueError(f"VAEConfig: config field {name!r} = {types!r} must have one entry per "
-                                 f"block_out_channels entry ({levels})")
+                raise ValueError(
+                    f"VAEConfig: config field {name!r} = {types!r} must have one entry per "
+                    f"block_out_channels entry ({levels})"
+                )
             for block_type in types:
                 if block_type != allowed:
-                    raise ValueError(f"VAEConfig: config field {name!r} contains {block_type!r}; "
-                                     f"only {allowed!r} is supported")
+                    raise ValueError(
+                        f"VAEConfig: config field {name!r} contains {block_type!r}; only {allowed!r} is supported"
+                    )
         check_silu("VAEConfig", self.act_fn)
         if not isinstance(self.norm_num_groups, int) or self.norm_num_groups <= 0:
-            raise ValueError(f"VAEConfig: config field 'norm_num_groups' = {self.norm_num_groups!r} is not "
-                             "supported (a positive int is required)")
+            raise ValueError(
+                f"VAEConfig: config field 'norm_num_groups' = {self.norm_num_groups!r} is not "
+                "supported (a positive int is required)"
+            )
         for channels in self.block_out_channels:
             if channels % self.norm_num_groups:
-                raise ValueError(f"VAEConfig: config field 'norm_num_groups' = {self.norm_num_groups} does "
-                                 f"not divide block_out_channels entry {channels}")
+                raise ValueError(
+                    f"VAEConfig: config field 'norm_num_groups' = {self.norm_num_groups} does "
+                    f"not divide block_out_channels entry {channels}"
+                )
         if not isinstance(self.layers_per_block, int) or self.layers_per_block < 1:
-            raise ValueError(f"VAEConfig: config field 'layers_per_block' = {self.layers_per_block!r} must be "
-                             "a positive int")
+            raise ValueError(
+                f"VAEConfig: config field 'layers_per_block' = {self.layers_per_block!r} must be a positive int"
+            )
 
 
 class MidBlock(nn.Module):
@@ -136,10 +147,12 @@ class MidBlock(nn.Module):
 class DownEncoderBlock2D(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, add_downsample: bool):
         super().__init__()
-        self.resnets = nn.ModuleList([
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, None, groups, _EPS)
-            for i in range(num_layers)
-        ])
+        self.resnets = nn.ModuleList(
+            [
+                ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, None, groups, _EPS)
+                for i in range(num_layers)
+            ]
+        )
         # The encoder downsamples with padding 0 (asymmetric pad inside Downsample2D).
         self.downsamplers = nn.ModuleList([Downsample2D(out_channels, padding=0)]) if add_downsample else None
 
@@ -154,10 +167,12 @@ class DownEncoderBlock2D(nn.Module):
 class UpDecoderBlock2D(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, add_upsample: bool):
         super().__init__()
-        self.resnets = nn.ModuleList([
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, None, groups, _EPS)
-            for i in range(num_layers)
-        ])
+        self.resnets = nn.ModuleList(
+            [
+                ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, None, groups, _EPS)
+                for i in range(num_layers)
+            ]
+        )
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,11 +191,14 @@ class Encoder(nn.Module):
         channels, groups = config.block_out_channels, config.norm_num_groups
         levels = len(channels)
         self.conv_in = nn.Conv2d(config.in_channels, channels[0], kernel_size=3, padding=1)
-        self.down_blocks = nn.ModuleList([
-            DownEncoderBlock2D(channels[max(i - 1, 0)], channels[i], config.layers_per_block, groups,
-                               add_downsample=i < levels - 1)
-            for i in range(levels)
-        ])
+        self.down_blocks = nn.ModuleList(
+            [
+                DownEncoderBlock2D(
+                    channels[max(i - 1, 0)], channels[i], config.layers_per_block, groups, add_downsample=i < levels - 1
+                )
+                for i in range(levels)
+            ]
+        )
         self.mid_block = MidBlock(channels[-1], groups, config.mid_block_add_attention)
         self.conv_norm_out = GroupNorm(groups, channels[-1], eps=_EPS, activation="silu")
         self.conv_out = nn.Conv2d(channels[-1], 2 * config.latent_channels, kernel_size=3, padding=1)
@@ -203,11 +221,18 @@ class Decoder(nn.Module):
         reversed_channels = channels[::-1]
         self.conv_in = nn.Conv2d(config.latent_channels, channels[-1], kernel_size=3, padding=1)
         self.mid_block = MidBlock(channels[-1], groups, config.mid_block_add_attention)
-        self.up_blocks = nn.ModuleList([
-            UpDecoderBlock2D(reversed_channels[max(i - 1, 0)], reversed_channels[i], config.layers_per_block + 1,
-                             groups, add_upsample=i < levels - 1)
-            for i in range(levels)
-        ])
+        self.up_blocks = nn.ModuleList(
+            [
+                UpDecoderBlock2D(
+                    reversed_channels[max(i - 1, 0)],
+                    reversed_channels[i],
+                    config.layers_per_block + 1,
+                    groups,
+                    add_upsample=i < levels - 1,
+                )
+                for i in range(levels)
+            ]
+        )
         self.conv_norm_out = GroupNorm(groups, channels[0], eps=_EPS, activation="silu")
         self.conv_out = nn.Conv2d(channels[0], config.out_channels, kernel_size=3, padding=1)
 
@@ -224,8 +249,7 @@ class AutoencoderKL(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         if not isinstance(config, VAEConfig):
-            raise TypeError(f"AutoencoderKL expects a VAEConfig, got {type(config).__name__} "
-                            "(use VAEConfig.from_dict)")
+            raise TypeError(f"AutoencoderKL expects a VAEConfig, got {type(config).__name__} (use VAEConfig.from_dict)")
         self.config = config
         latent = config.latent_channels
         self.encoder = Encoder(config)
@@ -241,8 +265,9 @@ class AutoencoderKL(nn.Module):
         """images -> the posterior's (mean, logvar), each [B, latent_channels, ~H/8, ~W/8]: quant_conv(encoder(x))
         split in two along channels, as diffusers' DiagonalGaussianDistribution; img2img samples from both."""
         if images.dim() != 4 or images.shape[1] != self.config.in_channels:
-            raise ValueError(f"AutoencoderKL.encode: images must be [B, {self.config.in_channels}, H, W], "
-                             f"got {tuple(images.shape)}")
+            raise ValueError(
+                f"AutoencoderKL.encode: images must be [B, {self.config.in_channels}, H, W], got {tuple(images.shape)}"
+            )
         moments = self.encoder(images)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
@@ -252,8 +277,9 @@ class AutoencoderKL(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z [B, latent_channels, h, w] (already divided by scaling_factor) -> images [B, out_channels, 8h, 8w]."""
         if z.dim() != 4 or z.shape[1] != self.config.latent_channels:
-            raise ValueError(f"AutoencoderKL.decode: z must be [B, {self.config.latent_channels}, h, w], "
-                             f"got {tuple(z.shape)}")
+            raise ValueError(
+                f"AutoencoderKL.decode: z must be [B, {self.config.latent_channels}, h, w], got {tuple(z.shape)}"
+            )
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)

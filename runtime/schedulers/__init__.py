@@ -1,15 +1,17 @@
 """The samplers, numerically matching diffusers' schedulers step by step.
 
-    sched = make_scheduler(name, scheduler_config_json_dict)   # name None: the config's own class
-    sched.set_timesteps(steps, device)
-    noise = sched.draw_noise(generator, latents.shape, latents.dtype, device)   # None unless ancestral
-    for i in range(start, sched.num_steps):          # start = 0, or sched.img2img_start(strength)
-        eps = unet(sched.scale_model_input(latents, i), sched.timesteps[i], context)
-        latents = sched.step(eps, i, latents, None if noise is None else noise[i])
+sched = make_scheduler(name, scheduler_config_json_dict)   # name None: the config's own class
+sched.set_timesteps(steps, device)
+noise = sched.draw_noise(generator, latents.shape, latents.dtype, device)   # None unless ancestral
+for i in range(start, sched.num_steps):          # start = 0, or sched.img2img_start(strength)
+    eps = unet(sched.scale_model_input(latents, i), sched.timesteps[i], context)
+    latents = sched.step(eps, i, latents, None if noise is None else noise[i])
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .base import Scheduler
 from .config import merged_config
@@ -26,10 +28,16 @@ _BY_NAME: dict[str, tuple[str, type[Scheduler], dict[str, Any]]] = {
     "pndm": ("PNDMScheduler", PNDM, {}),
     "euler": ("EulerDiscreteScheduler", Euler, {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", EulerAncestral, {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", DPMSolverPP2M,
-                 dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=False)),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", DPMSolverPP2M,
-                        dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True)),
+    "dpmpp_2m": (
+        "DPMSolverMultistepScheduler",
+        DPMSolverPP2M,
+        dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=False),
+    ),
+    "dpmpp_2m_karras": (
+        "DPMSolverMultistepScheduler",
+        DPMSolverPP2M,
+        dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True),
+    ),
     "lcm": ("LCMScheduler", LCM, {}),
 }
 SCHEDULER_NAMES = tuple(_BY_NAME)
@@ -78,5 +86,16 @@ def make_scheduler(name: str | None, config: Mapping[str, Any]) -> Scheduler:
     return cls(merged_config(diffusers_class, config, overrides))
 
 
-__all__ = ["SCHEDULER_NAMES", "Scheduler", "config_name", "diffusers_equivalent", "make_scheduler", "DDIM", "PNDM", "Euler", "EulerAncestral",
-           "DPMSolverPP2M", "LCM"]
+__all__ = [
+    "SCHEDULER_NAMES",
+    "Scheduler",
+    "config_name",
+    "diffusers_equivalent",
+    "make_scheduler",
+    "DDIM",
+    "PNDM",
+    "Euler",
+    "EulerAncestral",
+    "DPMSolverPP2M",
+    "LCM",
+]

@@ -5,10 +5,12 @@ would compute it at that step, same dtype and order of operations, on the CPU) a
 tensors on the target device indexed by the step index i. `step` then does plain tensor math with
 `table[i]` and never branches on tensor values, so a CUDA-graph runner can pass i as a device tensor.
 """
+
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -86,8 +88,9 @@ class Scheduler:
         self._rebuild()
         return index
 
-    def draw_noise(self, generator: torch.Generator | None, shape, dtype: torch.dtype, device,
-                   end: int | None = None) -> torch.Tensor | None:
+    def draw_noise(
+        self, generator: torch.Generator | None, shape, dtype: torch.dtype, device, end: int | None = None
+    ) -> torch.Tensor | None:
         """All per-step noise [S, *shape], drawn in the order diffusers draws it inside its loop.
 
         Rows of steps that draw nothing (before the begin index, from `end` on: a run stopped early, as

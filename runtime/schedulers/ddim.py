@@ -1,4 +1,5 @@
 """DDIM (deterministic, eta = 0), matching diffusers' DDIMScheduler step by step."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -6,6 +6,7 @@ with x0 the data prediction of this step and x0_prev that of the previous one. F
 (warm-up, lower_order_final, the final step to sigma 0) have c_d1 = r = 0, which subtracts an exact
 zero, so both orders share one formula and the per-step choice lives in the tables.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -34,8 +35,13 @@ class DPMSolverPP2M(Scheduler):
         check_choice(config, "solver_order", (1, 2))
         check_choice(config, "solver_type", ("midpoint", "heun"))
         check_choice(config, "final_sigmas_type", ("zero", "sigma_min"))
-        for key in ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas",
-                    "use_dynamic_shifting"):
+        for key in (
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+            "use_lu_lambdas",
+            "use_flow_sigmas",
+            "use_dynamic_shifting",
+        ):
             check_unsupported(config, key, False)
         check_unsupported(config, "variance_type", None)
         super().__init__(config)

@@ -1,5 +1,6 @@
 """Euler and Euler ancestral ("Euler a"), matching diffusers' EulerDiscreteScheduler and
 EulerAncestralDiscreteScheduler (s_churn = 0, the pipelines' default)."""
+
 from __future__ import annotations
 
 import numpy as np

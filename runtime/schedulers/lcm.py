@@ -4,6 +4,7 @@ Each step maps x_t to the consistency function's estimate `denoised`, then re-no
 timestep with fresh noise (not after the last step): next = k_denoised*denoised + k_noise*noise, with
 k_denoised = 1 and k_noise = 0 on the last step, which reproduces diffusers' `prev = denoised` exactly.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,7 +20,11 @@ class LCM(Scheduler):
     def __init__(self, config):
         check_common(config, ("epsilon", "sample", "v_prediction"))
         original = config["original_inference_steps"]
-        if isinstance(original, bool) or not isinstance(original, int) or not 1 <= original <= config["num_train_timesteps"]:
+        if (
+            isinstance(original, bool)
+            or not isinstance(original, int)
+            or not 1 <= original <= config["num_train_timesteps"]
+        ):
             raise ValueError(
                 f"scheduler config field 'original_inference_steps' must be an integer in "
                 f"[1, num_train_timesteps={config['num_train_timesteps']}], got {original!r}"

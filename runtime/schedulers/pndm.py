@@ -7,6 +7,7 @@ of the new output and the last three stored ones (h0 newest), with the weights, 
 the "reuse the first sample" flag tabulated per step. Zero weights on finite history add exact zeros,
 and mul/div reproduce diffusers' `(1/24) * (...)` versus `(...) / 12`, so the result is bit-identical.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -57,9 +58,25 @@ class PNDM(Scheduler):
 
     def _tables(self) -> dict[str, list]:
         stride = self.config["num_train_timesteps"] // self.num_inference_steps
-        rows: dict[str, list] = {k: [] for k in (
-            "w0", "w1", "w2", "w3", "mul", "div", "push", "keep_first", "use_first",
-            "sqrt_a", "sqrt_b", "sample_coeff", "alpha_gap", "denominator")}
+        rows: dict[str, list] = {
+            k: []
+            for k in (
+                "w0",
+                "w1",
+                "w2",
+                "w3",
+                "mul",
+                "div",
+                "push",
+                "keep_first",
+                "use_first",
+                "sqrt_a",
+                "sqrt_b",
+                "sample_coeff",
+                "alpha_gap",
+                "denominator",
+            )
+        }
         stored = 0  # how many outputs diffusers' `ets` list holds after this step
         for i, t in enumerate(self.timesteps.tolist()):
             counter = i - self.begin_index
@@ -108,7 +125,4 @@ class PNDM(Scheduler):
 
         if self.config["prediction_type"] == "v_prediction":
             combined = tb["sqrt_a"][i] * combined + tb["sqrt_b"][i] * sample_in
-        return (
-            tb["sample_coeff"][i] * sample_in
-            - tb["alpha_gap"][i] * combined / tb["denominator"][i]
-        )
+        return tb["sample_coeff"][i] * sample_in - tb["alpha_gap"][i] * combined / tb["denominator"][i]

@@ -1,8 +1,10 @@
 """Sigma-schedule helpers shared by the Euler and DPM families, copied from diffusers' numpy code so the
 float64/float32 mix (and therefore every value) is the same."""
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 

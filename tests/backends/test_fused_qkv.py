@@ -1,18 +1,20 @@
 """Fused q/k/v projections (runtime/backends/fused_qkv.py): same outputs, same state dict, one stored weight."""
+
 import copy
 
 import pytest
 import torch
 
 from runtime.backends.fused_qkv import FusedQKVAttention, FusedQKVSpatialSelfAttention, fuse_qkv
-from runtime.models.blocks import Attention, BasicTransformerBlock, SpatialSelfAttention
 from runtime.bench.presets import perturb_
+from runtime.models.blocks import Attention, BasicTransformerBlock, SpatialSelfAttention
 
 
 def _block(only_cross_attention=False):
     torch.manual_seed(0)
-    block = BasicTransformerBlock(dim=64, heads=4, head_dim=16, context_dim=48,
-                                  only_cross_attention=only_cross_attention, upcast_attention=False).eval()
+    block = BasicTransformerBlock(
+        dim=64, heads=4, head_dim=16, context_dim=48, only_cross_attention=only_cross_attention, upcast_attention=False
+    ).eval()
     perturb_(block, torch.Generator().manual_seed(1))
     return block
 
@@ -73,8 +75,9 @@ def test_cross_attention_is_never_fused_and_a_given_context_takes_the_plain_path
     block = _block(only_cross_attention=True)
     fused = _fused_copy(block)
     assert type(fused.attn1) is Attention and type(fused.attn2) is Attention
-    same_width = BasicTransformerBlock(dim=48, heads=4, head_dim=12, context_dim=48, only_cross_attention=False,
-                                       upcast_attention=False)
+    same_width = BasicTransformerBlock(
+        dim=48, heads=4, head_dim=12, context_dim=48, only_cross_attention=False, upcast_attention=False
+    )
     fused_same_width = _fused_copy(same_width)
     assert type(fused_same_width.attn1) is FusedQKVAttention and type(fused_same_width.attn2) is Attention
     attention = Attention(64, heads=4, head_dim=16).eval()

@@ -3,6 +3,7 @@
 On the CPU the kernels run under the Triton interpreter (tests/conftest.py), at the tiny preset's
 shapes; the GPU test runs the full SD 1.5 UNet.
 """
+
 import copy
 from types import SimpleNamespace
 
@@ -11,10 +12,10 @@ import torch
 
 from runtime.backends.triton_backend import prepare_triton
 from runtime.backends.triton_layers import TritonAttentionCore, TritonGroupNorm
+from runtime.bench.presets import perturb_, preset_configs
 from runtime.models.layers import AttentionCore, GroupNorm
 from runtime.models.unet import UNet, UNetConfig
 from runtime.models.vae import AutoencoderKL, VAEConfig
-from runtime.bench.presets import perturb_, preset_configs
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 # The kernels run on the GPU where there is one (the interpreter is off there), else interpreted on the CPU.
@@ -33,8 +34,7 @@ def _models(preset: str = "tiny"):
 
 
 def _on_triton(unet, vae, dtype, device=DEVICE):
-    components = SimpleNamespace(unet=copy.deepcopy(unet).to(device, dtype),
-                                 vae=copy.deepcopy(vae).to(device, dtype))
+    components = SimpleNamespace(unet=copy.deepcopy(unet).to(device, dtype), vae=copy.deepcopy(vae).to(device, dtype))
     return prepare_triton(components)
 
 
@@ -55,15 +55,18 @@ def test_every_groupnorm_and_attention_is_swapped_and_weights_are_kept():
     assert triton.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("dtype, atol", [
-    (torch.float32, 1e-5),   # GroupNorm kernel; fp32 attention stays on SDPA (the kernel is fp16/bf16)
-    (torch.float16, 2e-3),   # both kernels
-])
+@pytest.mark.parametrize(
+    "dtype, atol",
+    [
+        (torch.float32, 1e-5),  # GroupNorm kernel; fp32 attention stays on SDPA (the kernel is fp16/bf16)
+        (torch.float16, 2e-3),  # both kernels
+    ],
+)
 def test_unet_on_triton_matches_the_fp32_reference_like_torch_does(dtype, atol):
     unet, vae = _models()
     triton = _on_triton(unet, vae, dtype)
     torch_same_dtype = copy.deepcopy(unet).to(DEVICE, dtype)
-    sample = torch.randn(2, 4, 8, 6)          # odd latent aspect: 48x64 px
+    sample = torch.randn(2, 4, 8, 6)  # odd latent aspect: 48x64 px
     context = torch.randn(2, 77, 64)
     with torch.inference_mode():
         reference = unet(sample, 321, context)
@@ -85,8 +88,9 @@ def test_vae_decode_on_triton_matches_the_reference_in_fp16():
     assert _max_error(ours, reference) <= 2 * _max_error(theirs, reference) + 2e-3
 
 
-@pytest.mark.parametrize("dtype, head_dim", [(torch.float16, 320), (torch.float32, 40)],
-                         ids=["head-dim-past-the-kernel", "fp32"])
+@pytest.mark.parametrize(
+    "dtype, head_dim", [(torch.float16, 320), (torch.float32, 40)], ids=["head-dim-past-the-kernel", "fp32"]
+)
 def test_attention_falls_back_to_sdpa_where_the_kernel_does_not_apply(dtype, head_dim):
     # The VAE's single 512-wide head and fp32 (SD 2.1's upcast attention) go to SDPA, unchanged.
     gen = torch.Generator().manual_seed(2)

@@ -1,4 +1,5 @@
 """The triton backend's feed-forward: TritonGEGLU (kernels.geglu after the projection) in place of GEGLU."""
+
 from types import SimpleNamespace
 
 import pytest
@@ -7,10 +8,10 @@ import torch
 from runtime.backends.fused_qkv import FusedQKVAttention
 from runtime.backends.triton_backend import prepare_triton
 from runtime.backends.triton_layers import TritonGEGLU
+from runtime.bench.presets import perturb_, preset_configs
 from runtime.models.blocks import GEGLU, Attention
 from runtime.models.unet import UNet, UNetConfig
 from runtime.models.vae import AutoencoderKL, VAEConfig
-from runtime.bench.presets import perturb_, preset_configs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -24,8 +25,10 @@ def _geglu(dtype):
 
 def test_triton_backend_swaps_every_geglu_and_fuses_every_self_attention():
     configs = preset_configs("tiny")
-    components = SimpleNamespace(unet=UNet(UNetConfig.from_dict(configs["unet"])).eval(),
-                                 vae=AutoencoderKL(VAEConfig.from_dict(configs["vae"])).eval())
+    components = SimpleNamespace(
+        unet=UNet(UNetConfig.from_dict(configs["unet"])).eval(),
+        vae=AutoencoderKL(VAEConfig.from_dict(configs["vae"])).eval(),
+    )
     keys = components.unet.state_dict().keys()
     prepare_triton(components)
     kinds = [type(m) for m in components.unet.modules()]

@@ -1,6 +1,7 @@
 """The `triton` backend on an SDXL-shaped UNet (the tiny-sdxl bench preset): 64-wide heads, transformer
 depth growing per level, a 192-wide two-encoder context, text_embeds / time_ids added conditioning.
 On the CPU the kernels run under the Triton interpreter (tests/conftest.py)."""
+
 import copy
 from types import SimpleNamespace
 
@@ -8,10 +9,10 @@ import pytest
 import torch
 
 from runtime.backends.triton_backend import prepare_triton
+from runtime.bench.presets import perturb_
 from runtime.default_configs import sdxl_bench_preset
 from runtime.models.unet import UNet, UNetConfig
 from runtime.models.vae import AutoencoderKL, VAEConfig
-from runtime.bench.presets import perturb_
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -32,8 +33,10 @@ def test_sdxl_unet_on_triton_matches_the_fp32_reference_like_torch_does(dtype, a
     gen = torch.Generator().manual_seed(2)
     sample = torch.randn(2, 4, 8, 6, generator=gen)  # guided batch, odd latent aspect
     context = torch.randn(2, 77, 192, generator=gen)
-    added = {"text_embeds": torch.randn(2, 128, generator=gen),
-             "time_ids": torch.tensor([[64.0, 48, 0, 0, 64, 48], [1024, 1024, 16, 8, 1024, 1024]])}
+    added = {
+        "text_embeds": torch.randn(2, 128, generator=gen),
+        "time_ids": torch.tensor([[64.0, 48, 0, 0, 64, 48], [1024, 1024, 16, 8, 1024, 1024]]),
+    }
     on = lambda t: t.to(DEVICE, dtype)  # noqa: E731
     with torch.inference_mode():
         reference = unet(sample, 321, context, **added)

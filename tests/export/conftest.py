@@ -1,4 +1,5 @@
 """Shared fixtures of the export tests: small random SD1/SD2 diffusers folders and the sizes used."""
+
 import pytest
 
 from export.specs import ImageShape, ShapeProfile
@@ -18,6 +19,7 @@ def model_folder(tmp_path_factory):
         if kind not in cache:
             cache[kind] = save_diffusers_folder(tmp_path_factory.mktemp(f"{kind}-model"), kind)
         return cache[kind]
+
     return get
 
 
@@ -34,4 +36,5 @@ def onnx_export(model_folder, tmp_path_factory):
             ensure_onnx(out, model_folder(kind), profile=SMALL_PROFILE, progress=False)
             cache[kind] = out
         return cache[kind]
+
     return get

@@ -1,4 +1,5 @@
 """python -m export: writes graphs and manifest, reuses them, rebuilds on change, refuses bad input."""
+
 import json
 import shutil
 
@@ -18,8 +19,18 @@ def _run(capsys, *args):
 def test_export_reuse_and_rebuild(model_folder, tmp_path, capsys, caplog):
     folder = shutil.copytree(model_folder("sd1"), tmp_path / "model")
     out = tmp_path / "out"
-    args = ["--model", str(folder), "--out", str(out), "--format", "onnx", "--networks", "text_encoder",
-            "vae_decoder", *SHAPES]
+    args = [
+        "--model",
+        str(folder),
+        "--out",
+        str(out),
+        "--format",
+        "onnx",
+        "--networks",
+        "text_encoder",
+        "vae_decoder",
+        *SHAPES,
+    ]
     code, text = _run(capsys, *args)
     assert code == 0, text
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "text_encoder.onnx", "vae_decoder.onnx"]
@@ -35,8 +46,10 @@ def test_export_reuse_and_rebuild(model_folder, tmp_path, capsys, caplog):
     assert "vae_decoder.onnx: reused (up to date)" in caplog.text and "exporting" not in caplog.text
 
     (folder / "text_encoder" / "config.json").write_text(
-        (folder / "text_encoder" / "config.json").read_text().replace('"layer_norm_eps": 1e-05',
-                                                                      '"layer_norm_eps": 2e-05'))
+        (folder / "text_encoder" / "config.json")
+        .read_text()
+        .replace('"layer_norm_eps": 1e-05', '"layer_norm_eps": 2e-05')
+    )
     caplog.clear()
     with caplog.at_level("INFO", logger="export"):
         assert _run(capsys, *args)[0] == 0
@@ -58,13 +71,16 @@ def test_unrelated_out_dir_is_refused(model_folder, tmp_path, capsys):
     assert (out / "thesis.pdf").read_bytes() == b"%PDF"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--min", "1x32"], "not of the form BxHxW"),
-    (["--min", "1x64x64", "--opt", "1x32x32"], "need min <= opt <= max"),
-    (["--min", "1x36x32"], "multiples of the VAE factor 8"),
-    (["--dtype", "bf16"], "applies to --format tensorrt"),
-    (["--format", "tensorrt"], "TensorRT is not installed"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--min", "1x32"], "not of the form BxHxW"),
+        (["--min", "1x64x64", "--opt", "1x32x32"], "need min <= opt <= max"),
+        (["--min", "1x36x32"], "multiples of the VAE factor 8"),
+        (["--dtype", "bf16"], "applies to --format tensorrt"),
+        (["--format", "tensorrt"], "TensorRT is not installed"),
+    ],
+)
 def test_bad_options_give_one_clear_line(args, message, model_folder, tmp_path, capsys):
     try:
         code, text = _run(capsys, "--model", str(model_folder("sd1")), "--out", str(tmp_path / "o"), *args)

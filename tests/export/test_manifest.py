@@ -1,10 +1,10 @@
 """The artifact manifest: hashing, reuse / rebuild decisions, damaged files, foreign directories."""
+
 import json
 
 import pytest
 
-from export.manifest import (MANIFEST_NAME, ArtifactError, Manifest, hash_tree, sha256_file,
-                             weights_digests)
+from export.manifest import MANIFEST_NAME, ArtifactError, Manifest, hash_tree, sha256_file, weights_digests
 
 FIELDS = {"weights": "abc", "dtype": "fp32", "opset": 17}
 

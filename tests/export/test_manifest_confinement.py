@@ -1,5 +1,6 @@
 """A manifest is untrusted input: names that leave the directory are refused before anything is read
 or deleted, and a manifest edited to claim other weights cannot make those weights run these graphs."""
+
 import json
 import os
 import shutil
@@ -75,8 +76,7 @@ def test_symlinked_manifest_is_refused(tmp_path, victim):
     assert outside(opened, out) == []
 
 
-@pytest.mark.parametrize("entry", [{"files": None}, {"files": {"unet.onnx": {"size": "9", "sha256": "x"}}},
-                                   "text"])
+@pytest.mark.parametrize("entry", [{"files": None}, {"files": {"unet.onnx": {"size": "9", "sha256": "x"}}}, "text"])
 def test_malformed_entries_are_named(tmp_path, entry):
     out = _export_dir_listing(tmp_path, "unet.onnx")
     data = json.loads((out / MANIFEST_NAME).read_text())
@@ -101,8 +101,11 @@ def test_forged_manifest_cannot_run_another_models_graph(model_folder, tmp_path)
     entry["key_fields"]["weights"] = digest_b
     entry["key"] = digest_of(entry["key_fields"])
     (out / MANIFEST_NAME).write_text(json.dumps(data))
-    with pytest.raises(ArtifactError, match=r"text_encoder.onnx was exported from weights .* claims .*"
-                                            r"refusing to run another model's graph"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"text_encoder.onnx was exported from weights .* claims .*"
+        r"refusing to run another model's graph",
+    ):
         ensure_onnx(out, model_b, networks=["text_encoder"], profile=SMALL_PROFILE, progress=False)
     # The untouched model still reuses its graph: the stamp agrees with it.
     entry["key_fields"]["weights"] = digest_a

@@ -1,5 +1,6 @@
 """ONNX export: every network of small SD1/SD2 models exports, passes onnx.checker, and onnxruntime's
 output matches the torch module at a batch and size other than the traced sample."""
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -48,15 +49,14 @@ def test_every_network_exports_and_matches_torch_at_another_shape(kind, model_fo
 def test_fp16_export_passes_the_checker_and_runs(model_folder, tmp_path):
     folder = model_folder("sd1")
     components = load_components(folder, dtype=torch.float16)
-    paths = ensure_onnx(tmp_path, folder, dtype="fp16", components=components, profile=SMALL_PROFILE,
-                        progress=False)
+    paths = ensure_onnx(tmp_path, folder, dtype="fp16", components=components, profile=SMALL_PROFILE, progress=False)
     specs = specs_of(components)
     for name in NETWORKS:
         model = onnx.load(str(paths[name]))
-        assert model.graph.input[-1].type.tensor_type.elem_type in (onnx.TensorProto.FLOAT16,
-                                                                    onnx.TensorProto.INT64)
-        expected, got = _run_both(paths[name], network_module(components, name), specs[name],
-                                  ImageShape(1, 40, 56), dtype=torch.float16)
+        assert model.graph.input[-1].type.tensor_type.elem_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.INT64)
+        expected, got = _run_both(
+            paths[name], network_module(components, name), specs[name], ImageShape(1, 40, 56), dtype=torch.float16
+        )
         relative = np.abs(got[0].astype(np.float32) - expected[0]).max() / np.abs(expected[0]).max()
         assert relative <= 2e-2, f"fp16 {name}: relative error {relative:.2e}"
     assert Manifest.open(tmp_path).artifacts["unet.onnx"]["key_fields"]["dtype"] == "fp16"

@@ -1,7 +1,7 @@
 """The onnxruntime backend: exported graphs behind the modules' call signatures, in the pipeline."""
+
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
@@ -75,6 +75,7 @@ def test_reuse_then_stale_weights_reexport(model_folder, tmp_path):
     assert Manifest.open(engine_dir).artifacts == before
     # New VAE weights (same shapes): only the two VAE graphs are rebuilt.
     from safetensors.torch import load_file, save_file
+
     weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
     state = load_file(weights)
     save_file({k: v + 0.01 * torch.randn_like(v) for k, v in state.items()}, str(weights))

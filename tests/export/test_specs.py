@@ -1,4 +1,5 @@
 """Network specs: shape parsing, profiles (guided batch doubling), binding shapes, sample inputs."""
+
 from types import SimpleNamespace
 
 import pytest
@@ -43,10 +44,12 @@ def test_default_profile_of_the_guided_unet(specs):
 
 def test_vae_profiles_use_the_image_batch(specs):
     profile = ShapeProfile(ImageShape(1, 256, 320), ImageShape(2, 512, 512), ImageShape(4, 768, 1024))
-    assert specs["vae_decoder"].profile_shapes(profile)["latent"] == (
-        (1, 4, 32, 40), (2, 4, 64, 64), (4, 4, 96, 128))
+    assert specs["vae_decoder"].profile_shapes(profile)["latent"] == ((1, 4, 32, 40), (2, 4, 64, 64), (4, 4, 96, 128))
     assert specs["vae_encoder"].profile_shapes(profile)["images"] == (
-        (1, 3, 256, 320), (2, 3, 512, 512), (4, 3, 768, 1024))
+        (1, 3, 256, 320),
+        (2, 3, 512, 512),
+        (4, 3, 768, 1024),
+    )
 
 
 def test_dynamic_axes_name_every_symbolic_dim(specs):
@@ -58,9 +61,12 @@ def test_dynamic_axes_name_every_symbolic_dim(specs):
 def test_output_shapes_follow_the_inputs(specs):
     assert specs["vae_decoder"].output_shapes({"latent": (3, 4, 5, 7)}) == {"images": (3, 3, 40, 56)}
     assert specs["vae_encoder"].output_shapes({"images": (2, 3, 40, 56)}) == {
-        "latent": (2, 4, 5, 7), "latent_logvar": (2, 4, 5, 7)}
-    assert specs["unet"].output_shapes({"sample": (2, 9, 5, 7), "timestep": (2,),
-                                        "encoder_hidden_states": (2, 77, 768)}) == {"out_sample": (2, 4, 5, 7)}
+        "latent": (2, 4, 5, 7),
+        "latent_logvar": (2, 4, 5, 7),
+    }
+    assert specs["unet"].output_shapes(
+        {"sample": (2, 9, 5, 7), "timestep": (2,), "encoder_hidden_states": (2, 77, 768)}
+    ) == {"out_sample": (2, 4, 5, 7)}
 
 
 def test_bind_reports_bad_shapes(specs):

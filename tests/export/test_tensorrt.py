@@ -1,5 +1,6 @@
 """TensorRT: everything that does not need the library (profiles, metadata, compatibility and shape
 checks, rebuild decisions) runs everywhere; building and running engines needs TensorRT and a GPU."""
+
 import importlib.machinery
 import json
 import sys
@@ -8,23 +9,34 @@ from types import SimpleNamespace
 
 import pytest
 
-from export.manifest import Manifest
+from export.manifest import ArtifactError, Manifest
 from export.specs import ImageShape, ShapeProfile, network_specs
-from export.tensorrt import (EngineMismatchError, EngineOptions, TensorRTUnavailable, check_engine_compatible,
-                             check_shapes_in_profile, engine_key_fields, engine_metadata, import_tensorrt,
-                             metadata_path, profile_json, read_metadata)
-from export.manifest import ArtifactError
+from export.tensorrt import (
+    EngineMismatchError,
+    EngineOptions,
+    TensorRTUnavailable,
+    check_engine_compatible,
+    check_shapes_in_profile,
+    engine_key_fields,
+    engine_metadata,
+    import_tensorrt,
+    metadata_path,
+    profile_json,
+    read_metadata,
+)
 
-SPECS = network_specs(SimpleNamespace(in_channels=4, out_channels=4, cross_attention_dim=768),
-                      SimpleNamespace(block_out_channels=(1, 2, 3, 4), latent_channels=4, in_channels=3,
-                                      out_channels=3),
-                      SimpleNamespace(max_position_embeddings=77, hidden_size=768, vocab_size=49408))
+SPECS = network_specs(
+    SimpleNamespace(in_channels=4, out_channels=4, cross_attention_dim=768),
+    SimpleNamespace(block_out_channels=(1, 2, 3, 4), latent_channels=4, in_channels=3, out_channels=3),
+    SimpleNamespace(max_position_embeddings=77, hidden_size=768, vocab_size=49408),
+)
 H100 = {"compute_capability": "9.0", "name": "NVIDIA H100 80GB HBM3"}
 
 
 def _meta(**overrides):
-    meta = engine_metadata(SPECS["unet"], ShapeProfile(), EngineOptions(), tensorrt_version="10.3.0",
-                           gpu=H100, onnx_sha256="a" * 64)
+    meta = engine_metadata(
+        SPECS["unet"], ShapeProfile(), EngineOptions(), tensorrt_version="10.3.0", gpu=H100, onnx_sha256="a" * 64
+    )
     meta.update(overrides)
     return meta
 
@@ -39,23 +51,28 @@ def test_profile_in_metadata_comes_from_the_spec():
 
 def test_engine_from_another_tensorrt_or_gpu_or_graph_is_refused():
     meta = _meta()
-    check_engine_compatible(meta, "unet.plan", tensorrt_version="10.3.0", compute_capability="9.0",
-                            onnx_sha256="a" * 64)
+    check_engine_compatible(
+        meta, "unet.plan", tensorrt_version="10.3.0", compute_capability="9.0", onnx_sha256="a" * 64
+    )
     with pytest.raises(EngineMismatchError, match="unet.plan was built by TensorRT 10.3.0 but TensorRT 10.8.0"):
         check_engine_compatible(meta, "unet.plan", tensorrt_version="10.8.0", compute_capability="9.0")
     with pytest.raises(EngineMismatchError, match=r"compute capability 9.0 \(NVIDIA H100.*this GPU is 8.9"):
         check_engine_compatible(meta, "unet.plan", tensorrt_version="10.3.0", compute_capability="8.9")
     with pytest.raises(EngineMismatchError, match="another model or export"):
-        check_engine_compatible(meta, "unet.plan", tensorrt_version="10.3.0", compute_capability="9.0",
-                                onnx_sha256="b" * 64)
+        check_engine_compatible(
+            meta, "unet.plan", tensorrt_version="10.3.0", compute_capability="9.0", onnx_sha256="b" * 64
+        )
 
 
 def test_shapes_outside_the_profile_are_refused():
     meta = _meta()
     inside = {"sample": (2, 4, 64, 96), "timestep": (2,), "encoder_hidden_states": (2, 77, 768)}
     check_shapes_in_profile(meta, inside, "unet.plan")
-    with pytest.raises(EngineMismatchError, match=r"'sample' shape \[2, 4, 160, 64\] is outside .*"
-                                                  r"max \[8, 4, 128, 128\]"):
+    with pytest.raises(
+        EngineMismatchError,
+        match=r"'sample' shape \[2, 4, 160, 64\] is outside .*"
+        r"max \[8, 4, 128, 128\]",
+    ):
         check_shapes_in_profile(meta, {**inside, "sample": (2, 4, 160, 64)}, "unet.plan")
     with pytest.raises(EngineMismatchError, match="outside"):
         check_shapes_in_profile(meta, {**inside, "timestep": (10,)}, "unet.plan")
@@ -93,8 +110,7 @@ def test_engine_rebuild_decisions(tmp_path):
         "precision": engine_key_fields("unet", "a" * 64, profile, EngineOptions("bf16"), "10.3.0", H100),
         "onnx": engine_key_fields("unet", "b" * 64, profile, EngineOptions(), "10.3.0", H100),
         "tensorrt": engine_key_fields("unet", "a" * 64, profile, EngineOptions(), "10.4.0", H100),
-        "refittable": engine_key_fields("unet", "a" * 64, profile, EngineOptions(refittable=True), "10.3.0",
-                                        H100),
+        "refittable": engine_key_fields("unet", "a" * 64, profile, EngineOptions(refittable=True), "10.3.0", H100),
     }
     for field, changed in cases.items():
         assert manifest.decide("unet.plan", changed).reason == f"stale: {field} changed"
@@ -110,6 +126,7 @@ def test_tensorrt_engines_match_torch(model_folder, tmp_path):
     try:
         import_tensorrt()
         import torch
+
         if not torch.cuda.is_available():
             raise TensorRTUnavailable("no CUDA GPU")
     except TensorRTUnavailable as err:
@@ -120,8 +137,9 @@ def test_tensorrt_engines_match_torch(model_folder, tmp_path):
 
     folder = model_folder("sd1")
     reference = load_components(folder, device="cuda")
-    deployed = prepare_tensorrt(load_components(folder, device="cuda"), engine_dir=tmp_path,
-                                profile=SMALL_PROFILE, precision="fp32")
+    deployed = prepare_tensorrt(
+        load_components(folder, device="cuda"), engine_dir=tmp_path, profile=SMALL_PROFILE, precision="fp32"
+    )
     sample = torch.randn(2, 4, 6, 10, device="cuda")
     context = torch.randn(2, 77, 64, device="cuda")
     with torch.no_grad():
@@ -192,8 +210,11 @@ def test_engines_are_reused_rebuilt_and_checked_on_load(model_folder, onnx_expor
     assert built[2:] == [("unet.plan", "bf16"), ("vae_decoder.plan", "bf16")]
 
     gpu["compute_capability"] = "8.9"
-    with pytest.raises(EngineMismatchError, match=r"unet.plan was built for GPU compute capability 9.0 .*"
-                                                  r"this GPU is 8.9"):
+    with pytest.raises(
+        EngineMismatchError,
+        match=r"unet.plan was built for GPU compute capability 9.0 .*"
+        r"this GPU is 8.9",
+    ):
         trt_export.load_engine(plans["unet"])
     gpu["compute_capability"] = "9.0"
     fake.__version__ = "10.8.0"

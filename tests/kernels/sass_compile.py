@@ -11,6 +11,7 @@ list of AotConfig(fn, signature, constexprs, num_warps, num_stages). No GPU is n
 Prints one JSON object per line: kernel, constexprs, num_warps, registers, shared memory (bytes),
 local + stack memory (bytes), and the number of LDL/STL instructions (register spills) in the SASS.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,6 +29,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 def _cuobjdump() -> str:
     import triton
+
     return str(pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
 
 
@@ -48,13 +50,15 @@ def compile_one(fn, signature, constexprs, num_warps, num_stages, workdir: pathl
     from triton.compiler import ASTSource
 
     types, attrs = _split_signature(fn, signature)
-    compiled = triton.compile(ASTSource(fn, types, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+    compiled = triton.compile(
+        ASTSource(fn, types, constexprs, attrs),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": num_warps, "num_stages": num_stages},
+    )
     cubin = workdir / f"{index}.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
     sass = subprocess.run([_cuobjdump(), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
-    usage = subprocess.run([_cuobjdump(), "-res-usage", str(cubin)], capture_output=True, text=True,
-                           check=True).stdout
+    usage = subprocess.run([_cuobjdump(), "-res-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
     resources = dict(re.findall(r"\b(REG|SHARED|LOCAL|STACK):(\d+)", usage))
     return {
         "kernel": fn.__name__,

@@ -4,6 +4,7 @@ Without CUDA the kernel runs under TRITON_INTERPRET=1 (set by tests/conftest.py)
 are scaled down from 4096 while head dims, head counts and the 77-token context stay real. The
 full-size shapes run in the `gpu` tests.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -14,8 +15,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.attention import (_attention_fwd_kernel, aot_configs, attention, attention_reference,
-                               choose_config, split_head_dim)
+from kernels.attention import (
+    _attention_fwd_kernel,
+    aot_configs,
+    attention,
+    attention_reference,
+    choose_config,
+    split_head_dim,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -33,22 +40,22 @@ DTYPES = list(TOLERANCES)
 # (B, H, Nq, Nk, D), layout, each for a reason. "projection": q, k, v are head-split views of
 # [B, N, H*D] projection outputs (the UNet's layout); "contiguous": plain [B, H, N, D] tensors.
 SHAPES = [
-    ((2, 8, 256, 77, 40), "projection"),   # SD1.5 64x64 cross-attn: D=40 (32+16 chunks), 77 keys in one masked block
-    ((2, 8, 256, 77, 40), "contiguous"),   # the same with a row stride of 40 (not a multiple of 16)
+    ((2, 8, 256, 77, 40), "projection"),  # SD1.5 64x64 cross-attn: D=40 (32+16 chunks), 77 keys in one masked block
+    ((2, 8, 256, 77, 40), "contiguous"),  # the same with a row stride of 40 (not a multiple of 16)
     ((2, 8, 256, 256, 40), "projection"),  # SD1.5 64x64 self-attention: two full key blocks, no key tail
     ((1, 8, 200, 200, 80), "projection"),  # SD1.5 32x32 self: D=80 (64+16), Nq not a multiple of 128, key tail of 8
     ((1, 8, 200, 200, 80), "contiguous"),  # the same, contiguous
-    ((2, 8, 64, 77, 160), "projection"),   # SD1.5 8x8 cross-attention at its real size: D=160 (128+32), key tail
-    ((2, 8, 64, 64, 160), "contiguous"),   # SD1.5 8x8 self-attention at its real size: one full key block
-    ((1, 5, 300, 77, 64), "projection"),   # SD2.x H=5 D=64 cross-attention, Nq=300 leaves a 44-row query tail
+    ((2, 8, 64, 77, 160), "projection"),  # SD1.5 8x8 cross-attention at its real size: D=160 (128+32), key tail
+    ((2, 8, 64, 64, 160), "contiguous"),  # SD1.5 8x8 self-attention at its real size: one full key block
+    ((1, 5, 300, 77, 64), "projection"),  # SD2.x H=5 D=64 cross-attention, Nq=300 leaves a 44-row query tail
     ((3, 10, 40, 130, 64), "contiguous"),  # SD2.x/SDXL H=10, batch 3: one full key block plus a tail of 2
     ((1, 20, 64, 100, 64), "projection"),  # SD2.x/SDXL H=20, a short context that is not CLIP's 77
     ((1, 1, 100, 150, 24), "contiguous"),  # odd D=24 (one masked chunk of 32), context past the short threshold
-    ((1, 2, 129, 77, 72), "projection"),   # odd D=72 (64 + masked 16), one query row past a block
-    ((1, 1, 96, 77, 256), "projection"),   # largest D: 32-key blocks, two full ones and a tail of 13
-    ((1, 2, 40, 77, 8), "contiguous"),     # tiny D=8 (< 16, so even the first chunk is masked)
-    ((1, 1, 70, 90, 136), "projection"),   # D=136 (128 + masked 16) in the D=160 bucket
-    ((2, 3, 50, 1, 40), "projection"),     # a single key: softmax is 1, so out == v
+    ((1, 2, 129, 77, 72), "projection"),  # odd D=72 (64 + masked 16), one query row past a block
+    ((1, 1, 96, 77, 256), "projection"),  # largest D: 32-key blocks, two full ones and a tail of 13
+    ((1, 2, 40, 77, 8), "contiguous"),  # tiny D=8 (< 16, so even the first chunk is masked)
+    ((1, 1, 70, 90, 136), "projection"),  # D=136 (128 + masked 16) in the D=160 bucket
+    ((2, 3, 50, 1, 40), "projection"),  # a single key: softmax is 1, so out == v
 ]
 
 
@@ -64,10 +71,12 @@ def _randn(shape, gen, dtype, scale=1.0) -> torch.Tensor:
 def _qkv(b, h, nq, nk, d, dtype, layout, gen, q_scale=1.0):
     """q, k, v ~ N(0, 1) (q scaled by q_scale), as contiguous [B, H, N, D] tensors or as head-split
     views of [B, N, H*D] projection outputs (strides (N*H*D, D, H*D, 1)), the UNet's layout."""
+
     def make(n, scale=1.0):
         if layout == "contiguous":
             return _randn((b, h, n, d), gen, dtype, scale)
         return _randn((b, n, h * d), gen, dtype, scale).view(b, n, h, d).transpose(1, 2)
+
     return make(nq, q_scale), make(nk), make(nk)
 
 
@@ -81,7 +90,8 @@ def _assert_close(out, q, k, v, scale=None):
     worst = (err - bound).argmax()
     assert (err <= bound).all(), (
         f"max error {err.max().item():.3e} (torch SDPA {torch_err.item():.3e}, atol {atol:.1e}); "
-        f"worst at flat index {worst.item()}: kernel {out.flatten()[worst].item()} vs {ref.flatten()[worst].item()}")
+        f"worst at flat index {worst.item()}: kernel {out.flatten()[worst].item()} vs {ref.flatten()[worst].item()}"
+    )
 
 
 def _reference_fp32(q, k, v, scale):
@@ -161,15 +171,21 @@ def test_reference_matches_sdpa():
 def test_custom_op_registration():
     # Fake (meta) implementation, schema and dispatch checks for the custom op.
     q, k, v = _qkv(1, 2, 40, 77, 40, torch.float16, "projection", _generator("opcheck"))
-    torch.library.opcheck(torch.ops.sd_kernels.attention.default, (q, k, v, None),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(
+        torch.ops.sd_kernels.attention.default,
+        (q, k, v, None),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
     out = torch.full_like(q, float("nan"))
-    torch.library.opcheck(torch.ops.sd_kernels.attention_out.default, (q, k, v, out, 0.2),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.sd_kernels.attention_out.default, (q, k, v, out, 0.2), test_utils=("test_schema", "test_faketensor")
+    )
     with torch._subclasses.fake_tensor.FakeTensorMode():
-        fake = attention(torch.empty(2, 8, 4096, 40, dtype=torch.float16),
-                         torch.empty(2, 8, 77, 40, dtype=torch.float16),
-                         torch.empty(2, 8, 77, 40, dtype=torch.float16))
+        fake = attention(
+            torch.empty(2, 8, 4096, 40, dtype=torch.float16),
+            torch.empty(2, 8, 77, 40, dtype=torch.float16),
+            torch.empty(2, 8, 77, 40, dtype=torch.float16),
+        )
     assert fake.shape == (2, 8, 4096, 40) and fake.stride() == (4096 * 320, 40, 320, 1)
 
 
@@ -194,21 +210,55 @@ F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 Q = ((1, 1, 4, 40), F16)  # a valid q (and k, v) spec: (shape, dtype)
 
 
-@pytest.mark.parametrize("q, k, v, kwargs, match", [
-    (((8, 64, 40), F16), Q, Q, {}, r"q must be 4-D"),
-    (((2, 8, 64, 40), F16), ((2, 4, 77, 40), F16), ((2, 4, 77, 40), F16), {}, r"batch, heads and head dim must match"),
-    (((2, 8, 64, 40), F16), ((2, 8, 77, 40), F16), ((2, 8, 77, 64), F16), {}, r"batch, heads and head dim must match"),
-    (((1, 8, 64, 40), F16), ((2, 8, 77, 40), F16), ((2, 8, 77, 40), F16), {}, r"batch, heads and head dim must match"),
-    (((2, 8, 64, 40), F16), ((2, 8, 77, 40), F16), ((2, 8, 76, 40), F16), {}, r"k has 77 keys but v has 76"),
-    (((1, 1, 4, 320), F16),) * 3 + ({}, r"head dim 320 is not supported"),
-    (Q, ((1, 1, 4, 40), BF16), Q, {}, r"k has dtype torch.bfloat16 but q has torch.float16"),
-    (((1, 1, 4, 40), F32),) * 3 + ({}, r"supports torch.float16 and torch.bfloat16"),
-    (Q, ((1, 1, 0, 40), F16), ((1, 1, 0, 40), F16), {}, r"no keys"),
-    (Q, Q, Q, {"scale": -1.0}, r"scale must be a positive finite number"),
-    (Q, Q, Q, {"out": ((1, 1, 4, 41), F16)}, r"out must be \(1, 1, 4, 40\)"),
-    (Q, Q, Q, {"out": ((1, 1, 4, 40), BF16)}, r"out must be"),
-], ids=["rank", "heads", "head-dim", "batch", "nk", "D>256", "dtype-mismatch", "fp32", "empty-keys",
-        "scale", "out-shape", "out-dtype"])
+@pytest.mark.parametrize(
+    "q, k, v, kwargs, match",
+    [
+        (((8, 64, 40), F16), Q, Q, {}, r"q must be 4-D"),
+        (
+            ((2, 8, 64, 40), F16),
+            ((2, 4, 77, 40), F16),
+            ((2, 4, 77, 40), F16),
+            {},
+            r"batch, heads and head dim must match",
+        ),
+        (
+            ((2, 8, 64, 40), F16),
+            ((2, 8, 77, 40), F16),
+            ((2, 8, 77, 64), F16),
+            {},
+            r"batch, heads and head dim must match",
+        ),
+        (
+            ((1, 8, 64, 40), F16),
+            ((2, 8, 77, 40), F16),
+            ((2, 8, 77, 40), F16),
+            {},
+            r"batch, heads and head dim must match",
+        ),
+        (((2, 8, 64, 40), F16), ((2, 8, 77, 40), F16), ((2, 8, 76, 40), F16), {}, r"k has 77 keys but v has 76"),
+        (((1, 1, 4, 320), F16),) * 3 + ({}, r"head dim 320 is not supported"),
+        (Q, ((1, 1, 4, 40), BF16), Q, {}, r"k has dtype torch.bfloat16 but q has torch.float16"),
+        (((1, 1, 4, 40), F32),) * 3 + ({}, r"supports torch.float16 and torch.bfloat16"),
+        (Q, ((1, 1, 0, 40), F16), ((1, 1, 0, 40), F16), {}, r"no keys"),
+        (Q, Q, Q, {"scale": -1.0}, r"scale must be a positive finite number"),
+        (Q, Q, Q, {"out": ((1, 1, 4, 41), F16)}, r"out must be \(1, 1, 4, 40\)"),
+        (Q, Q, Q, {"out": ((1, 1, 4, 40), BF16)}, r"out must be"),
+    ],
+    ids=[
+        "rank",
+        "heads",
+        "head-dim",
+        "batch",
+        "nk",
+        "D>256",
+        "dtype-mismatch",
+        "fp32",
+        "empty-keys",
+        "scale",
+        "out-shape",
+        "out-dtype",
+    ],
+)
 def test_bad_input_is_rejected_clearly(q, k, v, kwargs, match):
     make = lambda spec: torch.randn(spec[0]).to(dtype=spec[1], device=DEVICE)
     kwargs = {name: make(val) if name == "out" else val for name, val in kwargs.items()}
@@ -237,9 +287,22 @@ def test_integer_dtype_rejected():
 
 # ---- launch configuration ----
 
-@pytest.mark.parametrize("head_dim, chunks", [(40, (32, 16)), (80, (64, 16)), (160, (128, 32)), (64, (64, 0)),
-                                              (24, (32, 0)), (8, (16, 0)), (72, (64, 16)), (200, (256, 0)),
-                                              (256, (256, 0)), (1, (16, 0))])
+
+@pytest.mark.parametrize(
+    "head_dim, chunks",
+    [
+        (40, (32, 16)),
+        (80, (64, 16)),
+        (160, (128, 32)),
+        (64, (64, 0)),
+        (24, (32, 0)),
+        (8, (16, 0)),
+        (72, (64, 16)),
+        (200, (256, 0)),
+        (256, (256, 0)),
+        (1, (16, 0)),
+    ],
+)
 def test_split_head_dim(head_dim, chunks):
     assert split_head_dim(head_dim) == chunks
 
@@ -252,28 +315,51 @@ def test_aot_configs_cover_sd_head_dims():
     for fn, signature, constexprs, num_warps, num_stages in aot_configs():
         assert fn is _attention_fwd_kernel and list(signature) == arg_names
         assert {n for n, t in signature.items() if t == "constexpr"} == set(constexprs)
-        listed.add((signature["Q"].split(":")[0], constexprs["HEAD_DIM"], constexprs["BLOCK_M"], constexprs["BLOCK_N"],
-                    constexprs["BLOCK_D0"], constexprs["BLOCK_D1"], num_warps, num_stages))
+        listed.add(
+            (
+                signature["Q"].split(":")[0],
+                constexprs["HEAD_DIM"],
+                constexprs["BLOCK_M"],
+                constexprs["BLOCK_N"],
+                constexprs["BLOCK_D0"],
+                constexprs["BLOCK_D1"],
+                num_warps,
+                num_stages,
+            )
+        )
     for dtype in ("*fp16", "*bf16"):
         for head_dim in (40, 64, 80, 160):
             for n_keys in (77, 4096):
                 c = choose_config(head_dim, n_keys)
-                assert (dtype, head_dim, c.block_m, c.block_n, c.block_d0, c.block_d1, c.num_warps,
-                        c.num_stages) in listed
+                assert (
+                    dtype,
+                    head_dim,
+                    c.block_m,
+                    c.block_n,
+                    c.block_d0,
+                    c.block_d1,
+                    c.num_warps,
+                    c.num_stages,
+                ) in listed
 
 
 # ---- full-size shapes on the GPU ----
 
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [
-    (2, 8, 4096, 4096, 40),  # SD1.5 64x64 self-attention
-    (2, 8, 4096, 77, 40),    # SD1.5 64x64 cross-attention
-    (2, 8, 1024, 1024, 80),  # SD1.5 32x32 self-attention
-    (2, 8, 256, 77, 160),    # SD1.5 16x16 cross-attention
-    (2, 10, 4096, 4096, 64), # SDXL 64x64 self-attention
-], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (2, 8, 4096, 4096, 40),  # SD1.5 64x64 self-attention
+        (2, 8, 4096, 77, 40),  # SD1.5 64x64 cross-attention
+        (2, 8, 1024, 1024, 80),  # SD1.5 32x32 self-attention
+        (2, 8, 256, 77, 160),  # SD1.5 16x16 cross-attention
+        (2, 10, 4096, 4096, 64),  # SDXL 64x64 self-attention
+    ],
+    ids=lambda s: "x".join(map(str, s)),
+)
 def test_full_size_on_gpu(shape, dtype):
     b, h, nq, nk, d = shape
     q, k, v = _qkv(*shape, dtype, "projection", _generator("gpu", shape, dtype))

@@ -4,6 +4,7 @@ Inputs are fresh random tensors (the gate's spread covers GELU's curved region a
 are poisoned with NaN through `launch(out=...)` before every run, so an element the kernel fails to
 write cannot pass.
 """
+
 import importlib
 
 import pytest
@@ -25,11 +26,11 @@ TOLERANCES = {
 # about 50 programs a second) except where noted.
 SHAPES = [
     (2 * 8 * 8, 5120),  # SD 1.5 deepest level (8x8 latent tokens, batch 2) at its real size: 4 x 1280
-    (2 * 12, 5120),     # SD 2.1 768px deepest level width, a row count that is not a multiple of BLOCK_M
-    (37, 2560),         # second level, 4 x 640; odd row count masks the last row block
-    (19, 1280),         # first level, 4 x 320 (SD 1.x, 2.x and SDXL all have it)
-    (5, 1000),          # a width that is not a multiple of the column block: masked columns
-    (3, 96),            # a width below the column block (tiny test models: 4 x 24)
+    (2 * 12, 5120),  # SD 2.1 768px deepest level width, a row count that is not a multiple of BLOCK_M
+    (37, 2560),  # second level, 4 x 640; odd row count masks the last row block
+    (19, 1280),  # first level, 4 x 320 (SD 1.x, 2.x and SDXL all have it)
+    (5, 1000),  # a width that is not a multiple of the column block: masked columns
+    (3, 96),  # a width below the column block (tiny test models: 4 x 24)
 ]
 
 
@@ -90,12 +91,15 @@ def test_fake_implementation_gives_the_output_shape_without_running():
     assert y.shape == (2, 4096, 1280) and y.dtype == torch.float16 and y.device.type == "meta"
 
 
-@pytest.mark.parametrize("x, error, message", [
-    (torch.zeros(4, 7, dtype=torch.float16), ValueError, "must be even"),
-    (torch.zeros(4, 0, dtype=torch.float16), ValueError, "must be even and non-zero"),
-    (torch.zeros(4, 8, dtype=torch.float64), TypeError, "dtype torch.float64"),
-    ([1.0, 2.0], TypeError, "must be a torch.Tensor"),
-])
+@pytest.mark.parametrize(
+    "x, error, message",
+    [
+        (torch.zeros(4, 7, dtype=torch.float16), ValueError, "must be even"),
+        (torch.zeros(4, 0, dtype=torch.float16), ValueError, "must be even and non-zero"),
+        (torch.zeros(4, 8, dtype=torch.float64), TypeError, "dtype torch.float64"),
+        ([1.0, 2.0], TypeError, "must be a torch.Tensor"),
+    ],
+)
 def test_bad_inputs_are_named(x, error, message):
     with pytest.raises(error, match=message):
         geglu(x)

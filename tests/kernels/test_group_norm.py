@@ -4,6 +4,7 @@ Inputs are fresh random tensors with mean 3 and std 2 (a non-zero mean exposes E
 cancellation); weights and biases are random, far from the identity init. Outputs are poisoned with NaN
 through `out=` before every run, so an element the kernel fails to write cannot pass.
 """
+
 import dataclasses
 
 import pytest
@@ -140,8 +141,9 @@ def test_several_tiles_per_program_with_empty_tail_tiles():
     # Cg = 5 over 2-channel tiles (a masked channel tail), 63 positions over 16-position tiles, and
     # 12 tiles in chunks of 5: the last program meets two tiles past the end of the group.
     x, weight, bias = _random_inputs((1, 160, 7, 9), torch.float32, DEVICE, False)
-    config = gn.LaunchConfig(block_hw=16, block_c=2, num_c_tiles=3, num_tiles=12, tiles_per_prog=5,
-                             split=3, num_warps=1)
+    config = gn.LaunchConfig(
+        block_hw=16, block_c=2, num_c_tiles=3, num_tiles=12, tiles_per_prog=5, split=3, num_warps=1
+    )
     out = _poisoned_like(x)
     gn.launch(x, 32, weight, bias, 1e-5, "silu", out, config)
     _assert_close_to_reference(x, weight, bias, "silu", out)
@@ -175,7 +177,6 @@ def test_custom_op_under_torch_compile_and_export():
     torch.testing.assert_close(exported.module()(x), Norm()(x))
 
 
-
 # channels_last inputs take the chunked kernels (whole groups per power-of-two chunk of lanes): one case
 # per channel count of the real models (32 groups), each at odd spatial sizes, rotating batch, dtype,
 # SiLU and affine so that every combination appears without a full cross product (the interpreter is slow).
@@ -194,8 +195,10 @@ CHANNELS_LAST_CASES = [
 
 
 def _affine(weight, bias, affine):
-    return (weight if affine in ("affine", "weight_only") else None,
-            bias if affine in ("affine", "bias_only") else None)
+    return (
+        weight if affine in ("affine", "weight_only") else None,
+        bias if affine in ("affine", "bias_only") else None,
+    )
 
 
 @pytest.mark.parametrize("shape, dtype, activation, affine", CHANNELS_LAST_CASES, ids=str)
@@ -213,8 +216,17 @@ def test_channels_last_several_tiles_per_program_and_partial_chunk():
     # 32 groups of 10 in chunks of 12: the last chunk holds 8 groups in 128 lanes.
     assert gn.MERGE_BLOCK < 20
     x, weight, bias = _random_inputs((2, 320, 7, 11), torch.float32, DEVICE, channels_last=True)
-    config = gn.ChannelsLastConfig(groups_per_chunk=12, block_c=128, block_g=16, num_chunks=3, block_hw=2,
-                                   num_tiles=39, tiles_per_prog=2, split=20, num_warps=1)
+    config = gn.ChannelsLastConfig(
+        groups_per_chunk=12,
+        block_c=128,
+        block_g=16,
+        num_chunks=3,
+        block_hw=2,
+        num_tiles=39,
+        tiles_per_prog=2,
+        split=20,
+        num_warps=1,
+    )
     out = _poisoned_like(x)
     gn.launch(x, 32, weight, bias, 1e-5, "silu", out, config)
     _assert_close_to_reference(x, weight, bias, "silu", out)
@@ -267,25 +279,29 @@ def test_channels_last_chunks_are_aligned_and_fill_an_h100(channels):
     assert config.split * config.tiles_per_prog >= config.num_tiles > (config.split - 1) * config.tiles_per_prog
     assert config.block_g * config.split <= gn.MERGE_LANES  # bounded merge work per apply program
 
-@pytest.mark.parametrize("call, message", [
-    (lambda x, w: group_norm(x[0], 32, w, w), "4-D"),
-    (lambda x, w: group_norm(x, 30, None, None), "divisible by num_groups"),
-    (lambda x, w: group_norm(x, 0, None, None), "num_groups"),
-    (lambda x, w: group_norm(x, 32, w[:10], None), "weight must have shape"),
-    (lambda x, w: group_norm(x, 32, None, w[:, None]), "bias must have shape"),
-    (lambda x, w: group_norm(x.double(), 32, None, None), "dtype"),
-    (lambda x, w: group_norm(x.int(), 32, None, None), "dtype"),
-    (lambda x, w: group_norm(x, 32, w.double(), None), "weight dtype"),
-    (lambda x, w: group_norm(x, 32, None, None, activation="gelu"), "activation"),
-    (lambda x, w: group_norm(x, 32, None, None, eps=-1.0), "eps"),
-    (lambda x, w: group_norm(x, 32, None, None, out=torch.empty(2, 64, 3, 3)), "out must match"),
-    (lambda x, w: group_norm(x, 32, None, None, out=x.half()), "out must match"),
-    (lambda x, w: group_norm(x.numpy(), 32, None, None), "torch.Tensor"),
-    (lambda x, w: group_norm(x, 32, None, None, out=x.numpy()), "out must be a tensor"),
-    (lambda x, w: group_norm(x, 32, None, None, out=torch.empty(2, 64, 8, 4)[:, :, ::2]), "flattening H and W"),
-    # Shape checks alone: a meta tensor allocates nothing.
-    (lambda x, w: group_norm(torch.empty(1, 32, 2**16, 2**15, device="meta"), 32), r">= 2\*\*31 elements"),
-])
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda x, w: group_norm(x[0], 32, w, w), "4-D"),
+        (lambda x, w: group_norm(x, 30, None, None), "divisible by num_groups"),
+        (lambda x, w: group_norm(x, 0, None, None), "num_groups"),
+        (lambda x, w: group_norm(x, 32, w[:10], None), "weight must have shape"),
+        (lambda x, w: group_norm(x, 32, None, w[:, None]), "bias must have shape"),
+        (lambda x, w: group_norm(x.double(), 32, None, None), "dtype"),
+        (lambda x, w: group_norm(x.int(), 32, None, None), "dtype"),
+        (lambda x, w: group_norm(x, 32, w.double(), None), "weight dtype"),
+        (lambda x, w: group_norm(x, 32, None, None, activation="gelu"), "activation"),
+        (lambda x, w: group_norm(x, 32, None, None, eps=-1.0), "eps"),
+        (lambda x, w: group_norm(x, 32, None, None, out=torch.empty(2, 64, 3, 3)), "out must match"),
+        (lambda x, w: group_norm(x, 32, None, None, out=x.half()), "out must match"),
+        (lambda x, w: group_norm(x.numpy(), 32, None, None), "torch.Tensor"),
+        (lambda x, w: group_norm(x, 32, None, None, out=x.numpy()), "out must be a tensor"),
+        (lambda x, w: group_norm(x, 32, None, None, out=torch.empty(2, 64, 8, 4)[:, :, ::2]), "flattening H and W"),
+        # Shape checks alone: a meta tensor allocates nothing.
+        (lambda x, w: group_norm(torch.empty(1, 32, 2**16, 2**15, device="meta"), 32), r">= 2\*\*31 elements"),
+    ],
+)
 def test_bad_input_gives_clear_error(call, message):
     x = torch.randn(2, 64, 4, 4) + 3
     w = torch.randn(64)
@@ -357,15 +373,22 @@ class _RecordingKernel:
         return lambda *args, **kwargs: self.launches.append((grid, args))
 
 
-@pytest.mark.parametrize("shape, channels_last, kernel", [
-    ((1, 128, 2048, 2048), True, "_group_norm_cl_apply_kernel"),   # VAE decode at 2048^2: HW/64 = 65536
-    ((1, 128, 3000, 3000), True, "_group_norm_cl_apply_kernel"),   # 140625 tiles: three launches
-    ((1, 32, 16384, 16400), False, "_group_norm_apply_kernel"),    # NCHW, 4096-position tiles: 65600
-])
+@pytest.mark.parametrize(
+    "shape, channels_last, kernel",
+    [
+        ((1, 128, 2048, 2048), True, "_group_norm_cl_apply_kernel"),  # VAE decode at 2048^2: HW/64 = 65536
+        ((1, 128, 3000, 3000), True, "_group_norm_cl_apply_kernel"),  # 140625 tiles: three launches
+        ((1, 32, 16384, 16400), False, "_group_norm_apply_kernel"),  # NCHW, 4096-position tiles: 65600
+    ],
+)
 def test_apply_launches_keep_grid_axis_1_within_the_cuda_limit(monkeypatch, shape, channels_last, kernel):
     # Meta tensors: the launcher's arithmetic at full size, no memory, kernels recorded instead of run.
-    for name in ("_group_norm_stats_kernel", "_group_norm_apply_kernel", "_group_norm_cl_stats_kernel",
-                 "_group_norm_cl_apply_kernel"):
+    for name in (
+        "_group_norm_stats_kernel",
+        "_group_norm_apply_kernel",
+        "_group_norm_cl_stats_kernel",
+        "_group_norm_cl_apply_kernel",
+    ):
         monkeypatch.setattr(gn, name, _RecordingKernel())
     x = torch.empty(shape, device="meta", dtype=torch.float16)
     if channels_last:
@@ -375,8 +398,11 @@ def test_apply_launches_keep_grid_axis_1_within_the_cuda_limit(monkeypatch, shap
     gn.launch(x, 32, weight, bias, 1e-5, "silu", out)
     launches = getattr(gn, kernel).launches
     hw = shape[2] * shape[3]
-    block_hw = (gn.choose_channels_last_config(1, shape[1], hw, 32) if channels_last
-                else gn.choose_config(1, shape[1] // 32, hw, 32, False)).block_hw
+    block_hw = (
+        gn.choose_channels_last_config(1, shape[1], hw, 32)
+        if channels_last
+        else gn.choose_config(1, shape[1] // 32, hw, 32, False)
+    ).block_hw
     assert len(launches) > 1 and all(grid[1] <= gn.MAX_GRID_Y for grid, _ in launches)
     spatial_stride = shape[1] if channels_last else 1
     hw_arg = 10 if channels_last else 12  # HW's position in the apply kernel's arguments
@@ -396,11 +422,13 @@ def test_apply_split_into_several_launches_gives_the_same_result(monkeypatch, ch
     x, weight, bias = _random_inputs((2, 64, 9, 8), torch.float32, DEVICE, channels_last=channels_last, seed=11)
     hw = x.shape[2] * x.shape[3]
     if channels_last:
-        config = dataclasses.replace(gn.choose_channels_last_config(2, 64, hw, 32), block_hw=8, num_tiles=9,
-                                     tiles_per_prog=3, split=3)
+        config = dataclasses.replace(
+            gn.choose_channels_last_config(2, 64, hw, 32), block_hw=8, num_tiles=9, tiles_per_prog=3, split=3
+        )
     else:
-        config = dataclasses.replace(gn.choose_config(2, 2, hw, 32, False), block_hw=8, num_tiles=9 * 1,
-                                     tiles_per_prog=3, split=3)
+        config = dataclasses.replace(
+            gn.choose_config(2, 2, hw, 32, False), block_hw=8, num_tiles=9 * 1, tiles_per_prog=3, split=3
+        )
     assert len(gn._spatial_launches(hw, 8)) == 5  # 9 tiles, 2 per launch
     out = _poisoned_like(x)
     gn.launch(x, 32, weight, bias, 1e-5, "silu", out, config)

@@ -4,6 +4,7 @@ Runs tests/kernels/sass_compile.py in a subprocess without TRITON_INTERPRET (the
 @triton.jit functions at decoration time). Needs no GPU: ptxas and cuobjdump ship with triton.
 Each kernel module lists its configurations in aot_configs() (the convention of kernels/aot.py).
 """
+
 import json
 import os
 import pathlib
@@ -19,8 +20,9 @@ H100_SHARED_PER_BLOCK = 227 * 1024  # opt-in maximum per block; the SM has 228 K
 
 def _compile_all(module: str) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, str(SCRIPT), module], cwd=REPO_ROOT, env=env, capture_output=True,
-                          text=True, timeout=1800)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), module], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800
+    )
     assert done.returncode == 0, f"sass_compile.py {module} failed:\n{done.stderr[-4000:]}"
     return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
 
@@ -31,8 +33,10 @@ def test_sm90_sass_has_no_spills_and_fits_shared_memory(module):
     rows = _compile_all(module)
     assert rows, f"{module}.aot_configs() is empty"
     for row in rows:
-        print(f"{row['kernel']} warps={row['num_warps']} regs={row['registers']} "
-              f"shared={row['shared_bytes']}B {row['constexprs']}")
+        print(
+            f"{row['kernel']} warps={row['num_warps']} regs={row['registers']} "
+            f"shared={row['shared_bytes']}B {row['constexprs']}"
+        )
     spilling = [r for r in rows if r["spill_instructions"] or r["local_bytes"]]
     assert not spilling, "register spills (LDL/STL) in:\n" + "\n".join(map(json.dumps, spilling))
     too_big = [r for r in rows if r["shared_bytes"] > H100_SHARED_PER_BLOCK]

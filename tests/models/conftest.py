@@ -1,4 +1,5 @@
 """Helpers for the model parity tests: perturbed random weights and a relative-error check."""
+
 import random
 
 import pytest

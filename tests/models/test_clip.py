@@ -1,4 +1,5 @@
 """Our CLIP text encoder against transformers' CLIPTextModel on perturbed random weights."""
+
 import pytest
 import torch
 import transformers
@@ -7,27 +8,56 @@ from runtime.models.clip import CLIPTextConfig, CLIPTextModel
 
 # diffusers' text_encoder/config.json of SD 1.5 (OpenAI CLIP ViT-L/14, written by transformers 4.x).
 SD15_TEXT_ENCODER_CONFIG = {
-    "_name_or_path": "openai/clip-vit-large-patch14", "architectures": ["CLIPTextModel"],
-    "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0, "eos_token_id": 2,
-    "hidden_act": "quick_gelu", "hidden_size": 768, "initializer_factor": 1.0,
-    "initializer_range": 0.02, "intermediate_size": 3072, "layer_norm_eps": 1e-05,
-    "max_position_embeddings": 77, "model_type": "clip_text_model", "num_attention_heads": 12,
-    "num_hidden_layers": 12, "pad_token_id": 1, "projection_dim": 768, "torch_dtype": "float32",
-    "transformers_version": "4.22.0.dev0", "vocab_size": 49408,
+    "_name_or_path": "openai/clip-vit-large-patch14",
+    "architectures": ["CLIPTextModel"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "quick_gelu",
+    "hidden_size": 768,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "model_type": "clip_text_model",
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "pad_token_id": 1,
+    "projection_dim": 768,
+    "torch_dtype": "float32",
+    "transformers_version": "4.22.0.dev0",
+    "vocab_size": 49408,
 }
 # SD 2.x (OpenCLIP ViT-H/14 text tower, 23 of its 24 layers, exact GELU).
 SD2_TEXT_ENCODER_CONFIG = {
-    **SD15_TEXT_ENCODER_CONFIG, "hidden_act": "gelu", "hidden_size": 1024, "intermediate_size": 4096,
-    "num_attention_heads": 16, "num_hidden_layers": 23, "projection_dim": 512,
+    **SD15_TEXT_ENCODER_CONFIG,
+    "hidden_act": "gelu",
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_attention_heads": 16,
+    "num_hidden_layers": 23,
+    "projection_dim": 512,
     "transformers_version": "4.25.0.dev0",
 }
 
 
 def _small_config(hidden_act: str) -> dict:
     # Odd head count and a width that is not a power of two, to catch head-split mistakes.
-    return {"vocab_size": 1000, "hidden_size": 96, "intermediate_size": 200, "num_hidden_layers": 3,
-            "num_attention_heads": 3, "max_position_embeddings": 77, "hidden_act": hidden_act,
-            "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+    return {
+        "vocab_size": 1000,
+        "hidden_size": 96,
+        "intermediate_size": 200,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 3,
+        "max_position_embeddings": 77,
+        "hidden_act": hidden_act,
+        "layer_norm_eps": 1e-5,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+    }
 
 
 def _perturbed_reference(config: dict, seed: int) -> transformers.CLIPTextModel:
@@ -94,24 +124,30 @@ def test_every_key_transformers_writes_is_accepted():
     assert CLIPTextConfig.from_dict(written) == CLIPTextConfig.from_dict(_small_config("gelu"))
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("hidden_act", "relu", "hidden_act"),
-    ("use_rotary_embeddings", True, "use_rotary_embeddings"),
-    ("model_type", "clip_vision_model", "model_type"),
-    ("num_attention_heads", 7, "num_attention_heads"),
-    ("hidden_size", "768", "hidden_size"),
-    ("layer_norm_eps", 0.0, "layer_norm_eps"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("hidden_act", "relu", "hidden_act"),
+        ("use_rotary_embeddings", True, "use_rotary_embeddings"),
+        ("model_type", "clip_vision_model", "model_type"),
+        ("num_attention_heads", 7, "num_attention_heads"),
+        ("hidden_size", "768", "hidden_size"),
+        ("layer_norm_eps", 0.0, "layer_norm_eps"),
+    ],
+)
 def test_bad_config_names_the_key(key, value, message):
     with pytest.raises(ValueError, match=message):
         CLIPTextConfig.from_dict({**SD15_TEXT_ENCODER_CONFIG, key: value})
 
 
-@pytest.mark.parametrize("ids, message", [
-    (torch.rand(1, 77), "int64 or int32"),
-    (torch.randint(0, 1000, (77,)), "batch, tokens"),
-    (torch.randint(0, 1000, (1, 78)), "max_position_embeddings"),
-])
+@pytest.mark.parametrize(
+    "ids, message",
+    [
+        (torch.rand(1, 77), "int64 or int32"),
+        (torch.randint(0, 1000, (77,)), "batch, tokens"),
+        (torch.randint(0, 1000, (1, 78)), "max_position_embeddings"),
+    ],
+)
 def test_bad_input_ids_give_clear_errors(ids, message):
     model = CLIPTextModel(CLIPTextConfig.from_dict(_small_config("gelu")))
     with pytest.raises(ValueError, match=message):

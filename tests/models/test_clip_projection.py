@@ -3,6 +3,7 @@
 CLIPTextModel (SDXL's CLIP ViT-L) and CLIPTextModelWithProjection (OpenCLIP ViT-bigG) on perturbed
 random weights, at small configs and (slow) at the full SDXL configs.
 """
+
 import pytest
 import torch
 import transformers
@@ -12,27 +13,55 @@ from runtime.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWith
 # diffusers' stable-diffusion-xl-base-1.0 text_encoder_2/config.json (written by transformers 4.32), without
 # its "torch_dtype": "float16", which would make transformers build the fp32 reference in fp16.
 SDXL_TEXT_ENCODER_2_CONFIG = {
-    "architectures": ["CLIPTextModelWithProjection"], "attention_dropout": 0.0, "bos_token_id": 0,
-    "dropout": 0.0, "eos_token_id": 2, "hidden_act": "gelu", "hidden_size": 1280, "initializer_factor": 1.0,
-    "initializer_range": 0.02, "intermediate_size": 5120, "layer_norm_eps": 1e-05,
-    "max_position_embeddings": 77, "model_type": "clip_text_model", "num_attention_heads": 20,
-    "num_hidden_layers": 32, "pad_token_id": 1, "projection_dim": 1280,
-    "transformers_version": "4.32.0.dev0", "vocab_size": 49408,
+    "architectures": ["CLIPTextModelWithProjection"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "gelu",
+    "hidden_size": 1280,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 5120,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "model_type": "clip_text_model",
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "pad_token_id": 1,
+    "projection_dim": 1280,
+    "transformers_version": "4.32.0.dev0",
+    "vocab_size": 49408,
 }
 # text_encoder/config.json of the same repository (OpenAI CLIP ViT-L/14).
 SDXL_TEXT_ENCODER_CONFIG = {
-    **SDXL_TEXT_ENCODER_2_CONFIG, "architectures": ["CLIPTextModel"], "hidden_act": "quick_gelu",
-    "hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
+    **SDXL_TEXT_ENCODER_2_CONFIG,
+    "architectures": ["CLIPTextModel"],
+    "hidden_act": "quick_gelu",
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
     "projection_dim": 768,
 }
 
 
 def _small(eos_token_id: int, hidden_act: str = "gelu") -> dict:
     # Odd head count, a width that is not a power of two, a projection of another width.
-    return {"vocab_size": 1000, "hidden_size": 96, "intermediate_size": 200, "num_hidden_layers": 3,
-            "num_attention_heads": 3, "max_position_embeddings": 77, "hidden_act": hidden_act,
-            "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": eos_token_id, "pad_token_id": 1,
-            "projection_dim": 40}
+    return {
+        "vocab_size": 1000,
+        "hidden_size": 96,
+        "intermediate_size": 200,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 3,
+        "max_position_embeddings": 77,
+        "hidden_act": hidden_act,
+        "layer_norm_eps": 1e-5,
+        "bos_token_id": 0,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": 1,
+        "projection_dim": 40,
+    }
 
 
 def _perturb(module: torch.nn.Module, seed: int) -> None:
@@ -49,7 +78,7 @@ def _ids(config: dict, batch: int, seed: int, eos: int) -> torch.Tensor:
     ids = torch.randint(1, eos, (batch, 77), generator=generator)
     for row, length in enumerate(torch.randint(3, 70, (batch,), generator=generator).tolist()):
         ids[row, length] = eos
-        ids[row, length + 1:] = eos if row % 2 else 0  # SD 1.x pads with end-of-text, SDXL's encoder 2 with "!"
+        ids[row, length + 1 :] = eos if row % 2 else 0  # SD 1.x pads with end-of-text, SDXL's encoder 2 with "!"
     assert ids.max() < vocab
     return ids
 

@@ -1,4 +1,5 @@
 """Parity of our UNet with diffusers' UNet2DConditionModel on perturbed random weights (fp32, CPU)."""
+
 import gc
 
 import pytest
@@ -13,33 +14,57 @@ TOLERANCE = 1e-5
 
 # SD 1.x shape: 1x1-conv projections, 8 heads everywhere, CrossAttn levels above a plain bottom level.
 SD1_SMALL = dict(
-    sample_size=16, block_out_channels=(32, 64, 64), layers_per_block=2, norm_num_groups=8,
+    sample_size=16,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=2,
+    norm_num_groups=8,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32, attention_head_dim=8,
+    cross_attention_dim=32,
+    attention_head_dim=8,
 )
 # SD 2.x shape: Linear projections, per-level head COUNTS (head dim 16 everywhere), fp32 attention.
 SD2_SMALL = dict(
-    SD1_SMALL, attention_head_dim=(2, 4, 4), use_linear_projection=True, upcast_attention=True,
+    SD1_SMALL,
+    attention_head_dim=(2, 4, 4),
+    use_linear_projection=True,
+    upcast_attention=True,
     cross_attention_dim=48,
 )
 # SD 1.x inpainting: latents + mask + masked-image latents.
 INPAINT_SMALL = dict(SD1_SMALL, in_channels=9, layers_per_block=1)
 # SDXL shape: plain top level, deeper transformers, pooled-text + size ids added to the time embedding.
 SDXL_SMALL = dict(
-    sample_size=16, block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8,
+    sample_size=16,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    norm_num_groups=8,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 2), attention_head_dim=(2, 4, 4), use_linear_projection=True,
-    cross_attention_dim=40, addition_embed_type="text_time", addition_time_embed_dim=8,
+    transformer_layers_per_block=(1, 2, 2),
+    attention_head_dim=(2, 4, 4),
+    use_linear_projection=True,
+    cross_attention_dim=40,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
     projection_class_embeddings_input_dim=24 + 6 * 8,
 )
 # Rarely used knobs we claim to honour, all at once.
 KNOBS_SMALL = dict(
-    SD1_SMALL, layers_per_block=(1, 2, 1), only_cross_attention=(True, False, True),  # the mid block ignores it
-    cross_attention_dim=(32, 32, 32), transformer_layers_per_block=(2, 1, 1), mid_block_scale_factor=1.41,
-    time_embedding_dim=96, center_input_sample=True, flip_sin_to_cos=False, freq_shift=1,
-    conv_in_kernel=1, conv_out_kernel=5, downsample_padding=0, norm_eps=1e-6,
+    SD1_SMALL,
+    layers_per_block=(1, 2, 1),
+    only_cross_attention=(True, False, True),  # the mid block ignores it
+    cross_attention_dim=(32, 32, 32),
+    transformer_layers_per_block=(2, 1, 1),
+    mid_block_scale_factor=1.41,
+    time_embedding_dim=96,
+    center_input_sample=True,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    conv_in_kernel=1,
+    conv_out_kernel=5,
+    downsample_padding=0,
+    norm_eps=1e-6,
 )
 
 
@@ -60,13 +85,16 @@ def random_inputs(config: UNetConfig, generator: torch.Generator, batch: int = 2
     return sample, timesteps, context
 
 
-@pytest.mark.parametrize("name,config_kwargs,size", [
-    ("sd1", SD1_SMALL, (8, 8)),
-    ("sd2", SD2_SMALL, (8, 8)),
-    ("inpaint", INPAINT_SMALL, (8, 8)),
-    ("sd1_odd_size", SD1_SMALL, (9, 7)),  # not divisible by 4: upsampling follows the skips' sizes
-    ("knobs", KNOBS_SMALL, (8, 12)),
-])
+@pytest.mark.parametrize(
+    "name,config_kwargs,size",
+    [
+        ("sd1", SD1_SMALL, (8, 8)),
+        ("sd2", SD2_SMALL, (8, 8)),
+        ("inpaint", INPAINT_SMALL, (8, 8)),
+        ("sd1_odd_size", SD1_SMALL, (9, 7)),  # not divisible by 4: upsampling follows the skips' sizes
+        ("knobs", KNOBS_SMALL, (8, 12)),
+    ],
+)
 def test_matches_diffusers(name, config_kwargs, size, generator):
     ref, ours = build_pair(config_kwargs, generator)
     sample, timesteps, context = random_inputs(ours.config, generator, size=size)
@@ -83,8 +111,9 @@ def test_sdxl_text_time_matches_diffusers(generator):
     text_embeds = torch.randn(2, 24, generator=generator)
     time_ids = torch.randint(0, 1024, (2, 6), generator=generator).float()
     with torch.no_grad():
-        expected = ref(sample, timesteps, context,
-                       added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}).sample
+        expected = ref(
+            sample, timesteps, context, added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}
+        ).sample
         actual = ours(sample, timesteps, context, text_embeds=text_embeds, time_ids=time_ids)
     error = relative_error(actual, expected)
     assert error <= TOLERANCE, f"relative error {error:.2e} (seed {generator.initial_seed()})"
@@ -146,8 +175,10 @@ def test_bad_input_shapes_are_named(generator):
         ((sample[:, :3], timesteps, context), r"sample must be \[B, 4, h, w\], got \(2, 3, 8, 8\)"),
         ((sample, timesteps, context[0]), r"encoder_hidden_states must be \[B=2, tokens, C\]"),
         ((sample, timesteps, context[:1]), r"encoder_hidden_states must be \[B=2, tokens, C\], got \(1, 7, 32\)"),
-        ((sample, timesteps, torch.randn(2, 7, 40, generator=generator)),
-         r"width 40 does not match config field cross_attention_dim \(32\)"),
+        (
+            (sample, timesteps, torch.randn(2, 7, 40, generator=generator)),
+            r"width 40 does not match config field cross_attention_dim \(32\)",
+        ),
     ]
     with torch.no_grad():
         for args, message in cases:
@@ -155,22 +186,28 @@ def test_bad_input_shapes_are_named(generator):
                 ours(*args)
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("class_embed_type", "timestep", "class_embed_type"),
-    ("time_cond_proj_dim", 256, "time_cond_proj_dim"),
-    ("resnet_time_scale_shift", "scale_shift", "resnet_time_scale_shift"),
-    ("addition_embed_type", "text", "addition_embed_type"),
-    ("down_block_types", ["SimpleCrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-     "SimpleCrossAttnDownBlock2D"),
-    ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn", "mid_block_type"),
-    ("act_fn", "gelu", "act_fn"),
-    ("norm_num_groups", None, "norm_num_groups"),
-    ("attention_head_dim", [3, 4, 4], "attention_head_dim"),
-    ("layers_per_block", [1, 2], "layers_per_block"),
-    ("transformer_layers_per_block", [[1, 1], [2, 2], [1, 1]], "transformer_layers_per_block"),
-    ("some_future_option", True, "some_future_option"),
-    ("_class_name", "AutoencoderKL", "_class_name"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("class_embed_type", "timestep", "class_embed_type"),
+        ("time_cond_proj_dim", 256, "time_cond_proj_dim"),
+        ("resnet_time_scale_shift", "scale_shift", "resnet_time_scale_shift"),
+        ("addition_embed_type", "text", "addition_embed_type"),
+        (
+            "down_block_types",
+            ["SimpleCrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            "SimpleCrossAttnDownBlock2D",
+        ),
+        ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn", "mid_block_type"),
+        ("act_fn", "gelu", "act_fn"),
+        ("norm_num_groups", None, "norm_num_groups"),
+        ("attention_head_dim", [3, 4, 4], "attention_head_dim"),
+        ("layers_per_block", [1, 2], "layers_per_block"),
+        ("transformer_layers_per_block", [[1, 1], [2, 2], [1, 1]], "transformer_layers_per_block"),
+        ("some_future_option", True, "some_future_option"),
+        ("_class_name", "AutoencoderKL", "_class_name"),
+    ],
+)
 def test_unsupported_config_is_rejected_clearly(field, value, message):
     raw = dict(SD1_SMALL, _class_name="UNet2DConditionModel", _diffusers_version="0.6.0")
     raw[field] = value
@@ -179,21 +216,40 @@ def test_unsupported_config_is_rejected_clearly(field, value, message):
 
 
 def test_bookkeeping_and_inert_keys_are_accepted():
-    raw = dict(SD1_SMALL, _class_name="UNet2DConditionModel", _diffusers_version="0.6.0",
-               _name_or_path="/somewhere", dropout=0.1, class_embed_type=None, num_attention_heads=None,
-               dual_cross_attention=False)
+    raw = dict(
+        SD1_SMALL,
+        _class_name="UNet2DConditionModel",
+        _diffusers_version="0.6.0",
+        _name_or_path="/somewhere",
+        dropout=0.1,
+        class_embed_type=None,
+        num_attention_heads=None,
+        dual_cross_attention=False,
+    )
     config = UNetConfig.from_dict(raw)
     assert config.block_out_channels == (32, 64, 64)
     assert config.heads_per_level == (8, 8, 8)
 
 
 SD15_CONFIG = {
-    "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.6.0", "act_fn": "silu",
-    "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False,
+    "_class_name": "UNet2DConditionModel",
+    "_diffusers_version": "0.6.0",
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
     "cross_attention_dim": 768,
     "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
-    "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
 }
 SD15_PARAMETERS = 859_520_964

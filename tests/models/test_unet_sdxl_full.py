@@ -3,6 +3,7 @@
 Slow and large: two fp32 copies are ~20.5 GB, so it runs only where that much memory is free (it was not
 run on the 24 GB machine shared by several processes); the smaller SDXL-shaped parity is in test_unet.py.
 """
+
 import os
 
 import pytest
@@ -16,8 +17,9 @@ AVAILABLE_BYTES = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(AVAILABLE_BYTES < NEEDED_BYTES,
-                    reason="needs ~24 GiB free for two fp32 copies of the 2.57B-parameter UNet")
+@pytest.mark.skipif(
+    AVAILABLE_BYTES < NEEDED_BYTES, reason="needs ~24 GiB free for two fp32 copies of the 2.57B-parameter UNet"
+)
 def test_full_sdxl_unet_matches_diffusers():
     from diffusers import UNet2DConditionModel
 
@@ -30,8 +32,10 @@ def test_full_sdxl_unet_matches_diffusers():
     gen = torch.Generator().manual_seed(1)
     sample = torch.randn(2, 4, 32, 32, generator=gen)
     context = torch.randn(2, 77, 2048, generator=gen)
-    added = {"text_embeds": torch.randn(2, 1280, generator=gen),
-             "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * 2)}
+    added = {
+        "text_embeds": torch.randn(2, 1280, generator=gen),
+        "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * 2),
+    }
     with torch.no_grad():
         expected = reference(sample, 500, context, added_cond_kwargs=added).sample
         actual = ours(sample, 500, context, **added)

@@ -1,4 +1,5 @@
 """Parity of our AutoencoderKL with diffusers' on perturbed random weights (fp32, CPU)."""
+
 import pytest
 import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
@@ -11,14 +12,28 @@ TOLERANCE = 1e-5
 
 # The SD VAE's shape (block_out_channels 128, 256, 512, 512; 2 layers) with channels shrunk.
 SD_VAE_SMALL = dict(
-    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32, 32), layers_per_block=2,
-    norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    sample_size=64, scaling_factor=0.18215,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(16, 32, 32, 32),
+    layers_per_block=2,
+    norm_num_groups=8,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    sample_size=64,
+    scaling_factor=0.18215,
 )
 # The optional parts switched off: no quant convs, no mid-block attention.
-BARE_VAE_SMALL = dict(SD_VAE_SMALL, block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                      up_block_types=("UpDecoderBlock2D",) * 2, use_quant_conv=False, use_post_quant_conv=False,
-                      mid_block_add_attention=False, layers_per_block=1)
+BARE_VAE_SMALL = dict(
+    SD_VAE_SMALL,
+    block_out_channels=(16, 32),
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    mid_block_add_attention=False,
+    layers_per_block=1,
+)
 
 
 def build_pair(config_kwargs: dict, generator: torch.Generator):
@@ -65,22 +80,33 @@ def test_swappable_layers_are_used():
 
 
 def test_config_fields():
-    config = VAEConfig.from_dict(dict(SD_VAE_SMALL, _class_name="AutoencoderKL", _diffusers_version="0.6.0",
-                                      _name_or_path="x", force_upcast=True, shift_factor=None))
+    config = VAEConfig.from_dict(
+        dict(
+            SD_VAE_SMALL,
+            _class_name="AutoencoderKL",
+            _diffusers_version="0.6.0",
+            _name_or_path="x",
+            force_upcast=True,
+            shift_factor=None,
+        )
+    )
     assert config.scaling_factor == 0.18215
     assert config.force_upcast is True
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("shift_factor", 0.0609, "shift_factor"),
-    ("latents_mean", [0.0] * 4, "latents_mean"),
-    ("down_block_types", ["AttnDownEncoderBlock2D"] * 4, "AttnDownEncoderBlock2D"),
-    ("up_block_types", ["UpDecoderBlock2D"] * 3, "up_block_types"),
-    ("act_fn", "relu", "act_fn"),
-    ("norm_num_groups", 5, "norm_num_groups"),
-    ("use_tiling_magic", True, "use_tiling_magic"),
-    ("_class_name", "UNet2DConditionModel", "_class_name"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("shift_factor", 0.0609, "shift_factor"),
+        ("latents_mean", [0.0] * 4, "latents_mean"),
+        ("down_block_types", ["AttnDownEncoderBlock2D"] * 4, "AttnDownEncoderBlock2D"),
+        ("up_block_types", ["UpDecoderBlock2D"] * 3, "up_block_types"),
+        ("act_fn", "relu", "act_fn"),
+        ("norm_num_groups", 5, "norm_num_groups"),
+        ("use_tiling_magic", True, "use_tiling_magic"),
+        ("_class_name", "UNet2DConditionModel", "_class_name"),
+    ],
+)
 def test_unsupported_config_is_rejected_clearly(field, value, message):
     raw = dict(SD_VAE_SMALL)
     raw[field] = value
