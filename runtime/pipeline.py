@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from runtime import conditioning, validation
+from runtime import conditioning, lora, validation
 from runtime import images as imageio
 from runtime.caller_inputs import CallerInputs
 from runtime.dtypes import precision_name
@@ -125,6 +125,7 @@ class Pipeline:
         self.graphs = CudaGraphDenoiser(self.denoise_step, graph_api=graph_api) if cuda_graphs else None
         # One request at a time: a run keeps its scheduler on self and replays shared graph buffers.
         self._run_lock = validation.ReentryGuard()
+        self._loras: lora.LoraSet | None = None  # created by the first load_lora
 
     # ------------------------------------------------------------------ public entry points
     def generate(
@@ -229,6 +230,40 @@ class Pipeline:
         from runtime.diffusers_compat import move_pipeline
 
         return move_pipeline(self, *args, **kwargs)
+
+    # ------------------------------------------------------------------ LoRA (runtime/lora.py)
+    def load_lora(self, path, scale: float = 1.0, name: str | None = None, allow_pickle: bool = False) -> str:
+        """Apply a LoRA .safetensors in place (kohya or diffusers/peft names); returns its name (the file
+        stem by default). Several may be loaded, each with its scale; CUDA graphs are kept."""
+        with self._run_lock:
+            return self._lora_set().load(path, scale=scale, name=name, allow_pickle=allow_pickle)
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        with self._run_lock:
+            self._lora_set().set_scale(name, scale)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove one LoRA (all when name is None); the weights it alone touched get their base bits back."""
+        with self._run_lock:
+            self._lora_set().unload(name)
+
+    @property
+    def loras(self) -> dict[str, float]:
+        """{name: scale} of the loaded LoRAs, in load order."""
+        return {} if self._loras is None else self._loras.scales
+
+    def _lora_set(self) -> lora.LoraSet:
+        if self._loras is None:
+            networks = {"unet": self.unet, "text_encoder": self.text_encoder}
+            networks["text_encoder_2"] = getattr(self.components, "text_encoder_2", None)
+            exported = [n for n, m in networks.items() if m is not None and not isinstance(m, torch.nn.Module)]
+            if exported:
+                raise NotImplementedError(
+                    f"LoRAs are not supported on the {self.backend} backend yet (its {', '.join(exported)} "
+                    f"run from an exported graph); load them on the torch or triton backend"
+                )
+            self._loras = lora.LoraSet(networks, kind=self.components.kind)
+        return self._loras
 
     # ------------------------------------------------------------------ validation
     def _inpaint_inputs(self, image, mask):
