@@ -64,7 +64,8 @@ def lora_tensors():
     models = build_reference_models("sd1", seed=0)
     return {
         "unet": peft_lora(models["unet"], UNET_TARGETS, seed=1),
-        "text_encoder": peft_lora(models["text_encoder"], TEXT_TARGETS, seed=2, magnitude=0.1),
+        "text_encoder": peft_lora(models["text_encoder"], TEXT_TARGETS, seed=2, magnitude=0.4),
+        "second": peft_lora(models["unet"], ["to_k", "to_v", "conv2"], seed=3),
     }
 
 
@@ -80,6 +81,9 @@ def lora_files(lora_tensors, tmp_path_factory):
     unet_only = folder / "unet_only.safetensors"
     save_file({"unet." + k: v for k, v in unet.items()}, str(unet_only))
     files["unet_only"] = unet_only
+    second = folder / "second.safetensors"
+    save_file({"unet." + k: v for k, v in lora_tensors["second"].items()}, str(second))
+    files["second"] = second
     return files
 
 
@@ -88,15 +92,18 @@ def pipe(sd1_folder):
     return runtime.load(sd1_folder, backend="torch", device="cpu", dtype=torch.float32)
 
 
-def diffusers_image(folder, lora_file, scale):
+def diffusers_image(folder, adapters: dict):
+    """diffusers' image with the LoRA files `adapters` ({path: scale}) loaded and set as adapters."""
     from diffusers import StableDiffusionPipeline
 
     reference = StableDiffusionPipeline.from_pretrained(
         folder, safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32
     )
     reference.set_progress_bar_config(disable=True)
-    reference.load_lora_weights(str(lora_file), adapter_name="x")
-    reference.fuse_lora(lora_scale=scale, adapter_names=["x"])
+    names = [f"a{i}" for i in range(len(adapters))]
+    for name, path in zip(names, adapters):
+        reference.load_lora_weights(str(path), adapter_name=name)
+    reference.set_adapters(names, adapter_weights=list(adapters.values()))
     return reference(
         "a red fox",
         num_inference_steps=RUN["steps"],
@@ -115,9 +122,27 @@ def test_lora_image_matches_diffusers(pipe, sd1_folder, lora_files, style):
         mine = pipe.generate("a red fox", **RUN)[0]
     finally:
         pipe.unload_lora(name)
-    theirs = diffusers_image(sd1_folder, lora_files[style], 0.7)
+    theirs = diffusers_image(sd1_folder, {lora_files[style]: 0.7})
     assert psnr(base, theirs) < 30, "the LoRA should change the image"
     assert psnr(mine, theirs) >= MIN_PSNR_DB, f"{style}: PSNR {psnr(mine, theirs):.1f} dB"
+    if style == "peft":  # the text-encoder half matters too: the UNet half alone is not diffusers' image
+        pipe.load_lora(lora_files["unet_only"], scale=0.7)
+        try:
+            unet_only = pipe.generate("a red fox", **RUN)[0]
+        finally:
+            pipe.unload_lora()
+        assert psnr(unet_only, theirs) < MIN_PSNR_DB
+
+
+def test_two_loras_match_diffusers_set_adapters(pipe, sd1_folder, lora_files):
+    pipe.load_lora(lora_files["kohya"], scale=0.6)
+    pipe.load_lora(lora_files["second"], scale=-0.8)
+    try:
+        mine = pipe.generate("a red fox", **RUN)[0]
+    finally:
+        pipe.unload_lora()
+    theirs = diffusers_image(sd1_folder, {lora_files["kohya"]: 0.6, lora_files["second"]: -0.8})
+    assert psnr(mine, theirs) >= MIN_PSNR_DB, f"PSNR {psnr(mine, theirs):.1f} dB"
 
 
 def test_unloading_restores_the_base_bit_for_bit(pipe, lora_files):
