@@ -328,3 +328,50 @@ def test_exported_backends_say_not_yet(tiny_pipe, tmp_path):
     pipe.backend = "onnxruntime"
     with pytest.raises(NotImplementedError, match="onnxruntime"):
         pipe.load_lora(tmp_path / "any.safetensors")
+
+
+# ---------------------------------------------------------------- SDXL: two text encoders
+def test_sdxl_kohya_te1_te2_and_peft_text_encoder_2_reach_their_encoders(tmp_path):
+    from tests.sdxl_factory import save_sdxl_folder
+
+    pipe = runtime.load(save_sdxl_folder(tmp_path / "xl"), backend="torch", device="cpu", dtype="fp32")
+    one, two = pipe.text_encoder.state_dict(), pipe.components.text_encoder_2.state_dict()
+    key_1 = next(k for k in one if k.endswith("self_attn.q_proj.weight"))
+    key_2 = next(k for k in two if k.endswith("mlp.fc1.weight"))
+    path_1, path_2 = key_1[: -len(".weight")], key_2[: -len(".weight")]
+    if not path_1.startswith("text_model."):  # LoRA files name CLIPTextModel's layers with the prefix
+        path_1 = "text_model." + path_1
+    generator = torch.Generator().manual_seed(0)
+
+    def factors(weight):
+        return torch.randn(RANK, weight.shape[1], generator=generator), torch.randn(
+            weight.shape[0], RANK, generator=generator
+        )
+
+    (down_1, up_1), (down_2, up_2) = factors(one[key_1]), factors(two[key_2])
+    kohya = {
+        "lora_te1_" + path_1.replace(".", "_") + ".lora_down.weight": down_1,
+        "lora_te1_" + path_1.replace(".", "_") + ".lora_up.weight": up_1,
+        "lora_te2_" + path_2.replace(".", "_") + ".lora_down.weight": down_2,
+        "lora_te2_" + path_2.replace(".", "_") + ".lora_up.weight": up_2,
+        "lora_te2_" + path_2.replace(".", "_") + ".alpha": torch.tensor(2.0),
+    }
+    peft = {f"text_encoder_2.{path_2}.lora_A.weight": down_2, f"text_encoder_2.{path_2}.lora_B.weight": up_2}
+    base_1, base_2 = one[key_1].clone(), two[key_2].clone()
+    pipe.load_lora(_write(tmp_path / "k.safetensors", kohya), scale=0.5)
+    torch.testing.assert_close(
+        pipe.text_encoder.state_dict()[key_1] - base_1, 0.5 * up_1 @ down_1, rtol=1e-4, atol=1e-5
+    )
+    torch.testing.assert_close(
+        pipe.components.text_encoder_2.state_dict()[key_2] - base_2,
+        0.5 * 2.0 / RANK * up_2 @ down_2,
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    pipe.load_lora(_write(tmp_path / "p.safetensors", peft), scale=1.0)
+    torch.testing.assert_close(
+        pipe.components.text_encoder_2.state_dict()[key_2] - base_2, (0.25 + 1.0) * up_2 @ down_2, rtol=1e-4, atol=1e-5
+    )
+    pipe.unload_lora()
+    assert torch.equal(pipe.text_encoder.state_dict()[key_1], base_1)
+    assert torch.equal(pipe.components.text_encoder_2.state_dict()[key_2], base_2)
