@@ -375,3 +375,21 @@ def test_sdxl_kohya_te1_te2_and_peft_text_encoder_2_reach_their_encoders(tmp_pat
     pipe.unload_lora()
     assert torch.equal(pipe.text_encoder.state_dict()[key_1], base_1)
     assert torch.equal(pipe.components.text_encoder_2.state_dict()[key_2], base_2)
+
+
+def test_sd2_kohya_lora_matches_diffusers(tmp_path):
+    """SD2-shaped: linear proj_in / proj_out (use_linear_projection), v-prediction, OpenCLIP-shaped text."""
+    folder = save_diffusers_folder(tmp_path / "sd2", kind="sd2", seed=1)
+    models = build_reference_models("sd2", seed=1)
+    tensors = {
+        **to_kohya(peft_lora(models["unet"], UNET_TARGETS, seed=4), "lora_unet_", alpha=8.0),
+        **to_kohya(peft_lora(models["text_encoder"], TEXT_TARGETS, seed=5, magnitude=0.4), "lora_te_", alpha=8.0),
+    }
+    path = _write(tmp_path / "sd2_lora.safetensors", tensors)
+    pipe = runtime.load(folder, backend="torch", device="cpu", dtype=torch.float32)
+    base = pipe.generate("a red fox", **RUN)[0]
+    pipe.load_lora(path, scale=0.9)
+    mine = pipe.generate("a red fox", **RUN)[0]
+    theirs = diffusers_image(folder, {path: 0.9})
+    assert psnr(base, theirs) < 30, "the LoRA should change the image"
+    assert psnr(mine, theirs) >= MIN_PSNR_DB, f"PSNR {psnr(mine, theirs):.1f} dB"
