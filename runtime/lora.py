@@ -113,8 +113,9 @@ def read_lora_file(path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
         raise LoraError(f"{path}: not a readable .safetensors file (truncated or corrupt?): {error}") from None
 
 
-def _split(key: str) -> tuple[str, str, str, str] | None:
-    """(format, component, layer name, role) of a LoRA key, role "down" | "up" | "alpha"; None if not LoRA."""
+def _split(key: str) -> tuple[str, str, str, str, str] | None:
+    """(format, key prefix, component, layer name, role) of a LoRA key, role "down" | "up" | "alpha";
+    None if it is not a LoRA key."""
     for prefixes, suffixes, style in (
         (_KOHYA_PREFIXES, _KOHYA_SUFFIXES, "kohya"),
         (_PEFT_PREFIXES, _PEFT_SUFFIXES, "peft"),
@@ -125,9 +126,9 @@ def _split(key: str) -> tuple[str, str, str, str] | None:
             rest = key[len(prefix) :]
             for role, suffix in zip(("down", "up"), suffixes):
                 if rest.endswith(suffix):
-                    return style, component, rest[: -len(suffix)], role
+                    return style, prefix, component, rest[: -len(suffix)], role
             if rest.endswith(".alpha"):
-                return style, component, rest[: -len(".alpha")], "alpha"
+                return style, prefix, component, rest[: -len(".alpha")], "alpha"
             return None
     return None
 
@@ -156,15 +157,15 @@ def parse_lora(tensors: dict[str, torch.Tensor], models: dict[str, nn.Module], l
                 f"{label}: {variant} adapters (keys with {pattern!r}, e.g. {found[0]}) are not supported; "
                 f"only plain LoRA / LoCon (lora_down/lora_up or lora_A/lora_B) is"
             )
-    layers: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
+    layers: dict[tuple[str, str, str, str], dict[str, torch.Tensor]] = {}
     foreign = []
     for key, tensor in tensors.items():
         parts = _split(key)
         if parts is None:
             foreign.append(key)
             continue
-        style, component, layer, role = parts
-        layers.setdefault((style, component, layer), {})[role] = tensor
+        style, prefix, component, layer, role = parts
+        layers.setdefault((style, prefix, component, layer), {})[role] = tensor
     if not layers:
         raise LoraError(
             f"{label}: no LoRA keys found ({len(tensors)} tensors, e.g. {_few(sorted(tensors))}); expected kohya "
@@ -174,8 +175,9 @@ def parse_lora(tensors: dict[str, torch.Tensor], models: dict[str, nn.Module], l
     tables: dict[tuple[str, str], dict[str, str]] = {}
     deltas: dict[tuple[str, str], _Delta] = {}
     unmatched = list(foreign)
-    for (style, component, layer), parts in sorted(layers.items()):
-        file_key = _file_key(style, component, layer)
+    states = {name: model.state_dict(keep_vars=True) for name, model in models.items()}
+    for (style, prefix, component, layer), parts in sorted(layers.items()):
+        file_key = prefix + layer
         if "down" not in parts or "up" not in parts:
             missing = "down" if "down" not in parts else "up"
             raise LoraError(f"{label}: layer {file_key} has no {missing} factor")
@@ -189,20 +191,15 @@ def parse_lora(tensors: dict[str, torch.Tensor], models: dict[str, nn.Module], l
         if key is None:
             unmatched.append(file_key)
             continue
-        weight = model.state_dict(keep_vars=True)[key]
+        if (component, key) in deltas:
+            raise LoraError(f"{label}: {deltas[component, key].key} and {file_key} both name {component}.{key}")
+        weight = states[component][key]
         deltas[component, key] = _delta(file_key, parts, weight, label, component, key, kind)
     if unmatched:
         raise LoraError(
             f"{label}: {len(unmatched)} key(s) match no layer of this {kind or 'model'}: {_few(sorted(unmatched))}"
         )
     return deltas
-
-
-def _file_key(style: str, component: str, layer: str) -> str:
-    if style == "kohya":
-        prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}[component]
-        return prefix + layer
-    return f"{component}.{layer}"
 
 
 def _delta(file_key, parts, weight, label, component, key, kind) -> _Delta:
@@ -286,8 +283,9 @@ class LoraSet:
 
     @torch.no_grad()
     def _recompute(self, keys) -> None:
+        states = {name: model.state_dict(keep_vars=True) for name, model in self.models.items()}
         for component, key in keys:
-            weight = self.models[component].state_dict(keep_vars=True)[key]
+            weight = states[component][key]
             base = self._base.get((component, key))
             if base is None:
                 base = weight.detach().to("cpu", copy=True)

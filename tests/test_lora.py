@@ -318,6 +318,31 @@ def test_not_a_lora_pickle_corrupt_and_unknown_names(tiny_pipe, tiny_model, tmp_
         tiny_pipe.unload_lora()
 
 
+def test_a_layer_named_twice_or_half_given_is_refused(tiny_pipe, tmp_path):
+    layer = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    width = tiny_pipe.unet.state_dict()[layer + ".weight"].shape[1]
+    kohya = "lora_unet_" + layer.replace(".", "_")
+    twice = {
+        kohya + ".lora_down.weight": torch.ones(RANK, width),
+        kohya + ".lora_up.weight": torch.ones(width, RANK),
+        f"unet.{layer}.lora_A.weight": torch.ones(RANK, width),
+        f"unet.{layer}.lora_B.weight": torch.ones(width, RANK),
+    }
+    with pytest.raises(LoraError, match="both name"):
+        tiny_pipe.load_lora(_write(tmp_path / "twice.safetensors", twice))
+    with pytest.raises(LoraError, match=f"{kohya} has no up factor"):
+        tiny_pipe.load_lora(
+            _write(tmp_path / "half.safetensors", {kohya + ".lora_down.weight": torch.ones(RANK, width)})
+        )
+    nan = {
+        kohya + ".lora_down.weight": torch.full((RANK, width), float("nan")),
+        kohya + ".lora_up.weight": torch.ones(width, RANK),
+    }
+    with pytest.raises(LoraError, match="NaN"):
+        tiny_pipe.load_lora(_write(tmp_path / "nan.safetensors", nan))
+    assert tiny_pipe.loras == {}
+
+
 def test_exported_backends_say_not_yet(tiny_pipe, tmp_path):
     class Exported:  # an exported network is not a torch module
         pass
