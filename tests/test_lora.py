@@ -418,3 +418,26 @@ def test_sd2_kohya_lora_matches_diffusers(tmp_path):
     theirs = diffusers_image(folder, {path: 0.9})
     assert psnr(base, theirs) < 30, "the LoRA should change the image"
     assert psnr(mine, theirs) >= MIN_PSNR_DB, f"PSNR {psnr(mine, theirs):.1f} dB"
+
+
+def test_a_lora_reaches_the_triton_backends_fused_qkv_weight(tiny_model, tmp_path):
+    """The triton backend concatenates q, k, v into one weight with to_q/to_k/to_v as views of it: an
+    in-place LoRA must change what the fused GEMM reads, exactly as on the unfused model."""
+    from runtime.backends.fused_qkv import fuse_qkv
+
+    plain = runtime.load(tiny_model, backend="torch", device="cpu", dtype="fp32")
+    fused = runtime.load(tiny_model, backend="torch", device="cpu", dtype="fp32")
+    fuse_qkv(fused.unet)
+    path = tiny_lora(plain.unet, tmp_path / "qkv.safetensors", seed=7)  # to_q, to_v, proj_out
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, plain.unet.config.in_channels, 8, 8, generator=generator)
+    context = torch.randn(1, 77, plain.unet.config.cross_attention_dim, generator=generator)
+    with torch.no_grad():
+        before = fused.unet(sample, torch.tensor(10), context)
+        for pipe in (plain, fused):
+            pipe.load_lora(path, scale=0.9)
+        mine, reference = fused.unet(sample, torch.tensor(10), context), plain.unet(sample, torch.tensor(10), context)
+        torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(mine, before, atol=1e-3)
+        fused.unload_lora()
+        assert torch.equal(fused.unet(sample, torch.tensor(10), context), before)
