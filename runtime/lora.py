@@ -50,6 +50,10 @@ _UNSUPPORTED = (
 )
 
 
+# Cross-attention context width -> the family it belongs to (what attn2.to_k's lora_down reads).
+_FAMILY_BY_CONTEXT_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl-refiner"}
+
+
 class LoraError(ValueError):
     """A LoRA file or request that cannot be applied; the message names the file and the key."""
 
@@ -174,6 +178,7 @@ def parse_lora(tensors: dict[str, torch.Tensor], models: dict[str, nn.Module], l
         )
     tables: dict[tuple[str, str], dict[str, str]] = {}
     deltas: dict[tuple[str, str], _Delta] = {}
+    family = lora_family(tensors)
     unmatched = list(foreign)
     states = {name: model.state_dict(keep_vars=True) for name, model in models.items()}
     for (style, prefix, component, layer), parts in sorted(layers.items()):
@@ -194,7 +199,7 @@ def parse_lora(tensors: dict[str, torch.Tensor], models: dict[str, nn.Module], l
         if (component, key) in deltas:
             raise LoraError(f"{label}: {deltas[component, key].key} and {file_key} both name {component}.{key}")
         weight = states[component][key]
-        deltas[component, key] = _delta(file_key, parts, weight, label, component, key, kind)
+        deltas[component, key] = _delta(file_key, parts, weight, label, component, key, kind, family)
     if unmatched:
         raise LoraError(
             f"{label}: {len(unmatched)} key(s) match no layer of this {kind or 'model'}: {_few(sorted(unmatched))}"
@@ -202,7 +207,15 @@ def parse_lora(tensors: dict[str, torch.Tensor], models: dict[str, nn.Module], l
     return deltas
 
 
-def _delta(file_key, parts, weight, label, component, key, kind) -> _Delta:
+def lora_family(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The model family a LoRA was made for, from its cross-attention key width; None if it has none."""
+    for key, tensor in tensors.items():
+        if ("attn2_to_k" in key or "attn2.to_k" in key) and key.endswith((".lora_down.weight", ".lora_A.weight")):
+            return _FAMILY_BY_CONTEXT_WIDTH.get(tensor[0].numel())
+    return None
+
+
+def _delta(file_key, parts, weight, label, component, key, kind, family) -> _Delta:
     down, up = parts["down"], parts["up"]
     for role, tensor in (("down", down), ("up", up)):
         if not tensor.is_floating_point():
@@ -220,10 +233,13 @@ def _delta(file_key, parts, weight, label, component, key, kind) -> _Delta:
         and (down.ndim == 2 or weight.ndim == 2 or tuple(down.shape[1:]) == tuple(weight.shape[1:]))
     )
     if not shape_ok:
-        family = f" (the model is {kind}; is this LoRA for another family?)" if kind else " (another model family?)"
+        if family is not None and kind is not None and family != kind:
+            hint = f" (the LoRA is for {family}, by its cross-attention width; the model is {kind})"
+        else:
+            hint = f" (the model is {kind}; is this LoRA for another family?)" if kind else " (another model family?)"
         raise LoraError(
             f"{label}: {file_key} does not fit {component}.{key}: lora_down {tuple(down.shape)}, lora_up "
-            f"{tuple(up.shape)}, weight {tuple(weight.shape)}{family}"
+            f"{tuple(up.shape)}, weight {tuple(weight.shape)}{hint}"
         )
     alpha = parts.get("alpha")
     factor = 1.0 if alpha is None else float(alpha) / rank

@@ -267,6 +267,14 @@ def test_shape_mismatch_names_the_key(tiny_pipe, tmp_path):
     with pytest.raises(LoraError, match="does not fit") as error:
         tiny_pipe.load_lora(path)
     assert name in str(error.value) and "another family" in str(error.value)
+    xl = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"  # SDXL's context is 2048 wide
+    path = _write(
+        tmp_path / "xl2.safetensors",
+        {xl + ".lora_down.weight": torch.ones(4, 2048), xl + ".lora_up.weight": torch.ones(640, 4)},
+    )
+    with pytest.raises(LoraError, match="the LoRA is for sdxl.*the model is sd1") as error:
+        tiny_pipe.load_lora(path)
+    assert xl in str(error.value)
     assert all(torch.equal(before[k], v) for k, v in tiny_pipe.unet.state_dict().items())
 
 
