@@ -224,7 +224,8 @@ def _delta(file_key, parts, weight, label, component, key, kind, family) -> _Del
             raise LoraError(f"{label}: {file_key} {role} factor holds NaN or infinite values")
     rank = down.shape[0] if down.ndim else 0
     shape_ok = (
-        down.ndim in (2, 4)
+        rank > 0
+        and down.ndim in (2, 4)
         and up.ndim in (2, 4)
         and up.shape[1] == rank
         and up[0].numel() == rank  # up is (out, rank[, 1, 1])
