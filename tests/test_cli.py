@@ -452,7 +452,7 @@ def test_choices_read_without_import_equal_the_tables():
         (["--scheduler", "heun"], "unknown scheduler 'heun'; choose one of ddim, pndm"),
         (["--backend", "cuda-magic"], "unknown backend 'cuda-magic'; choose one of torch, triton"),
         (["--steps", "0"], "steps must be an integer >= 1, got 0"),
-        (["--seed", "-2"], r"--seed must be -1 \(random\) or an integer in \[0, 2\*\*64\), got -2"),
+        (["--seed", "-2"], r"--seed must be -1 \(random\) or an integer in \[0, 2\*\*32\), got -2"),
         (["--guidance", "-1"], "guidance must be a finite number >= 0"),
         (["--dtype", "fp12"], "unknown dtype 'fp12'; valid names: fp32"),
         (["--device", "gpu"], "--device must be cpu, cuda or cuda:N, got 'gpu'"),
@@ -539,6 +539,7 @@ def test_load_options_reach_the_loader(model, tmp_path, capsys, monkeypatch):
         "dtype": "fp32",
         "variant": "fp16",
         "allow_pickle": True,
+        "vae": None,
         "engine_dir": str(tmp_path / "engines"),
     }
 
