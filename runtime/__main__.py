@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 
 from runtime import cli_choices
+from runtime.serve import cli as serve_cli
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -149,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(tiny: seconds on a CPU)",
     )
     make.add_argument("--seed", type=int, default=0, help="the random weights' seed")
+    serve_cli.add_parser(commands, _HelpFormatter)
     return parser
 
 
@@ -335,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = _one_line_warning
             if args.command == "make-model":
                 run_make_model(args)
+            elif args.command == "serve":
+                serve_cli.run(args)
             else:
                 run_generate(args)
         return 0
