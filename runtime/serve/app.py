@@ -105,7 +105,8 @@ def _error(path: str, status: int, message: str, field: str | None, headers: dic
             }
         }
     else:
-        content = {"error": _STATUS_NAMES.get(status, "Error"), "detail": message, "field": field}
+        detail = f"{field}: {message}" if field else message
+        content = {"error": _STATUS_NAMES.get(status, "Error"), "detail": detail, "field": field}
     return JSONResponse(content, status_code=status, headers=headers)
 
 

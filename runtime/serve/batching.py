@@ -218,6 +218,7 @@ class Batcher:
         finally:
             with self._condition:
                 self._running = []
+            self.progress.running = 0
         if self._observer is not None:
             self._observer.batch_finished(batch, time.monotonic() - started, error is None)
         if error is not None and len(batch) > 1 and not all(job.cancelled for job in batch):
