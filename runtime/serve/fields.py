@@ -146,3 +146,9 @@ def image_size(image: PIL.Image.Image, settings: ServeSettings, field: str) -> t
     """An uploaded image's size rounded down to the VAE factor, checked as a requested size would be."""
     width, height = (side - side % VAE_FACTOR for side in image.size)
     return check_size(width, height, settings, field)
+
+
+def check_strength(steps: int, strength: float | None, field: str) -> None:
+    """img2img runs int(steps * strength) steps: none at all is a client error, named here."""
+    if strength is not None and int(steps * strength) < 1:
+        raise FieldError(field, f"{strength:g} with {steps} steps leaves no denoising step; raise it or the steps")
