@@ -181,6 +181,7 @@ def _parse(body: dict, service: Service, image=None, mask=None, strength=None) -
         mask=mask,
         strength=strength,
     )
+    fields.check_strength(common["steps"], strength, "denoising_strength")
     params = [GenerationParams(seed=(seed + index) % fields.SEED_LIMIT, **common) for index in range(n_iter)]
     return model, params
 

@@ -74,10 +74,12 @@ def _params(body: dict, settings, size, image=None, mask=None, strength=None) ->
     if output_format not in (None, "png"):
         raise FieldError("output_format", f"only png is served (it carries the metadata), got {output_format!r}")
     width, height = size
+    steps = fields.integer(body, "steps", _DEFAULT_STEPS, 1, settings.max_steps)
+    fields.check_strength(steps, strength, "strength")
     return GenerationParams(
         prompt=fields.text(body, "prompt", None, settings, required=True),
         negative_prompt=fields.text(body, "negative_prompt", None, settings),
-        steps=fields.integer(body, "steps", _DEFAULT_STEPS, 1, settings.max_steps),
+        steps=steps,
         guidance=fields.number(body, "guidance", _DEFAULT_GUIDANCE, 0.0, 100.0),
         width=width,
         height=height,

@@ -59,6 +59,7 @@ CASES = [
     (IMG2IMG, {**GOOD, "init_images": []}, 400, "init_images"),
     (IMG2IMG, {**GOOD, "init_images": [_png_b64()], "mask": _png_b64((32, 32))}, 400, "mask"),
     (IMG2IMG, {**GOOD, "init_images": [_png_b64()], "denoising_strength": 0}, 400, "denoising_strength"),
+    (IMG2IMG, {**GOOD, "init_images": [_png_b64()], "steps": 4, "denoising_strength": 0.2}, 400, "denoising_strength"),
 ]
 
 
