@@ -15,6 +15,7 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import Headers
 
 from runtime.serve import a1111_api, openai_api
 from runtime.serve.fields import FieldError
@@ -38,27 +39,14 @@ def create_app(pipelines_by_name, settings: ServeSettings | None = None) -> Fast
     app = FastAPI(title="sd-runtime", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        started = time.monotonic()
-        path = request.url.path
-        if settings.api_key is not None and path not in _OPEN_PATHS:
-            refused = _check_key(request.headers.get("authorization"), settings.api_key)
-            if refused is not None:
-                response = _error(path, 401, refused, "authorization", {"WWW-Authenticate": "Bearer"})
-                _count(service, path, response.status_code, started)
-                return response
-        try:
-            response = await call_next(request)
-        except Exception as err:  # the last net: one JSON line, never a traceback page
-            log.exception("unhandled error on %s", path)
-            response = _error(path, 500, f"internal error: {type(err).__name__}: {str(err)[:300]}", None)
-        _count(service, path, response.status_code, started)
-        return response
-
     @app.exception_handler(FieldError)
     async def field_error(request: Request, err: FieldError):
         return _error(request.url.path, err.status, err.message, err.field)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, err: Exception):  # one JSON line, never a traceback page
+        log.error("unhandled error on %s: %s: %s", request.url.path, type(err).__name__, err)
+        return _error(request.url.path, 500, f"internal error: {type(err).__name__}: {str(err)[:300]}", None)
 
     @app.exception_handler(HTTPError)
     async def http_error(request: Request, err: HTTPError):
@@ -80,7 +68,37 @@ def create_app(pipelines_by_name, settings: ServeSettings | None = None) -> Fast
 
     app.include_router(openai_api.router(service))
     app.include_router(a1111_api.router(service))
+    app.add_middleware(_Guard, service=service)
     return app
+
+
+class _Guard:
+    """The API key and the request metrics, as plain ASGI middleware: starlette's BaseHTTPMiddleware
+    would hide a client's disconnect from the handlers (they poll it to cancel abandoned work)."""
+
+    def __init__(self, app, service: Service):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, path, status = time.monotonic(), scope["path"], [500]
+        key = self.service.settings.api_key
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if key is not None and path not in _OPEN_PATHS:
+                refused = _check_key(Headers(scope=scope).get("authorization"), key)
+                if refused is not None:
+                    response = _error(path, 401, refused, "authorization", {"WWW-Authenticate": "Bearer"})
+                    return await response(scope, receive, send_and_note)
+            await self.app(scope, receive, send_and_note)
+        finally:
+            _count(self.service, path, status[0], started)
 
 
 def _check_key(header: str | None, key: str) -> str | None:

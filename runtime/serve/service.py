@@ -106,15 +106,19 @@ class Service:
             message = " ".join(str(err).split())[:300]
             raise HTTPError(500, f"generation failed: {type(err).__name__}: {message}") from None
         finally:
-            for future in waiting:  # a cancelled job's future holds an exception nobody else reads
-                if future.done() and not future.cancelled():
-                    future.exception()
+            for future in waiting:  # a cancelled job's error may arrive after we stopped listening
+                future.add_done_callback(_read_error)
 
     def _cancel(self, jobs, reason: str) -> None:
         for job in jobs:
             if not job.future.done():
                 job.cancel(reason)
                 self.metrics.cancelled.labels(reason).inc()
+
+
+def _read_error(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _denoising_steps(params: GenerationParams) -> int:
