@@ -1,7 +1,8 @@
-"""python -m export --model PATH --out DIR --format onnx|tensorrt [--dtype ...] [--min/--opt/--max BxHxW]
+"""python -m export --model PATH --out DIR --format onnx|tensorrt|triton-repo [--dtype ...] [--min/--opt/--max BxHxW]
 
 Writes DIR/text_encoder.onnx, unet.onnx, vae_decoder.onnx, vae_encoder.onnx (and <network>.plan
-engines with --format tensorrt) plus DIR/manifest.json. Running again with the same inputs reuses
+engines with --format tensorrt) plus DIR/manifest.json; --format triton-repo writes a Triton Inference
+Server model repository instead (export/triton_repo.py). Running again with the same inputs reuses
 what is there; changed weights or options rebuild only what they affect.
 """
 
@@ -39,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--model", required=True, help="diffusers folder or single-file .safetensors")
     parser.add_argument("--out", required=True, help="export directory (empty, new, or one of ours)")
-    parser.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx")
+    parser.add_argument("--format", choices=("onnx", "tensorrt", "triton-repo"), default="onnx")
     parser.add_argument(
         "--dtype",
         choices=PRECISIONS,
@@ -94,7 +95,20 @@ def _main(argv) -> int:
     try:
         profile = ShapeProfile(args.min, args.opt, args.max)
         profile.check_multiple_of(8)  # every Stable Diffusion VAE downsamples by 8
-        if args.format == "onnx":
+        if args.format == "triton-repo":
+            from export.triton_repo import write_triton_repo
+
+            if args.dtype not in (None, "fp32", "fp16"):
+                raise ValueError("--format triton-repo writes ONNX graphs: --dtype fp32 or fp16")
+            paths = write_triton_repo(
+                args.out,
+                args.model,
+                dtype=args.dtype or "fp32",
+                profile=profile,
+                device=args.device,
+                progress=not args.no_progress,
+            )
+        elif args.format == "onnx":
             from export.onnx import ensure_onnx
 
             if args.dtype == "bf16":
