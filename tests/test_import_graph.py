@@ -20,6 +20,12 @@ FORBIDDEN = [
     ("runtime.models", "export", "models never know how they are deployed"),
     ("runtime.models", "runtime.pipeline", "models sit below the pipeline"),
     ("runtime.bench", "runtime.serve", "the benchmark measures the library, not the server"),
+    ("runtime.models", "runtime.serve", "models sit below the server"),
+    ("runtime.pipeline", "runtime.serve", "the server calls the pipeline, never the other way"),
+    ("runtime.backends", "runtime.serve", "backends run networks; serving sits above them"),
+    ("runtime.serve", "runtime.backends", "the server reaches backends only through runtime.load"),
+    ("runtime.serve", "export", "the server serves loaded pipelines; it does not export"),
+    ("export", "runtime.serve", "export writes artifacts; it does not serve them"),
 ]
 
 
