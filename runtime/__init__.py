@@ -3,8 +3,11 @@
     import runtime
     pipe = runtime.load("path/to/model", backend="triton", device="cuda", dtype="fp16")
     images = pipe.generate("an astronaut riding a horse", seed=0)
+    requests = [runtime.GenerationRequest("a fox", seed=1), runtime.GenerationRequest("an owl", seed=2)]
+    fox, owl = pipe.generate_batch(requests)   # one denoising loop; each as generate would give it
 
-Importing this package imports no torch (`python -m runtime --help` answers at once); `load` does.
+Importing this package imports no torch (`python -m runtime --help` answers at once); `load` and
+`GenerationRequest` (runtime/generation_options.py, imported on first use) do.
 """
 
 from __future__ import annotations
@@ -14,7 +17,15 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # annotations only: importing torch here would cost `--help` seconds
     import torch
 
-__all__ = ["load"]
+__all__ = ["GenerationRequest", "load"]
+
+
+def __getattr__(name: str):
+    if name == "GenerationRequest":  # on first use: it imports torch
+        from runtime.generation_options import GenerationRequest
+
+        return GenerationRequest
+    raise AttributeError(f"module 'runtime' has no attribute {name!r}")
 
 
 def load(

@@ -1,6 +1,6 @@
 """What a caller may hand a pipeline run instead of the pipeline making it: its own generator, initial
 latents or prompt embeddings, and the form of the output. diffusers-style calls (runtime/diffusers_compat.py)
-build one; Pipeline._run takes it. Its own module so that neither of those two imports the other.
+build one; Pipeline._run takes it with the request. Its own module so that neither of those two imports the other.
 """
 
 from __future__ import annotations

@@ -3,10 +3,10 @@
     result = pipe("a fox", num_inference_steps=30, guidance_scale=7.5, generator=torch.Generator().manual_seed(1))
     result.images[0]
 
-A thin adapter onto Pipeline.generate / img2img / inpaint's run: `image=` makes it img2img, `image=` with
-`mask_image=` inpainting, as diffusers' StableDiffusion(Img2Img|Inpaint)Pipeline; the defaults are those
-pipelines' (50 steps, guidance 7.5, img2img strength 0.8 at the image's size, inpaint strength 1.0 at the
-model's native size). Our generate(...) API stays as it
+A thin adapter onto Pipeline.generate / img2img / inpaint's run (one GenerationRequest): `image=` makes
+it img2img, `image=` with `mask_image=` inpainting, as diffusers' StableDiffusion(Img2Img|Inpaint)Pipeline;
+the defaults are those pipelines' (50 steps, guidance 7.5, img2img strength 0.8 at the image's size,
+inpaint strength 1.0 at the model's native size). Our generate(...) API stays as it
 is; this maps diffusers' names onto it and gives diffusers' image for the same arguments.
 
 Differences: `generator` must be one CPU torch.Generator (the runtime draws on the CPU, as diffusers does
@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from runtime.caller_inputs import CallerInputs
+from runtime.generation_options import GenerationRequest, check_request, inpaint_inputs, size_for_image
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 _EMBEDS_LABEL = "<prompt_embeds>"  # the prompt written into metadata when embeddings were given
@@ -85,7 +86,7 @@ def diffusers_call(
         negative_prompt = [_EMBEDS_LABEL] * len(prompts)
     seed = None if generator is None else generator.initial_seed()
     if mode == "inpaint":
-        image, mask_image = pipe._inpaint_inputs(image, mask_image)
+        image, mask_image = inpaint_inputs(pipe, image, mask_image)
         # diffusers' inpainting pipeline renders at the model's native size unless told (its img2img
         # pipeline, at the image's size).
         native_width, native_height = pipe.native_size()
@@ -94,22 +95,26 @@ def diffusers_call(
         from runtime import images as imageio
 
         image = imageio.load_image(image, "image")
-        width, height = pipe._size_for_image(image, width, height)
+        width, height = size_for_image(pipe, image, width, height)
         strength = (1.0 if mode == "inpaint" else 0.8) if strength is None else strength
     if latents is not None and height is None and width is None:
         height, width = (size * pipe.vae_scale_factor for size in latents.shape[-2:])
-    request = pipe._request(
-        mode,
-        prompts,
-        negative_prompt,
-        num_inference_steps,
-        guidance_scale,
-        width,
-        height,
-        seed,
-        num_images_per_prompt,
-        scheduler,
-        strength,
+    request = check_request(
+        pipe,
+        GenerationRequest(
+            prompts,
+            negative_prompt=negative_prompt,
+            steps=num_inference_steps,
+            guidance=guidance_scale,
+            width=width,
+            height=height,
+            seed=seed,
+            num_images=num_images_per_prompt,
+            scheduler=scheduler,
+            image=image,
+            mask=mask_image,
+            strength=strength,
+        ),
     )
     context = None
     if prompt_embeds is not None or negative_prompt_embeds is not None or clip_skip:
@@ -119,7 +124,9 @@ def diffusers_call(
         _check_latents(pipe, request, latents)
     output = {"pil": "pil", "latent": "latent"}.get(output_type, "tensor")
     inputs = CallerInputs(generator=generator, latents=latents, context=context, output=output)
-    result = pipe._run(request, image=image, mask=mask_image, progress=progress, inputs=inputs)
+    result = pipe._run([request], progress=progress, inputs=inputs)
+    if output == "pil":
+        result = result[0]
     if output_type == "np":
         result = result.detach().cpu().permute(0, 2, 3, 1).float().numpy()
     return PipelineOutput(result) if return_dict else (result, None)

@@ -6,9 +6,10 @@ graph i-1 wrote. Per-step graphs (rather than one graph for the whole loop) keep
 the progress bar and inpainting's latent blending working, at the cost of one graph launch per step.
 
 Everything a graph reads lives in static buffers owned by its cache entry: the initial latents, the
-request's named step inputs (text context, inpainting conditioning, later SDXL's added conditioning:
-any tensor the step function takes by name), the guidance scale (a device scalar, so a new guidance
-value needs no new capture), the pre-drawn ancestral noise, and the scheduler's multistep history
+request's named step inputs (text context, inpainting conditioning, SDXL's added conditioning: any
+tensor the step function takes by name), the guidance scale (a device scalar, or a [B] vector of one
+scale per latent row for a batch of requests with different scales; a new value needs no new capture),
+the pre-drawn ancestral noise, and the scheduler's multistep history
 (zeroed before every replay, as eager starts each image from an empty history). A call copies its
 inputs in, replays, and hands out copies, under a lock, so concurrent callers never see each other's
 buffers and nothing a caller holds is overwritten by the next run.
@@ -30,7 +31,8 @@ import torch
 log = logging.getLogger(__name__)
 
 # A step function: step_fn(scheduler, latents, i, guidance=..., noise_i=..., **inputs) -> new latents,
-# where `inputs` are the request's named static tensors (e.g. context=..., conditioning=...).
+# where `inputs` are the request's named static tensors (e.g. context=..., conditioning=...), and
+# guidance a 0-d or [B] fp32 tensor (Pipeline.denoise_step).
 StepFn = Callable[..., torch.Tensor]
 
 
@@ -45,7 +47,7 @@ def scheduler_identity(scheduler) -> str:
 class GraphKey:
     """What a captured graph is specialised to; a request that differs in any field captures anew."""
 
-    latent_shape: tuple[int, ...]
+    latent_shape: tuple[int, ...]  # its first dimension is the batch size
     dtype: torch.dtype
     scheduler: str
     steps: int  # the schedule's length
@@ -53,6 +55,7 @@ class GraphKey:
     end: int  # graphs run steps start .. end-1 (end < steps: a refiner finishes)
     has_noise: bool
     inputs: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]  # (name, shape, dtype), sorted by name
+    guidance_shape: tuple[int, ...] = ()  # (): one scale; (B,): one per latent row
 
     @classmethod
     def for_run(
@@ -63,6 +66,7 @@ class GraphKey:
         noise: torch.Tensor | None,
         inputs: Mapping[str, torch.Tensor],
         end: int | None = None,
+        guidance: float | torch.Tensor = 0.0,
     ) -> GraphKey:
         signature = tuple(sorted((name, tuple(t.shape), t.dtype) for name, t in inputs.items()))
         end = scheduler.num_steps if end is None else end
@@ -75,6 +79,7 @@ class GraphKey:
             end,
             noise is not None,
             signature,
+            tuple(guidance.shape) if isinstance(guidance, torch.Tensor) else (),
         )
 
     def describe(self) -> str:
@@ -135,7 +140,7 @@ class CudaGraphDenoiser:
         self,
         scheduler,
         latents: torch.Tensor,
-        guidance: float,
+        guidance: float | torch.Tensor,
         *,
         inputs: Mapping[str, torch.Tensor | None],
         start: int = 0,
@@ -148,13 +153,13 @@ class CudaGraphDenoiser:
 
         `scheduler` is set up for the request (timesteps, begin index); a new capture works on a clone.
         `inputs` are the step function's named tensor arguments; None values are left out (the step
-        function's defaults apply).
+        function's defaults apply). `guidance`: a float, or a [B] tensor of one scale per latent row.
 
         `between_steps(i, latents)` runs eagerly after step i on a copy the caller owns; the tensor it
         returns becomes the next step's input (inpainting's blend); it may raise to stop the run.
         """
         inputs = {name: t for name, t in inputs.items() if t is not None}
-        key = GraphKey.for_run(scheduler, latents, start, noise, inputs, end)
+        key = GraphKey.for_run(scheduler, latents, start, noise, inputs, end, guidance)
         with self._lock, torch.inference_mode():
             entry = self._entries.get(key)
             if entry is None:
@@ -163,7 +168,10 @@ class CudaGraphDenoiser:
             entry.chain[0].copy_(latents)
             for name, tensor in inputs.items():
                 entry.inputs[name].copy_(tensor)
-            entry.guidance.fill_(guidance)
+            if isinstance(guidance, torch.Tensor):
+                entry.guidance.copy_(guidance)
+            else:
+                entry.guidance.fill_(guidance)
             if noise is not None:
                 entry.noise.copy_(noise)
             # The graphs read and write the history in place; a run that went NaN must not poison the next.
@@ -197,7 +205,7 @@ class CudaGraphDenoiser:
         static_inputs = {name: t.clone() for name, t in inputs.items()}
         # fp32, as a Python float enters the kernels; the step does the guidance multiply in fp32, so a
         # Python float and this buffer give the same bits.
-        static_guidance = torch.zeros((), device=latents.device, dtype=torch.float32)
+        static_guidance = torch.zeros(key.guidance_shape, device=latents.device, dtype=torch.float32)
         static_noise = None if noise is None else noise.clone()
 
         def step(i: int, x: torch.Tensor) -> torch.Tensor:

@@ -1,19 +1,18 @@
 """txt2img, img2img and inpainting over loaded components; numerically the diffusers pipelines.
 
 Stages are separate methods so a benchmark can time them and a faster backend can replace one:
-    encode_prompt -> prepare latents -> denoise (a loop over `_denoise_step`) -> decode_latents -> to_pil
-`_denoise_step` is the unit a CUDA-graph runner swaps: it only does tensor work (no host syncs); it calls
-`denoise_step(scheduler, latents, i, context, guidance, noise_i, conditioning)`, the same step with the
-scheduler explicit (runtime/graphs.py's StepFn). `_after_step(i, latents, start, blend, callback)` is the
-eager work between steps (inpainting blend, callback), a graph runner's `between_steps`.
+    encode_prompt -> start latents (runtime/latents.py) -> denoise (a loop over `denoise_step`)
+    -> decode_latents -> to_pil
+`denoise_step(scheduler, latents, i, context, guidance, noise_i, conditioning, **added)` is the one step:
+pure tensor work (no host syncs), the StepFn a CUDA-graph runner (runtime/graphs.py) captures and
+replays. `_after_step(run, i, latents)` is the eager work between steps (inpainting blend, callback),
+a graph runner's `between_steps`. A run's state (scheduler, start / end step, noise, blend, ...) is
+one `latents.DenoiseRun`, passed to each stage, never kept on the pipeline.
 
-Random draws reproduce diffusers' for the same seed, in diffusers' order, from one CPU generator:
-  txt2img:  initial noise                                                  then per-step noise
-  img2img:  VAE posterior sample of the image, noise for add_noise        then per-step noise
-  inpaint:  [VAE sample of the image (4-channel UNet, or strength < 1)], initial noise,
-            VAE sample of the masked image                                 then per-step noise
-Per-step (ancestral) noise comes from `scheduler.draw_noise` up front, after those draws: rows [S, ...]
-indexed by step; for img2img the scheduler draws only from its begin index (set by img2img_start) on.
+What a call asks for is one `GenerationRequest` (runtime/generation_options.py): generate / img2img /
+inpaint build one from their keywords; `generate_batch` takes several, validated before any network
+runs, and denoises those with equal `batch_key(pipe)` in one loop, each request keeping its own
+prompt, seed (its own generator, drawn in a solo run's order), guidance scale and images.
 
 SDXL (runtime/conditioning.py): two text encoders, and `text_embeds` / `time_ids` passed to the UNet as
 added conditioning (`added`, named tensors) through every step; `generate(..., refiner=, refiner_start=)`
@@ -27,26 +26,26 @@ Cancelling: `callback(step_index, timestep, latents)` returning False raises `Ge
 from __future__ import annotations
 
 import contextlib
-import math
-import secrets
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import PIL.Image
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from runtime import conditioning, lora, validation
+from runtime import conditioning, latents, lora, validation
 from runtime import images as imageio
 from runtime.caller_inputs import CallerInputs
 from runtime.dtypes import precision_name
+from runtime.generation_options import CheckedRequest, GenerationRequest, check_batch, check_request
 from runtime.graphs import CudaGraphDenoiser
 from runtime.images import GenerationInfo
 from runtime.model_hash import model_hash
 from runtime.prompt_syntax import encode_prompts
-from runtime.schedulers import SCHEDULER_NAMES, config_name, make_scheduler
+from runtime.schedulers import config_name, make_scheduler
+
+__all__ = ["GenerationCancelled", "GenerationRequest", "Pipeline"]
 
 
 class GenerationCancelled(RuntimeError):
@@ -56,44 +55,6 @@ class GenerationCancelled(RuntimeError):
         super().__init__(f"generation cancelled by the callback after step {step_index}")
         self.step_index = step_index
         self.latents = latents
-
-
-@dataclass
-class _LatentBlend:
-    """4-channel inpainting: after each step, the unmasked region is reset to the image's latents
-    noised to the next step's level (diffusers' StableDiffusionInpaintPipeline for 4-channel UNets)."""
-
-    image_latents: torch.Tensor  # [B, 4, h, w], scaled
-    mask: torch.Tensor  # [B, 1, h, w], 1 = repaint
-    noise: torch.Tensor  # the initial noise, reused to noise the image at each level
-
-
-@dataclass(frozen=True)
-class _Request:
-    """One validated call: everything decided before any network runs."""
-
-    mode: str
-    prompts: list[str]
-    negatives: list[str]
-    steps: int
-    guidance: float
-    width: int
-    height: int
-    seed: int
-    num_images: int
-    scheduler: str | None  # the caller's choice; None: the checkpoint's own scheduler
-    scheduler_name: str  # what ran, for metadata
-    strength: float | None
-
-
-@dataclass(frozen=True)
-class _SDXLCall:
-    """The SDXL-only parts of one call, validated with the request."""
-
-    micro: conditioning.MicroConditioning
-    zero_negatives: bool  # no negative prompt given: force_zeros_for_empty_prompt applies
-    refiner: Pipeline | None = None
-    refiner_start: float | None = None
 
 
 class Pipeline:
@@ -114,7 +75,8 @@ class Pipeline:
         self.tokenizer = components.tokenizer
         self.conditioner = conditioning.conditioner_for(components)  # None for SD 1.x / 2.x
         self.scheduler_config = dict(components.scheduler_config)
-        self.scheduler = None  # the scheduler of the latest run, set by each call
+        # The latest run's scheduler, for callers to inspect (diffusers' pipe.scheduler); no stage reads it.
+        self.scheduler = None
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         parameter = next(self.unet.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
@@ -123,7 +85,7 @@ class Pipeline:
         if cuda_graphs and self.device.type != "cuda" and graph_api is None:
             raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, it is on {self.device}")
         self.graphs = CudaGraphDenoiser(self.denoise_step, graph_api=graph_api) if cuda_graphs else None
-        # One request at a time: a run keeps its scheduler on self and replays shared graph buffers.
+        # One request at a time: a run replays shared graph buffers and may move the VAE's dtype.
         self._run_lock = validation.ReentryGuard()
         self._loras: lora.LoraSet | None = None  # created by the first load_lora
 
@@ -132,91 +94,60 @@ class Pipeline:
         self,
         prompt,
         *,
-        negative_prompt=None,
-        steps: int = 30,
-        guidance: float = 7.5,
-        width: int | None = None,
-        height: int | None = None,
-        seed: int | None = None,
-        num_images: int = 1,
-        scheduler: str | None = None,
         callback=None,
         progress: bool = True,
         refiner: Pipeline | None = None,
         refiner_start: float | None = None,
-        **micro,
+        **options,
     ) -> list[PIL.Image.Image]:
-        """Text to image. Returns `len(prompts) * num_images` PIL images (each prompt's images together);
-        each image's `info` holds the generation parameters (seed included) as PNG text entries.
-        SDXL: `refiner` (another SDXL pipeline) finishes from `refiner_start` (default 0.8) of the
-        denoising; `micro`: original_size, crops_coords_top_left, target_size and their negative_* forms."""
+        """Text to image. `options`: GenerationRequest's fields (negative_prompt, steps=30, guidance=7.5,
+        width, height, seed, num_images=1, scheduler, and SDXL's micro-conditioning: original_size,
+        crops_coords_top_left, target_size and their negative_* forms). Returns `len(prompts) *
+        num_images` PIL images (each prompt's images together); each image's `info` holds the generation
+        parameters (seed included) as PNG text entries. SDXL: `refiner` (another SDXL pipeline)
+        finishes from `refiner_start` (default 0.8) of the denoising."""
         if self.conditioner is not None and self.conditioner.is_refiner:
             raise ValueError(
                 f"{self.components.source} is an SDXL refiner (requires_aesthetics_score): it cannot "
                 f"generate from noise; use it as refiner= of an SDXL base's generate, or img2img"
             )
-        sdxl = self._sdxl_call(negative_prompt, micro, refiner, refiner_start)
-        request = self._request(
-            "txt2img", prompt, negative_prompt, steps, guidance, width, height, seed, num_images, scheduler, None
-        )
-        return self._run(request, callback=callback, progress=progress, sdxl=sdxl)
+        request = check_request(self, _options_request("generate", prompt, options, ()))
+        refiner_start = self._check_refiner(refiner, refiner_start)
+        plan = None if refiner is None else (refiner, refiner_start)
+        return self._run([request], callback=callback, progress=progress, refiner=plan)[0]
 
     def img2img(
-        self,
-        image,
-        prompt,
-        *,
-        strength: float = 0.75,
-        negative_prompt=None,
-        steps: int = 30,
-        guidance: float = 7.5,
-        width: int | None = None,
-        height: int | None = None,
-        seed: int | None = None,
-        num_images: int = 1,
-        scheduler: str | None = None,
-        callback=None,
-        progress: bool = True,
-        **micro,
+        self, image, prompt, *, strength: float = 0.75, callback=None, progress: bool = True, **options
     ) -> list[PIL.Image.Image]:
-        """Image to image: `image` (PIL or path) noised to `strength` then denoised. The output size is
-        width x height, by default the image's own size rounded down to a multiple of 8."""
-        sdxl = self._sdxl_call(negative_prompt, micro, None, None)
-        image = imageio.load_image(image, "init image")
-        width, height = self._size_for_image(image, width, height)
-        request = self._request(
-            "img2img", prompt, negative_prompt, steps, guidance, width, height, seed, num_images, scheduler, strength
-        )
-        return self._run(request, image=image, callback=callback, progress=progress, sdxl=sdxl)
+        """Image to image: `image` (PIL or path) noised to `strength` then denoised. `options` as
+        generate's. The output size is width x height, by default the image's own size rounded down to
+        a multiple of 8."""
+        options = dict(options, image=image, strength=strength)
+        request = check_request(self, _options_request("img2img", prompt, options, ("image", "strength")))
+        return self._run([request], callback=callback, progress=progress)[0]
 
     def inpaint(
-        self,
-        image,
-        mask,
-        prompt,
-        *,
-        strength: float = 1.0,
-        negative_prompt=None,
-        steps: int = 30,
-        guidance: float = 7.5,
-        width: int | None = None,
-        height: int | None = None,
-        seed: int | None = None,
-        num_images: int = 1,
-        scheduler: str | None = None,
-        callback=None,
-        progress: bool = True,
-        **micro,
+        self, image, mask, prompt, *, strength: float = 1.0, callback=None, progress: bool = True, **options
     ) -> list[PIL.Image.Image]:
         """Repaint where `mask` is white (>= 50% gray), keep the rest. 9-channel inpainting UNets get the
-        mask and masked image as input; ordinary 4-channel UNets blend the known region back each step."""
-        sdxl = self._sdxl_call(negative_prompt, micro, None, None)
-        image, mask = self._inpaint_inputs(image, mask)
-        width, height = self._size_for_image(image, width, height)
-        request = self._request(
-            "inpaint", prompt, negative_prompt, steps, guidance, width, height, seed, num_images, scheduler, strength
-        )
-        return self._run(request, image=image, mask=mask, callback=callback, progress=progress, sdxl=sdxl)
+        mask and masked image as input; ordinary 4-channel UNets blend the known region back each step.
+        `options` as generate's."""
+        options = dict(options, image=image, mask=mask, strength=strength)
+        request = check_request(self, _options_request("inpaint", prompt, options, ("image", "mask", "strength")))
+        return self._run([request], callback=callback, progress=progress)[0]
+
+    def generate_batch(
+        self, requests: list[GenerationRequest], *, progress: bool = False, callback=None
+    ) -> list[list[PIL.Image.Image]]:
+        """Several requests through one denoising loop: one list of images per request, in order, each
+        equal (up to batched-matmul rounding) to what generate / img2img / inpaint gives it alone, with
+        its own PNG metadata. Every request is validated first (errors name its index); all must have
+        equal `batch_key(self)` (ValueError naming the fields that differ). A callback returning False
+        cancels the whole batch (GenerationCancelled). No refiner here: call generate for that."""
+        checked = check_batch(self, requests)
+        if self.conditioner is not None and self.conditioner.is_refiner and checked[0].mode == "txt2img":
+            raise ValueError(f"{self.components.source} is an SDXL refiner: it cannot generate from noise")
+        return self._run(checked, callback=callback, progress=progress)
 
     def __call__(self, prompt=None, **kwargs):
         """diffusers' call: pipe(prompt, num_inference_steps=, guidance_scale=, ...) -> object with .images
@@ -265,35 +196,16 @@ class Pipeline:
             self._loras = lora.LoraSet(networks, kind=self.components.kind)
         return self._loras
 
-    # ------------------------------------------------------------------ validation
-    def _inpaint_inputs(self, image, mask):
-        image = imageio.load_image(image, "init image")
-        mask = imageio.load_image(mask, "mask")
-        if mask.size != image.size:
-            raise ValueError(
-                f"mask size {mask.size[0]}x{mask.size[1]} differs from the image size "
-                f"{image.size[0]}x{image.size[1]}; give a mask of the same size"
-            )
-        if self.unet.config.in_channels not in (4, 9):
-            raise ValueError(
-                f"inpainting needs a UNet with 4 or 9 input channels, this one has "
-                f"in_channels={self.unet.config.in_channels}"
-            )
-        return image, mask
-
-    def _sdxl_call(self, negative_prompt, micro: dict, refiner, refiner_start) -> _SDXLCall | None:
-        """The SDXL arguments checked (refiner's family and role, refiner_start, micro-conditioning)."""
-        kind = getattr(self.components, "kind", "sd1")
-        micro_conditioning = conditioning.MicroConditioning.from_kwargs(micro, kind)
-        refiner_start = conditioning.check_refiner(kind, refiner, refiner_start)
-        if self.conditioner is None:
-            return None
+    # ------------------------------------------------------------------ validation (runtime/generation_options.py)
+    def _check_refiner(self, refiner, refiner_start) -> float | None:
+        """The validated refiner_start (refiner's family and role, latent channels); None without one."""
+        refiner_start = conditioning.check_refiner(getattr(self.components, "kind", "sd1"), refiner, refiner_start)
         if refiner is not None and refiner.vae.config.latent_channels != self.vae.config.latent_channels:
             raise ValueError(
                 f"refiner {refiner.components.source} has {refiner.vae.config.latent_channels} latent "
                 f"channels, this base {self.vae.config.latent_channels}"
             )
-        return _SDXLCall(micro_conditioning, negative_prompt is None, refiner, refiner_start)
+        return refiner_start
 
     def native_size(self) -> tuple[int, int]:
         """(width, height) the UNet was trained at: sample_size * the VAE factor."""
@@ -305,93 +217,6 @@ class Pipeline:
         height, width = sample_size
         return width * self.vae_scale_factor, height * self.vae_scale_factor
 
-    def _size_for_image(self, image, width, height) -> tuple[int, int]:
-        if width is not None and height is not None:
-            return width, height
-        factor = self.vae_scale_factor
-        image_width, image_height = image.size
-        rounded = (image_width - image_width % factor, image_height - image_height % factor)
-        if rounded[0] < factor or rounded[1] < factor:
-            raise ValueError(f"init image is {image_width}x{image_height}; it must be at least {factor}x{factor}")
-        if rounded != image.size and (width is None or height is None):
-            warnings.warn(
-                f"init image size {image_width}x{image_height} is not a multiple of {factor}; "
-                f"it is resized to {rounded[0]}x{rounded[1]}",
-                stacklevel=3,
-            )
-        return (width if width is not None else rounded[0]), (height if height is not None else rounded[1])
-
-    def _request(
-        self, mode, prompt, negative_prompt, steps, guidance, width, height, seed, num_images, scheduler, strength
-    ) -> _Request:
-        prompts = _prompt_list(prompt, "prompt")
-        validation.check_prompt_text(prompts, "prompt")
-        if negative_prompt is None:
-            negatives = [""] * len(prompts)
-        elif isinstance(negative_prompt, str):
-            validation.check_prompt_text([negative_prompt], "negative_prompt")
-            negatives = [negative_prompt] * len(prompts)
-        else:
-            negatives = _prompt_list(negative_prompt, "negative_prompt")
-            validation.check_prompt_text(negatives, "negative_prompt")
-            if len(negatives) != len(prompts):
-                raise ValueError(f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}")
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-        if not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 1:
-            raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
-        validation.check_batch(len(prompts), num_images)
-        if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not 0 <= guidance < math.inf:
-            raise ValueError(f"guidance must be a finite number >= 0 (<= 1 turns guidance off), got {guidance!r}")
-        if guidance <= 1 and negative_prompt:
-            warnings.warn(
-                f"guidance {guidance} <= 1 turns classifier-free guidance off: the negative prompt is ignored",
-                stacklevel=3,
-            )
-        default_width, default_height = self.native_size()
-        width = default_width if width is None else width
-        height = default_height if height is None else height
-        for name, value in (("width", width), ("height", height)):
-            if (
-                not isinstance(value, int)
-                or isinstance(value, bool)
-                or value < self.vae_scale_factor
-                or value % self.vae_scale_factor
-            ):
-                raise ValueError(
-                    f"{name} must be a positive multiple of {self.vae_scale_factor} (the VAE factor), got {value!r}"
-                )
-        validation.check_pixels(
-            width, height, len(prompts) * num_images, guidance > 1, torch.finfo(self.dtype).bits // 8, self.max_pixels
-        )
-        if strength is not None:
-            if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
-                raise ValueError(f"strength must be in (0, 1], got {strength!r}")
-            if int(steps * strength) < 1:
-                raise ValueError(
-                    f"strength {strength} with {steps} steps leaves no denoising step "
-                    f"(int(steps * strength) = 0); raise steps or strength"
-                )
-        if scheduler is not None and scheduler not in SCHEDULER_NAMES:
-            raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
-        if seed is None:
-            seed = secrets.randbelow(validation.SEED_LIMIT)
-        validation.check_seed(seed)
-        return _Request(
-            mode=mode,
-            prompts=prompts,
-            negatives=negatives,
-            steps=steps,
-            guidance=float(guidance),
-            width=width,
-            height=height,
-            seed=seed,
-            num_images=num_images,
-            scheduler=scheduler,
-            scheduler_name=scheduler or self.default_scheduler_name(),
-            strength=strength,
-        )
-
     def default_scheduler_name(self) -> str:
         """Our name for the scheduler the checkpoint's config names."""
         return config_name(self.scheduler_config)
@@ -399,15 +224,15 @@ class Pipeline:
     # ------------------------------------------------------------------ the run
     def _run(
         self,
-        request: _Request,
+        requests: list[CheckedRequest],
         *,
-        image=None,
-        mask=None,
         callback=None,
         progress=True,
         inputs: CallerInputs | None = None,
-        sdxl=None,
+        refiner: tuple[Pipeline, float] | None = None,
     ):
+        """Checked requests with one batch key -> one list of images per request (or, for one request
+        and CallerInputs.output "tensor" / "latent", that tensor)."""
         validation.check_callback(callback)
         inputs = inputs or CallerInputs()
         if inputs.context is not None and self.conditioner is not None:
@@ -415,144 +240,153 @@ class Pipeline:
                 "prompt_embeds are not supported for SDXL yet (it also needs pooled text_embeds); pass the prompt text"
             )
         with self._run_lock, torch.inference_mode():
-            return self._run_locked(
-                request, image=image, mask=mask, callback=callback, progress=progress, inputs=inputs, sdxl=sdxl
-            )
+            return self._run_locked(requests, callback, progress, inputs, refiner)
 
-    def _run_locked(self, request: _Request, *, image, mask, callback, progress, inputs, sdxl=None):
-        self.scheduler = scheduler = make_scheduler(request.scheduler, self.scheduler_config)
-        scheduler.set_timesteps(request.steps, device=self.device)
-        end = refine = None
-        if sdxl is not None and sdxl.refiner is not None:
-            end, refine = self._plan_refiner(request, sdxl, callback, progress)
+    def _run_locked(self, requests: list[CheckedRequest], callback, progress, inputs: CallerInputs, refiner):
+        first = requests[0]  # the batch key (mode, size, steps, scheduler, strength, guided) is shared
+        scheduler = make_scheduler(first.scheduler, self.scheduler_config)
+        scheduler.set_timesteps(first.steps, device=self.device)
+        self.scheduler = scheduler
+        start = 0 if first.mode == "txt2img" else scheduler.img2img_start(first.strength)
+        end = finish = None
+        if refiner is not None:
+            end, finish = self._plan_refiner(first, scheduler, *refiner, callback, progress)
         if inputs.context is None:
-            context, added = self._conditioning(request, sdxl)
+            context, added = self._batch_conditioning(requests)
         else:
             context, added = inputs.context, None
-        generator = inputs.generator or torch.Generator("cpu").manual_seed(request.seed)
-        batch = len(request.prompts) * request.num_images
-        shape = (
-            batch,
-            self.vae.config.latent_channels,
-            request.height // self.vae_scale_factor,
-            request.width // self.vae_scale_factor,
-        )
-        start, conditioning, blend = 0, None, None
-        if request.mode == "txt2img":
-            initial = (
-                inputs.latents.to(self.device, self.dtype)
-                if inputs.latents is not None
-                else self._randn(shape, generator)
+        rows = sum(request.rows for request in requests)
+        guided = context.shape[0] != rows
+        starts, noises, generators = [], [], []
+        for request in requests:
+            generator = inputs.generator or torch.Generator("cpu").manual_seed(request.seed)
+            shape = (
+                request.rows,
+                self.vae.config.latent_channels,
+                request.height // self.vae_scale_factor,
+                request.width // self.vae_scale_factor,
             )
-            latents = initial * scheduler.init_noise_sigma
-        elif request.mode == "img2img":
-            start = scheduler.img2img_start(request.strength)
-            latents = self._img2img_latents(image, request, shape, start, generator)
-        else:
-            start = scheduler.img2img_start(request.strength)
-            latents, conditioning, blend = self._inpaint_latents(
-                image, mask, request, shape, start, context.shape[0] != batch, generator
-            )
-        noise = scheduler.draw_noise(generator, shape, self.dtype, self.device, end=end)
-        latents = self.denoise(
-            latents,
-            context,
-            request.guidance,
+            starts.append(latents.start_latents(self, scheduler, request, start, shape, generator, inputs.latents))
+            noises.append(scheduler.draw_noise(generator, shape, self.dtype, self.device, end=end))
+            generators.append(generator)
+        initial, extra_channels, blend = latents.concatenated(starts, guided)
+        run = latents.DenoiseRun(
+            scheduler=scheduler,
+            context=context,
+            guidance=self._guidance(requests, guided),
             start=start,
-            noise=noise,
-            conditioning=conditioning,
+            end=end,
+            noise=latents.noise_rows(noises),
+            conditioning=extra_channels,
+            added=added,
             blend=blend,
             callback=callback,
             progress=progress,
-            added=added,
-            end=end,
         )
+        final = self.denoise(run, initial)
+        scales = ", ".join(sorted({f"{request.guidance:g}" for request in requests}))
         validation.check_finite(
-            latents,
-            f"the denoised latents (after the UNet and the {request.scheduler_name} "
-            f"scheduler, before the VAE; guidance {request.guidance:g})",
+            final,
+            f"the denoised latents (after the UNet and the {first.scheduler_name} "
+            f"scheduler, before the VAE; guidance {scales})",
         )
-        if refine is not None:
+        if finish is not None:
             if inputs.output != "pil":
                 raise ValueError("a refiner run returns images; output_type 'latent' / 'pt' is not supported with it")
-            return refine(latents, generator)
+            return [finish(final, generators[0])]
         if inputs.output == "latent":
-            return latents
-        decoded = self.decode_latents(latents)
-        return decoded if inputs.output == "tensor" else self._finish(decoded, request)
+            return final
+        decoded = self.decode_latents(final)
+        if inputs.output == "tensor":
+            return decoded
+        return self._finish_each(decoded, requests)
 
-    def _conditioning(self, request: _Request, sdxl: _SDXLCall | None):
+    def _guidance(self, requests: list[CheckedRequest], guided: bool) -> float | torch.Tensor:
+        """One scale, or (requests with different scales) a [B] fp32 tensor of each latent row's."""
+        scales = [request.guidance for request in requests]
+        if not guided or len(set(scales)) == 1:
+            return scales[0]
+        per_row = [request.guidance for request in requests for _ in range(request.rows)]
+        return torch.tensor(per_row, dtype=torch.float32, device=self.device)
+
+    def _batch_conditioning(self, requests: list[CheckedRequest]):
+        """The requests' contexts (and SDXL's added conditioning) in guided-batch order [uncond; cond]."""
+        parts = [self._conditioning(request) for request in requests]
+        guided = requests[0].guided
+        context = latents.guided_rows([part[0] for part in parts], guided)
+        if parts[0][1] is None:
+            return context, None
+        added = {name: latents.guided_rows([part[1][name] for part in parts], guided) for name in parts[0][1]}
+        return context, added
+
+    def _conditioning(self, request: CheckedRequest):
         """(context, added conditioning for the UNet: None, or SDXL's {"text_embeds", "time_ids"})."""
         if self.conditioner is None:
             return self.encode_prompt(request.prompts, request.negatives, request.guidance, request.num_images), None
-        guided = request.guidance > 1
         context, text_embeds = self.conditioner.encode(
-            request.prompts, request.negatives, sdxl.zero_negatives, guided, request.num_images, self.device, self.dtype
+            request.prompts,
+            request.negatives,
+            request.zero_negatives,
+            request.guided,
+            request.num_images,
+            self.device,
+            self.dtype,
         )
         time_ids = self.conditioner.time_ids(
-            sdxl.micro,
+            request.micro,
             request.mode,
             request.height,
             request.width,
-            len(request.prompts) * request.num_images,
-            guided,
+            request.rows,
+            request.guided,
             self.device,
             self.dtype,
         )
         return context, {"text_embeds": text_embeds, "time_ids": time_ids}
 
-    def _plan_refiner(self, request: _Request, sdxl: _SDXLCall, callback, progress):
+    def _plan_refiner(self, request: CheckedRequest, scheduler, refiner: Pipeline, refiner_start, callback, progress):
         """(the base's end step, a function that finishes on the refiner), checked before any network runs."""
-        end = conditioning.base_end(self.scheduler, sdxl.refiner_start)
-        refiner = sdxl.refiner
+        end = conditioning.base_end(scheduler, refiner_start)
         refiner_scheduler = make_scheduler(request.scheduler, refiner.scheduler_config)
         refiner_scheduler.set_timesteps(request.steps, device=refiner.device)
-        begin = conditioning.refiner_begin(refiner_scheduler, sdxl.refiner_start)
+        begin = conditioning.refiner_begin(refiner_scheduler, refiner_start)
         if end == 0 or begin >= refiner_scheduler.num_steps:
             raise ValueError(
-                f"refiner_start={sdxl.refiner_start} with {request.steps} steps leaves "
+                f"refiner_start={refiner_start} with {request.steps} steps leaves "
                 f"{'the base' if end == 0 else 'the refiner'} no step; move refiner_start or add steps"
             )
-        refiner_call = replace(sdxl, refiner=None, refiner_start=None)
 
-        def refine(latents: torch.Tensor, generator: torch.Generator) -> list[PIL.Image.Image]:
+        def finish(base_latents: torch.Tensor, generator: torch.Generator) -> list[PIL.Image.Image]:
             lock = contextlib.nullcontext() if refiner is self else refiner._run_lock
             with lock:
                 return refiner._refine_locked(
-                    latents,
-                    request,
-                    refiner_call,
-                    refiner_scheduler,
-                    begin,
-                    generator,
-                    callback=callback,
-                    progress=progress,
+                    base_latents, request, refiner_scheduler, begin, generator, callback=callback, progress=progress
                 )
 
-        return end, refine
+        return end, finish
 
     def _refine_locked(
-        self, latents, request: _Request, sdxl: _SDXLCall, scheduler, begin: int, generator, callback, progress
+        self, base_latents, request: CheckedRequest, scheduler, begin: int, generator, callback, progress
     ) -> list[PIL.Image.Image]:
-        """Denoise `latents` (a base's, at step `begin`) from `begin` on, as diffusers' img2img with
+        """Denoise `base_latents` (a base's, at step `begin`) from `begin` on, as diffusers' img2img with
         denoising_start: no noise is added; ancestral draws continue the base's generator."""
         self.scheduler = scheduler
         scheduler.start_at(begin)
-        context, added = self._conditioning(replace(request, mode="img2img"), sdxl)
-        latents = latents.to(self.device, self.dtype)
-        noise = scheduler.draw_noise(generator, tuple(latents.shape), self.dtype, self.device)
-        latents = self.denoise(
-            latents,
-            context,
-            request.guidance,
+        context, added = self._conditioning(replace(request, mode="img2img"))
+        base_latents = base_latents.to(self.device, self.dtype)
+        run = latents.DenoiseRun(
+            scheduler=scheduler,
+            context=context,
+            guidance=request.guidance,
             start=begin,
-            noise=noise,
+            noise=scheduler.draw_noise(generator, tuple(base_latents.shape), self.dtype, self.device),
+            added=added,
             callback=callback,
             progress=progress,
-            added=added,
         )
-        validation.check_finite(latents, "the refined latents (after the refiner's UNet, before the VAE)")
-        return self._finish(self.decode_latents(latents), request)
+        refined = self.denoise(run, base_latents)
+        validation.check_finite(refined, "the refined latents (after the refiner's UNet, before the VAE)")
+        return self._finish(self.decode_latents(refined), request)
 
     def encode_prompt(
         self,
@@ -615,93 +449,37 @@ class Pipeline:
         finally:
             self.vae.to(vae_dtype)
 
-    def _img2img_latents(self, image, request, shape, start, generator) -> torch.Tensor:
-        pixels = imageio.image_to_tensor(image, request.width, request.height)
-        image_latents = self._encode_image(pixels, generator).expand(shape[0], -1, -1, -1)
-        noise = self._randn(shape, generator)
-        return self.scheduler.add_noise(image_latents, noise, start)
-
-    def _inpaint_latents(self, image, mask, request, shape, start, guided, generator):
-        pixels = imageio.image_to_tensor(image, request.width, request.height)
-        mask_pixels = imageio.mask_to_tensor(mask, request.width, request.height)
-        four_channel = self.unet.config.in_channels == 4
-        full_strength = request.strength == 1.0
-        image_latents = None
-        if four_channel or not full_strength:
-            image_latents = self._encode_image(pixels, generator).expand(shape[0], -1, -1, -1)
-        noise = self._randn(shape, generator)
-        if full_strength:
-            latents = noise * self.scheduler.init_noise_sigma
-        else:
-            latents = self.scheduler.add_noise(image_latents, noise, start)
-        latent_mask = F.interpolate(mask_pixels, size=shape[-2:]).to(self.device, self.dtype)
-        latent_mask = latent_mask.expand(shape[0], -1, -1, -1)
-        if four_channel:
-            # diffusers samples the masked image's latents here even for 4-channel UNets (and never uses
-            # them): make the same draw, skipping the encode, so later draws stay aligned.
-            self._randn((1, *shape[1:]), generator)
-            return latents, None, _LatentBlend(image_latents, latent_mask, noise)
-        masked_latents = self._encode_image(pixels * (mask_pixels < 0.5), generator)
-        conditioning = torch.cat([latent_mask, masked_latents.expand(shape[0], -1, -1, -1)], dim=1)
-        if guided:
-            conditioning = torch.cat([conditioning, conditioning])
-        return latents, conditioning, None
-
-    def denoise(
-        self,
-        latents: torch.Tensor,
-        context: torch.Tensor,
-        guidance: float,
-        *,
-        start: int = 0,
-        noise: torch.Tensor | None = None,
-        conditioning: torch.Tensor | None = None,
-        blend: _LatentBlend | None = None,
-        callback=None,
-        progress: bool = True,
-        added: dict[str, torch.Tensor] | None = None,
-        end: int | None = None,
-    ) -> torch.Tensor:
-        """Run steps start..end-1 (end: S) of `self.scheduler` (already set up); return the final latents.
-        `added`: the UNet's added conditioning (SDXL's text_embeds / time_ids), the same at every step."""
-        self.scheduler.reset()
+    def denoise(self, run: latents.DenoiseRun, initial: torch.Tensor) -> torch.Tensor:
+        """Run steps run.start .. run.end-1 (end: S) of `run.scheduler` (already set up) from `initial`;
+        return the final latents. Replays CUDA graphs when the pipeline has them, else steps eagerly."""
+        scheduler = run.scheduler
+        scheduler.reset()
+        added = run.added or {}
         if self.graphs is not None:
             between_steps = None
-            if blend is not None or callback is not None:
+            if run.blend is not None or run.callback is not None:
 
                 def between_steps(i, x):
-                    return self._after_step(i, x, start, blend, callback)
+                    return self._after_step(run, i, x)
 
             return self.graphs.run(
-                self.scheduler,
-                latents,
-                guidance,
-                start=start,
-                end=end,
-                noise=noise,
-                inputs=dict(context=context, conditioning=conditioning, **(added or {})),
+                scheduler,
+                initial,
+                run.guidance,
+                start=run.start,
+                end=run.end,
+                noise=run.noise,
+                inputs=dict(context=run.context, conditioning=run.conditioning, **added),
                 between_steps=between_steps,
-                progress=lambda steps: tqdm(steps, disable=not progress, desc="denoising"),
+                progress=lambda steps: tqdm(steps, disable=not run.progress, desc="denoising"),
             )
-        stop = self.scheduler.num_steps if end is None else end
-        for i in tqdm(range(start, stop), disable=not progress, desc="denoising"):
-            noise_i = None if noise is None else noise[i]
-            latents = self._denoise_step(latents, i, context, guidance, noise_i, conditioning, added)
-            latents = self._after_step(i, latents, start, blend, callback)
-        return latents
-
-    def _denoise_step(
-        self,
-        latents: torch.Tensor,
-        i: int,
-        context: torch.Tensor,
-        guidance: float,
-        noise_i: torch.Tensor | None,
-        conditioning: torch.Tensor | None = None,
-        added: dict[str, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """One step with the run's scheduler; the unit a CUDA-graph runner replaces."""
-        return self.denoise_step(self.scheduler, latents, i, context, guidance, noise_i, conditioning, **(added or {}))
+        stop = scheduler.num_steps if run.end is None else run.end
+        x = initial
+        for i in tqdm(range(run.start, stop), disable=not run.progress, desc="denoising"):
+            noise_i = None if run.noise is None else run.noise[i]
+            x = self.denoise_step(scheduler, x, i, run.context, run.guidance, noise_i, run.conditioning, **added)
+            x = self._after_step(run, i, x)
+        return x
 
     def denoise_step(
         self,
@@ -716,8 +494,9 @@ class Pipeline:
     ) -> torch.Tensor:
         """UNet once on the guided batch [uncond; cond], guidance combine, scheduler step.
 
-        Guided iff `context` has twice the rows of `latents`. `guidance` may be a float or a 0-d device
-        tensor (a captured graph keeps it in a buffer). `conditioning` (9-channel inpainting: mask and
+        Guided iff `context` has twice the rows of `latents`. `guidance` may be a float, a 0-d device
+        tensor (a captured graph keeps it in a buffer) or a [B] fp32 tensor, one scale per latent row (a
+        batch of requests with their own scales). `conditioning` (9-channel inpainting: mask and
         masked-image latents) is appended to the UNet input's channels. `added`: extra named UNet inputs
         (SDXL's text_embeds, time_ids), already in guided-batch order; a graph runner keeps each in a buffer.
         Pure tensor work, no host sync.
@@ -730,25 +509,27 @@ class Pipeline:
         prediction = self.unet(model_input, scheduler.timesteps[i], context, **added)
         if guided:
             uncond, cond = prediction.chunk(2)
+            if isinstance(guidance, torch.Tensor) and guidance.dim() == 1:
+                guidance = guidance.view(-1, *([1] * (cond.dim() - 1)))  # [B] -> [B, 1, 1, 1]: one scale per row
             # The product in fp32, rounded once to the model dtype: what a kernel does with a Python float
-            # (its opmath), and also what a 0-d fp32 tensor gives, which in fp16 math would first round
-            # 7.3 to 7.30078. So eager (a float) and a graph replay (a buffer) give the same bits.
+            # (its opmath), and also what a 0-d or per-row fp32 tensor gives, which in fp16 math would first
+            # round 7.3 to 7.30078. So eager (a float), a graph replay (a buffer) and a batch row give the
+            # same bits for the same scale.
             scaled = (guidance * (cond - uncond).float()).to(prediction.dtype)
             prediction = uncond + scaled
         return scheduler.step(prediction, i, latents, noise=noise_i)
 
-    def _after_step(
-        self, i: int, latents: torch.Tensor, start: int, blend: _LatentBlend | None, callback
-    ) -> torch.Tensor:
+    def _after_step(self, run: latents.DenoiseRun, i: int, x: torch.Tensor) -> torch.Tensor:
         """Eager work between steps: 4-channel inpainting's blend, then the callback (which may cancel)."""
+        scheduler, blend = run.scheduler, run.blend
         if blend is not None:
             known = blend.image_latents
-            if i < self.scheduler.num_steps - 1:
-                known = self.scheduler.add_noise(known, blend.noise, i + 1)
-            latents = (1 - blend.mask) * known + blend.mask * latents
-        if callback is not None and callback(i - start, self.scheduler.timesteps[i], latents) is False:
-            raise GenerationCancelled(i - start, latents)
-        return latents
+            if i < scheduler.num_steps - 1:
+                known = scheduler.add_noise(known, blend.noise, i + 1)
+            x = (1 - blend.mask) * known + blend.mask * x
+        if run.callback is not None and run.callback(i - run.start, scheduler.timesteps[i], x) is False:
+            raise GenerationCancelled(i - run.start, x)
+        return x
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images [B, 3, H, W] in [0, 1]. If the decode overflows to NaN (fp16 VAEs do), decode
@@ -780,7 +561,15 @@ class Pipeline:
     def to_pil(self, images: torch.Tensor) -> list[PIL.Image.Image]:
         return imageio.to_pil(images)
 
-    def _finish(self, decoded: torch.Tensor, request: _Request) -> list[PIL.Image.Image]:
+    def _finish_each(self, decoded: torch.Tensor, requests: list[CheckedRequest]) -> list[list[PIL.Image.Image]]:
+        """A batch's decoded images -> one list per request, each with that request's metadata."""
+        results, row = [], 0
+        for request in requests:
+            results.append(self._finish(decoded[row : row + request.rows], request))
+            row += request.rows
+        return results
+
+    def _finish(self, decoded: torch.Tensor, request: CheckedRequest) -> list[PIL.Image.Image]:
         pil_images = self.to_pil(decoded)
         source = getattr(self.components, "source", None)
         base = GenerationInfo(
@@ -826,9 +615,10 @@ def _module_dtype(module, default: torch.dtype) -> torch.dtype:
     return default if parameter is None else parameter.dtype
 
 
-def _prompt_list(prompt, name: str) -> list[str]:
-    if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
-        return list(prompt)
-    raise TypeError(f"{name} must be a string or a non-empty list of strings, got {prompt!r:.80}")
+def _options_request(method: str, prompt, options: dict, own: tuple[str, ...]) -> GenerationRequest:
+    """generate / img2img / inpaint's keywords as a GenerationRequest; image / mask / strength only
+    where the method takes them (elsewhere a TypeError, as for any unknown keyword)."""
+    misplaced = sorted(name for name in ("image", "mask", "strength") if name in options and name not in own)
+    if misplaced:
+        raise TypeError(f"{method}() got an unexpected keyword argument {misplaced[0]!r}; see img2img / inpaint")
+    return GenerationRequest(prompt, **options)

@@ -240,7 +240,7 @@ def test_failed_run_leaves_existing_output_untouched(model, tmp_path, capsys, mo
     def failing_step(self, *args, **kwargs):
         raise RuntimeError("CUDA error: out of memory")
 
-    monkeypatch.setattr(Pipeline, "_denoise_step", failing_step)
+    monkeypatch.setattr(Pipeline, "denoise_step", failing_step)
     code, _, stderr = run_cli(
         capsys, "--model", model, "--prompt", "x", "--out", out, "--steps", 2, "--num-images", 2, "--no-progress"
     )

@@ -421,7 +421,7 @@ def guarded_pipe(sd1_folder, monkeypatch):
     def no_step(*args, **kwargs):
         raise AssertionError("a denoising step ran before the bad input was reported")
 
-    monkeypatch.setattr(pipe, "_denoise_step", no_step)
+    monkeypatch.setattr(pipe, "denoise_step", no_step)
     return pipe
 
 

@@ -40,7 +40,9 @@ from runtime.schedulers import SCHEDULER_NAMES
 def default_config(device: str) -> BenchConfig:
     if device.startswith("cuda"):
         return BenchConfig(preset="sd15", device=device, dtype="fp16", width=512, height=512, steps=30, step_iters=50)
-    return BenchConfig(preset="tiny", device=device, dtype="fp32", width=64, height=64, steps=10, step_iters=20)
+    # 12 rounds, not 3: on a shared CPU a burst of other work can slow one row for a whole round (per-round
+    # ratios ranged 0.5-1.9 over 3 rounds on a quiet 2-core machine), so the median needs enough rounds.
+    return BenchConfig(preset="tiny", device=device, dtype="fp32", width=64, height=64, steps=10, step_iters=100)
 
 
 def parse_args(argv: list[str] | None) -> tuple[BenchConfig, list[str], str | None]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .base import Scheduler
+from .base import Scheduler, check_steps, img2img_start_index
 from .config import merged_config
 from .ddim import DDIM
 from .dpm import DPMSolverPP2M
@@ -89,8 +89,10 @@ def make_scheduler(name: str | None, config: Mapping[str, Any]) -> Scheduler:
 __all__ = [
     "SCHEDULER_NAMES",
     "Scheduler",
+    "check_steps",
     "config_name",
     "diffusers_equivalent",
+    "img2img_start_index",
     "make_scheduler",
     "DDIM",
     "PNDM",

@@ -48,11 +48,7 @@ class Scheduler:
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device = "cpu") -> None:
         n = num_inference_steps
-        limit = self.config["num_train_timesteps"]
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {n!r}")
-        if n > limit:
-            raise ValueError(f"num_inference_steps={n} exceeds the scheduler's num_train_timesteps={limit}")
+        check_steps(n, self.config["num_train_timesteps"], name="num_inference_steps")
         self.num_inference_steps = n
         self.device = torch.device(device)
         self._schedule(n)
@@ -68,16 +64,7 @@ class Scheduler:
         get_timesteps calls `set_begin_index` (PNDM simply starts counting at its first step).
         """
         self._require_timesteps()
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
-            raise ValueError(f"img2img strength must be in (0, 1], got {strength!r}")
-        n = self.num_inference_steps
-        init_timestep = min(int(n * strength), n)
-        start = max(n - init_timestep, 0)
-        if start >= self.num_steps:
-            raise ValueError(
-                f"img2img strength {strength} with {n} steps leaves no denoising step; raise strength or steps"
-            )
-        return self.start_at(start)
+        return self.start_at(img2img_start_index(strength, self.num_inference_steps))
 
     def start_at(self, index: int) -> int:
         """Make step `index` the first one run (diffusers' set_begin_index; SDXL's denoising_start)."""
@@ -169,6 +156,28 @@ class Scheduler:
         if buffer is None or buffer.shape != shape or buffer.dtype != like.dtype or buffer.device != like.device:
             buffer = torch.zeros(shape, dtype=like.dtype, device=like.device)
         return buffer
+
+
+def check_steps(steps, train_timesteps: int, name: str = "steps") -> None:
+    """The rule for a step count, shared by the pipeline's request checks and set_timesteps."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {steps!r}")
+    if steps > train_timesteps:
+        raise ValueError(f"{name}={steps} exceeds the scheduler's num_train_timesteps={train_timesteps}")
+
+
+def img2img_start_index(strength, steps: int) -> int:
+    """diffusers' get_timesteps: the first of `steps` step indices that img2img at `strength` runs.
+    The one rule for strength, shared by the pipeline's request checks and Scheduler.img2img_start."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+    init_timestep = min(int(steps * strength), steps)
+    if init_timestep < 1:
+        raise ValueError(
+            f"strength {strength} with {steps} steps leaves no denoising step "
+            f"(int(steps * strength) = 0); raise steps or strength"
+        )
+    return steps - init_timestep
 
 
 def _stack(values: list) -> torch.Tensor:
