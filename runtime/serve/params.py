@@ -1,9 +1,8 @@
 """A validated generation request, in the pipeline's terms, and how the worker runs a batch of them.
 
-Both HTTP APIs turn their fields into `GenerationParams` (the fields of runtime.pipeline's
-GenerationRequest) before anything is queued. The worker hands a batch to `Pipeline.generate_batch`
-when the pipeline has it; otherwise each request runs alone through generate / img2img / inpaint and
-no two requests share a batch key (so nothing is grouped that would not share a loop).
+Both HTTP APIs turn their fields into `GenerationParams` before anything is queued; the worker hands a
+batch to `Pipeline.generate_batch` as runtime.pipeline's GenerationRequests, which run through one
+denoising loop when their `batch_key`s are equal (the only requests the Batcher groups).
 """
 
 from __future__ import annotations
@@ -12,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 
 import PIL.Image
+
+from runtime.generation_options import GenerationRequest
 
 
 @dataclass(frozen=True, eq=False)
@@ -29,60 +30,21 @@ class GenerationParams:
     mask: PIL.Image.Image | None = None  # inpaint: white = repaint
     strength: float | None = None  # None: the pipeline's default for the mode
 
-    @property
-    def mode(self) -> str:
-        return "txt2img" if self.image is None else "img2img" if self.mask is None else "inpaint"
-
-    def as_fields(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-
-def _has_batching(pipe) -> bool:
-    return callable(getattr(pipe, "generate_batch", None))
+    def request(self) -> GenerationRequest:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return GenerationRequest(fields.pop("prompt"), **fields)
 
 
 def batch_key(pipe, params: GenerationParams):
-    """Equal keys may share one denoising loop (the pipeline decides); without generate_batch every
-    request is its own key."""
-    if _has_batching(pipe):
-        from runtime.pipeline import GenerationRequest
-
-        return GenerationRequest(**params.as_fields()).batch_key(pipe)
-    return object()
-
-
-def run_alone(pipe, params: GenerationParams, callback=None) -> list[PIL.Image.Image]:
-    """The request through the pipeline's own single-request call: what a batched run must equal."""
-    options = dict(
-        negative_prompt=params.negative_prompt,
-        steps=params.steps,
-        guidance=params.guidance,
-        width=params.width,
-        height=params.height,
-        seed=params.seed,
-        num_images=params.num_images,
-        scheduler=params.scheduler,
-        callback=callback,
-        progress=False,
-    )
-    if params.strength is not None:
-        options["strength"] = params.strength
-    if params.mask is not None:
-        return pipe.inpaint(params.image, params.mask, params.prompt, **options)
-    if params.image is not None:
-        return pipe.img2img(params.image, params.prompt, **options)
-    return pipe.generate(params.prompt, **options)
+    """Equal keys share one denoising loop; computing it also validates the request against `pipe`
+    (a ValueError naming the field)."""
+    return params.request().batch_key(pipe)
 
 
 def batch_runner(pipe):
     """The Batcher's run_batch for `pipe`: (params list, step callback) -> images per request."""
 
     def run_batch(batch, callback):
-        if _has_batching(pipe):
-            from runtime.pipeline import GenerationRequest
-
-            requests = [GenerationRequest(**params.as_fields()) for params in batch]
-            return pipe.generate_batch(requests, progress=False, callback=callback)
-        return [run_alone(pipe, params, callback) for params in batch]
+        return pipe.generate_batch([params.request() for params in batch], progress=False, callback=callback)
 
     return run_batch

@@ -74,7 +74,10 @@ class Service:
         """Queue `params` (all or none), wait for their images; cancel them if the client goes away or
         the request times out. `is_disconnected`: the request's async disconnect check."""
         pipe = model.pipeline
-        jobs = [Job(p, batch_key(pipe, p), p.num_images) for p in params]
+        try:
+            jobs = [Job(p, batch_key(pipe, p), p.num_images) for p in params]
+        except (ValueError, TypeError) as err:  # the pipeline's own checks, past ours
+            raise HTTPError(400, " ".join(str(err).split())) from None
         try:
             model.batcher.submit(jobs)
         except QueueFull as err:
