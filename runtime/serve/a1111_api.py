@@ -120,7 +120,7 @@ def router(service: Service) -> APIRouter:
     @routes.post("/interrupt")
     async def interrupt():
         for model in service.models.values():
-            model.batcher.interrupt()
+            service.metrics.cancelled.labels("interrupted").inc(model.batcher.interrupt())
         return None
 
     @routes.get("/scripts")

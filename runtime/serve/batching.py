@@ -84,7 +84,7 @@ class Batcher:
         name: str = "model",
     ):
         """observer: optional object with queue_depth(n), batch_started(jobs), step_done(seconds),
-        batch_finished(jobs, seconds, succeeded), job_dropped(job) (metrics.py's ModelMetrics)."""
+        batch_finished(jobs, seconds, succeeded) (metrics.py's ModelMetrics)."""
         self._run_batch = run_batch
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000.0, max_queue
         self._steps_of = steps_of
@@ -173,13 +173,7 @@ class Batcher:
         return batch
 
     def _drop_cancelled(self) -> None:
-        kept = []
-        for job in self._pending:
-            if job.cancelled:
-                if self._observer is not None:
-                    self._observer.job_dropped(job)
-            else:
-                kept.append(job)
+        kept = [job for job in self._pending if not job.cancelled]
         if len(kept) != len(self._pending):
             self._pending = kept
             self._notify_depth()

@@ -73,6 +73,3 @@ class ModelMetrics:
             return
         done = sum(job.images for job in jobs if not job.cancelled)
         self._metrics.images.labels(self._model).inc(done)
-
-    def job_dropped(self, job) -> None:
-        self._metrics.cancelled.labels(job.cancel_reason or "unknown").inc()

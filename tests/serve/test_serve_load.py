@@ -112,6 +112,7 @@ def test_past_the_queue_bound_429_and_interrupt(tiny_pipe):
         assert queued_result[0].status_code == 200
         metrics = httpx.get(url + "/metrics").text
     assert 'sd_requests_total{route="/v1/images/generations",status="429"} 1.0' in metrics
+    assert 'sd_cancelled_total{reason="interrupted"} 1.0' in metrics
 
 
 def test_timeout_answers_504_and_stops_the_run(tiny_pipe):
