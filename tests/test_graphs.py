@@ -22,6 +22,7 @@ from runtime.bench.presets import preset_configs, write_random_model
 from runtime.graphs import CudaGraphDenoiser
 from runtime.pipeline import GenerationCancelled, Pipeline
 from runtime.schedulers import SCHEDULER_NAMES, make_scheduler
+from tests import seeding
 from tests.fake_cuda_graphs import FakeCudaGraphs
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -46,8 +47,8 @@ def inpaint9_model(tiny_model, tmp_path_factory):
     config = json.loads((folder / "unet" / "config.json").read_text())
     config["in_channels"] = 9
     (folder / "unet" / "config.json").write_text(json.dumps(config))
-    torch.manual_seed(9)
-    unet = UNet(UNetConfig.from_dict(config))
+    with seeding.global_rng(9):
+        unet = UNet(UNetConfig.from_dict(config))
     save_file(
         {k: v.contiguous() for k, v in unet.state_dict().items()},
         str(folder / "unet" / "diffusion_pytorch_model.safetensors"),

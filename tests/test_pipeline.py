@@ -25,6 +25,7 @@ from runtime import images as imageio
 from runtime.images import psnr
 from runtime.pipeline import GenerationCancelled
 from runtime.schedulers import diffusers_equivalent
+from tests import seeding
 from tests.model_factory import save_diffusers_folder
 
 MIN_PSNR_DB = 35.0
@@ -48,8 +49,8 @@ def inpaint9_folder(sd1_folder, tmp_path_factory):
     config = json.loads((folder / "unet" / "config.json").read_text())
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     config["in_channels"] = 9
-    torch.manual_seed(3)
-    unet = UNet2DConditionModel(**config)
+    with seeding.global_rng(3):
+        unet = UNet2DConditionModel(**config)
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for parameter in unet.parameters():

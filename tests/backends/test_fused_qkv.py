@@ -8,20 +8,26 @@ import torch
 from runtime.backends.fused_qkv import FusedQKVAttention, FusedQKVSpatialSelfAttention, fuse_qkv
 from runtime.bench.presets import perturb_
 from runtime.models.blocks import Attention, BasicTransformerBlock, SpatialSelfAttention
+from tests import seeding
 
 
 def _block(only_cross_attention=False):
-    torch.manual_seed(0)
-    block = BasicTransformerBlock(
-        dim=64, heads=4, head_dim=16, context_dim=48, only_cross_attention=only_cross_attention, upcast_attention=False
-    ).eval()
+    with seeding.global_rng(0):
+        block = BasicTransformerBlock(
+            dim=64,
+            heads=4,
+            head_dim=16,
+            context_dim=48,
+            only_cross_attention=only_cross_attention,
+            upcast_attention=False,
+        ).eval()
     perturb_(block, torch.Generator().manual_seed(1))
     return block
 
 
 def _vae_attention():
-    torch.manual_seed(0)
-    attention = SpatialSelfAttention(channels=32, groups=8, eps=1e-6).eval()
+    with seeding.global_rng(0):
+        attention = SpatialSelfAttention(channels=32, groups=8, eps=1e-6).eval()
     perturb_(attention, torch.Generator().manual_seed(1))
     return attention
 

@@ -16,6 +16,7 @@ from runtime.bench.presets import perturb_, preset_configs
 from runtime.models.layers import AttentionCore, GroupNorm
 from runtime.models.unet import UNet, UNetConfig
 from runtime.models.vae import AutoencoderKL, VAEConfig
+from tests import seeding
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 # The kernels run on the GPU where there is one (the interpreter is off there), else interpreted on the CPU.
@@ -24,9 +25,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def _models(preset: str = "tiny"):
     configs = preset_configs(preset)
-    torch.manual_seed(0)
-    unet = UNet(UNetConfig.from_dict(configs["unet"])).eval()
-    vae = AutoencoderKL(VAEConfig.from_dict(configs["vae"])).eval()
+    with seeding.global_rng(0):
+        unet = UNet(UNetConfig.from_dict(configs["unet"])).eval()
+        vae = AutoencoderKL(VAEConfig.from_dict(configs["vae"])).eval()
     generator = torch.Generator().manual_seed(1)
     perturb_(unet, generator)
     perturb_(vae, generator)

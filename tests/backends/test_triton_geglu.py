@@ -12,13 +12,14 @@ from runtime.bench.presets import perturb_, preset_configs
 from runtime.models.blocks import GEGLU, Attention
 from runtime.models.unet import UNet, UNetConfig
 from runtime.models.vae import AutoencoderKL, VAEConfig
+from tests import seeding
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _geglu(dtype):
-    torch.manual_seed(0)
-    layer = GEGLU(64, 96).eval()
+    with seeding.global_rng(0):
+        layer = GEGLU(64, 96).eval()
     perturb_(layer, torch.Generator().manual_seed(1))
     return layer.to(DEVICE, dtype)
 

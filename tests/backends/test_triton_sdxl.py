@@ -13,6 +13,7 @@ from runtime.bench.presets import perturb_
 from runtime.default_configs import sdxl_bench_preset
 from runtime.models.unet import UNet, UNetConfig
 from runtime.models.vae import AutoencoderKL, VAEConfig
+from tests import seeding
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -24,9 +25,9 @@ def _max_error(value, reference):
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
 def test_sdxl_unet_on_triton_matches_the_fp32_reference_like_torch_does(dtype, atol):
     configs, _ = sdxl_bench_preset("tiny-sdxl")
-    torch.manual_seed(0)
-    unet = UNet(UNetConfig.from_dict(configs["unet"])).eval()
-    vae = AutoencoderKL(VAEConfig.from_dict(configs["vae"])).eval()
+    with seeding.global_rng(0):
+        unet = UNet(UNetConfig.from_dict(configs["unet"])).eval()
+        vae = AutoencoderKL(VAEConfig.from_dict(configs["vae"])).eval()
     perturb_(unet, torch.Generator().manual_seed(1))
     triton = prepare_triton(SimpleNamespace(unet=copy.deepcopy(unet).to(DEVICE, dtype), vae=vae))
     torch_same_dtype = copy.deepcopy(unet).to(DEVICE, dtype)

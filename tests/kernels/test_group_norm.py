@@ -12,6 +12,7 @@ import torch
 import triton
 
 import kernels.group_norm as gn
+from tests import seeding
 
 group_norm, group_norm_reference = gn.group_norm, gn.group_norm_reference
 # Small shapes run on the GPU where there is one (the interpreter is off there), else interpreted on the CPU.
@@ -42,7 +43,9 @@ INTERPRETER_SHAPES = [
 
 
 def _random_inputs(shape, dtype, device, channels_last, affine=True, seed=None):
-    gen = torch.Generator(device="cpu").manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    gen = torch.Generator(device="cpu").manual_seed(
+        seed if seed is not None else seeding.derived_seed(shape, str(dtype), channels_last, affine)
+    )
     x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 3).to(dtype)
     weight = (torch.randn(shape[1], generator=gen, dtype=torch.float64) * 0.5 + 1).to(dtype) if affine else None
     bias = (torch.randn(shape[1], generator=gen, dtype=torch.float64) * 0.5).to(dtype) if affine else None
@@ -131,7 +134,7 @@ def test_fp32_weights_with_fp16_input_and_custom_eps():
 
 def test_large_mean_small_variance_keeps_precision():
     # mean 1000, std 0.01: E[x^2] - E[x]^2 in fp32 would lose every significant digit.
-    x = torch.randn(2, 64, 9, 11, dtype=torch.float64, device=DEVICE) * 0.01 + 1000
+    x = torch.randn(2, 64, 9, 11, generator=seeding.generator(), dtype=torch.float64).to(DEVICE) * 0.01 + 1000
     y = group_norm(x.float(), 32, out=torch.full((2, 64, 9, 11), float("nan"), device=DEVICE))
     ref = group_norm_reference(x, 32)
     assert (y.double() - ref).abs().max().item() < 0.05
@@ -303,8 +306,9 @@ def test_channels_last_chunks_are_aligned_and_fill_an_h100(channels):
     ],
 )
 def test_bad_input_gives_clear_error(call, message):
-    x = torch.randn(2, 64, 4, 4) + 3
-    w = torch.randn(64)
+    gen = seeding.generator()
+    x = torch.randn(2, 64, 4, 4, generator=gen) + 3
+    w = torch.randn(64, generator=gen)
     with pytest.raises((ValueError, TypeError), match=message):
         call(x, w)
 
@@ -312,12 +316,12 @@ def test_bad_input_gives_clear_error(call, message):
 def test_cpu_tensor_without_interpreter_is_rejected(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match=r"x is on cpu; the kernel runs on CUDA.*TRITON_INTERPRET=1"):
-        group_norm(torch.randn(1, 64, 3, 3) + 3, 32)
+        group_norm(torch.randn(1, 64, 3, 3, generator=seeding.generator()) + 3, 32)
 
 
 def test_reference_rejects_unknown_activation():
     with pytest.raises(ValueError, match="activation"):
-        group_norm_reference(torch.randn(1, 32, 2, 2), 32, activation="relu")
+        group_norm_reference(torch.randn(1, 32, 2, 2, generator=seeding.generator()), 32, activation="relu")
 
 
 # GPU variants at the models' full sizes; skipped without CUDA.
@@ -354,7 +358,7 @@ def test_gpu_cuda_graph_capture_and_compile():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         group_norm(x, 32, weight, bias, activation="silu", out=static_out)
-    x.copy_(torch.randn_like(x) * 2 + 3)
+    x.copy_(torch.randn(x.shape, generator=seeding.generator()).to(x) * 2 + 3)
     graph.replay()
     torch.testing.assert_close(static_out, group_norm(x, 32, weight, bias, activation="silu"))
     assert not torch.equal(static_out, eager)

@@ -5,6 +5,7 @@ import torch
 import transformers
 
 from runtime.models.clip import CLIPTextConfig, CLIPTextModel
+from tests import seeding
 
 # diffusers' text_encoder/config.json of SD 1.5 (OpenAI CLIP ViT-L/14, written by transformers 4.x).
 SD15_TEXT_ENCODER_CONFIG = {
@@ -61,9 +62,8 @@ def _small_config(hidden_act: str) -> dict:
 
 
 def _perturbed_reference(config: dict, seed: int) -> transformers.CLIPTextModel:
-    torch.manual_seed(seed)
-    reference = transformers.CLIPTextModel(transformers.CLIPTextConfig(**config)).eval()
-    with torch.no_grad():
+    with seeding.global_rng(seed), torch.no_grad():
+        reference = transformers.CLIPTextModel(transformers.CLIPTextConfig(**config)).eval()
         # LayerNorms start at identity and biases at zero: move every parameter so none hides a bug.
         for p in reference.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -101,9 +101,9 @@ def test_state_dict_keys_equal_transformers():
 
 
 def test_attention_is_causal():
-    torch.manual_seed(4)
-    model = CLIPTextModel(CLIPTextConfig.from_dict(_small_config("gelu"))).eval()
-    ids = torch.randint(0, 1000, (1, 77))
+    with seeding.global_rng(4):
+        model = CLIPTextModel(CLIPTextConfig.from_dict(_small_config("gelu"))).eval()
+        ids = torch.randint(0, 1000, (1, 77))
     changed = ids.clone()
     changed[0, 40:] = (changed[0, 40:] + 1) % 1000
     with torch.no_grad():

@@ -9,6 +9,7 @@ import torch
 import transformers
 
 from runtime.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from tests import seeding
 
 # diffusers' stable-diffusion-xl-base-1.0 text_encoder_2/config.json (written by transformers 4.32), without
 # its "torch_dtype": "float16", which would make transformers build the fp32 reference in fp16.
@@ -88,8 +89,8 @@ def _relative(actual, expected) -> float:
 
 
 def _assert_projection_parity(config: dict, batch: int, seed: int, tolerance: float = 1e-5):
-    torch.manual_seed(seed)
-    reference = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**config)).eval()
+    with seeding.global_rng(seed):
+        reference = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**config)).eval()
     _perturb(reference, seed)
     ours = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(config)).eval()
     ours.load_state_dict(reference.state_dict(), strict=True)
@@ -116,8 +117,8 @@ def test_projection_model_matches_transformers_small(eos_token_id):
 @pytest.mark.parametrize("eos_token_id", [2, 999])
 def test_clip_model_penultimate_and_pooled_match_transformers(eos_token_id):
     config = _small(eos_token_id, "quick_gelu")
-    torch.manual_seed(6)
-    reference = transformers.CLIPTextModel(transformers.CLIPTextConfig(**config)).eval()
+    with seeding.global_rng(6):
+        reference = transformers.CLIPTextModel(transformers.CLIPTextConfig(**config)).eval()
     _perturb(reference, 6)
     ours = CLIPTextModel(CLIPTextConfig.from_dict(config)).eval()
     ours.load_state_dict(reference.state_dict(), strict=True)
@@ -160,8 +161,8 @@ def test_full_sdxl_text_encoder_2_matches_transformers():
 @pytest.mark.slow
 def test_full_sdxl_text_encoder_matches_transformers():
     config = SDXL_TEXT_ENCODER_CONFIG
-    torch.manual_seed(8)
-    reference = transformers.CLIPTextModel(transformers.CLIPTextConfig(**config)).eval()
+    with seeding.global_rng(8):
+        reference = transformers.CLIPTextModel(transformers.CLIPTextConfig(**config)).eval()
     _perturb(reference, 8)
     ours = CLIPTextModel(CLIPTextConfig.from_dict(config)).eval()
     ours.load_state_dict(reference.state_dict(), strict=True)

@@ -11,6 +11,7 @@ import torch
 
 from runtime.default_configs import default_configs
 from runtime.models.unet import UNet, UNetConfig
+from tests import seeding
 
 NEEDED_BYTES = 24 * 2**30
 AVAILABLE_BYTES = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -24,8 +25,8 @@ def test_full_sdxl_unet_matches_diffusers():
     from diffusers import UNet2DConditionModel
 
     config = {k: v for k, v in default_configs("sdxl")["unet"].items() if not k.startswith("_")}
-    torch.manual_seed(0)
-    reference = UNet2DConditionModel(**config).eval()
+    with seeding.global_rng(0):
+        reference = UNet2DConditionModel(**config).eval()
     assert sum(p.numel() for p in reference.parameters()) == 2_567_463_684
     ours = UNet(UNetConfig.from_dict(dict(reference.config))).eval()
     ours.load_state_dict(reference.state_dict(), strict=True)
