@@ -320,7 +320,9 @@ def _size(pipe, width, height) -> tuple[int, int]:
 def _context_tokens(pipe, texts: list[str]) -> int:
     """Tokens in the context these texts encode to: one window, or A1111's 77-token chunks (the longest
     text decides, since one call pads every text to the same chunk count). SDXL reads prompts plain."""
+    if pipe.conditioner is not None:  # an SDXL refiner has only its second tokenizer
+        return pipe.conditioner.encoders[0][0].max_length
     window = pipe.tokenizer.max_length
-    if pipe.conditioner is not None or pipe.prompt_syntax != "a1111":
+    if pipe.prompt_syntax != "a1111":
         return window
     return window * max(len(prompt_chunks(pipe.tokenizer, text)[0]) for text in texts)
