@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from runtime import conditioning, lora, validation
+from runtime import conditioning, lora, prompt_loras, validation
 from runtime import images as imageio
 from runtime.caller_inputs import CallerInputs
 from runtime.dtypes import precision_name
@@ -101,6 +101,7 @@ class Pipeline:
 
     prompt_syntax = "a1111"  # how prompts are read: runtime/prompt_syntax.py's PROMPT_SYNTAXES
     max_pixels: int | None = validation.DEFAULT_MAX_PIXELS  # per image; None: no limit
+    lora_dir = None  # the folder `<lora:NAME:W>` in prompts names files in (runtime/prompt_loras.py)
 
     def __init__(self, components, backend: str = "torch", cuda_graphs: bool | None = None, graph_api=None):
         """cuda_graphs: replay the denoising steps from CUDA graphs (runtime/graphs.py); default on for
@@ -414,7 +415,9 @@ class Pipeline:
             raise ValueError(
                 "prompt_embeds are not supported for SDXL yet (it also needs pooled text_embeds); pass the prompt text"
             )
-        with self._run_lock, torch.inference_mode():
+        # Prompt LoRAs go on before inference mode and come off after it (they write parameters).
+        loras = prompt_loras.applied(self._lora_set, request.prompts, self.lora_dir)
+        with self._run_lock, loras, torch.inference_mode():
             return self._run_locked(
                 request, image=image, mask=mask, callback=callback, progress=progress, inputs=inputs, sdxl=sdxl
             )
@@ -487,7 +490,13 @@ class Pipeline:
             return self.encode_prompt(request.prompts, request.negatives, request.guidance, request.num_images), None
         guided = request.guidance > 1
         context, text_embeds = self.conditioner.encode(
-            request.prompts, request.negatives, sdxl.zero_negatives, guided, request.num_images, self.device, self.dtype
+            prompt_loras.without_tags(request.prompts),
+            request.negatives,
+            sdxl.zero_negatives,
+            guided,
+            request.num_images,
+            self.device,
+            self.dtype,
         )
         time_ids = self.conditioner.time_ids(
             sdxl.micro,
@@ -566,6 +575,7 @@ class Pipeline:
         with guidance > 1 the unconditional half comes first: [uncond; cond], 2B rows. Prompts are read
         with `self.prompt_syntax` (runtime/prompt_syntax.py: K = 1 for prompts of at most 75 tokens)."""
         guided = guidance > 1
+        prompts = prompt_loras.without_tags(prompts)
         if negatives is None:
             negatives = [""] * len(prompts)
         if self.conditioner is not None:  # SDXL: both encoders' penultimate states (no force-zeros here)
@@ -798,6 +808,7 @@ class Pipeline:
             model_hash=model_hash(source) if source else None,
             backend=self.backend,
             dtype=precision_name(self.dtype),
+            **prompt_loras.metadata(self._loras),
         )
         for index, pil_image in enumerate(pil_images):
             prompt_index = index // request.num_images
