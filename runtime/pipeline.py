@@ -489,14 +489,9 @@ class Pipeline:
         if self.conditioner is None:
             return self.encode_prompt(request.prompts, request.negatives, request.guidance, request.num_images), None
         guided = request.guidance > 1
+        prompts = prompt_loras.without_tags(request.prompts)
         context, text_embeds = self.conditioner.encode(
-            prompt_loras.without_tags(request.prompts),
-            request.negatives,
-            sdxl.zero_negatives,
-            guided,
-            request.num_images,
-            self.device,
-            self.dtype,
+            prompts, request.negatives, sdxl.zero_negatives, guided, request.num_images, self.device, self.dtype
         )
         time_ids = self.conditioner.time_ids(
             sdxl.micro,
