@@ -30,6 +30,7 @@ def load(
     cuda_graphs: bool | None = None,
     vae=None,
     lora_dir=None,
+    embeddings_dir=None,
     **backend_options,
 ):
     """Load a diffusers folder or a single-file checkpoint and return a ready `Pipeline`.
@@ -41,11 +42,13 @@ def load(
     Pickle checkpoints (.ckpt/.bin) are refused unless allow_pickle=True (then read weights-only).
     vae: a separate VAE (diffusers folder or .safetensors) to use instead of the checkpoint's.
     lora_dir: the folder `<lora:NAME:0.8>` in prompts is resolved in (NAME.safetensors), applied per call.
+    embeddings_dir: a folder of textual-inversion embeddings (NAME.safetensors), used as NAME or <NAME>.
     """
     from pathlib import Path
 
-    if lora_dir is not None and not Path(lora_dir).is_dir():
-        raise NotADirectoryError(f"lora_dir {lora_dir} is not a folder")
+    for name, folder in (("lora_dir", lora_dir), ("embeddings_dir", embeddings_dir)):
+        if folder is not None and not Path(folder).is_dir():
+            raise NotADirectoryError(f"{name} {folder} is not a folder")
     from runtime import backends
     from runtime.pipeline import Pipeline
     from runtime.weights import load_components
@@ -65,6 +68,5 @@ def load(
         components.vae = load_vae(vae, components, device=device, dtype=dtype, allow_pickle=allow_pickle)
     components = backends.prepare(backend, components, **backend_options)
     pipe = Pipeline(components, backend=backend, cuda_graphs=cuda_graphs)
-    if lora_dir is not None:
-        pipe.lora_dir = lora_dir
+    pipe.lora_dir, pipe.embeddings_dir = lora_dir, embeddings_dir
     return pipe

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from runtime import conditioning, lora, prompt_loras, validation
+from runtime import conditioning, embeddings, lora, prompt_loras, validation
 from runtime import images as imageio
 from runtime.caller_inputs import CallerInputs
 from runtime.dtypes import precision_name
@@ -102,6 +102,7 @@ class Pipeline:
     prompt_syntax = "a1111"  # how prompts are read: runtime/prompt_syntax.py's PROMPT_SYNTAXES
     max_pixels: int | None = validation.DEFAULT_MAX_PIXELS  # per image; None: no limit
     lora_dir = None  # the folder `<lora:NAME:W>` in prompts names files in (runtime/prompt_loras.py)
+    embeddings_dir = None  # textual-inversion NAME.safetensors used by name in prompts (runtime/embeddings.py)
 
     def __init__(self, components, backend: str = "torch", cuda_graphs: bool | None = None, graph_api=None):
         """cuda_graphs: replay the denoising steps from CUDA graphs (runtime/graphs.py); default on for
@@ -580,7 +581,13 @@ class Pipeline:
             f"prompt {i}" for i in range(len(prompts))
         ]
         context = encode_prompts(
-            self.tokenizer, self.text_encoder, texts, syntax=self.prompt_syntax, clip_skip=clip_skip, labels=labels
+            self.tokenizer,
+            self.text_encoder,
+            texts,
+            syntax=self.prompt_syntax,
+            clip_skip=clip_skip,
+            labels=labels,
+            embeddings=embeddings.library(self.embeddings_dir),
         )
         context = context.to(self.dtype).repeat_interleave(num_images, dim=0)
         return context
