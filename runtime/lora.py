@@ -268,6 +268,11 @@ class LoraSet:
         return {name: adapter.path for name, adapter in self._adapters.items()}
 
     @property
+    def touched_weights(self) -> int:
+        """How many weights some loaded LoRA changes (each has a base copy)."""
+        return len(self._base)
+
+    @property
     def base_bytes(self) -> int:
         """What the base copies cost (CPU memory)."""
         return sum(t.numel() * t.element_size() for t in self._base.values())
