@@ -188,3 +188,27 @@ def test_a_tag_without_a_lora_folder_says_how_to_set_one(setup):
         other.generate("a fox <lora:ink>", **RUN)
     with pytest.raises(NotADirectoryError, match="lora_dir .* is not a folder"):
         runtime.load("/nope-model", lora_dir="/nope-loras")
+
+
+def test_diffusers_style_call_with_clip_skip_applies_the_tag_to_the_text_encoder_too(setup, tmp_path):
+    pipe, folder = setup
+    tensors = {}
+    generator = torch.Generator().manual_seed(5)
+    for key, weight in pipe.text_encoder.state_dict().items():
+        if key.endswith("self_attn.q_proj.weight"):
+            path = key[: -len(".weight")]
+            tensors[f"text_encoder.{path}.lora_A.weight"] = torch.randn(RANK, weight.shape[1], generator=generator)
+            tensors[f"text_encoder.{path}.lora_B.weight"] = torch.randn(weight.shape[0], RANK, generator=generator)
+    save_file(tensors, str(folder / "words.safetensors"))
+    try:
+        kwargs = dict(num_inference_steps=2, width=32, height=32, clip_skip=1, output_type="latent", progress=False)
+        tagged = pipe("a fox <lora:words>", generator=torch.Generator().manual_seed(1), **kwargs).images
+        pipe.load_lora(folder / "words.safetensors")
+        try:
+            loaded = pipe("a fox", generator=torch.Generator().manual_seed(1), **kwargs).images
+        finally:
+            pipe.unload_lora()
+        plain = pipe("a fox", generator=torch.Generator().manual_seed(1), **kwargs).images
+        assert torch.equal(tagged, loaded) and not torch.equal(tagged, plain)
+    finally:
+        (folder / "words.safetensors").unlink()
