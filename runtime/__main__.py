@@ -196,7 +196,7 @@ def numbered_paths(folder: Path, count: int) -> list[Path]:
     highest = 0
     if folder.is_dir():
         for path in folder.iterdir():
-            match = re.match(r"(\d+)\D", path.name)
+            match = re.fullmatch(r"(\d+)(\D.*)?\.png", path.name, re.IGNORECASE)
             if match:
                 highest = max(highest, int(match.group(1)))
     return [folder / f"{number:0{_NUMBER_DIGITS}d}.png" for number in range(highest + 1, highest + 1 + count)]
