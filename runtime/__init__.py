@@ -40,6 +40,8 @@ def load(
     prediction_type: str | None = None,
     cuda_graphs: bool | None = None,
     vae=None,
+    lora_dir=None,
+    embeddings_dir=None,
     **backend_options,
 ):
     """Load a diffusers folder or a single-file checkpoint and return a ready `Pipeline`.
@@ -50,7 +52,14 @@ def load(
     dtype: a torch.dtype or a name ("fp32", "fp16", "bf16", ...).
     Pickle checkpoints (.ckpt/.bin) are refused unless allow_pickle=True (then read weights-only).
     vae: a separate VAE (diffusers folder or .safetensors) to use instead of the checkpoint's.
+    lora_dir: the folder `<lora:NAME:0.8>` in prompts is resolved in (NAME.safetensors), applied per call.
+    embeddings_dir: a folder of textual-inversion embeddings (NAME.safetensors), used as NAME or <NAME>.
     """
+    from pathlib import Path
+
+    for name, folder in (("lora_dir", lora_dir), ("embeddings_dir", embeddings_dir)):
+        if folder is not None and not Path(folder).is_dir():
+            raise NotADirectoryError(f"{name} {folder} is not a folder")
     from runtime import backends
     from runtime.pipeline import Pipeline
     from runtime.weights import load_components
@@ -69,4 +78,6 @@ def load(
 
         components.vae = load_vae(vae, components, device=device, dtype=dtype, allow_pickle=allow_pickle)
     components = backends.prepare(backend, components, **backend_options)
-    return Pipeline(components, backend=backend, cuda_graphs=cuda_graphs)
+    pipe = Pipeline(components, backend=backend, cuda_graphs=cuda_graphs)
+    pipe.lora_dir, pipe.embeddings_dir = lora_dir, embeddings_dir
+    return pipe

@@ -1,7 +1,12 @@
-"""Command line: `python -m runtime generate --model PATH --prompt "..." --out out.png [options]`.
+"""Command line: `python -m runtime generate -m PATH -p "..." [-o out.png] [options]`.
 
 txt2img by default; `--init-image` makes it img2img, `--init-image` with `--mask` inpainting.
 With --num-images N the files are OUT, then OUT's stem with -1, -2, ... (out.png, out-1.png, out-2.png).
+Without --out the images go to outputs/ (in the working folder) as the next free numbers: outputs/00001.png,
+00002.png, ...; an existing file is never replaced. Short flags as stable-diffusion.cpp's: -m model,
+-p prompt, -n negative prompt, -o output, -W width, -H height.
+LoRAs: `--lora PATH[:SCALE]` (repeatable), and A1111's `<lora:NAME:0.8>` in the prompt, NAME.safetensors
+in --lora-dir. Textual-inversion embeddings: `--embeddings-dir`, used as `<name>` or the bare name.
 Every PNG carries the generation parameters as tEXt entries ("parameters" in A1111's format, plus one
 entry per field). Files are written only after the whole run succeeded, each through a temp file in the
 same folder, so a failed run leaves no partial output (an existing --out is replaced only on success).
@@ -14,6 +19,7 @@ architectures the benchmark uses), a model to try everything on without a downlo
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import shutil
@@ -28,6 +34,8 @@ from runtime.serve import cli as serve_cli
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 RANDOM_SEED = -1  # as A1111 and stable-diffusion.cpp: draw one (printed and written into the PNG)
+DEFAULT_OUTPUT_DIR = "outputs"
+_NUMBER_DIGITS = 5  # outputs/00001.png
 
 # The random-weight presets live with the benchmark; this is the one place the CLI names their module.
 _PRESETS_MODULE = "runtime.bench.presets"
@@ -66,21 +74,33 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="txt2img, img2img (--init-image) or inpaint (--mask)", formatter_class=_HelpFormatter
     )
     gen.add_argument(
+        "-m",
         "--model",
         required=True,
         help="diffusers folder or single-file .safetensors "
         "(no model yet? `python -m runtime make-model --preset tiny OUT`)",
     )
-    gen.add_argument("--prompt", required=True, help="A1111 syntax: (word:1.3), ((word)), [word], BREAK")
-    gen.add_argument("--out", required=True, help="output PNG path (more images: OUT-1.png, OUT-2.png, ...)")
-    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument(
+        "-p",
+        "--prompt",
+        required=True,
+        help="A1111 syntax: (word:1.3), ((word)), [word], BREAK, <lora:NAME:0.8>, embedding names",
+    )
+    gen.add_argument(
+        "-o",
+        "--out",
+        default=None,
+        help="output PNG path (more images: OUT-1.png, OUT-2.png, ...); default: the next free "
+        f"{DEFAULT_OUTPUT_DIR}/NNNNN.png",
+    )
+    gen.add_argument("-n", "--negative-prompt", default=None)
     gen.add_argument("--steps", type=int, default=30, help="denoising steps")
     gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance; <= 1 turns it off")
     gen.add_argument(
         "--seed", type=int, default=RANDOM_SEED, help=f"{RANDOM_SEED}: random (printed and written into the PNG)"
     )
-    gen.add_argument("--width", type=int, default=None, help="default: the model's native size")
-    gen.add_argument("--height", type=int, default=None, help="default: the model's native size")
+    gen.add_argument("-W", "--width", type=int, default=None, help="default: the model's native size")
+    gen.add_argument("-H", "--height", type=int, default=None, help="default: the model's native size")
     gen.add_argument(
         "--scheduler", default=None, help=f"one of {_one_of(cli_choices.schedulers())} (default: the model's own)"
     )
@@ -137,6 +157,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="fraction of the denoising the base does before the refiner (default 0.8)",
     )
     gen.add_argument("--vae", default=None, help="a separate VAE (diffusers folder or .safetensors)")
+    gen.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="apply a LoRA .safetensors at SCALE (default 1.0); repeat for several",
+    )
+    gen.add_argument("--lora-dir", default=None, help="folder where <lora:NAME:W> in the prompt finds NAME.safetensors")
+    gen.add_argument(
+        "--embeddings-dir",
+        default=None,
+        help="folder of textual-inversion embeddings (NAME.safetensors), used in prompts as <NAME> or NAME",
+    )
     make = commands.add_parser(
         "make-model",
         help="write a diffusers folder with random weights, to try things on",
@@ -159,13 +192,67 @@ def output_paths(out: Path, count: int) -> list[Path]:
     return [out] + [out.with_name(f"{out.stem}-{index}{out.suffix}") for index in range(1, count)]
 
 
+def numbered_paths(folder: Path, count: int) -> list[Path]:
+    """The next `count` numbers after the highest NNNNN*.png in `folder`: none of them exists, and a
+    gap left by a deleted file is never reused (so a number names one image)."""
+    highest = 0
+    if folder.is_dir():
+        for path in folder.iterdir():
+            match = re.fullmatch(r"(\d+)(\D.*)?\.png", path.name, re.IGNORECASE)
+            if match:
+                highest = max(highest, int(match.group(1)))
+    return [folder / f"{number:0{_NUMBER_DIGITS}d}.png" for number in range(highest + 1, highest + 1 + count)]
+
+
+def parse_lora_flag(text: str) -> tuple[str, float]:
+    """--lora PATH[:SCALE] -> (PATH, SCALE). Only a final `:number` is a scale, so a Windows path's
+    drive colon (C:\\loras\\ink.safetensors) stays part of the path."""
+    path, colon, tail = text.rpartition(":")
+    if colon:
+        try:
+            scale = float(tail)
+        except ValueError:
+            return text, 1.0
+        if not math.isfinite(scale):
+            raise CLIError(f"--lora {text}: the scale {tail!r} is not a finite number")
+        if not path:
+            raise CLIError(f"--lora {text}: no path before the scale")
+        return path, scale
+    return text, 1.0
+
+
+def _check_extras(args) -> None:
+    """LoRA and embedding inputs, checked (tags resolved) before any weights load."""
+    from runtime import prompt_loras
+
+    args.lora = [parse_lora_flag(text) for text in args.lora]
+    for path, _ in args.lora:
+        if not Path(path).is_file():
+            raise CLIError(f"--lora file not found: {path}")
+    for flag, value in (("--lora-dir", args.lora_dir), ("--embeddings-dir", args.embeddings_dir)):
+        if value is not None and not Path(value).is_dir():
+            raise CLIError(f"{flag} is not a folder: {value}")
+    try:
+        tags = prompt_loras.call_loras([args.prompt], args.lora_dir)
+    except prompt_loras.PromptLoraError as err:
+        raise CLIError(str(err).replace("pass lora_dir= to runtime.load, set pipe.lora_dir, or ", "pass ")) from None
+    if (args.lora or tags) and args.backend in cli_choices.exported_backends():
+        raise CLIError(
+            f"LoRAs are not supported on the {args.backend} backend yet (its networks run from exported graphs); "
+            f"use --backend torch or triton"
+        )
+
+
 def _check_paths(args) -> None:
     """Input and output checks that need no model, so mistakes surface before minutes of loading."""
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise CLIError(f"--out must be a .png file, got {args.out!r}")
-    if not out.parent.is_dir():
-        raise CLIError(f"--out folder does not exist: {out.parent}")
+    if args.out is not None:
+        out = Path(args.out)
+        if out.suffix.lower() != ".png":
+            raise CLIError(f"--out must be a .png file, got {args.out!r}")
+        if not out.parent.is_dir():
+            raise CLIError(f"--out folder does not exist: {out.parent}")
+    elif Path(DEFAULT_OUTPUT_DIR).exists() and not Path(DEFAULT_OUTPUT_DIR).is_dir():
+        raise CLIError(f"no --out given and ./{DEFAULT_OUTPUT_DIR} is not a folder; pass --out FILE.png")
     if not Path(args.model).exists():
         raise CLIError(f"--model path not found: {args.model}")
     if args.mask is not None and args.init_image is None:
@@ -184,7 +271,9 @@ def _check_paths(args) -> None:
             raise CLIError(f"{flag} file not found: {value}")
     if args.max_pixels is not None and args.max_pixels < 1:
         raise CLIError(f"--max-pixels must be a positive integer, got {args.max_pixels}")
-    _check_targets(output_paths(out, max(args.num_images, 1)))
+    _check_extras(args)
+    if args.out is not None:
+        _check_targets(output_paths(out, max(args.num_images, 1)))
 
 
 def _check_targets(paths: list[Path]) -> None:
@@ -254,8 +343,24 @@ def run_generate(args) -> list[Path]:
         vae=args.vae,
         **backend_options,
     )
+    # Only when given, so a loader (or a test's stand-in) without them still works.
+    folders = {"lora_dir": args.lora_dir, "embeddings_dir": args.embeddings_dir}
+    load_options.update({key: value for key, value in folders.items() if value is not None})
     pipe = runtime.load(args.model, **load_options)
     refiner = None if args.refiner is None else runtime.load(args.refiner, **load_options)
+    loaded = []
+    try:
+        for path, scale in args.lora:
+            loaded.append(pipe.load_lora(path, scale=scale, allow_pickle=args.allow_pickle))
+        return _generate_and_save(args, pipe, refiner, init_image, mask)
+    finally:  # a pipeline the caller keeps (tests, an embedding app) gets its base weights back
+        for name in reversed(loaded):
+            pipe.unload_lora(name)
+
+
+def _generate_and_save(args, pipe, refiner, init_image, mask) -> list[Path]:
+    from runtime import images as imageio
+
     for loaded in (pipe, refiner):
         if loaded is not None:
             loaded.prompt_syntax = args.prompt_syntax
@@ -282,7 +387,11 @@ def run_generate(args) -> list[Path]:
     else:
         refined = {} if refiner is None else dict(refiner=refiner, refiner_start=args.refiner_start)
         results = pipe.generate(args.prompt, **options, **refined)
-    paths = output_paths(Path(args.out), len(results))
+    if args.out is None:
+        Path(DEFAULT_OUTPUT_DIR).mkdir(exist_ok=True)
+        paths = numbered_paths(Path(DEFAULT_OUTPUT_DIR), len(results))  # chosen last: the fewest races
+    else:
+        paths = output_paths(Path(args.out), len(results))
     metadata = [{key: value for key, value in image.info.items() if isinstance(value, str)} for image in results]
     imageio.save_pngs(results, paths, metadata)
     for path, image in zip(paths, results):

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from runtime import prompt_loras
 from runtime.caller_inputs import CallerInputs
 from runtime.generation_options import GenerationRequest, check_request, inpaint_inputs, size_for_image
 
@@ -118,7 +119,9 @@ def diffusers_call(
     )
     context = None
     if prompt_embeds is not None or negative_prompt_embeds is not None or clip_skip:
-        with torch.inference_mode():
+        # The prompt's <lora:...> tags reach the text encoder here too (the run applies them again).
+        loras = prompt_loras.applied(pipe._lora_set, request.prompts, pipe.lora_dir)
+        with pipe._run_lock, loras, torch.inference_mode():
             context = _context(pipe, request, prompt_embeds, negative_prompt_embeds, clip_skip)
     if latents is not None:
         _check_latents(pipe, request, latents)

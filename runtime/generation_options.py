@@ -22,10 +22,10 @@ from typing import Any
 import PIL.Image
 import torch
 
-from runtime import conditioning, validation
+from runtime import conditioning, embeddings, prompt_loras, validation
 from runtime import images as imageio
 from runtime.graphs import scheduler_identity
-from runtime.prompt_syntax import prompt_chunks
+from runtime.prompt_syntax import embedding_chunks
 from runtime.schedulers import SCHEDULER_NAMES, check_steps, img2img_start_index, make_scheduler
 
 # Strength when the caller gives none (diffusers' pipelines' defaults for our generate API).
@@ -99,6 +99,7 @@ class BatchKey:
     strength: float | None  # img2img / inpaint: where denoising starts
     guided: bool  # guidance > 1: the UNet runs on [uncond; cond]
     context_tokens: int  # the text context's length: A1111 prompts over 75 tokens take more 77-token chunks
+    prompt_loras: tuple  # ((name, weight), ...) of the prompts' <lora:...> tags: they apply to the whole batch
 
     def differences(self, other: BatchKey) -> list[str]:
         return [name for name in self.__dataclass_fields__ if getattr(self, name) != getattr(other, name)]
@@ -192,6 +193,7 @@ def check_request(pipe, request: GenerationRequest) -> CheckedRequest:
         strength=strength,
         guided=guided,
         context_tokens=_context_tokens(pipe, prompts + (negatives if guided else [])),
+        prompt_loras=_prompt_loras(prompts),
     )
     return CheckedRequest(
         mode=mode,
@@ -325,4 +327,19 @@ def _context_tokens(pipe, texts: list[str]) -> int:
     window = pipe.tokenizer.max_length
     if pipe.prompt_syntax != "a1111":
         return window
-    return window * max(len(prompt_chunks(pipe.tokenizer, text)[0]) for text in texts)
+    matcher = None
+    if pipe.embeddings_dir is not None:  # a multi-vector embedding takes several token slots
+        matcher = embeddings.library(pipe.embeddings_dir).matcher(pipe.tokenizer)
+    texts = prompt_loras.without_tags(texts)
+    return window * max(len(embedding_chunks(pipe.tokenizer, text, matcher)[0]) for text in texts)
+
+
+def _prompt_loras(prompts: list[str]) -> tuple:
+    """The <lora:...> tags every prompt of the request names (refused here if its prompts disagree)."""
+    per_prompt = [tuple(sorted((tag.name, tag.scale) for tag in prompt_loras.find_tags(p))) for p in prompts]
+    if len(set(per_prompt)) > 1:
+        raise ValueError(
+            "the prompts name different <lora:...> tags; LoRAs apply to a whole call, so every prompt of one "
+            "request must name the same ones"
+        )
+    return per_prompt[0]

@@ -7,6 +7,7 @@ binarised at 0.5, `round()` to uint8), so our outputs can be compared with diffu
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import tempfile
@@ -194,6 +195,8 @@ class GenerationInfo:
     model_hash: str | None = None  # A1111's short hash (runtime/model_hash.py)
     backend: str | None = None  # what ran the networks: torch, triton, onnxruntime, tensorrt
     dtype: str | None = None  # the networks' dtype: fp32, fp16, bf16
+    loras: str | None = None  # the LoRAs applied, "name: scale, ..." (runtime/prompt_loras.py)
+    lora_hashes: str | None = None  # A1111's "Lora hashes": "name: hash, ..." (runtime/model_hash.py)
 
     def parameters_text(self) -> str:
         """The A1111-style "parameters" text (prompt, negative prompt line, then key: value pairs)."""
@@ -212,10 +215,12 @@ class GenerationInfo:
             fields.append(("Model", self.model))
         if self.batch_index:
             fields.append(("Batch pos", self.batch_index))
+        if self.lora_hashes:
+            fields.append(("Lora hashes", self.lora_hashes))
         lines = [self.prompt]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
-        lines.append(", ".join(f"{key}: {value}" for key, value in fields))
+        lines.append(", ".join(f"{key}: {_a1111_quote(value)}" for key, value in fields))
         return "\n".join(lines)
 
     def as_text_chunks(self) -> dict[str, str]:
@@ -225,6 +230,13 @@ class GenerationInfo:
             if value is not None:
                 chunks[key] = str(value)
         return chunks
+
+
+def _a1111_quote(value) -> str:
+    """A1111's infotext quoting (modules/infotext_utils.quote): a value holding a comma, colon or newline
+    is written as a JSON string, so its PNG Info parser reads it back whole."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
 
 
 @contextlib.contextmanager

@@ -75,6 +75,7 @@ class _Delta:
 class _Adapter:
     scale: float
     deltas: dict[tuple[str, str], _Delta]  # (component, parameter key) -> delta
+    path: Path  # the file it came from (its hash goes into PNG metadata)
 
 
 def _few(names) -> str:
@@ -263,6 +264,15 @@ class LoraSet:
         return {name: adapter.scale for name, adapter in self._adapters.items()}
 
     @property
+    def paths(self) -> dict[str, Path]:
+        return {name: adapter.path for name, adapter in self._adapters.items()}
+
+    @property
+    def touched_weights(self) -> int:
+        """How many weights some loaded LoRA changes (each has a base copy)."""
+        return len(self._base)
+
+    @property
     def base_bytes(self) -> int:
         """What the base copies cost (CPU memory)."""
         return sum(t.numel() * t.element_size() for t in self._base.values())
@@ -275,7 +285,7 @@ class LoraSet:
         if name in self._adapters:
             raise LoraError(f"a LoRA named {name!r} is already loaded; unload it first or pass another name")
         deltas = parse_lora(read_lora_file(path, allow_pickle), self.models, str(path), self.kind)
-        self._adapters[name] = _Adapter(scale, deltas)
+        self._adapters[name] = _Adapter(scale, deltas, Path(path))
         self._recompute(deltas.keys())
         return name
 

@@ -51,3 +51,37 @@ def _hash(root: str, is_folder: bool, stamps: tuple) -> str:
             while block := f.read(_BLOCK):
                 digest.update(block)
     return digest.hexdigest()[:HASH_DIGITS]
+
+
+LORA_HASH_DIGITS = 12
+
+
+def lora_hash(path) -> str:
+    """A1111's short hash of a LoRA (extensions-builtin/Lora: `shorthash`, written as "Lora hashes"): the
+    file's own `sshs_model_hash` metadata if it has one, else the sha256 of the safetensors payload (the
+    bytes after the 8-byte length and the JSON header: kohya's / sd-webui-additional-networks' "addnet"
+    hash, so renaming or re-tagging a file keeps it), first 12 hex digits. Remembered per (path, size, mtime)."""
+    path = Path(path)
+    stat = path.stat()
+    return _lora_hash(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _lora_hash(name: str, size: int, mtime_ns: int) -> str:
+    import json
+
+    digest = hashlib.sha256()
+    if not name.endswith(".safetensors"):  # A1111 hashes other files whole
+        with open(name, "rb") as f:
+            while block := f.read(_BLOCK):
+                digest.update(block)
+        return digest.hexdigest()[:LORA_HASH_DIGITS]
+    with open(name, "rb") as f:
+        header_length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_length) or b"{}")
+        stored = (header.get("__metadata__") or {}).get("sshs_model_hash")
+        if isinstance(stored, str) and stored:
+            return stored[:LORA_HASH_DIGITS]
+        while block := f.read(_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()[:LORA_HASH_DIGITS]

@@ -34,7 +34,7 @@ import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
-from runtime import conditioning, latents, lora, validation
+from runtime import conditioning, embeddings, latents, lora, prompt_loras, validation
 from runtime import images as imageio
 from runtime.caller_inputs import CallerInputs
 from runtime.dtypes import precision_name
@@ -62,6 +62,8 @@ class Pipeline:
 
     prompt_syntax = "a1111"  # how prompts are read: runtime/prompt_syntax.py's PROMPT_SYNTAXES
     max_pixels: int | None = validation.DEFAULT_MAX_PIXELS  # per image; None: no limit
+    lora_dir = None  # the folder `<lora:NAME:W>` in prompts names files in (runtime/prompt_loras.py)
+    embeddings_dir = None  # textual-inversion NAME.safetensors used by name in prompts (runtime/embeddings.py)
 
     def __init__(self, components, backend: str = "torch", cuda_graphs: bool | None = None, graph_api=None):
         """cuda_graphs: replay the denoising steps from CUDA graphs (runtime/graphs.py); default on for
@@ -239,7 +241,11 @@ class Pipeline:
             raise ValueError(
                 "prompt_embeds are not supported for SDXL yet (it also needs pooled text_embeds); pass the prompt text"
             )
-        with self._run_lock, torch.inference_mode():
+        # Prompt LoRAs go on before inference mode and come off after it (they write parameters); every
+        # prompt of the batch must name the same ones (runtime/prompt_loras.py; the batch key holds them).
+        prompts = [prompt for request in requests for prompt in request.prompts]
+        loras = prompt_loras.applied(self._lora_set, prompts, self.lora_dir)
+        with self._run_lock, loras, torch.inference_mode():
             return self._run_locked(requests, callback, progress, inputs, refiner)
 
     def _run_locked(self, requests: list[CheckedRequest], callback, progress, inputs: CallerInputs, refiner):
@@ -324,7 +330,7 @@ class Pipeline:
         if self.conditioner is None:
             return self.encode_prompt(request.prompts, request.negatives, request.guidance, request.num_images), None
         context, text_embeds = self.conditioner.encode(
-            request.prompts,
+            prompt_loras.without_tags(request.prompts),
             request.negatives,
             request.zero_negatives,
             request.guided,
@@ -400,6 +406,7 @@ class Pipeline:
         with guidance > 1 the unconditional half comes first: [uncond; cond], 2B rows. Prompts are read
         with `self.prompt_syntax` (runtime/prompt_syntax.py: K = 1 for prompts of at most 75 tokens)."""
         guided = guidance > 1
+        prompts = prompt_loras.without_tags(prompts)
         if negatives is None:
             negatives = [""] * len(prompts)
         if self.conditioner is not None:  # SDXL: both encoders' penultimate states (no force-zeros here)
@@ -409,7 +416,13 @@ class Pipeline:
             f"prompt {i}" for i in range(len(prompts))
         ]
         context = encode_prompts(
-            self.tokenizer, self.text_encoder, texts, syntax=self.prompt_syntax, clip_skip=clip_skip, labels=labels
+            self.tokenizer,
+            self.text_encoder,
+            texts,
+            syntax=self.prompt_syntax,
+            clip_skip=clip_skip,
+            labels=labels,
+            embeddings=embeddings.library(self.embeddings_dir),
         )
         context = context.to(self.dtype).repeat_interleave(num_images, dim=0)
         return context
@@ -587,6 +600,7 @@ class Pipeline:
             model_hash=model_hash(source) if source else None,
             backend=self.backend,
             dtype=precision_name(self.dtype),
+            **prompt_loras.metadata(self._loras),
         )
         for index, pil_image in enumerate(pil_images):
             prompt_index = index // request.num_images

@@ -40,6 +40,7 @@ COMMA_BACKTRACK = 20
 _ROUND_MULTIPLIER = 1.1
 _SQUARE_MULTIPLIER = 1 / 1.1
 _BREAK_WEIGHT = -1  # marks a BREAK entry in parse_prompt_attention's output, as in A1111
+_EMBEDDING_PLACEHOLDER = 0  # the id A1111 puts in an embedding's slots (its vectors replace the token's)
 
 _ATTENTION = re.compile(
     r"""
@@ -116,44 +117,78 @@ def prompt_chunks(tokenizer, text: str) -> tuple[list[list[int]], list[list[floa
 
     tokenizer: runtime.tokenizer.CLIPTokenizer (token_ids, bos/eos/pad ids, comma_token_id, max_length).
     """
+    ids, weights, _ = embedding_chunks(tokenizer, text, None)
+    return ids, weights
+
+
+def embedding_chunks(tokenizer, text: str, matcher):
+    """prompt_chunks with textual-inversion embeddings (runtime/embeddings.py's EmbeddingMatcher, or None):
+    (ids, weights, fixes), fixes[k] = [(first slot in chunk k's ids, Embedding), ...]. An embedding's
+    slots hold a placeholder id (0, as A1111) and never straddle two chunks."""
     chunk_length = tokenizer.max_length - 2
+    if matcher:
+        text = matcher.unbracket(text)
     parsed = parse_prompt_attention(text)
     tokenized = tokenizer.token_ids([piece for piece, _ in parsed])
     chunks_ids: list[list[int]] = []
     chunks_weights: list[list[float]] = []
+    chunks_fixes: list[list] = []
     tokens: list[int] = []
     weights: list[float] = []
+    fixes: list = []  # (offset in tokens, Embedding)
     last_comma = -1
 
     def next_chunk() -> None:
-        nonlocal tokens, weights, last_comma
+        nonlocal tokens, weights, fixes, last_comma
         padding = chunk_length - len(tokens)
         ids = [tokenizer.bos_token_id] + tokens + [tokenizer.eos_token_id] * (padding + 1)
         first_eos = len(tokens) + 1
         ids[first_eos + 1 :] = [tokenizer.pad_token_id] * (len(ids) - first_eos - 1)
         chunks_ids.append(ids)
         chunks_weights.append([1.0] + weights + [1.0] * (padding + 1))
-        tokens, weights, last_comma = [], [], -1
+        chunks_fixes.append([(offset + 1, embedding) for offset, embedding in fixes])  # + 1: BOS
+        tokens, weights, fixes, last_comma = [], [], [], -1
 
     for ids, (piece, weight) in zip(tokenized, parsed):
         if piece == "BREAK" and weight == _BREAK_WEIGHT:
             next_chunk()
             continue
-        for token in ids:
+        position = 0
+        while position < len(ids):
+            token = ids[position]
             if token == tokenizer.comma_token_id:
                 last_comma = len(tokens)
             elif len(tokens) == chunk_length and last_comma != -1 and len(tokens) - last_comma <= COMMA_BACKTRACK:
-                moved_tokens, moved_weights = tokens[last_comma + 1 :], weights[last_comma + 1 :]
-                tokens, weights = tokens[: last_comma + 1], weights[: last_comma + 1]
+                cut = last_comma + 1
+                moved_tokens, moved_weights = tokens[cut:], weights[cut:]
+                # Embeddings after the comma move with their slots (A1111 leaves them behind).
+                moved_fixes = [(offset - cut, e) for offset, e in fixes if offset >= cut]
+                tokens, weights = tokens[:cut], weights[:cut]
+                fixes = [(offset, e) for offset, e in fixes if offset < cut]
                 next_chunk()
-                tokens, weights = moved_tokens, moved_weights
+                tokens, weights, fixes = moved_tokens, moved_weights, moved_fixes
             if len(tokens) == chunk_length:
                 next_chunk()
-            tokens.append(token)
-            weights.append(weight)
+            found = matcher.at(ids, position) if matcher else None
+            if found is None:
+                tokens.append(token)
+                weights.append(weight)
+                position += 1
+                continue
+            embedding, name_length = found
+            if embedding.count > chunk_length:
+                raise ValueError(
+                    f"embedding {embedding.name} has {embedding.count} vectors; one chunk holds {chunk_length}"
+                )
+            if len(tokens) + embedding.count > chunk_length:
+                next_chunk()
+            fixes.append((len(tokens), embedding))
+            tokens += [_EMBEDDING_PLACEHOLDER] * embedding.count
+            weights += [weight] * embedding.count
+            position += name_length
     if tokens or not chunks_ids:
         next_chunk()
-    return chunks_ids, chunks_weights
+    return chunks_ids, chunks_weights, chunks_fixes
 
 
 def encode_prompts(
@@ -164,13 +199,15 @@ def encode_prompts(
     syntax: str = "a1111",
     clip_skip: int | None = None,
     labels: list[str] | None = None,
+    embeddings=None,
 ) -> torch.Tensor:
     """Context [len(texts), K * max_length, C] for a CLIP text encoder (ids [N, max_length] -> [N, L, C]).
 
     syntax: "a1111" (the module docstring) or "plain" (one window; a warning per text that was cut,
     naming it by `labels[i]`, default "prompt i"). clip_skip: diffusers' meaning, the number of final
     layers skipped (0 or None: all; 1 = the penultimate layer's output, A1111's "Clip skip: 2"); the
-    final LayerNorm is applied either way.
+    final LayerNorm is applied either way. embeddings: a runtime.embeddings.EmbeddingLibrary whose names
+    the a1111 syntax finds in the texts.
     """
     if syntax not in PROMPT_SYNTAXES:
         raise ValueError(f"unknown prompt syntax {syntax!r}; choose one of {', '.join(PROMPT_SYNTAXES)}")
@@ -179,15 +216,18 @@ def encode_prompts(
     if syntax == "plain":
         ids = _plain_ids(tokenizer, texts, labels)
         return hidden_states(text_encoder, ids.to(device), clip_skip)
-    per_text = [prompt_chunks(tokenizer, text) for text in texts]
-    count = max(len(ids) for ids, _ in per_text)
+    matcher = None if embeddings is None else embeddings.matcher(tokenizer)
+    per_text = [embedding_chunks(tokenizer, text, matcher) for text in texts]
+    count = max(len(ids) for ids, _, _ in per_text)
     empty_ids, empty_weights = prompt_chunks(tokenizer, "")
-    rows_ids, rows_weights = [], []
-    for ids, weights in per_text:
+    rows_ids, rows_weights, rows_fixes = [], [], []
+    for ids, weights, fixes in per_text:
         missing = count - len(ids)
+        rows_fixes += [(len(rows_ids) + k, start, e) for k, chunk in enumerate(fixes) for start, e in chunk]
         rows_ids += ids + empty_ids * missing
         rows_weights += weights + empty_weights * missing
-    context = hidden_states(text_encoder, torch.tensor(rows_ids, dtype=torch.long, device=device), clip_skip)
+    ids = torch.tensor(rows_ids, dtype=torch.long, device=device)
+    context = hidden_states(text_encoder, ids, clip_skip, fixes=rows_fixes)
     if any(weight != 1.0 for row in rows_weights for weight in row):
         context = _apply_weights(context, torch.tensor(rows_weights, device=device))
     return context.reshape(len(texts), count * context.shape[1], context.shape[2])
@@ -216,25 +256,32 @@ def _plain_ids(tokenizer, texts: list[str], labels: list[str]) -> torch.Tensor:
     return result.input_ids
 
 
-def hidden_states(text_encoder, ids: torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
+def hidden_states(text_encoder, ids: torch.Tensor, clip_skip: int | None = None, fixes=()) -> torch.Tensor:
     """text_encoder(ids), or with clip_skip = k the output of all but the last k layers, through the
-    final LayerNorm (as diffusers' `clip_skip`). Skipping needs our torch CLIPTextModel's layers."""
+    final LayerNorm (as diffusers' `clip_skip`). Skipping needs our torch CLIPTextModel's layers.
+    fixes: textual-inversion vectors, (row, first slot, Embedding), written over those token embeddings."""
     if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 0):
         raise ValueError(f"clip_skip must be an integer >= 0 (layers skipped from the end), got {clip_skip!r}")
-    if not clip_skip:
+    if not clip_skip and not fixes:
         return text_encoder(ids)
+    if fixes:
+        from runtime.embeddings import input_embeddings
+
+        hidden = input_embeddings(text_encoder, ids, fixes)  # refuses an exported text encoder by name
     layers = getattr(getattr(text_encoder, "encoder", None), "layers", None)
     if layers is None or not hasattr(text_encoder, "embeddings") or not hasattr(text_encoder, "final_layer_norm"):
         raise ValueError(
             f"clip_skip={clip_skip} needs the torch text encoder's layers; this text encoder "
             f"({type(text_encoder).__name__}) gives only its final output"
         )
+    clip_skip = clip_skip or 0
     if clip_skip >= len(layers):
         raise ValueError(
             f"clip_skip must be an integer in [0, {len(layers)}) (the text encoder has "
             f"{len(layers)} layers), got {clip_skip!r}"
         )
-    hidden = text_encoder.embeddings(ids)
+    if not fixes:
+        hidden = text_encoder.embeddings(ids)
     for layer in layers[: len(layers) - clip_skip]:
         hidden = layer(hidden)
     return text_encoder.final_layer_norm(hidden)

@@ -373,7 +373,8 @@ def test_bad_paths(model, tmp_path, capsys):
 
 def test_missing_required_argument(capsys):
     assert main(["generate", "--prompt", "x", "--out", "o.png"]) == 2
-    assert capsys.readouterr().err == "error: the following arguments are required: --model\n"
+    # argparse names both spellings of the flag since -m exists (stable-diffusion.cpp's short flags).
+    assert capsys.readouterr().err == "error: the following arguments are required: -m/--model\n"
 
 
 def test_module_entry_point_error_has_no_traceback(tmp_path):

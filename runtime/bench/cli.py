@@ -6,6 +6,8 @@ round (A B C, A B C, ...). Rows report UNet step time (median, p10 / p90, sample
 decode and end-to-end time, it/s, peak GPU memory, PSNR of the final image against the fp32 `torch`
 reference, and each step-time ratio to the torch and diffusers rows taken round by round (median and
 range). `--self-check` runs one backend as two rows: their ratio shows the bench's own noise.
+`--lora PATH` / `--lora-rank R` add LoRA swap timings (runtime/bench/lora_swap.py). A mistake in the
+options prints one line (`error: ...`) and exits 2, before anything is built.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import math
 import pathlib
+import re
 import sys
 import tempfile
 import time
@@ -21,6 +25,7 @@ import time
 import torch
 
 from runtime.backends import BACKENDS
+from runtime.bench import lora_swap
 from runtime.bench.measure import (
     BenchConfig,
     build_row,
@@ -34,7 +39,19 @@ from runtime.bench.models import available_backends, build_master
 from runtime.bench.presets import PRESETS
 from runtime.bench.results import write_result
 from runtime.bench.rounds import round_ratios, round_robin
+from runtime.dtypes import parse_dtype
 from runtime.schedulers import SCHEDULER_NAMES
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes as one line on stderr, exit 2 (no usage block, no traceback)."""
+
+    def error(self, message):
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
 
 
 def default_config(device: str) -> BenchConfig:
@@ -48,7 +65,7 @@ def default_config(device: str) -> BenchConfig:
 def parse_args(argv: list[str] | None) -> tuple[BenchConfig, list[str], str | None]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     defaults = default_config(device)
-    p = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__)
+    p = _OneLineParser(prog="python -m runtime.bench", description=__doc__)
     p.add_argument("--model", help="a diffusers folder or single-file checkpoint (default: random weights)")
     p.add_argument("--preset", default=defaults.preset, choices=PRESETS, help="random-weight architecture")
     p.add_argument("--device", default=device)
@@ -86,7 +103,11 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, list[str], str | No
         help="run one backend (--backends, default torch) as two rows and report their ratio",
     )
     p.add_argument("--json", dest="json_path", help="write the raw numbers here (rewritten after every round)")
+    lora = p.add_mutually_exclusive_group()
+    lora.add_argument("--lora", help="also time swapping this LoRA .safetensors on the torch / triton rows")
+    lora.add_argument("--lora-rank", type=int, help="also time LoRA swaps, with a random LoRA of this rank")
     args = p.parse_args(argv)
+    _check_values(p, args)
     if args.width <= 0 or args.height <= 0 or args.width % 8 or args.height % 8:
         p.error(f"--width and --height must be positive multiples of 8, got {args.width}x{args.height}")
     if args.steps < 2:
@@ -109,6 +130,8 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, list[str], str | No
         model=args.model,
         engine_dir=args.engine_dir,
         rounds=args.rounds,
+        lora=args.lora,
+        lora_rank=args.lora_rank,
     )
     if args.self_check:
         backends = args.backends.split(",") if args.backends else ["torch"]
@@ -122,6 +145,37 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, list[str], str | No
     if unknown:
         p.error(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     return config, backends, args.json_path
+
+
+def _check_values(p: argparse.ArgumentParser, args) -> None:
+    """What needs no model, checked before minutes of building (each as one line, exit 2)."""
+    if args.model is not None and not pathlib.Path(args.model).exists():
+        p.error(f"--model path not found: {args.model}")
+    try:
+        parse_dtype(args.dtype)
+    except ValueError as err:
+        p.error(str(err))
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        p.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device is available here")
+    if args.batch < 1:
+        p.error(f"--batch must be at least 1, got {args.batch}")
+    if not 0 <= args.guidance < math.inf:
+        p.error(f"--guidance must be a finite number >= 0, got {args.guidance}")
+    if args.json_path is not None:
+        target = pathlib.Path(args.json_path)
+        if target.is_dir():
+            p.error(f"--json {args.json_path} is a folder; give a file path, e.g. {target / 'bench.json'}")
+        blocked = next((parent for parent in target.parents if parent.exists() and not parent.is_dir()), None)
+        if blocked is not None:
+            p.error(f"--json {args.json_path}: {blocked} is a file, not a folder")
+    if args.engine_dir is not None and pathlib.Path(args.engine_dir).is_file():
+        p.error(f"--engine-dir {args.engine_dir} is a file, not a folder")
+    if args.lora is not None and not pathlib.Path(args.lora).is_file():
+        p.error(f"--lora file not found: {args.lora}")
+    if args.lora_rank is not None and args.lora_rank < 1:
+        p.error(f"--lora-rank must be at least 1, got {args.lora_rank}")
 
 
 def format_table(rows: list[dict]) -> str:
@@ -150,6 +204,20 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _lora_swaps(rows, config: BenchConfig, scratch: pathlib.Path) -> list[dict] | None:
+    """The `lora_swaps` section, when --lora or --lora-rank asked for it (after the timed rounds)."""
+    if config.lora is None and config.lora_rank is None:
+        return None
+    path = config.lora
+    if path is None:
+        donor = next((row.pipe for row in rows if row.backend in lora_swap.LORA_BACKENDS and row.error is None), None)
+        if donor is None:
+            return [lora_swap.measure_swaps(row, config, None) for row in rows]  # each says why it was skipped
+        path = lora_swap.random_lora(donor, config.lora_rank, scratch / f"random-rank{config.lora_rank}.safetensors")
+    print("timing LoRA swaps", file=sys.stderr)
+    return [lora_swap.measure_swaps(row, config, path) for row in rows]
+
+
 def _ratio_text(ratio: dict | None) -> str:
     if ratio is None:
         return "-"
@@ -158,6 +226,18 @@ def _ratio_text(ratio: dict | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     config, backends, json_path = parse_args(argv)
+    try:
+        return _run(config, backends, json_path)
+    except KeyboardInterrupt:
+        print("error: interrupted; the --json file holds the rounds that finished", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (OSError, ValueError, TypeError, NotImplementedError, LookupError) as err:
+        # A model that does not load, a folder that cannot be written: the user's to fix, told in one line.
+        print(f"error: {' '.join(str(err).split()) or type(err).__name__}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _run(config: BenchConfig, backends: list[str], json_path: str | None) -> int:
     started = time.perf_counter()
     labels = row_labels(backends)
     print(
@@ -207,13 +287,19 @@ def main(argv: list[str] | None = None) -> int:
         self_check = None
         if len(rows) == 2 and rows[0].backend == rows[1].backend:
             self_check = round_ratios(rows[1].step_ms, rows[0].step_ms)
+        swaps = _lora_swaps(rows, config, pathlib.Path(scratch))
     print(format_table(table))
+    if swaps is not None:
+        print(lora_swap.format_swaps(swaps))
     print(
         f"({time.perf_counter() - started:.1f} s in all; PSNR against fp32 torch on the same seed; "
         f"ratios are per-round medians of step time, with their range)"
     )
     if json_path:
-        write_result(json_path, "runtime.bench", config.as_dict(), table, rounds=rounds_log, self_check=self_check)
+        extra = {} if swaps is None else {"lora_swaps": swaps}
+        write_result(
+            json_path, "runtime.bench", config.as_dict(), table, rounds=rounds_log, self_check=self_check, **extra
+        )
     if self_check is not None:
         print(
             f"self-check: {labels[1][0]} / {labels[0][0]} step time {_ratio_text(self_check)} "

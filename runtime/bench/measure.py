@@ -46,6 +46,8 @@ class BenchConfig:
     model: str | None = None  # a diffusers folder or single file; None: random weights of `preset`
     engine_dir: str | None = None  # exported backends' artifacts (ONNX, engines); reused across runs
     rounds: int | None = None  # None: enough rounds of `steps` images for `step_iters` intervals, 3 at least
+    lora: str | None = None  # a LoRA file whose swaps are timed (runtime/bench/lora_swap.py)
+    lora_rank: int | None = None  # or the rank of a random LoRA to time instead
 
     @property
     def round_count(self) -> int:
