@@ -665,6 +665,11 @@ class Pipeline:
         """Run steps start..end-1 (end: S) of `self.scheduler` (already set up); return the final latents.
         `added`: the UNet's added conditioning (SDXL's text_embeds / time_ids), the same at every step."""
         self.scheduler.reset()
+        # Issue 15: the context's cross-attention K/V, projected once for all the steps of this request and
+        # passed as an added UNet input (a graph runner keeps it in a static buffer). Our UNets only: an
+        # exported one takes the context itself.
+        if hasattr(self.unet, "project_context"):
+            added = {**(added or {}), "context_kv": self.unet.project_context(context)}
         if self.graphs is not None:
             between_steps = None
             if blend is not None or callback is not None:
