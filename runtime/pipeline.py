@@ -468,6 +468,11 @@ class Pipeline:
         scheduler = run.scheduler
         scheduler.reset()
         added = run.added or {}
+        # Issue 15: the context's cross-attention K/V, projected once for all the steps of this run and
+        # passed as an added UNet input (a graph runner keeps it in a static buffer). Our UNets only: an
+        # exported one takes the context itself.
+        if hasattr(self.unet, "project_context"):
+            added = {**added, "context_kv": self.unet.project_context(run.context)}
         if self.graphs is not None:
             between_steps = None
             if run.blend is not None or run.callback is not None:

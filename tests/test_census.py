@@ -56,8 +56,13 @@ def test_sd15_attention_flops_and_step_total(counted):
     self_attention = [r for r in _ops(records, "sd_kernels.attention") if r.shapes.count("2x8x4096x40") == 3]
     assert len(self_attention) == 5
     assert all(r.flops == 2 * 2 * 2 * 8 * 4096 * 4096 * 40 for r in self_attention)
-    # DESIGN.md: 803 GFLOP per sample per UNet step, 1.61 TFLOP per guided step.
-    assert sum(r.flops for r in records) / 1e12 == pytest.approx(1.607, abs=0.005)
+    # The cross-attention K/V of the 16 transformer blocks, once per request: one GEMM of the guided batch's
+    # 2 x 77 tokens x 768 against 2 x (5 x 320 + 5 x 640 + 6 x 1280) = 24960 stacked output rows.
+    (projection,), _ = counted["sd15", "triton"]["context_kv"]
+    assert projection.launches == 1 and projection.flops == 2 * 2 * 77 * 768 * 24960
+    # DESIGN.md: 803 GFLOP per sample per UNet forward, 1.61 TFLOP per guided step; the step now leaves the
+    # K/V to the per-request row (the two together are one full forward).
+    assert (sum(r.flops for r in records) + projection.flops) / 1e12 == pytest.approx(1.607, abs=0.005)
     # Both backends do the same matrix work; the kernels only change bytes and launches.
     torch_records, _ = counted["sd15", "torch"]["unet_step"]
     assert sum(r.flops for r in torch_records) == sum(r.flops for r in records)
@@ -84,7 +89,8 @@ def test_main_writes_json_with_modelled_rows(tmp_path, capsys):
     payload = json.loads(out.read_text())
     assert payload["modelled"] is True and payload["target"]["name"] == "H200"
     rows = {r["network"]: r for r in payload["results"]}
-    assert set(rows) == {"unet_step", "vae_decode", "text_encoder"}
+    assert set(rows) == {"context_kv", "unet_step", "vae_decode", "text_encoder"}
+    assert not rows["context_kv"]["graphed"]  # once per request, eagerly
     step = rows["unet_step"]
     assert step["graphed"] and step["launches"] == sum(c["launches"] for c in step["by_category"].values())
     assert step["modelled_ms"] == pytest.approx(step["modelled_roofline_ms"] + step["modelled_launch_ms"])
@@ -112,4 +118,8 @@ def test_diffusers_unet_does_the_same_matrix_work(counted):
     assert not graphed
     assert len(_ops(records, "aten.native_group_norm")) == 61 and len(_ops(records, "sdpa")) == 32
     ours, _ = counted["sd15", "torch"]["unet_step"]
-    assert sum(r.flops for r in records) == sum(r.flops for r in ours)
+    (projection,), _ = counted["sd15", "torch"]["context_kv"]
+    assert sum(r.flops for r in records) == sum(r.flops for r in ours) + projection.flops
+    # Per step, ours runs 32 GEMMs fewer: to_k and to_v of the 16 cross-attentions moved to the request.
+    gemms = ("aten.mm", "aten.addmm", "aten.bmm")
+    assert len(_ops(records, *gemms)) - len(_ops(ours, *gemms)) == 32

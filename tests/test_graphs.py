@@ -98,7 +98,7 @@ def _final_latents(pipe, run):
     return seen[0]
 
 
-def _txt2img(scheduler="dpmpp_2m", guidance=7.3, steps=4, seed=3, **extra):
+def _txt2img(scheduler="dpmpp_2m", guidance=7.3, steps=4, seed=3, prompt="a red fox", **extra):
     kwargs = dict(
         steps=steps,
         seed=seed,
@@ -110,7 +110,7 @@ def _txt2img(scheduler="dpmpp_2m", guidance=7.3, steps=4, seed=3, **extra):
     )
     if guidance > 1:
         kwargs["negative_prompt"] = "blurry"
-    return lambda pipe: pipe.generate("a red fox", **kwargs)
+    return lambda pipe: pipe.generate(prompt, **kwargs)
 
 
 def _assert_bits_equal(actual, expected, what):
@@ -349,6 +349,60 @@ def test_concurrent_callers_get_their_own_images(pipelines, tiny_model):
     assert not errors, errors
     for seed in seeds:
         _assert_bits_equal(results[seed], expected[seed], f"seed {seed} from a thread")
+
+
+# ---------------------------------------------------------------- cross-attention K/V once per request
+def _captures(graphed, fake) -> int:
+    """Graphs captured so far (the fake counts them; on a GPU, the cached entries' graphs)."""
+    return fake.captures if fake is not None else sum(len(entry.graphs) for entry in graphed.graphs._entries.values())
+
+
+def test_context_kv_is_a_static_input_refreshed_per_request(pipelines, tiny_model):
+    """The projected K/V of the context is one of the named static inputs: a new prompt between two replays
+    copies its own K/V in (the image eager gives for that prompt), not the captured prompt's."""
+    graphed, eager, fake = pipelines(tiny_model)
+    fox, boat = _txt2img("euler_a", 7.3), _txt2img("euler_a", 7.3, prompt="a blue boat")
+    first = _final_latents(graphed, fox)
+    (key,) = graphed.graphs.keys()
+    assert "context_kv" in [name for name, _, _ in key.inputs]
+    captures = _captures(graphed, fake)
+    second = _final_latents(graphed, boat)
+    assert _captures(graphed, fake) == captures, "a new prompt must replay, not capture"
+    _assert_bits_equal(second, _final_latents(eager, boat), "a new prompt's replay")
+    _assert_bits_equal(_final_latents(graphed, fox), first, "the first prompt again")
+    assert not torch.equal(first, second), "the new prompt's image must differ"
+
+
+def _cross_attention_lora(unet, path, seed=4):
+    """A kohya LoRA on the cross-attentions' to_k and to_v only: exactly the weights the stacked GEMM reads."""
+    from safetensors.torch import save_file
+
+    tensors, generator = {}, torch.Generator().manual_seed(seed)
+    for key, weight in unet.state_dict().items():
+        if key.endswith(("attn2.to_k.weight", "attn2.to_v.weight")):
+            name = "lora_unet_" + key[: -len(".weight")].replace(".", "_")
+            tensors[name + ".lora_down.weight"] = 0.5 * torch.randn((2, weight.shape[1]), generator=generator)
+            tensors[name + ".lora_up.weight"] = 0.5 * torch.randn((weight.shape[0], 2), generator=generator)
+    assert tensors
+    save_file(tensors, str(path))
+    return path
+
+
+def test_a_lora_on_cross_attention_kv_changes_the_replay_without_a_capture(pipelines, tiny_model, tmp_path):
+    graphed, eager, fake = pipelines(tiny_model)
+    run = _txt2img("dpmpp_2m", 7.3)
+    base = _final_latents(graphed, run)
+    captures = _captures(graphed, fake)
+    graphed.load_lora(_cross_attention_lora(graphed.unet, tmp_path / "kv.safetensors"))
+    try:
+        with_lora = _final_latents(graphed, run)
+        assert _captures(graphed, fake) == captures, "a LoRA load must not recapture"
+        assert not torch.equal(with_lora, base), "the LoRA must reach the K/V the graphs read"
+        _assert_bits_equal(with_lora, _final_latents(eager, run), "with the LoRA (the weights are shared)")
+    finally:
+        graphed.unload_lora()
+    _assert_bits_equal(_final_latents(graphed, run), base, "after unloading")
+    assert _captures(graphed, fake) == captures
 
 
 # ---------------------------------------------------------------- real GPU only

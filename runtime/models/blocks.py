@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -186,12 +187,32 @@ class Upsample2D(nn.Module):
 # ----------------------------------------------------------------------------- attention
 
 
+@dataclass(frozen=True)
+class ProjectedContext:
+    """The text context already through every cross-attention layer's to_k and to_v (UNet.project_context).
+
+    `kv` is [B, N, sum over layers of 2 * inner]; a layer's K and V are the `inner` columns from its
+    `context_kv_start`, then the next `inner`. Passed where a context goes, so the blocks in between
+    hand it on unchanged.
+    """
+
+    kv: torch.Tensor
+
+    def key_value(self, layer: Attention) -> tuple[torch.Tensor, torch.Tensor]:
+        start = getattr(layer, "context_kv_start", None)
+        if start is None:
+            raise ValueError("a ProjectedContext reached an attention layer that is not one of its UNet's")
+        inner = layer.heads * layer.head_dim
+        return self.kv[..., start : start + inner], self.kv[..., start + inner : start + 2 * inner]
+
+
 class Attention(nn.Module):
     """Multi-head attention over token sequences [B, N, C] (diffusers `Attention`, SD subset).
 
     q, k, v come from to_q / to_k / to_v; heads are split as views (no copy) and handed to the
-    swappable `core`; to_out.0 projects back. `context=None` means self-attention.
-    `upcast` (SD 2.1's upcast_attention) is handed to the core, which keeps scores in fp32.
+    swappable `core`; to_out.0 projects back. `context=None` means self-attention; a
+    `ProjectedContext` gives K and V already projected (its columns for this layer), so to_k / to_v
+    do not run. `upcast` (SD 2.1's upcast_attention) is handed to the core, which keeps scores in fp32.
     """
 
     def __init__(
@@ -213,16 +234,21 @@ class Attention(nn.Module):
         # diffusers has Dropout at index 1; index 0 is all the state dict needs.
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
         self.core = AttentionCore(upcast)
+        # Where this layer's K and V start in a ProjectedContext; set by the UNet for its cross-attentions.
+        self.context_kv_start: int | None = None
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = x.shape
         return x.view(batch, tokens, self.heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
+    def forward(self, x: torch.Tensor, context: torch.Tensor | ProjectedContext | None = None) -> torch.Tensor:
         q = self._split_heads(self.to_q(x))
-        k = self._split_heads(self.to_k(context))
-        v = self._split_heads(self.to_v(context))
+        if isinstance(context, ProjectedContext):
+            k, v = context.key_value(self)
+        else:
+            context = x if context is None else context
+            k, v = self.to_k(context), self.to_v(context)
+        k, v = self._split_heads(k), self._split_heads(v)
         out = self.core(q, k, v)
         batch, _, tokens, _ = out.shape
         out = out.transpose(1, 2).reshape(batch, tokens, self.heads * self.head_dim)

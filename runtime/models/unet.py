@@ -5,6 +5,10 @@ diffusers state dict loads with `load_state_dict(strict=True)` and no conversion
 
 forward(sample, timestep, encoder_hidden_states) has no host syncs and no branching on tensor
 values, so it can be captured in a CUDA graph (pass the timestep as a device tensor for that).
+
+project_context(encoder_hidden_states) runs every cross-attention layer's K and V projection as one GEMM
+(runtime/models/cross_kv.py); passing its result as forward's `context_kv` skips those projections, so a
+request projects its text context once instead of at every step, with the same math.
 """
 
 from __future__ import annotations
@@ -13,10 +17,13 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from runtime.models import cross_kv
 from runtime.models.blocks import (
     Downsample2D,
+    ProjectedContext,
     ResnetBlock2D,
     TimestepEmbedding,
     Transformer2DModel,
@@ -476,6 +483,49 @@ class UNet(nn.Module):
         attended += [levels - 1 - i for i, t in enumerate(config.up_block_types) if t == "CrossAttnUpBlock2D"]
         attended += [levels - 1] if config.mid_block_type is not None else []
         self._context_dims = sorted({context_dims[level] for level in attended})
+        # Each cross-attention layer's K, V columns in project_context's output; the stacked weight is built
+        # on first use (cross_kv.stacked_weight), so a UNet never projected keeps separate Parameters.
+        self._context_kv_width = cross_kv.assign_columns(cross_kv.cross_attentions(self))
+        self._context_kv_weight: torch.Tensor | None = None
+
+    def _apply(self, fn, recurse=True):
+        # A conversion gives each Parameter storage of its own: drop the old stack rather than keep it
+        # alive (the next project_context stacks the converted weights).
+        self._context_kv_weight = None
+        return super()._apply(fn, recurse)
+
+    def __setstate__(self, state):
+        # A deepcopy's Parameters are copies of their own, not views of its copy of the stack.
+        super().__setstate__(state)
+        self._context_kv_weight = None
+
+    def _check_context(self, encoder_hidden_states: torch.Tensor, batch: int | None) -> None:
+        if encoder_hidden_states.dim() != 3 or (batch is not None and encoder_hidden_states.shape[0] != batch):
+            raise ValueError(
+                f"UNet: encoder_hidden_states must be [B{'' if batch is None else f'={batch}'}, tokens, C], "
+                f"got {tuple(encoder_hidden_states.shape)}"
+            )
+        if any(encoder_hidden_states.shape[2] != width for width in self._context_dims):
+            raise ValueError(
+                f"UNet: encoder_hidden_states width {encoder_hidden_states.shape[2]} does not match "
+                f"config field cross_attention_dim ({', '.join(map(str, self._context_dims))})"
+            )
+
+    def project_context(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """[B, N, C] text context -> [B, N, context_kv width]: the K and V of every cross-attention layer,
+        from one GEMM. Pass it as `context_kv` with the same context to every step of a request; project
+        again after the weights change (a LoRA), as each request does."""
+        self._check_context(encoder_hidden_states, None)
+        layers = cross_kv.cross_attentions(self)
+        if not layers:
+            return encoder_hidden_states.new_empty(*encoder_hidden_states.shape[:2], 0)
+        self._context_kv_weight = cross_kv.stacked_weight(layers, self._context_kv_weight)
+        if encoder_hidden_states.dtype != self._context_kv_weight.dtype:
+            raise ValueError(
+                f"UNet: encoder_hidden_states is {encoder_hidden_states.dtype}, the UNet's weights are "
+                f"{self._context_kv_weight.dtype}"
+            )
+        return F.linear(encoder_hidden_states, self._context_kv_weight)
 
     def _batched_timesteps(self, timestep, sample: torch.Tensor) -> torch.Tensor:
         """int / float / 0-d / [1] / [B] tensor -> [B] tensor on the sample's device (no host sync)."""
@@ -516,23 +566,24 @@ class UNet(nn.Module):
         encoder_hidden_states: torch.Tensor,
         text_embeds: torch.Tensor | None = None,
         time_ids: torch.Tensor | None = None,
+        context_kv: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """sample [B, in_channels, h, w], timestep (number, 0-d or [B]), encoder_hidden_states [B, N, C]
-        -> prediction [B, out_channels, h, w]. text_embeds / time_ids only for SDXL-style configs."""
+        -> prediction [B, out_channels, h, w]. text_embeds / time_ids only for SDXL-style configs.
+        context_kv: project_context(encoder_hidden_states), to skip the cross-attention K/V projections."""
         if sample.dim() != 4 or sample.shape[1] != self.config.in_channels:
             raise ValueError(f"UNet: sample must be [B, {self.config.in_channels}, h, w], got {tuple(sample.shape)}")
-        if encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[0] != sample.shape[0]:
-            raise ValueError(
-                f"UNet: encoder_hidden_states must be [B={sample.shape[0]}, tokens, C], "
-                f"got {tuple(encoder_hidden_states.shape)}"
-            )
-        if any(encoder_hidden_states.shape[2] != width for width in self._context_dims):
-            raise ValueError(
-                f"UNet: encoder_hidden_states width {encoder_hidden_states.shape[2]} does not match "
-                f"config field cross_attention_dim ({', '.join(map(str, self._context_dims))})"
-            )
-        emb = self._time_embedding(timestep, sample, text_embeds, time_ids)
+        self._check_context(encoder_hidden_states, sample.shape[0])
         context = encoder_hidden_states
+        if context_kv is not None:
+            expected = (*encoder_hidden_states.shape[:2], self._context_kv_width)
+            if tuple(context_kv.shape) != expected:
+                raise ValueError(
+                    f"UNet: context_kv must be project_context(encoder_hidden_states), {list(expected)}, "
+                    f"got {list(context_kv.shape)}"
+                )
+            context = ProjectedContext(context_kv)
+        emb = self._time_embedding(timestep, sample, text_embeds, time_ids)
 
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
