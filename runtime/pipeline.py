@@ -256,13 +256,17 @@ class Pipeline:
         if self._loras is None:
             networks = {"unet": self.unet, "text_encoder": self.text_encoder}
             networks["text_encoder_2"] = getattr(self.components, "text_encoder_2", None)
-            exported = [n for n, m in networks.items() if m is not None and not isinstance(m, torch.nn.Module)]
-            if exported:
-                raise NotImplementedError(
-                    f"LoRAs are not supported on the {self.backend} backend yet (its {', '.join(exported)} "
-                    f"run from an exported graph); load them on the torch or triton backend"
-                )
-            self._loras = lora.LoraSet(networks, kind=self.components.kind)
+            # Exported graphs (runtime/backends/deployed.py): merge into the torch weights they were exported
+            # from, and let the stand-in carry the changed weights into its engine.
+            engines = {n: m for n, m in networks.items() if m is not None and not isinstance(m, torch.nn.Module)}
+            for name, stand_in in engines.items():
+                if getattr(stand_in, "weights", None) is None:
+                    raise NotImplementedError(
+                        f"the {self.backend} backend's {name} was prepared without its torch weights "
+                        f"(keep_weights=False), which LoRAs merge into; prepare it with keep_weights=True"
+                    )
+                networks[name] = stand_in.weights
+            self._loras = lora.LoraSet(networks, kind=self.components.kind, engines=engines)
         return self._loras
 
     # ------------------------------------------------------------------ validation
