@@ -23,7 +23,8 @@ Everything is parsed and checked (names, shapes, finiteness) before any weight c
 
 Exported graphs (onnxruntime, TensorRT): `engines` maps a component to its deployed stand-in; the merge
 runs on the torch module it was exported from, and the stand-in's `check_weights(keys)` (before anything
-changes) and `write_weights(keys)` (after each merge) carry the changed weights into the engine.
+changes) and `write_weights(keys, restored)` (after each merge; `restored`: keys back at their base) carry
+the changed weights into the engine.
 """
 
 from __future__ import annotations
@@ -308,6 +309,7 @@ class LoraSet:
 
     @torch.no_grad()
     def _recompute(self, keys) -> None:
+        keys = list(keys)
         states = {name: model.state_dict(keep_vars=True) for name, model in self.models.items()}
         for component, key in keys:
             weight = states[component][key]
@@ -326,9 +328,10 @@ class LoraSet:
             for scale, delta in active:
                 merged += scale * delta.tensor(weight.shape, weight.device)
             weight.copy_(merged)
+        restored = {(component, key) for component, key in keys if (component, key) not in self._base}
         for component, changed in _by_component(keys).items():
             if component in self.engines:
-                self.engines[component].write_weights(changed)
+                self.engines[component].write_weights(changed, [k for k in changed if (component, k) in restored])
 
 
 def _by_component(keys) -> dict[str, list[str]]:

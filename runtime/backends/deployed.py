@@ -60,18 +60,20 @@ class DeployedNetwork:
                 f"a weight the exporter folded; delete the engine directory and export again"
             )
 
-    def write_weights(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Put new values of torch weights (by state-dict key) into the engine."""
+    def write_weights(self, tensors: dict[str, torch.Tensor], restored=()) -> None:
+        """Put new values of torch weights (by state-dict key) into the engine; `restored`: the keys
+        among them that are back at the exported values."""
         self.check_weights(tensors)
         arrays = {}
         for key, tensor in tensors.items():
             name, transposed = self.weight_map[key]
             value = tensor.detach().t() if transposed else tensor.detach()
             arrays[name] = value.to("cpu", self.graph_dtype).contiguous().numpy()
-        self.set_initializers(arrays)
+        self.set_initializers(arrays, {self.weight_map[key][0] for key in restored})
 
-    def set_initializers(self, arrays: dict) -> None:
-        """Replace the named initializers (numpy arrays in the graph's dtype): onnxruntime / TensorRT."""
+    def set_initializers(self, arrays: dict, restored=()) -> None:
+        """Replace the named initializers (numpy arrays in the graph's dtype; `restored`: names whose
+        value is the graph's own again): onnxruntime / TensorRT."""
         raise NotImplementedError
 
 
@@ -100,9 +102,9 @@ class _LoraTarget:
     def check_weights(self, keys) -> None:
         self.network.check_weights(keys)
 
-    def write_weights(self, keys) -> None:
+    def write_weights(self, keys, restored=()) -> None:
         state = self.weights.state_dict()
-        self.network.write_weights({key: state[key] for key in keys})
+        self.network.write_weights({key: state[key] for key in keys}, restored)
 
 
 class DeployedTextEncoder(_LoraTarget):

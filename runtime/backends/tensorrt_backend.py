@@ -51,7 +51,7 @@ class TensorRTNetwork(DeployedNetwork):
             )
         super().check_weights(keys)
 
-    def set_initializers(self, arrays: dict) -> None:
+    def set_initializers(self, arrays: dict, restored=()) -> None:
         from export.tensorrt import refit_engine
 
         torch.cuda.current_stream(self.device).synchronize()  # no run may read weights mid-refit

@@ -76,3 +76,36 @@ def test_images_match_the_torch_backend(sdxl_folder, sdxl_export):
     expected = reference.img2img(got[0], "a lighthouse at dawn", strength=0.6, **options)
     got = deployed.img2img(got[0], "a lighthouse at dawn", strength=0.6, **options)
     assert psnr(expected[1], got[1]) >= MIN_PSNR_DB
+
+
+def test_tensorrt_engines_for_every_sdxl_network(sdxl_folder, sdxl_export, tmp_path, monkeypatch):
+    """ensure_engines with TensorRT faked (as tests/export/test_tensorrt.py): one plan per SDXL network,
+    profiles with the added inputs; the real build needs TensorRT and a GPU."""
+    import importlib.machinery
+    import json
+    import shutil
+    import sys
+
+    import export.tensorrt as trt_export
+    from tests.export.test_tensorrt import H100, _FakeTensorRT
+
+    out = shutil.copytree(sdxl_export, tmp_path / "engines")
+    fake = _FakeTensorRT("tensorrt")
+    fake.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trt_export, "current_gpu", lambda: dict(H100))
+    built = []
+
+    def fake_build(onnx_path, plan_path, spec, profile, options, timing_cache_path, meta):
+        built.append((plan_path.name, options.refittable))
+        plan_path.write_bytes(b"not an engine")
+        trt_export.metadata_path(plan_path).write_text(json.dumps(meta))
+
+    monkeypatch.setattr(trt_export, "build_engine", fake_build)
+    options = trt_export.EngineOptions(refittable=True)
+    plans = trt_export.ensure_engines(out, sdxl_folder, profile=SMALL_PROFILE, options=options, progress=False)
+    assert [name for name, _ in built] == [f"{n}.plan" for n in NETWORKS_OF["sdxl"]] and all(r for _, r in built)
+    meta = trt_export.read_metadata(plans["unet"])
+    assert meta["profile"]["time_ids"] == [[1, 6], [2, 6], [8, 6]] and meta["refittable"] is True
+    assert meta["profile"]["encoder_hidden_states"][2] == [8, 77, 192]  # 64 + 128: both encoders
+    assert trt_export.read_metadata(plans["text_encoder_2"])["spec"]["outputs"][1][0] == "text_embeds"
