@@ -491,7 +491,14 @@ class Pipeline:
             return self.encode_prompt(request.prompts, request.negatives, request.guidance, request.num_images), None
         guided = request.guidance > 1
         context, text_embeds = self.conditioner.encode(
-            request.prompts, request.negatives, sdxl.zero_negatives, guided, request.num_images, self.device, self.dtype
+            request.prompts,
+            request.negatives,
+            sdxl.zero_negatives,
+            guided,
+            request.num_images,
+            self.device,
+            self.dtype,
+            syntax=self.prompt_syntax,
         )
         time_ids = self.conditioner.time_ids(
             sdxl.micro,
@@ -573,7 +580,10 @@ class Pipeline:
         if negatives is None:
             negatives = [""] * len(prompts)
         if self.conditioner is not None:  # SDXL: both encoders' penultimate states (no force-zeros here)
-            return self.conditioner.encode(prompts, negatives, False, guided, num_images, self.device, self.dtype)[0]
+            encoded = self.conditioner.encode(
+                prompts, negatives, False, guided, num_images, self.device, self.dtype, syntax=self.prompt_syntax
+            )
+            return encoded[0]
         texts = (list(negatives) if guided else []) + list(prompts)
         labels = ([f"negative prompt {i}" for i in range(len(negatives))] if guided else []) + [
             f"prompt {i}" for i in range(len(prompts))
