@@ -425,6 +425,8 @@ def model_networks(model_path, components=None) -> tuple[str, ...] | None:
         if not (path / "text_encoder_2").is_dir():
             kind = "sd1"  # SD 1.x and 2.x have the same networks
         return NETWORKS_OF[kind]
+    if not path.is_file():
+        raise FileNotFoundError(f"model path {path} does not exist")
     if path.suffix != ".safetensors":
         return None  # a pickle checkpoint: known once loaded
     from runtime.single_file import detect_layout
