@@ -109,3 +109,14 @@ def test_tensorrt_engines_for_every_sdxl_network(sdxl_folder, sdxl_export, tmp_p
     assert meta["profile"]["time_ids"] == [[1, 6], [2, 6], [8, 6]] and meta["refittable"] is True
     assert meta["profile"]["encoder_hidden_states"][2] == [8, 77, 192]  # 64 + 128: both encoders
     assert trt_export.read_metadata(plans["text_encoder_2"])["spec"]["outputs"][1][0] == "text_embeds"
+
+
+def test_the_networks_of_a_model_are_read_without_loading_it(tmp_path):
+    from tests.sdxl_factory import save_sdxl_single_file
+
+    base = save_sdxl_single_file(tmp_path / "base.safetensors", "sdxl")
+    refiner = save_sdxl_single_file(tmp_path / "refiner.safetensors", "sdxl-refiner", seed=1)
+    assert model_networks(base) == NETWORKS_OF["sdxl"]
+    assert model_networks(refiner) == ("text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+    with pytest.raises(FileNotFoundError, match="nowhere.safetensors does not exist"):
+        model_networks(tmp_path / "nowhere.safetensors")
