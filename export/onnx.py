@@ -118,11 +118,10 @@ _SDXL_WRAPPERS = {**_WRAPPERS, "text_encoder": _SDXLTextEncoder, "text_encoder_2
 
 def network_module(components, name: str) -> nn.Module:
     """The module that computes network `name` from the loaded components, with ONNX's signature."""
-    wrappers = _SDXL_WRAPPERS if components.kind in SDXL_KINDS else _WRAPPERS
-    if name not in wrappers or name not in NETWORKS_OF[components.kind]:
-        raise ValueError(
-            f"a {components.kind} model has no network {name!r}; it has {list(NETWORKS_OF[components.kind])}"
-        )
+    kind = getattr(components, "kind", "sd1")  # a bare namespace of modules (tests) is SD 1.x-shaped
+    wrappers = _SDXL_WRAPPERS if kind in SDXL_KINDS else _WRAPPERS
+    if name not in wrappers or name not in NETWORKS_OF[kind]:
+        raise ValueError(f"a {kind} model has no network {name!r}; it has {list(NETWORKS_OF[kind])}")
     return wrappers[name](getattr(components, COMPONENT_OF[name])).eval()
 
 
