@@ -156,6 +156,7 @@ def random_network(preset: str, name: str, seed: int = 0, device: str | torch.de
     }[name]
     # Each network its own stream: building one alone gives the same weights.
     stream = seed * _STREAMS + (_TEXT_2_STREAM if name == "text_encoder_2" else NETWORKS.index(name))
+    stream %= 1 << 64  # torch seeds are 64-bit; make-model takes seeds up to 2**63
     device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(stream)
