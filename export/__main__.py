@@ -57,7 +57,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             help=f"{bound} image batch x height x width (default {getattr(defaults, bound)})",
         )
     parser.add_argument(
-        "--networks", nargs="+", choices=NETWORKS, default=list(NETWORKS), help="export only these (default: all four)"
+        "--networks",
+        nargs="+",
+        choices=NETWORKS,
+        default=None,
+        help="export only these (default: all the model has: four, five for an SDXL base)",
     )
     parser.add_argument("--device", default="cpu", help="where to run the model while exporting")
     parser.add_argument("--refittable", action="store_true", help="tensorrt: build refittable engines")

@@ -19,6 +19,7 @@ from pathlib import Path
 STAMP_KEY = "sd-runtime.weights_sha256"
 _METADATA_FIELD = 14  # ModelProto.metadata_props (StringStringEntryProto: key = 1, value = 2)
 _LEN, _VARINT, _I64, _I32 = 2, 0, 1, 5
+_MAX_ENTRY = 64 << 20  # a metadata entry larger than this is not one of ours (SDXL's weight map is ~0.3 MB)
 
 
 def stamp(model, weights_digest: str) -> None:
@@ -60,6 +61,11 @@ def _fields(data: bytes):
 
 def read_stamp(path: str | os.PathLike) -> str | None:
     """The weights digest recorded in the graph at `path`, or None if it has none."""
+    return read_metadata_entry(path, STAMP_KEY)
+
+
+def read_metadata_entry(path: str | os.PathLike, key: str) -> str | None:
+    """The value of metadata entry `key` of the graph at `path` (None if absent), without parsing the graph."""
     path = Path(path)
     size = path.stat().st_size
     found = None
@@ -75,9 +81,9 @@ def read_stamp(path: str | os.PathLike) -> str | None:
                 handle.seek(4, os.SEEK_CUR)
             elif wire == _LEN:
                 length = _varint(handle)
-                if field == _METADATA_FIELD and length < 1 << 20:
+                if field == _METADATA_FIELD and length < _MAX_ENTRY:
                     entry = dict(_fields(handle.read(length)))
-                    if entry.get(1) == STAMP_KEY.encode():
+                    if entry.get(1) == key.encode():
                         found = entry.get(2, b"").decode("utf-8", "replace")
                 else:
                     handle.seek(length, os.SEEK_CUR)

@@ -1,4 +1,8 @@
-"""ONNX export of the four networks (fp32 or fp16, opset 17), cleaned with onnxslim, checked with onnx.checker.
+"""ONNX export of a model's networks (fp32 or fp16, opset 17), cleaned with onnxslim, checked with onnx.checker.
+
+SD 1.x / 2.x have four networks, the SDXL base five (both text encoders), the refiner four (text encoder 2
+only); export.specs.NETWORKS_OF lists them. Each graph also records where each torch weight went
+(export/weight_map.py), so the deployed backends can apply LoRAs without exporting again.
 
 Exporter choice: torch.onnx.export(..., dynamo=False), the TorchScript tracer. The dynamo exporter
 needs `onnxscript`, which is not installed here, and its dynamic shapes (torch.export Dim ranges,
@@ -26,19 +30,28 @@ from torch import nn
 
 from export.graph_stamp import check_stamp, stamp
 from export.manifest import TEMP_PREFIX, ArtifactError, Manifest, tool_versions, weights_digests
-from export.specs import NETWORKS, ImageShape, NetworkSpec, ShapeProfile, network_specs
+from export.specs import NETWORKS, NETWORKS_OF, ImageShape, NetworkSpec, ShapeProfile, network_specs, sdxl_network_specs
+from export.weight_map import build_weight_map, record_weight_map
 from runtime.dtypes import PRECISIONS
 
 log = logging.getLogger("export")
 
 OPSET = 17
 # Bump when a change here alters the exported graphs, so existing artifacts are rebuilt.
-EXPORTER_VERSION = 2  # 2: graphs carry the digest of their weights (export/graph_stamp.py)
+# 2: graphs carry the digest of their weights (export/graph_stamp.py); 3: and their weight map (weight_map.py)
+EXPORTER_VERSION = 3
 # Protobuf cannot serialise a message of 2 GiB or more; keep a margin for the graph itself.
 EXTERNAL_DATA_BYTES = 1_800_000_000
 # The graph dtypes export writes; bf16 exists only as a TensorRT engine precision (export/tensorrt.py).
 DTYPES = {name: PRECISIONS[name] for name in ("fp32", "fp16")}
-COMPONENT_OF = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
+COMPONENT_OF = {
+    "text_encoder": "text_encoder",
+    "text_encoder_2": "text_encoder_2",
+    "unet": "unet",
+    "vae_decoder": "vae",
+    "vae_encoder": "vae",
+}
+SDXL_KINDS = ("sdxl", "sdxl-refiner")
 
 
 def dtype_name(dtype: torch.dtype | str) -> str:
@@ -50,6 +63,7 @@ def dtype_name(dtype: torch.dtype | str) -> str:
     raise ValueError(f"ONNX export supports dtypes {sorted(DTYPES)}, got {dtype!r}")
 
 
+# Wrappers holding a LoRA-able network keep it as `.model`: export_network maps its weights (weight_map.py).
 class _TextEncoder(nn.Module):
     def __init__(self, model):
         super().__init__()
@@ -59,6 +73,12 @@ class _TextEncoder(nn.Module):
         return self.model(input_ids)
 
 
+class _SDXLTextEncoder(_TextEncoder):
+    def forward(self, input_ids):
+        # (penultimate hidden state, pooled state; encoder 2's projected): what SDXL conditions on.
+        return self.model.penultimate_and_pooled(input_ids)
+
+
 class _UNet(nn.Module):
     def __init__(self, model):
         super().__init__()
@@ -66,6 +86,11 @@ class _UNet(nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states):
         return self.model(sample, timestep, encoder_hidden_states)
+
+
+class _SDXLUNet(_UNet):
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        return self.model(sample, timestep, encoder_hidden_states, text_embeds=text_embeds, time_ids=time_ids)
 
 
 class _VAEDecoder(nn.Module):
@@ -88,17 +113,16 @@ class _VAEEncoder(nn.Module):
 
 
 _WRAPPERS = {"text_encoder": _TextEncoder, "unet": _UNet, "vae_decoder": _VAEDecoder, "vae_encoder": _VAEEncoder}
+_SDXL_WRAPPERS = {**_WRAPPERS, "text_encoder": _SDXLTextEncoder, "text_encoder_2": _SDXLTextEncoder, "unet": _SDXLUNet}
 
 
 def network_module(components, name: str) -> nn.Module:
     """The module that computes network `name` from the loaded components, with ONNX's signature."""
-    source = {
-        "text_encoder": components.text_encoder,
-        "unet": components.unet,
-        "vae_decoder": components.vae,
-        "vae_encoder": components.vae,
-    }[name]
-    return _WRAPPERS[name](source).eval()
+    kind = getattr(components, "kind", "sd1")  # a bare namespace of modules (tests) is SD 1.x-shaped
+    wrappers = _SDXL_WRAPPERS if kind in SDXL_KINDS else _WRAPPERS
+    if name not in wrappers or name not in NETWORKS_OF[kind]:
+        raise ValueError(f"a {kind} model has no network {name!r}; it has {list(NETWORKS_OF[kind])}")
+    return wrappers[name](getattr(components, COMPONENT_OF[name])).eval()
 
 
 @contextlib.contextmanager
@@ -219,6 +243,8 @@ def export_network(
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             # The exporter's note that it leaves some Slice ops unfolded (onnxslim folds them next).
             warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
+            # CLIP's pooling gathers at argmax positions, which are never negative.
+            warnings.filterwarnings("ignore", message="Exporting aten::index operator of advanced indexing")
             torch.onnx.export(
                 module,
                 inputs,
@@ -234,6 +260,8 @@ def export_network(
         # graphs it is skipped there and onnx's path-based shape inference runs in the checker below.
         slim = onnxslim.slim(str(raw), no_shape_infer=external)
         _check_interface(slim, spec, raw)
+        if isinstance(getattr(module, "model", None), nn.Module):
+            record_weight_map(slim, build_weight_map(slim, module.model))
         final = Path(work) / "final" / graph_name
         final.parent.mkdir()
         if weights_digest is not None:
@@ -306,11 +334,11 @@ def ensure_onnx(
     profile: ShapeProfile | None = None,
     components=None,
     device="cpu",
-    networks=NETWORKS,
+    networks=None,
     opset: int = OPSET,
     progress: bool = True,
 ) -> dict[str, Path]:
-    """Make out_dir hold up-to-date ONNX graphs of `networks` of the model at model_path.
+    """Make out_dir hold up-to-date ONNX graphs of `networks` (default: all the model has) of the model at model_path.
 
     Reuses what the manifest says is current, rebuilds what is stale or missing, and raises
     ArtifactError for damaged files or a directory holding files that are not ours. `components`
@@ -319,11 +347,19 @@ def ensure_onnx(
     """
     profile = profile or ShapeProfile()
     dtype = dtype_name(dtype)
+    present = model_networks(model_path, components)
+    if present is None:
+        components = _load(model_path, dtype, device)
+        present = model_networks(model_path, components)
+    networks = present if networks is None else tuple(networks)
     unknown = sorted(set(networks) - set(NETWORKS))
     if unknown:
         raise ValueError(f"unknown networks {unknown}; choose from {list(NETWORKS)}")
+    absent = [name for name in networks if name not in present]
+    if absent:
+        raise ValueError(f"{model_path} has no network {absent[0]!r}; its networks are {list(present)}")
     manifest = Manifest.open(out_dir, create=False)  # refuses a foreign directory before any work
-    digests = weights_digests(model_path)
+    digests = weights_digests(model_path, sorted({COMPONENT_OF[name] for name in networks}))
     todo = []
     for name in networks:
         fields = onnx_key_fields(name, digests[COMPONENT_OF[name]], dtype, opset)
@@ -334,10 +370,7 @@ def ensure_onnx(
         else:
             todo.append((name, fields))
     if todo and components is None:
-        from runtime.weights import load_components
-
-        log.info("loading %s (%s, %s) for export", model_path, dtype, device)
-        components = load_components(model_path, device=device, dtype=DTYPES[dtype])
+        components = _load(model_path, dtype, device)
     specs = specs_of(components) if todo else {}
     for name, fields in _progress(todo, progress):
         manifest.forget(f"{name}.onnx")
@@ -366,8 +399,40 @@ def ensure_onnx(
     return {name: manifest.out_dir / f"{name}.onnx" for name in networks}
 
 
+def _load(model_path, dtype: str, device):
+    from runtime.weights import load_components
+
+    log.info("loading %s (%s, %s) for export", model_path, dtype, device)
+    return load_components(model_path, device=device, dtype=DTYPES[dtype])
+
+
 def specs_of(components) -> dict[str, NetworkSpec]:
+    if components.kind in SDXL_KINDS:
+        text = components.text_encoder.config if components.text_encoder is not None else None
+        return sdxl_network_specs(components.unet.config, components.vae.config, text, components.text_encoder_2.config)
     return network_specs(components.unet.config, components.vae.config, components.text_encoder.config)
+
+
+def model_networks(model_path, components=None) -> tuple[str, ...] | None:
+    """The networks of the model at model_path (NETWORKS_OF its kind), read without loading its weights:
+    a diffusers folder by its subfolders, a .safetensors file by its tensor names; None for a pickle file."""
+    if components is not None:
+        return NETWORKS_OF[components.kind]
+    path = Path(model_path)
+    if path.is_dir():
+        kind = "sdxl-refiner" if not (path / "text_encoder").is_dir() else "sdxl"
+        if not (path / "text_encoder_2").is_dir():
+            kind = "sd1"  # SD 1.x and 2.x have the same networks
+        return NETWORKS_OF[kind]
+    if not path.is_file():
+        raise FileNotFoundError(f"model path {path} does not exist")
+    if path.suffix != ".safetensors":
+        return None  # a pickle checkpoint: known once loaded
+    from runtime.single_file import detect_layout
+    from runtime.tensor_header import read_header
+
+    shapes = {name: tuple(info.shape) for name, info in read_header(path).items()}
+    return NETWORKS_OF[detect_layout(shapes, str(path)).kind]
 
 
 def stored_spec(manifest: Manifest, name: str) -> NetworkSpec:

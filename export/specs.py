@@ -10,6 +10,11 @@ Shapes are described once, symbolically, with these dimension symbols:
 
 The VAE encoder outputs the latent distribution's mean ("latent", what AutoencoderKL.encode returns)
 and its log-variance ("latent_logvar"), so img2img can sample the posterior as diffusers does.
+
+SDXL (kinds "sdxl", "sdxl-refiner"): each text encoder gives what SDXL reads, the penultimate hidden
+state and the pooled state (encoder 2: projected, transformers' `text_embeds`); the UNet takes
+`text_embeds` [B, 1280] and `time_ids` [B, 6] (the refiner: [B, 5]) besides the SD inputs. The
+refiner has no `text_encoder`, only `text_encoder_2`.
 """
 
 from __future__ import annotations
@@ -23,7 +28,14 @@ import torch
 SYMBOLS = ("B", "H", "W", "h", "w")
 # Readable names for the dynamic axes in the ONNX graph (TensorRT and Netron show them).
 AXIS_NAMES = {"B": "batch", "H": "height", "W": "width", "h": "latent_height", "w": "latent_width"}
-NETWORKS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+# Every network any model has, in export order; NETWORKS_OF says which ones a model kind has.
+NETWORKS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+NETWORKS_OF = {
+    "sd1": ("text_encoder", "unet", "vae_decoder", "vae_encoder"),
+    "sd2": ("text_encoder", "unet", "vae_decoder", "vae_encoder"),
+    "sdxl": NETWORKS,
+    "sdxl-refiner": ("text_encoder_2", "unet", "vae_decoder", "vae_encoder"),
+}
 
 
 @dataclass(frozen=True)
@@ -258,18 +270,46 @@ def text_encoder_spec(text_config) -> NetworkSpec:
     )
 
 
-def unet_spec(unet_config, vae_config, text_length: int = 77) -> NetworkSpec:
+def sdxl_text_encoder_spec(name: str, text_config) -> NetworkSpec:
+    """An SDXL text encoder: (penultimate hidden state, pooled state). Encoder 1 (CLIP-L) pools without a
+    projection (transformers' pooler_output); encoder 2 (bigG) gives the projected `text_embeds`."""
+    length, width = text_config.max_position_embeddings, text_config.hidden_size
+    pooled = ("text_embeds", text_config.projection_dim) if name == "text_encoder_2" else ("pooler_output", width)
+    return NetworkSpec(
+        name=name,
+        component=name,
+        guided=True,
+        inputs=(TensorSpec("input_ids", ("B", length), "int64", high=text_config.vocab_size),),
+        outputs=(
+            TensorSpec("penultimate_hidden_state", ("B", length, width), "float"),
+            TensorSpec(pooled[0], ("B", pooled[1]), "float"),
+        ),
+    )
+
+
+def unet_spec(unet_config, vae_config, text_length: int = 77, pooled_width: int | None = None) -> NetworkSpec:
+    """pooled_width: SDXL's UNet (addition_embed_type "text_time") also takes text_embeds [B, pooled_width]
+    and time_ids [B, n], n = (projection_class_embeddings_input_dim - pooled_width) / addition_time_embed_dim."""
     # Timesteps travel as float32 [B]: Euler-family schedulers use fractional timesteps.
+    inputs = (
+        TensorSpec("sample", ("B", unet_config.in_channels, "h", "w"), "float"),
+        TensorSpec("timestep", ("B",), "float32"),
+        TensorSpec("encoder_hidden_states", ("B", text_length, unet_config.cross_attention_dim), "float"),
+    )
+    if pooled_width is not None:
+        time_ids = (unet_config.projection_class_embeddings_input_dim - pooled_width) // (
+            unet_config.addition_time_embed_dim
+        )
+        inputs += (
+            TensorSpec("text_embeds", ("B", pooled_width), "float"),
+            TensorSpec("time_ids", ("B", time_ids), "float"),
+        )
     return NetworkSpec(
         name="unet",
         component="unet",
         guided=True,
         factor=vae_factor(vae_config),
-        inputs=(
-            TensorSpec("sample", ("B", unet_config.in_channels, "h", "w"), "float"),
-            TensorSpec("timestep", ("B",), "float32"),
-            TensorSpec("encoder_hidden_states", ("B", text_length, unet_config.cross_attention_dim), "float"),
-        ),
+        inputs=inputs,
         outputs=(TensorSpec("out_sample", ("B", unet_config.out_channels, "h", "w"), "float"),),
     )
 
@@ -298,10 +338,23 @@ def vae_encoder_spec(vae_config) -> NetworkSpec:
 
 
 def network_specs(unet_config, vae_config, text_config) -> dict[str, NetworkSpec]:
-    """The four specs, keyed by network name (the order of NETWORKS)."""
+    """The four specs of an SD 1.x / 2.x model, keyed by network name (the order of NETWORKS)."""
     return {
         "text_encoder": text_encoder_spec(text_config),
         "unet": unet_spec(unet_config, vae_config, text_config.max_position_embeddings),
         "vae_decoder": vae_decoder_spec(vae_config),
         "vae_encoder": vae_encoder_spec(vae_config),
     }
+
+
+def sdxl_network_specs(unet_config, vae_config, text_config, text_config_2) -> dict[str, NetworkSpec]:
+    """The specs of an SDXL base (text_config given) or refiner (text_config None), keyed by network name."""
+    specs = {}
+    if text_config is not None:
+        specs["text_encoder"] = sdxl_text_encoder_spec("text_encoder", text_config)
+    specs["text_encoder_2"] = sdxl_text_encoder_spec("text_encoder_2", text_config_2)
+    length = text_config_2.max_position_embeddings
+    specs["unet"] = unet_spec(unet_config, vae_config, length, pooled_width=text_config_2.projection_dim)
+    specs["vae_decoder"] = vae_decoder_spec(vae_config)
+    specs["vae_encoder"] = vae_encoder_spec(vae_config)
+    return specs

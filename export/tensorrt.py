@@ -26,7 +26,7 @@ from pathlib import Path
 
 from export.manifest import TEMP_PREFIX, ArtifactError, Manifest, atomic_write_text
 from export.onnx import ensure_onnx, stored_spec
-from export.specs import NETWORKS, NetworkSpec, ShapeProfile
+from export.specs import NetworkSpec, ShapeProfile
 from runtime.dtypes import PRECISIONS as RUNTIME_PRECISIONS
 
 log = logging.getLogger("export")
@@ -241,20 +241,23 @@ def ensure_engines(
     *,
     profile: ShapeProfile | None = None,
     options: EngineOptions | None = None,
-    networks=NETWORKS,
+    networks=None,
     device="cpu",
     progress: bool = True,
 ) -> dict[str, Path]:
-    """fp32 ONNX graphs, then one engine per network; reuses whatever the manifest says is current."""
+    """fp32 ONNX graphs, then one engine per network (default: every network the model has); reuses
+    whatever the manifest says is current."""
     profile = profile or ShapeProfile()
     options = options or EngineOptions()
     trt = import_tensorrt()
     gpu = current_gpu()
-    ensure_onnx(out_dir, model_path, dtype="fp32", profile=profile, device=device, networks=networks, progress=progress)
+    graphs = ensure_onnx(
+        out_dir, model_path, dtype="fp32", profile=profile, device=device, networks=networks, progress=progress
+    )
     manifest = Manifest.open(out_dir)
     timing_cache = manifest.out_dir / TIMING_CACHE_NAME
     plans = {}
-    for name in networks:
+    for name in graphs:
         spec = stored_spec(manifest, name)
         spec.profile_shapes(profile)  # shape errors before a long build
         onnx_sha = manifest.artifacts[f"{name}.onnx"]["files"][f"{name}.onnx"]["sha256"]
@@ -284,6 +287,32 @@ def ensure_engines(
             extra_files=[TIMING_CACHE_NAME],
         )
     return plans
+
+
+def refit_engine(engine, arrays: dict, plan_path) -> None:
+    """Replace named weights of a refittable engine ({ONNX initializer name: numpy array}) in place.
+
+    TensorRT names an engine's weights after the ONNX initializers it parsed; a name it does not know
+    (a weight it folded into a constant it cannot refit) is an error naming the engine and the weight.
+    """
+    trt = import_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    refitter = trt.Refitter(engine, logger)
+    known = set(refitter.get_all_weights())
+    unknown = sorted(set(arrays) - known)
+    if unknown:
+        raise EngineMismatchError(
+            f"{plan_path}: TensorRT cannot refit weight {unknown[0]!r} ({len(unknown)} unknown of {len(arrays)}); "
+            "is the engine refittable and built from this graph?"
+        )
+    for name, array in arrays.items():
+        if not refitter.set_named_weights(name, trt.Weights(array)):
+            raise EngineMismatchError(f"{plan_path}: TensorRT refused new values for weight {name!r} {array.shape}")
+    missing = refitter.get_missing_weights()
+    if missing:  # only weights TensorRT ties together (one layer's kernel and bias) can be missing
+        raise EngineMismatchError(f"{plan_path}: the refit also needs weights {sorted(missing)[:5]}")
+    if not refitter.refit_cuda_engine():
+        raise RuntimeError(f"TensorRT failed to refit {plan_path} (see its log above)")
 
 
 def load_engine(plan_path: str | os.PathLike, *, onnx_sha256: str | None = None):

@@ -233,14 +233,9 @@ def _check_extras(args) -> None:
         if value is not None and not Path(value).is_dir():
             raise CLIError(f"{flag} is not a folder: {value}")
     try:
-        tags = prompt_loras.call_loras([args.prompt], args.lora_dir)
+        prompt_loras.call_loras([args.prompt], args.lora_dir)
     except prompt_loras.PromptLoraError as err:
         raise CLIError(str(err).replace("pass lora_dir= to runtime.load, set pipe.lora_dir, or ", "pass ")) from None
-    if (args.lora or tags) and args.backend in cli_choices.exported_backends():
-        raise CLIError(
-            f"LoRAs are not supported on the {args.backend} backend yet (its networks run from exported graphs); "
-            f"use --backend torch or triton"
-        )
 
 
 def _check_paths(args) -> None:

@@ -21,6 +21,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from runtime import prompt_syntax
+
 SDXL_KINDS = ("sdxl", "sdxl-refiner")
 DEFAULT_REFINER_START = 0.8
 
@@ -126,15 +128,26 @@ class SDXLConditioner:
         num_images: int,
         device,
         dtype,
+        syntax: str = "plain",
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(context [R, 77, C], text_embeds [R, P]); R = len(prompts) * num_images, doubled with
-        guidance ([uncond; cond]). zero_negatives: no negative prompt was given."""
-        context, pooled = self._encode_texts(prompts, device)
+        """(context [R, K * 77, C], text_embeds [R, P]); R = len(prompts) * num_images, doubled with
+        guidance ([uncond; cond]). zero_negatives: no negative prompt was given. syntax: "plain" (one
+        77-token window, K = 1) or "a1111" (runtime/prompt_syntax.py; K = 1 for prompts of <= 75 tokens)."""
+        if syntax not in prompt_syntax.PROMPT_SYNTAXES:
+            raise ValueError(
+                f"unknown prompt syntax {syntax!r}; choose one of {', '.join(prompt_syntax.PROMPT_SYNTAXES)}"
+            )
+        encode_negatives = guided and not (zero_negatives and self.force_zeros)
+        # Prompts and negatives get the same chunk count K (A1111's pad_cond_uncond), encoded in two batches
+        # as before A1111 syntax existed, so a short prompt's tensors keep their bits.
+        texts = list(prompts) + (list(negatives) if encode_negatives else [])
+        count = 1 if syntax == "plain" else max(prompt_syntax.chunk_count(t, texts) for t, _ in self.encoders)
+        context, pooled = self._encode_texts(prompts, device, syntax, count)
         if guided:
-            if zero_negatives and self.force_zeros:
+            if not encode_negatives:
                 negative_context, negative_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
             else:
-                negative_context, negative_pooled = self._encode_texts(negatives, device)
+                negative_context, negative_pooled = self._encode_texts(negatives, device, syntax, count)
         repeat = lambda t: t.to(dtype).repeat_interleave(num_images, dim=0)  # noqa: E731 (each prompt's images together)
         context, pooled = repeat(context), repeat(pooled)
         if guided:
@@ -142,12 +155,23 @@ class SDXLConditioner:
             pooled = torch.cat([repeat(negative_pooled), pooled])
         return context, pooled
 
-    def _encode_texts(self, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_texts(self, texts: list[str], device, syntax: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if syntax == "plain":
+            hidden, pooled = [], None
+            for tokenizer, encoder in self.encoders:
+                penultimate, pooled = encoder.penultimate_and_pooled(tokenizer(texts).to(device))
+                hidden.append(penultimate)
+            # diffusers takes the pooled output from the encoder with a projection: the last one.
+            return torch.cat(hidden, dim=-1), pooled
+        # A1111 syntax: both encoders cut the texts into `count` chunks (their BPE is the same; the count is
+        # taken over both anyway), each chunk row weighted on its own, the pooled state of chunk 0.
         hidden, pooled = [], None
         for tokenizer, encoder in self.encoders:
-            penultimate, pooled = encoder.penultimate_and_pooled(tokenizer(texts).to(device))
-            hidden.append(penultimate)
-        # diffusers takes the pooled output from the encoder with a projection: the last one.
+            ids, weights, _, _ = prompt_syntax.chunk_rows(tokenizer, texts, count)  # SDXL: no embeddings yet
+            penultimate, pooled = encoder.penultimate_and_pooled(torch.tensor(ids, dtype=torch.long, device=device))
+            penultimate = prompt_syntax.apply_weights(penultimate, weights)
+            hidden.append(penultimate.reshape(len(texts), count * penultimate.shape[1], penultimate.shape[2]))
+            pooled = pooled.reshape(len(texts), count, pooled.shape[-1])[:, 0]
         return torch.cat(hidden, dim=-1), pooled
 
     def time_ids(

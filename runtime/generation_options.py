@@ -25,7 +25,7 @@ import torch
 from runtime import conditioning, embeddings, prompt_loras, validation
 from runtime import images as imageio
 from runtime.graphs import scheduler_identity
-from runtime.prompt_syntax import embedding_chunks
+from runtime.prompt_syntax import chunk_count
 from runtime.schedulers import SCHEDULER_NAMES, check_steps, img2img_start_index, make_scheduler
 
 # Strength when the caller gives none (diffusers' pipelines' defaults for our generate API).
@@ -321,17 +321,20 @@ def _size(pipe, width, height) -> tuple[int, int]:
 
 def _context_tokens(pipe, texts: list[str]) -> int:
     """Tokens in the context these texts encode to: one window, or A1111's 77-token chunks (the longest
-    text decides, since one call pads every text to the same chunk count). SDXL reads prompts plain."""
+    text decides, since one call pads every text to the same chunk count; SDXL: over both encoders)."""
+    texts = prompt_loras.without_tags(texts)
     if pipe.conditioner is not None:  # an SDXL refiner has only its second tokenizer
-        return pipe.conditioner.encoders[0][0].max_length
+        tokenizers = [tokenizer for tokenizer, _ in pipe.conditioner.encoders]
+        if pipe.prompt_syntax != "a1111":
+            return tokenizers[0].max_length
+        return tokenizers[0].max_length * max(chunk_count(tokenizer, texts) for tokenizer in tokenizers)
     window = pipe.tokenizer.max_length
     if pipe.prompt_syntax != "a1111":
         return window
     matcher = None
     if pipe.embeddings_dir is not None:  # a multi-vector embedding takes several token slots
         matcher = embeddings.library(pipe.embeddings_dir).matcher(pipe.tokenizer)
-    texts = prompt_loras.without_tags(texts)
-    return window * max(len(embedding_chunks(pipe.tokenizer, text, matcher)[0]) for text in texts)
+    return window * chunk_count(pipe.tokenizer, texts, matcher)
 
 
 def _prompt_loras(prompts: list[str]) -> tuple:

@@ -20,6 +20,11 @@ the new weights without a recapture. The base of every touched weight is kept as
 CPU (pinned when the weight is on CUDA) from its first touch until no adapter touches it, so unloading
 copies it back bit for bit. Its cost: one CPU copy of each touched weight, in the weight's dtype.
 Everything is parsed and checked (names, shapes, finiteness) before any weight changes.
+
+Exported graphs (onnxruntime, TensorRT): `engines` maps a component to its deployed stand-in; the merge
+runs on the torch module it was exported from, and the stand-in's `check_weights(keys)` (before anything
+changes) and `write_weights(keys, restored)` (after each merge; `restored`: keys back at their base) carry
+the changed weights into the engine.
 """
 
 from __future__ import annotations
@@ -253,9 +258,10 @@ def _delta(file_key, parts, weight, label, component, key, kind, family) -> _Del
 class LoraSet:
     """The LoRAs applied to `models` ({component name: module}), each with its scale."""
 
-    def __init__(self, models: dict[str, nn.Module], kind: str | None = None):
+    def __init__(self, models: dict[str, nn.Module], kind: str | None = None, engines: dict | None = None):
         self.models = {name: model for name, model in models.items() if model is not None}
         self.kind = kind
+        self.engines = dict(engines or {})  # component -> deployed stand-in that mirrors the merged weights
         self._adapters: dict[str, _Adapter] = {}
         self._base: dict[tuple[str, str], torch.Tensor] = {}  # exact CPU copies of the touched weights
 
@@ -285,6 +291,9 @@ class LoraSet:
         if name in self._adapters:
             raise LoraError(f"a LoRA named {name!r} is already loaded; unload it first or pass another name")
         deltas = parse_lora(read_lora_file(path, allow_pickle), self.models, str(path), self.kind)
+        for component, keys in _by_component(deltas).items():
+            if component in self.engines:
+                self.engines[component].check_weights(keys)
         self._adapters[name] = _Adapter(scale, deltas, Path(path))
         self._recompute(deltas.keys())
         return name
@@ -310,6 +319,7 @@ class LoraSet:
 
     @torch.no_grad()
     def _recompute(self, keys) -> None:
+        keys = list(keys)
         states = {name: model.state_dict(keep_vars=True) for name, model in self.models.items()}
         for component, key in keys:
             weight = states[component][key]
@@ -328,3 +338,14 @@ class LoraSet:
             for scale, delta in active:
                 merged += scale * delta.tensor(weight.shape, weight.device)
             weight.copy_(merged)
+        restored = {(component, key) for component, key in keys if (component, key) not in self._base}
+        for component, changed in _by_component(keys).items():
+            if component in self.engines:
+                self.engines[component].write_weights(changed, [k for k in changed if (component, k) in restored])
+
+
+def _by_component(keys) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for component, key in keys:
+        grouped.setdefault(component, []).append(key)
+    return grouped

@@ -189,13 +189,17 @@ class Pipeline:
         if self._loras is None:
             networks = {"unet": self.unet, "text_encoder": self.text_encoder}
             networks["text_encoder_2"] = getattr(self.components, "text_encoder_2", None)
-            exported = [n for n, m in networks.items() if m is not None and not isinstance(m, torch.nn.Module)]
-            if exported:
-                raise NotImplementedError(
-                    f"LoRAs are not supported on the {self.backend} backend yet (its {', '.join(exported)} "
-                    f"run from an exported graph); load them on the torch or triton backend"
-                )
-            self._loras = lora.LoraSet(networks, kind=self.components.kind)
+            # Exported graphs (runtime/backends/deployed.py): merge into the torch weights they were exported
+            # from, and let the stand-in carry the changed weights into its engine.
+            engines = {n: m for n, m in networks.items() if m is not None and not isinstance(m, torch.nn.Module)}
+            for name, stand_in in engines.items():
+                if getattr(stand_in, "weights", None) is None:
+                    raise NotImplementedError(
+                        f"the {self.backend} backend's {name} was prepared without its torch weights "
+                        f"(keep_weights=False), which LoRAs merge into; prepare it with keep_weights=True"
+                    )
+                networks[name] = stand_in.weights
+            self._loras = lora.LoraSet(networks, kind=self.components.kind, engines=engines)
         return self._loras
 
     # ------------------------------------------------------------------ validation (runtime/generation_options.py)
@@ -337,6 +341,7 @@ class Pipeline:
             request.num_images,
             self.device,
             self.dtype,
+            syntax=self.prompt_syntax,
         )
         time_ids = self.conditioner.time_ids(
             request.micro,
@@ -410,7 +415,10 @@ class Pipeline:
         if negatives is None:
             negatives = [""] * len(prompts)
         if self.conditioner is not None:  # SDXL: both encoders' penultimate states (no force-zeros here)
-            return self.conditioner.encode(prompts, negatives, False, guided, num_images, self.device, self.dtype)[0]
+            encoded = self.conditioner.encode(
+                prompts, negatives, False, guided, num_images, self.device, self.dtype, syntax=self.prompt_syntax
+            )
+            return encoded[0]
         texts = (list(negatives) if guided else []) + list(prompts)
         labels = ([f"negative prompt {i}" for i in range(len(negatives))] if guided else []) + [
             f"prompt {i}" for i in range(len(prompts))

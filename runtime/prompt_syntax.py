@@ -21,6 +21,11 @@ text, which is the same for one prompt and keeps an image independent of its bat
 
 A prompt without brackets or BREAK and with at most 75 tokens gives exactly the ids of the plain
 tokenizer (one chunk) and weights of 1, so its context is bit-identical to plain encoding.
+
+SDXL (runtime/conditioning.py) chunks the prompt for each of its two encoders with `chunk_rows`, weights
+each encoder's penultimate hidden states per token with the mean restored (`apply_weights`), concatenates
+the chunks, and takes the pooled embedding of the first chunk, unweighted: what A1111 (`zs[0].pooled`
+in sd_hijack_clip.py) and ComfyUI (`first_pooled` in sd1_clip.py) do.
 syntax="plain" turns all this off: one 77-token window, the text past it cut off with a warning.
 """
 
@@ -217,8 +222,23 @@ def encode_prompts(
         ids = _plain_ids(tokenizer, texts, labels)
         return hidden_states(text_encoder, ids.to(device), clip_skip)
     matcher = None if embeddings is None else embeddings.matcher(tokenizer)
+    rows_ids, rows_weights, count, rows_fixes = chunk_rows(tokenizer, texts, matcher=matcher)
+    ids = torch.tensor(rows_ids, dtype=torch.long, device=device)
+    context = hidden_states(text_encoder, ids, clip_skip, fixes=rows_fixes)
+    context = apply_weights(context, rows_weights)
+    return context.reshape(len(texts), count * context.shape[1], context.shape[2])
+
+
+def chunk_count(tokenizer, texts: list[str], matcher=None) -> int:
+    return max(len(embedding_chunks(tokenizer, text, matcher)[0]) for text in texts)
+
+
+def chunk_rows(tokenizer, texts: list[str], count: int | None = None, matcher=None):
+    """(ids, weights, K, fixes): every text's chunks, padded with empty-prompt chunks to K (the most any text
+    has, or `count`), as rows of K consecutive chunks per text: len(texts) * K rows of tokenizer.max_length.
+    fixes: textual-inversion vectors as (row, first slot, Embedding), for `hidden_states`."""
     per_text = [embedding_chunks(tokenizer, text, matcher) for text in texts]
-    count = max(len(ids) for ids, _, _ in per_text)
+    count = max([len(ids) for ids, _, _ in per_text] + [count or 1])
     empty_ids, empty_weights = prompt_chunks(tokenizer, "")
     rows_ids, rows_weights, rows_fixes = [], [], []
     for ids, weights, fixes in per_text:
@@ -226,11 +246,14 @@ def encode_prompts(
         rows_fixes += [(len(rows_ids) + k, start, e) for k, chunk in enumerate(fixes) for start, e in chunk]
         rows_ids += ids + empty_ids * missing
         rows_weights += weights + empty_weights * missing
-    ids = torch.tensor(rows_ids, dtype=torch.long, device=device)
-    context = hidden_states(text_encoder, ids, clip_skip, fixes=rows_fixes)
-    if any(weight != 1.0 for row in rows_weights for weight in row):
-        context = _apply_weights(context, torch.tensor(rows_weights, device=device))
-    return context.reshape(len(texts), count * context.shape[1], context.shape[2])
+    return rows_ids, rows_weights, count, rows_fixes
+
+
+def apply_weights(context: torch.Tensor, rows_weights: list[list[float]]) -> torch.Tensor:
+    """context [rows, L, C] with A1111's emphasis; unchanged (the same tensor) where every weight is 1."""
+    if all(weight == 1.0 for row in rows_weights for weight in row):
+        return context
+    return _apply_weights(context, torch.tensor(rows_weights, device=context.device))
 
 
 def _apply_weights(context: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

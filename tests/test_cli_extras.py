@@ -158,10 +158,6 @@ def test_embeddings_dir_reaches_the_prompt(model, tmp_path, capsys):
         (["-p", "a <lora:nope:0.5>", "--lora-dir", "{loras}"], r"no LoRA named 'nope' in .* \(it holds: ink\)"),
         (["-p", "a <lora:../ink>", "--lora-dir", "{loras}"], "not by a path"),
         (["-p", "a <lora:ink:lots>", "--lora-dir", "{loras}"], "<lora:ink:lots>: the weight 'lots' is not a finite"),
-        (
-            ["--lora", "{loras}/ink.safetensors", "--backend", "onnxruntime", "--engine-dir", "{tmp}"],
-            "LoRAs are not supported on the onnxruntime backend yet",
-        ),
     ],
 )
 def test_lora_and_embedding_mistakes_fail_before_loading(model, loras, tmp_path, capsys, monkeypatch, args, message):

@@ -134,3 +134,64 @@ def test_full_size_random_weights_leave_fp16_headroom(preset):
         if torch.cuda.is_available():
             image = vae.to("cuda", torch.float16).decode(z.to("cuda", torch.float16))
             assert torch.isfinite(image).all(), f"{preset}: the fp16 VAE decode is not finite"
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl_folder(tmp_path_factory):
+    return write_random_model("tiny-sdxl", tmp_path_factory.mktemp("tiny-sdxl") / "model")
+
+
+def test_tiny_sdxl_is_written_with_both_encoders_and_loads_here_and_in_diffusers(tiny_sdxl_folder):
+    import diffusers
+
+    assert (tiny_sdxl_folder / "text_encoder_2" / "model.safetensors").is_file()
+    components = load_components(tiny_sdxl_folder)
+    assert components.kind == "sdxl" and components.pipeline_config["force_zeros_for_empty_prompt"] is True
+    assert components.text_encoder_2.config.projection_dim == 128
+    ids = components.tokenizer_2([PROMPT])
+    assert ids[0, -1].item() == 0  # tokenizer_2 pads with "!" (id 0), tokenizer 1 with EOS
+    assert components.tokenizer([PROMPT])[0, -1].item() == 49407
+    theirs = diffusers.StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_folder))
+    ours = components.text_encoder_2.state_dict()
+    assert all(torch.equal(v, ours[k]) for k, v in theirs.text_encoder_2.state_dict().items() if k in ours)
+    # Without "!": transformers makes the pad token "!" split prompts; ours keeps OpenCLIP's BPE (runtime/tokenizer.py).
+    text = PROMPT.rstrip("!")
+    assert (
+        theirs.tokenizer_2([text], padding="max_length", max_length=77).input_ids
+        == components.tokenizer_2([text]).tolist()
+    )
+
+
+def test_sdxl_bench_presets_bring_their_run_settings():
+    from runtime.bench.cli import parse_args
+    from runtime.bench.presets import preset_run
+
+    config, _, _ = parse_args(["--preset", "tiny-sdxl", "--device", "cpu", "--backends", "torch"])
+    assert (config.width, config.height, config.steps, config.guidance) == (128, 128, 4, 5.0)
+    config, _, _ = parse_args(["--preset", "tiny-sdxl", "--device", "cpu", "--steps", "3", "--backends", "torch"])
+    assert config.steps == 3 and config.width == 128
+    assert preset_run("sdxl") == {"width": 1024, "height": 1024, "steps": 30, "guidance": 5.0}
+    assert preset_run("tiny") is None
+    with pytest.raises(SystemExit):
+        parse_args(["--preset", "sdxl", "--device", "cpu"])
+
+
+def test_the_sdxl_baseline_row_is_diffusers_sdxl_pipeline_on_the_same_weights(tmp_path):
+    """The in-memory master (no weight files) -> StableDiffusionXLPipeline; same image as our torch row."""
+    import diffusers
+
+    from runtime.bench.baselines import diffusers_pipeline
+    from runtime.bench.measure import BenchConfig
+    from runtime.bench.models import build_master, pipeline_for
+    from runtime.images import psnr
+
+    config = BenchConfig(preset="tiny-sdxl", device="cpu", dtype="fp32", width=64, height=64, steps=2, step_iters=20)
+    master = build_master(config, tmp_path)
+    baseline = diffusers_pipeline(master, config)
+    assert isinstance(baseline.pipe, diffusers.StableDiffusionXLPipeline)
+    run = dict(negative_prompt="blurry", steps=2, guidance=5.0, width=64, height=64, seed=3, num_images=1)
+    theirs = baseline.generate(PROMPT, **run)[0]
+    ours = pipeline_for("torch", master, "cpu", "fp32").generate(PROMPT, progress=False, **run)[0]
+    assert psnr(theirs, ours) >= 35.0
+    context = baseline.encode_prompt([PROMPT], ["blurry"], 5.0)
+    assert context[0].shape == (1, 77, 64 + 128)  # both encoders' states side by side

@@ -9,6 +9,11 @@ with new input shapes is checked against the engine's profile, then gets its own
 output buffers and one captured CUDA graph of execute_async_v3; later calls with those shapes copy
 inputs in, replay the graph, and return copies of the outputs.
 
+LoRAs need refittable engines (refittable=True): `set_initializers` refits the engine with the merged
+weights through trt.Refitter (export/tensorrt.py's refit_engine), no rebuild. The captured graphs are
+dropped after a refit and captured again on the next call, since TensorRT does not promise that a refit
+keeps weights at the addresses a graph recorded.
+
 Never executed so far: no machine this was developed on has TensorRT (see export/tensorrt.py).
 """
 
@@ -20,8 +25,9 @@ from runtime.backends.deployed import DeployedNetwork, replace_networks
 
 
 class TensorRTNetwork(DeployedNetwork):
-    def __init__(self, plan_path, spec, device, dtype, onnx_sha256):
+    def __init__(self, plan_path, spec, device, dtype, onnx_sha256, onnx_path=None):
         from export.tensorrt import import_tensorrt, load_engine
+        from export.weight_map import read_weight_map
 
         trt = import_tensorrt()
         self.engine, self.meta = load_engine(plan_path, onnx_sha256=onnx_sha256)
@@ -34,6 +40,24 @@ class TensorRTNetwork(DeployedNetwork):
             name: _torch_dtype(trt, self.engine.get_tensor_dtype(name)) for name in spec.input_names + spec.output_names
         }
         self.graphs: dict[tuple, tuple] = {}
+        # The engine's weights carry the ONNX initializers' names (TensorRT's ONNX parser keeps them).
+        self.weight_map = read_weight_map(onnx_path) if onnx_path is not None else {}
+
+    def check_weights(self, keys) -> None:
+        if not self.meta.get("refittable"):
+            raise ValueError(
+                f"{self.plan_path} is not refittable, so a LoRA cannot change its weights: build the engines "
+                f"with refittable=True (python -m export tensorrt --refittable)"
+            )
+        super().check_weights(keys)
+
+    def set_initializers(self, arrays: dict, restored=()) -> None:
+        from export.tensorrt import refit_engine
+
+        torch.cuda.current_stream(self.device).synchronize()  # no run may read weights mid-refit
+        self.stream.synchronize()
+        refit_engine(self.engine, arrays, self.plan_path)
+        self.graphs.clear()
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         from export.tensorrt import check_shapes_in_profile
@@ -89,10 +113,20 @@ def _torch_dtype(trt, trt_dtype) -> torch.dtype:
     return table[trt_dtype]
 
 
-def prepare_tensorrt(components, *, engine_dir=None, profile=None, precision: str = "fp16", refittable: bool = False):
+def prepare_tensorrt(
+    components,
+    *,
+    engine_dir=None,
+    profile=None,
+    precision: str = "fp16",
+    refittable: bool = False,
+    keep_weights: bool = True,
+):
     """Build (or reuse) engines in engine_dir and run components' networks with them.
 
     profile: export.specs.ShapeProfile (default 256-1024 px, batch 1-4); precision: fp16, bf16, fp32.
+    refittable: engines whose weights LoRAs can change (load_lora); keep_weights: keep the torch text
+    encoders and UNet on the CPU as the LoRAs' base (runtime/backends/deployed.py).
     """
     from export.manifest import Manifest
     from export.onnx import specs_of
@@ -116,6 +150,6 @@ def prepare_tensorrt(components, *, engine_dir=None, profile=None, precision: st
     def make(name):
         onnx_sha = manifest.verify(f"{name}.onnx")["files"][f"{name}.onnx"]["sha256"]
         manifest.verify(f"{name}.plan")
-        return TensorRTNetwork(plans[name], specs[name], device, dtype, onnx_sha)
+        return TensorRTNetwork(plans[name], specs[name], device, dtype, onnx_sha, manifest.out_dir / f"{name}.onnx")
 
-    return replace_networks(components, make)
+    return replace_networks(components, make, keep_weights=keep_weights)

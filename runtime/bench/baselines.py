@@ -1,4 +1,5 @@
-"""diffusers' own StableDiffusionPipeline (SDPA attention, eager) as a baseline row of the benchmark.
+"""diffusers' own StableDiffusionPipeline (SDPA attention, eager) as a baseline row of the benchmark;
+StableDiffusionXLPipeline for SDXL models.
 
 It loads the same diffusers folder our backends load and answers the calls the benchmark makes of a
 Pipeline (generate, encode_prompt, decode_latents), so it is measured in exactly the same way.
@@ -35,6 +36,14 @@ class DiffusersBaseline:
 
     @torch.inference_mode()
     def encode_prompt(self, prompts, negatives, guidance, num_images=1):
+        if isinstance(self.pipe, _sdxl_class()):  # keywords: its positional order differs from SD's
+            return self.pipe.encode_prompt(
+                prompts,
+                device=self.device,
+                num_images_per_prompt=num_images,
+                do_classifier_free_guidance=guidance > 1,
+                negative_prompt=negatives,
+            )
         return self.pipe.encode_prompt(prompts, self.device, num_images, guidance > 1, negatives)
 
     @torch.inference_mode()
@@ -79,10 +88,16 @@ class DiffusersBaseline:
         return [PIL.Image.fromarray((image * 255).round().astype(np.uint8)) for image in output.images]
 
 
+def _sdxl_class():
+    import diffusers
+
+    return diffusers.StableDiffusionXLPipeline
+
+
 def diffusers_pipeline(master, config) -> DiffusersBaseline:
-    """diffusers' StableDiffusionPipeline with the master's weights, in config.dtype on config.device:
-    loaded from the master's diffusers folder, or, where that folder holds no weight files (random
-    weights built in memory), built from its configs and the master networks' state dicts (our
+    """diffusers' StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL) with the master's weights, in
+    config.dtype on config.device: loaded from the master's diffusers folder, or, where that folder holds no
+    weight files (random weights built in memory), built from its configs and the master networks' state dicts (our
     networks use diffusers' and transformers' keys)."""
     import diffusers
 
@@ -90,10 +105,19 @@ def diffusers_pipeline(master, config) -> DiffusersBaseline:
     if not source.is_dir():
         raise ValueError(f"the diffusers baseline loads diffusers folders; {master.source} is a single file")
     dtype = resolve_dtype(config.dtype)
+    if master.kind == "sdxl-refiner":
+        raise ValueError("the diffusers baseline times SDXL bases; a refiner alone has no txt2img pipeline")
     if any((source / "unet").glob("*.safetensors")) or any((source / "unet").glob("*.bin")):
-        pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-            master.source, torch_dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-        )
+        if master.kind == "sdxl":
+            pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(master.source, torch_dtype=dtype)
+        else:
+            pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+                master.source,
+                torch_dtype=dtype,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
     else:
         pipe = _pipeline_from_master(master, source)
     pipe.to(config.device, dtype)
@@ -110,10 +134,26 @@ def _pipeline_from_master(master, source: Path):
     unet = diffusers.UNet2DConditionModel.from_config(config("unet"))
     vae = diffusers.AutoencoderKL.from_config(config("vae"))
     text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(**config("text_encoder")))
-    for theirs, ours in ((unet, master.unet), (vae, master.vae), (text_encoder, master.text_encoder)):
+    pairs = [(unet, master.unet), (vae, master.vae), (text_encoder, master.text_encoder)]
+    if master.kind == "sdxl":
+        text_config_2 = transformers.CLIPTextConfig(**config("text_encoder_2"))
+        text_encoder_2 = transformers.CLIPTextModelWithProjection(text_config_2)
+        pairs.append((text_encoder_2, master.text_encoder_2))
+    for theirs, ours in pairs:
         # strict: a key either side lacks would leave a network at its init and time the wrong model
         theirs.load_state_dict({k: v.detach().float().cpu() for k, v in ours.state_dict().items()}, strict=True)
     scheduler_class = getattr(diffusers, master.scheduler_config["_class_name"])
+    if master.kind == "sdxl":
+        return diffusers.StableDiffusionXLPipeline(
+            vae=vae.eval(),
+            text_encoder=text_encoder.eval(),
+            text_encoder_2=text_encoder_2.eval(),
+            unet=unet.eval(),
+            tokenizer=transformers.CLIPTokenizer.from_pretrained(str(source / "tokenizer")),
+            tokenizer_2=transformers.CLIPTokenizer.from_pretrained(str(source / "tokenizer_2")),
+            scheduler=scheduler_class.from_config(dict(master.scheduler_config)),
+            force_zeros_for_empty_prompt=bool(master.pipeline_config.get("force_zeros_for_empty_prompt", True)),
+        )
     return diffusers.StableDiffusionPipeline(
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),

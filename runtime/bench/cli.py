@@ -36,7 +36,7 @@ from runtime.bench.measure import (
     summarize,
 )
 from runtime.bench.models import available_backends, build_master
-from runtime.bench.presets import PRESETS
+from runtime.bench.presets import PRESETS, preset_run
 from runtime.bench.results import write_result
 from runtime.bench.rounds import round_ratios, round_robin
 from runtime.dtypes import parse_dtype
@@ -70,9 +70,10 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, list[str], str | No
     p.add_argument("--preset", default=defaults.preset, choices=PRESETS, help="random-weight architecture")
     p.add_argument("--device", default=device)
     p.add_argument("--dtype", default=defaults.dtype, help="dtype of the backends under test")
-    p.add_argument("--width", type=int, default=defaults.width)
-    p.add_argument("--height", type=int, default=defaults.height)
-    p.add_argument("--steps", type=int, default=defaults.steps, help="denoising steps of each image")
+    # width / height / steps / guidance: None means the SDXL preset's own, else the device defaults.
+    p.add_argument("--width", type=int, default=None, help=f"default {defaults.width} (SDXL presets: their own)")
+    p.add_argument("--height", type=int, default=None, help=f"default {defaults.height} (SDXL presets: their own)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps of each image")
     p.add_argument(
         "--step-iters",
         type=int,
@@ -80,7 +81,7 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, list[str], str | No
         help="timed UNet steps for the median / p90 (at least 20)",
     )
     p.add_argument("--batch", type=int, default=1, help="images per prompt")
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=float, default=None, help="default 7.5 (SDXL presets: their own)")
     p.add_argument("--scheduler", default=None, choices=SCHEDULER_NAMES, help="sampler (default: the checkpoint's)")
     p.add_argument(
         "--backends",
@@ -107,6 +108,17 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, list[str], str | No
     lora.add_argument("--lora", help="also time swapping this LoRA .safetensors on the torch / triton rows")
     lora.add_argument("--lora-rank", type=int, help="also time LoRA swaps, with a random LoRA of this rank")
     args = p.parse_args(argv)
+    if args.preset == "sdxl" and not args.device.startswith("cuda") and not args.model:
+        p.error("--preset sdxl is the full SDXL base at 1024² for GPUs; on the CPU use --preset tiny-sdxl")
+    run = preset_run(args.preset) or {
+        "width": defaults.width,
+        "height": defaults.height,
+        "steps": defaults.steps,
+        "guidance": 7.5,
+    }
+    for name, value in run.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     _check_values(p, args)
     if args.width <= 0 or args.height <= 0 or args.width % 8 or args.height % 8:
         p.error(f"--width and --height must be positive multiples of 8, got {args.width}x{args.height}")

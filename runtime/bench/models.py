@@ -44,21 +44,25 @@ def build_master(config, scratch: Path) -> Components:
     its weights from these networks)."""
     import json
 
-    from runtime.bench.presets import NETWORKS, preset_kind, random_network, write_random_model
+    from runtime.bench.presets import preset_configs, preset_kind, preset_networks, random_network, write_random_model
     from runtime.tokenizer import CLIPTokenizer
     from runtime.weights import load_components
 
     if config.model:
         return load_components(config.model, device="cpu", dtype=torch.float32)
     folder = write_random_model(config.preset, scratch / f"random-{config.preset}", weights=False)
-    networks = {name: random_network(config.preset, name, device=config.device) for name in NETWORKS}
+    names = preset_networks(config.preset)
+    networks = {name: random_network(config.preset, name, device=config.device) for name in names}
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    sdxl = preset_kind(config.preset) == "sdxl"
     return Components(
         **networks,
         tokenizer=CLIPTokenizer.from_folder(folder / "tokenizer"),
         scheduler_config=scheduler_config,
         source=str(folder),
         kind=preset_kind(config.preset),
+        tokenizer_2=CLIPTokenizer.from_folder(folder / "tokenizer_2") if sdxl else None,
+        pipeline_config=dict(preset_configs(config.preset)["pipeline"]) if sdxl else {},
     )
 
 
@@ -69,8 +73,9 @@ def pipeline_for(backend: str, master: Components, device: str, dtype, engine_di
 
     dtype = resolve_dtype(dtype)
     components = copy.copy(master)
-    for name in ("unet", "vae", "text_encoder"):
-        setattr(components, name, copy.deepcopy(getattr(master, name)).to(device=device, dtype=dtype))
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if getattr(master, name, None) is not None:
+            setattr(components, name, copy.deepcopy(getattr(master, name)).to(device=device, dtype=dtype))
     options = {"engine_dir": engine_dir} if backend in backends.EXPORTED else {}
     components = backends.prepare(backend, components, **options)
     return Pipeline(components, backend=backend)

@@ -9,7 +9,7 @@ import torch
 
 from export.manifest import Manifest
 from export.onnx import ensure_onnx, export_network, network_module, reference_layers, specs_of
-from export.specs import NETWORKS, ImageShape
+from export.specs import NETWORKS_OF, ImageShape
 from runtime.weights import load_components
 from tests.export.conftest import CHECK_SHAPE, SMALL_PROFILE
 
@@ -27,9 +27,9 @@ def _run_both(path, module, spec, shape, dtype=torch.float32, seed=1):
 @pytest.mark.parametrize("kind", ["sd1", "sd2"])
 def test_every_network_exports_and_matches_torch_at_another_shape(kind, model_folder, onnx_export):
     components = load_components(model_folder(kind))
-    paths = {name: onnx_export(kind) / f"{name}.onnx" for name in NETWORKS}
+    paths = {name: onnx_export(kind) / f"{name}.onnx" for name in NETWORKS_OF[kind]}
     specs = specs_of(components)
-    for name in NETWORKS:
+    for name in NETWORKS_OF[kind]:
         path, spec = paths[name], specs[name]
         onnx.checker.check_model(str(path), full_check=True)
         graph = onnx.load(str(path)).graph
@@ -51,7 +51,7 @@ def test_fp16_export_passes_the_checker_and_runs(model_folder, tmp_path):
     components = load_components(folder, dtype=torch.float16)
     paths = ensure_onnx(tmp_path, folder, dtype="fp16", components=components, profile=SMALL_PROFILE, progress=False)
     specs = specs_of(components)
-    for name in NETWORKS:
+    for name in NETWORKS_OF["sd1"]:
         model = onnx.load(str(paths[name]))
         assert model.graph.input[-1].type.tensor_type.elem_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.INT64)
         expected, got = _run_both(
