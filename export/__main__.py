@@ -31,9 +31,10 @@ def _shape(text: str):
 def parse_args(argv=None) -> argparse.Namespace:
     from export.specs import NETWORKS, ShapeProfile
     from export.tensorrt import PRECISIONS
+    from runtime.one_line_parser import OneLineParser
 
     defaults = ShapeProfile()
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m export",
         description=__doc__.split("\n\n")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -40,18 +40,10 @@ from runtime.bench.presets import PRESETS, preset_run
 from runtime.bench.results import write_result
 from runtime.bench.rounds import round_ratios, round_robin
 from runtime.dtypes import parse_dtype
+from runtime.one_line_parser import EXIT_USAGE, OneLineParser
 from runtime.schedulers import SCHEDULER_NAMES
 
-EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """Usage mistakes as one line on stderr, exit 2 (no usage block, no traceback)."""
-
-    def error(self, message):
-        print(f"error: {' '.join(message.split())}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
 
 
 def default_config(device: str) -> BenchConfig:
@@ -65,7 +57,7 @@ def default_config(device: str) -> BenchConfig:
 def parse_args(argv: list[str] | None) -> tuple[BenchConfig, list[str], str | None]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     defaults = default_config(device)
-    p = _OneLineParser(prog="python -m runtime.bench", description=__doc__)
+    p = OneLineParser(prog="python -m runtime.bench", description=__doc__)
     p.add_argument("--model", help="a diffusers folder or single-file checkpoint (default: random weights)")
     p.add_argument("--preset", default=defaults.preset, choices=PRESETS, help="random-weight architecture")
     p.add_argument("--device", default=device)

@@ -92,3 +92,17 @@ def test_bad_options_give_one_clear_line(args, message, model_folder, tmp_path, 
 def test_missing_model_path(tmp_path, capsys):
     code, text = _run(capsys, "--model", str(tmp_path / "none"), "--out", str(tmp_path / "o"))
     assert code == 2 and "none does not exist" in text
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--out", "o", "--dtype", "fp12"], "error: argument --dtype: invalid choice: 'fp12'"),
+        (["--model", "m"], "error: the following arguments are required: --out"),
+    ],
+)
+def test_argparse_mistakes_are_one_line_without_the_usage_block(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.strip().splitlines() == [err.strip()] and err.startswith(message), err
