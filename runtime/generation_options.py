@@ -193,7 +193,7 @@ def check_request(pipe, request: GenerationRequest) -> CheckedRequest:
         strength=strength,
         guided=guided,
         context_tokens=_context_tokens(pipe, prompts + (negatives if guided else [])),
-        prompt_loras=_prompt_loras(prompts),
+        prompt_loras=_prompt_loras(pipe, prompts),
     )
     return CheckedRequest(
         mode=mode,
@@ -337,12 +337,7 @@ def _context_tokens(pipe, texts: list[str]) -> int:
     return window * chunk_count(pipe.tokenizer, texts, matcher)
 
 
-def _prompt_loras(prompts: list[str]) -> tuple:
-    """The <lora:...> tags every prompt of the request names (refused here if its prompts disagree)."""
-    per_prompt = [tuple(sorted((tag.name, tag.scale) for tag in prompt_loras.find_tags(p))) for p in prompts]
-    if len(set(per_prompt)) > 1:
-        raise ValueError(
-            "the prompts name different <lora:...> tags; LoRAs apply to a whole call, so every prompt of one "
-            "request must name the same ones"
-        )
-    return per_prompt[0]
+def _prompt_loras(pipe, prompts: list[str]) -> tuple:
+    """((name, weight), ...) of the <lora:...> tags the request's prompts name, each resolved in
+    pipe.lora_dir now (an unknown name, or prompts that disagree, is refused before any network runs)."""
+    return tuple((tag.name, tag.scale) for tag, _ in prompt_loras.call_loras(prompts, pipe.lora_dir))
