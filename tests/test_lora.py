@@ -15,6 +15,7 @@ from runtime.images import psnr
 from runtime.lora import LoraError
 from runtime.pipeline import Pipeline
 from tests.fake_cuda_graphs import FakeCudaGraphs
+from tests.lora_factory import write_kohya_unet_lora
 from tests.model_factory import build_reference_models, save_diffusers_folder
 
 MIN_PSNR_DB = 35.0
@@ -196,19 +197,6 @@ def tiny_model(tmp_path_factory):
     return write_random_model("tiny", tmp_path_factory.mktemp("tiny") / "model")
 
 
-def tiny_lora(unet, path, seed):
-    tensors = {}
-    generator = torch.Generator().manual_seed(seed)
-    for key, weight in unet.state_dict().items():
-        if key.endswith(("to_q.weight", "to_v.weight", "proj_out.weight")):
-            name = "lora_unet_" + key[: -len(".weight")].replace(".", "_")
-            tensors[name + ".lora_down.weight"] = 0.3 * torch.randn((RANK, *weight.shape[1:]), generator=generator)
-            up_shape = (weight.shape[0], RANK) + (1, 1) * (weight.ndim == 4)
-            tensors[name + ".lora_up.weight"] = 0.3 * torch.randn(up_shape, generator=generator)
-    save_file(tensors, str(path))
-    return path
-
-
 def test_a_swap_under_cuda_graphs_needs_no_new_capture(tiny_model, tmp_path):
     components = runtime.load(tiny_model, backend="torch", device="cpu", dtype="fp32").components
     fake = FakeCudaGraphs()
@@ -218,7 +206,7 @@ def test_a_swap_under_cuda_graphs_needs_no_new_capture(tiny_model, tmp_path):
     base = np.asarray(graphed.generate("a cat", **run)[0])
     captures = fake.captures
     assert captures > 0
-    graphed.load_lora(tiny_lora(components.unet, tmp_path / "a.safetensors", seed=3), scale=0.8)
+    graphed.load_lora(write_kohya_unet_lora(components.unet, tmp_path / "a.safetensors", seed=3), scale=0.8)
     with_lora = np.asarray(graphed.generate("a cat", **run)[0])
     assert fake.captures == captures, "a LoRA swap must not recapture"
     assert psnr(with_lora, base) < 40
@@ -292,7 +280,7 @@ def test_keys_matching_no_layer_are_counted_and_named(tiny_pipe, tmp_path):
 @pytest.mark.parametrize("scale", [float("nan"), float("inf"), "0.5", True])
 def test_a_bad_scale_is_refused(tiny_pipe, tiny_model, tmp_path, scale):
     unet = tiny_pipe.unet
-    path = tiny_lora(unet, tmp_path / "ok.safetensors", seed=1)
+    path = write_kohya_unet_lora(unet, tmp_path / "ok.safetensors", seed=1)
     with pytest.raises(LoraError, match="finite number"):
         tiny_pipe.load_lora(path, scale=scale)
     name = tiny_pipe.load_lora(path)
@@ -317,7 +305,7 @@ def test_not_a_lora_pickle_corrupt_and_unknown_names(tiny_pipe, tiny_model, tmp_
         tiny_pipe.load_lora(corrupt)
     with pytest.raises(LoraError, match="no LoRA named 'ghost'"):
         tiny_pipe.unload_lora("ghost")
-    path = tiny_lora(tiny_pipe.unet, tmp_path / "twice.safetensors", seed=2)
+    path = write_kohya_unet_lora(tiny_pipe.unet, tmp_path / "twice.safetensors", seed=2)
     tiny_pipe.load_lora(path)
     try:
         with pytest.raises(LoraError, match="already loaded"):
@@ -436,7 +424,7 @@ def test_a_lora_reaches_the_triton_backends_fused_qkv_weight(tiny_model, tmp_pat
     plain = runtime.load(tiny_model, backend="torch", device="cpu", dtype="fp32")
     fused = runtime.load(tiny_model, backend="torch", device="cpu", dtype="fp32")
     fuse_qkv(fused.unet)
-    path = tiny_lora(plain.unet, tmp_path / "qkv.safetensors", seed=7)  # to_q, to_v, proj_out
+    path = write_kohya_unet_lora(plain.unet, tmp_path / "qkv.safetensors", seed=7)  # to_q, to_v, proj_out
     generator = torch.Generator().manual_seed(0)
     sample = torch.randn(1, plain.unet.config.in_channels, 8, 8, generator=generator)
     context = torch.randn(1, 77, plain.unet.config.cross_attention_dim, generator=generator)

@@ -15,23 +15,10 @@ from runtime.bench.presets import write_random_model
 from runtime.model_hash import lora_hash
 from runtime.pipeline import Pipeline
 from runtime.prompt_loras import PromptLora, PromptLoraError, find_tags, resolve, without_tags
+from tests.lora_factory import write_kohya_unet_lora
 
 RUN = dict(steps=2, seed=3, guidance=7.5, width=32, height=32, progress=False)
 RANK = 4
-
-
-def write_lora(unet, path, seed, metadata=None):
-    """A kohya LoRA on the UNet's to_q / to_v / proj_out (big enough to change the image)."""
-    tensors = {}
-    generator = torch.Generator().manual_seed(seed)
-    for key, weight in unet.state_dict().items():
-        if key.endswith(("to_q.weight", "to_v.weight", "proj_out.weight")):
-            name = "lora_unet_" + key[: -len(".weight")].replace(".", "_")
-            tensors[name + ".lora_down.weight"] = 0.3 * torch.randn((RANK, *weight.shape[1:]), generator=generator)
-            up_shape = (weight.shape[0], RANK) + (1, 1) * (weight.ndim == 4)
-            tensors[name + ".lora_up.weight"] = 0.3 * torch.randn(up_shape, generator=generator)
-    save_file(tensors, str(path), metadata=metadata)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +28,8 @@ def setup(tmp_path_factory):
     folder = root / "loras"
     folder.mkdir()
     pipe = runtime.load(model, backend="torch", device="cpu", dtype="fp32", lora_dir=folder)
-    write_lora(pipe.unet, folder / "ink.safetensors", seed=1)
-    write_lora(pipe.unet, folder / "wash.safetensors", seed=2)
+    write_kohya_unet_lora(pipe.unet, folder / "ink.safetensors", seed=1)
+    write_kohya_unet_lora(pipe.unet, folder / "wash.safetensors", seed=2)
     return pipe, folder
 
 
@@ -145,10 +132,14 @@ def test_lora_hash_is_a1111s_addnet_hash(setup, tmp_path):
     expected = hashlib.sha256(data[8 + header :]).hexdigest()[:12]
     assert lora_hash(folder / "ink.safetensors") == expected
     # Metadata changes the header, not the hash; a stored sshs_model_hash is used as it is.
-    retagged = write_lora(pipe.unet, tmp_path / "retagged.safetensors", seed=1, metadata={"ss_output_name": "x"})
+    retagged = write_kohya_unet_lora(
+        pipe.unet, tmp_path / "retagged.safetensors", seed=1, metadata={"ss_output_name": "x"}
+    )
     assert json.loads(retagged.read_bytes()[8 : 8 + int.from_bytes(retagged.read_bytes()[:8], "little")])
     assert lora_hash(retagged) == expected
-    stored = write_lora(pipe.unet, tmp_path / "stored.safetensors", seed=1, metadata={"sshs_model_hash": "ab" * 32})
+    stored = write_kohya_unet_lora(
+        pipe.unet, tmp_path / "stored.safetensors", seed=1, metadata={"sshs_model_hash": "ab" * 32}
+    )
     assert lora_hash(stored) == "ab" * 6
 
 
