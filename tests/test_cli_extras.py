@@ -16,7 +16,7 @@ import runtime
 from runtime.__main__ import main, numbered_paths, parse_lora_flag
 from runtime.model_hash import lora_hash
 from tests.model_factory import save_diffusers_folder
-from tests.test_prompt_loras import write_lora
+from tests.lora_factory import write_kohya_unet_lora
 
 FAST = ["--steps", "2", "-W", "32", "-H", "32", "--seed", "7", "--no-progress"]
 
@@ -34,7 +34,7 @@ def pipe(model):
 @pytest.fixture(scope="module")
 def loras(pipe, tmp_path_factory):
     folder = tmp_path_factory.mktemp("cli_loras")
-    write_lora(pipe.unet, folder / "ink.safetensors", seed=1)
+    write_kohya_unet_lora(pipe.unet, folder / "ink.safetensors", seed=1)
     return folder
 
 
