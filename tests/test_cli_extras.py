@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 import runtime
 from runtime.__main__ import main, numbered_paths, parse_lora_flag
 from runtime.model_hash import lora_hash
-from tests.model_factory import save_diffusers_folder
 from tests.lora_factory import write_kohya_unet_lora
+from tests.model_factory import save_diffusers_folder
 
 FAST = ["--steps", "2", "-W", "32", "-H", "32", "--seed", "7", "--no-progress"]
 
