@@ -20,6 +20,10 @@ class GroupNorm(nn.GroupNorm):
 
     Diffusers applies GroupNorm and SiLU as two modules; here they are one so that a kernel can do
     both in a single pass over memory. Parameters are `weight` and `bias`, as in nn.GroupNorm.
+
+    `shift` ([B, C] or [1, C], x's dtype) is added to x per channel before the statistics: a resnet's
+    conv bias plus its time embedding, which a kernel reads here instead of a separate add over the
+    whole tensor. This reference adds it in x's dtype, then normalises.
     """
 
     def __init__(
@@ -30,7 +34,9 @@ class GroupNorm(nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps=eps, affine=affine)
         self.activation = activation
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+        if shift is not None:
+            x = x + shift[:, :, None, None]
         x = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return F.silu(x) if self.activation == "silu" else x
 
