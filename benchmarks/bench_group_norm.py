@@ -6,8 +6,9 @@ Shapes are the GroupNorms of the SD 1.5 / SD 2.x / SDXL UNets and the SD VAE at 
 fp16, NCHW and channels_last. Reports the median time (triton.testing.do_bench), GB/s counting one
 read of x and one write of y (the unavoidable traffic), that as a % of the device copy bandwidth
 measured in the same run, and the speed-up over torch. channels_last rows also time the per-group
-tiles (the fallback path, scalar loads in that layout) next to the chunked vectorised kernels, and every
-row records the launch configuration chosen.
+tiles (the fallback path, scalar loads in that layout) next to the chunked vectorised kernels; rows whose
+groups take the one-pass kernel also time the split kernels the launcher would otherwise take (the
+evidence for ONE_PASS_MAX_LANES on a real GPU); every row records the launch configuration chosen.
 """
 
 from __future__ import annotations
@@ -78,12 +79,16 @@ def per_group_tiles_ms(gn, x, weight, bias, out) -> float:
     return time_ms(lambda: gn.launch(x, 32, weight, bias, 1e-5, "silu", out, config))
 
 
-def chosen_config(gn, batch, channels, h, w, channels_last) -> str:
-    if channels_last:
-        config = gn.choose_channels_last_config(batch, channels, h * w, 32, sm_count())
-        if config is not None:
-            return repr(config)
-    return repr(gn.choose_config(batch, channels // 32, h * w, 32, channels_last, sm_count()))
+def chosen_config(gn, x, out) -> str:
+    return repr(gn.plan(x, 32, out, sm_count()))
+
+
+def split_kernels_ms(gn, x, weight, bias, out) -> float | None:
+    """Where the launcher takes the one-pass kernel: the split kernels it would take otherwise."""
+    if not isinstance(gn.plan(x, 32, out, sm_count()), gn.OnePassConfig):
+        return None
+    config = gn.plan(x, 32, out, sm_count(), allow_one_pass=False)
+    return time_ms(lambda: gn.launch(x, 32, weight, bias, 1e-5, "silu", out, config))
 
 
 def bench_shape(label, batch, channels, h, w, channels_last, gn, compiled_torch) -> dict:
@@ -98,6 +103,7 @@ def bench_shape(label, batch, channels, h, w, channels_last, gn, compiled_torch)
     torch_ms = time_ms(lambda: F.silu(F.group_norm(x, 32, weight, bias, 1e-5)))
     compiled_ms = time_ms(lambda: compiled_torch(x, weight, bias)) if compiled_torch else None
     per_group_ms = per_group_tiles_ms(gn, x, weight, bias, out) if channels_last else None
+    split_ms = split_kernels_ms(gn, x, weight, bias, out)
     moved = 2 * x.numel() * x.element_size()
     return {
         "shape": label,
@@ -108,9 +114,10 @@ def bench_shape(label, batch, channels, h, w, channels_last, gn, compiled_torch)
         "memory_format": "channels_last" if channels_last else "nchw",
         "dtype": "float16",
         "activation": "silu",
-        "config": chosen_config(gn, batch, channels, h, w, channels_last),
+        "config": chosen_config(gn, x, out),
         "ours_ms": ours_ms,
         "per_group_tiles_ms": per_group_ms,
+        "split_kernels_ms": split_ms,
         "torch_ms": torch_ms,
         "torch_compile_ms": compiled_ms,
         "ours_gbs": moved / ours_ms / 1e6,
@@ -152,10 +159,12 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 compiled = f"{row['torch_compile_ms']:.4f}" if row["torch_compile_ms"] else "-"
                 per_group = f"{row['per_group_tiles_ms']:.4f}" if row["per_group_tiles_ms"] else "-"
+                split = f"{row['split_kernels_ms']:.4f}" if row["split_kernels_ms"] else "-"
                 print(
                     f"{label:22s} b{batch} {row['memory_format']:13s} ours {row['ours_ms']:.4f} ms "
                     f"({row['ours_gbs']:.0f} GB/s, {row['pct_of_copy_bandwidth']:.0f}% of copy) "
-                    f"per-group tiles {per_group} ms torch {row['torch_ms']:.4f} ms compile {compiled} ms "
+                    f"per-group tiles {per_group} ms split {split} ms "
+                    f"torch {row['torch_ms']:.4f} ms compile {compiled} ms "
                     f"speed-up {row['speedup_vs_torch']:.2f}x",
                     flush=True,
                 )

@@ -12,7 +12,8 @@ What is modelled, and how (every figure derived from this is a model, not a meas
   `flop_counter` formulas, plus our formulas for the ops torch does not know. Elementwise and
   normalisation arithmetic is left out: at fp16 each such op is bound by its bytes.
 - Bytes: each tensor argument read once (its distinct elements: a broadcast bias counts once), each
-  output written once; the exceptions are in `_CUSTOM` (kernels that read their input twice).
+  output written once; the exceptions are in `_CUSTOM` (kernels that read an input twice, and GroupNorm,
+  whose launches and reads follow the path kernels/group_norm.py's own `plan` picks for the shape).
 - Launches: one per op, except views and allocations (none) and the entries of `_EXTRA_LAUNCHES`.
 - `F.scaled_dot_product_attention` is recorded as the single fused kernel CUDA runs (flash or
   memory-efficient), not as the math decomposition a CPU build falls back to.
@@ -32,6 +33,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
+
+from kernels import group_norm
 
 DEVICE = "meta"
 
@@ -129,11 +132,16 @@ def _attention_cost(args, out):
 
 
 def _group_norm_cost(args, out):
-    # Statistics pass then apply pass: x is read twice (kernels/group_norm.py), y written once.
-    x, _, weight, bias = args[:4]
-    written = out if out is not None else args[6]
-    params = sum(_bytes(t) for t in (weight, bias) if t is not None)
-    return 0, 2 * _bytes(x) + params, _bytes(written), 2
+    # The path the launcher takes, from its own `plan`: the one-pass kernel reads x once in one launch;
+    # the split kernels read it twice (stats, then apply). y is written once; weight, bias, shift read once.
+    x, num_groups, weight, bias = args[:4]
+    if out is None:  # sd_kernels.group_norm_out(x, num_groups, weight, bias, eps, activation, out, shift)
+        out, shift = args[6], (args[7] if len(args) > 7 else None)
+    else:  # sd_kernels.group_norm(x, num_groups, weight, bias, eps, activation, shift)
+        shift = args[6] if len(args) > 6 else None
+    launches, reads = group_norm.launches_and_reads(group_norm.plan(x, num_groups, out), x.shape[2] * x.shape[3])
+    params = sum(_bytes(t) for t in (weight, bias, shift) if t is not None)
+    return 0, reads * _bytes(x) + params, _bytes(out), launches
 
 
 def _geglu_cost(args, out):

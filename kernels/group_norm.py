@@ -82,6 +82,13 @@ MIN_BLOCK_G = 4
 MERGE_BLOCK = 16
 # SM count assumed when not on CUDA (interpreter tests): the H100's, so the split path is exercised.
 DEFAULT_SM_COUNT = 132
+# One-pass kernel (a whole group in registers, one launch): the most tile lanes (next_pow2(H*W) x
+# next_pow2(Cg)) a program holds, and the lanes per thread that set its warps. Measured with ptxas for
+# sm_90 (triton 3.8): 16384 lanes at 16 warps take 63 registers in NCHW and 115-127 in channels_last
+# (a 64-bit address per lane), no spills; 32768 lanes spill in channels_last at 16 warps (128-register
+# cap) and at 32 warps (64-register cap). So SD 1.5's groups at 8x8 and 16x16 (Cg <= 64) take it.
+ONE_PASS_MAX_LANES = 16384
+ONE_PASS_LANES_PER_THREAD = 32
 # CUDA's limit on grid axes 1 and 2. The apply kernels' axis 1 counts spatial tiles (H*W / 64 for the
 # VAE's channels_last tiles: over the limit past 4.19M positions, a 2048x2048 decode), so a launch covers
 # at most this many tiles and the rest go to further launches on an offset view.
@@ -92,9 +99,12 @@ MAX_GRID_Y = 65535
 def _group_norm_stats_kernel(
     x_ptr,  # *T input, logical [B, C, P]: element (b, c, p) at b*stride_xb + c*stride_xc + p*stride_xp
     partial_ptr,  # *fp32 output, [B*G, SPLIT, 3]: (count, mean, M2) of each chunk of each group
+    s_ptr,  # *T shift, logical [B, C]: element (b, c) at b*stride_sb + c*stride_sc; unused without HAS_SHIFT
     stride_xb,  # x: elements between consecutive batch items
     stride_xc,  # x: elements between consecutive channels (1 for channels_last)
     stride_xp,  # x: elements between consecutive spatial positions h*W+w (1 for NCHW-contiguous)
+    stride_sb,  # shift: elements between consecutive batch items (0 for a [1, C] or broadcast shift)
+    stride_sc,  # shift: elements between consecutive channels
     CG,  # channels per group
     HW,  # spatial positions per channel, H*W
     G,  # number of groups
@@ -104,12 +114,14 @@ def _group_norm_stats_kernel(
     SPLIT,  # programs per group (grid axis 1)
     BLOCK_HW: tl.constexpr,  # tile extent along spatial positions (power of two)
     BLOCK_C: tl.constexpr,  # tile extent along channels (power of two)
+    HAS_SHIFT: tl.constexpr,  # add shift[b, c] to x before the statistics
 ):
     pid_bg = tl.program_id(0)
     pid_s = tl.program_id(1)
     batch = pid_bg // G
     group = pid_bg % G
     x_base = x_ptr + batch.to(tl.int64) * stride_xb + (group * CG).to(tl.int64) * stride_xc
+    s_row = s_ptr + batch * stride_sb + group * CG * stride_sc
     offs_p = tl.arange(0, BLOCK_HW)
     offs_c = tl.arange(0, BLOCK_C)
 
@@ -125,6 +137,9 @@ def _group_norm_stats_kernel(
         mask = ((pos < HW)[:, None] & (chan < CG)[None, :]) & (tile < NUM_TILES)
         x = tl.load(x_base + pos[:, None] * stride_xp + chan[None, :] * stride_xc, mask=mask, other=0.0)
         x = x.to(tl.float32)
+        if HAS_SHIFT:
+            s_chan = tl.load(s_row + chan * stride_sc, mask=chan < CG, other=0.0).to(tl.float32)
+            x = tl.where(mask, x + s_chan[None, :], 0.0)  # masked lanes stay 0 for the sums
         rows = tl.minimum(tl.maximum(HW - tile_p * BLOCK_HW, 0), BLOCK_HW)
         cols = tl.minimum(tl.maximum(CG - tile_c * BLOCK_C, 0), BLOCK_C)
         tile_count = tl.where(tile < NUM_TILES, rows * cols, 0).to(tl.float32)
@@ -153,12 +168,15 @@ def _group_norm_apply_kernel(
     w_ptr,  # *fp32|fp16|bf16 weight [C], contiguous; unused when HAS_WEIGHT is False
     b_ptr,  # *fp32|fp16|bf16 bias [C], contiguous; unused when HAS_BIAS is False
     partial_ptr,  # *fp32 [B*G, SPLIT, 3]: (count, mean, M2) per chunk, written by the stats kernel
+    s_ptr,  # *T shift, logical [B, C]: element (b, c) at b*stride_sb + c*stride_sc; unused without HAS_SHIFT
     stride_xb,  # x: elements between consecutive batch items
     stride_xc,  # x: elements between consecutive channels
     stride_xp,  # x: elements between consecutive spatial positions h*W+w
     stride_yb,  # y: elements between consecutive batch items
     stride_yc,  # y: elements between consecutive channels
     stride_yp,  # y: elements between consecutive spatial positions
+    stride_sb,  # shift: elements between consecutive batch items (0 for a [1, C] or broadcast shift)
+    stride_sc,  # shift: elements between consecutive channels
     CG,  # channels per group
     HW,  # spatial positions per channel, H*W
     G,  # number of groups
@@ -169,6 +187,7 @@ def _group_norm_apply_kernel(
     MAX_SPLIT: tl.constexpr,  # power of two >= SPLIT: one compiled variant serves every split
     HAS_WEIGHT: tl.constexpr,  # multiply by weight[c]
     HAS_BIAS: tl.constexpr,  # add bias[c]
+    HAS_SHIFT: tl.constexpr,  # add shift[b, c] to x before the statistics
     APPLY_SILU: tl.constexpr,  # y = y * sigmoid(y) after the affine
 ):
     pid_bg = tl.program_id(0)
@@ -190,22 +209,27 @@ def _group_norm_apply_kernel(
     m2 = tl.sum(m2s + counts * spread * spread, axis=0)
     rstd = 1.0 / tl.sqrt(m2 / total + eps)
 
-    # Fold normalisation and affine into one multiply-add per element.
+    # Fold normalisation, the input shift and the affine into one multiply-add per element:
+    # ((x + s) - mean) * scale + bias = x * scale + (s - mean) * scale + bias.
     chan = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     chan_mask = chan < CG
     if HAS_WEIGHT:
         scale = tl.load(w_ptr + group * CG + chan, mask=chan_mask, other=0.0).to(tl.float32) * rstd
     else:
         scale = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
-    shift = -mean * scale
+    centre = tl.zeros([BLOCK_C], dtype=tl.float32) - mean
+    if HAS_SHIFT:
+        s_chan = tl.load(s_ptr + batch * stride_sb + (group * CG + chan) * stride_sc, mask=chan_mask, other=0.0)
+        centre += s_chan.to(tl.float32)
+    offset = centre * scale
     if HAS_BIAS:
-        shift += tl.load(b_ptr + group * CG + chan, mask=chan_mask, other=0.0).to(tl.float32)
+        offset += tl.load(b_ptr + group * CG + chan, mask=chan_mask, other=0.0).to(tl.float32)
 
     pos = pid_p * BLOCK_HW + tl.arange(0, BLOCK_HW)
     mask = (pos < HW)[:, None] & chan_mask[None, :]
     x_base = x_ptr + batch.to(tl.int64) * stride_xb + (group * CG).to(tl.int64) * stride_xc
     x = tl.load(x_base + pos[:, None] * stride_xp + chan[None, :] * stride_xc, mask=mask, other=0.0)
-    y = x.to(tl.float32) * scale[None, :] + shift[None, :]
+    y = x.to(tl.float32) * scale[None, :] + offset[None, :]
     if APPLY_SILU:
         y = y * tl.sigmoid(y)
     y_base = y_ptr + batch.to(tl.int64) * stride_yb + (group * CG).to(tl.int64) * stride_yc
@@ -216,8 +240,11 @@ def _group_norm_apply_kernel(
 def _group_norm_cl_stats_kernel(
     x_ptr,  # *T input, channels_last: element (b, c, p) at b*stride_xb + p*stride_xp + c (channel stride 1)
     partial_ptr,  # *fp32 output, [B*G, 3, SPLIT]: count, mean and M2 of each group in each spatial chunk
+    s_ptr,  # *T shift, logical [B, C]: element (b, c) at b*stride_sb + c*stride_sc; unused without HAS_SHIFT
     stride_xb,  # x: elements between consecutive batch items
     stride_xp,  # x: elements between consecutive spatial positions h*W+w (>= C)
+    stride_sb,  # shift: elements between consecutive batch items (0 for a [1, C] or broadcast shift)
+    stride_sc,  # shift: elements between consecutive channels
     C,  # channels
     HW,  # spatial positions, H*W
     G,  # number of groups
@@ -229,6 +256,7 @@ def _group_norm_cl_stats_kernel(
     BLOCK_HW: tl.constexpr,  # tile extent along spatial positions (power of two)
     BLOCK_C: tl.constexpr,  # tile extent along channels (power of two >= CG*GROUPS_PER_CHUNK)
     BLOCK_G: tl.constexpr,  # power of two >= GROUPS_PER_CHUNK
+    HAS_SHIFT: tl.constexpr,  # add shift[b, c] to x before the statistics
 ):
     pid_bk = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -242,6 +270,9 @@ def _group_norm_cl_stats_kernel(
     col_mask = (cols < CHUNK_C) & (c0 + cols < C)
     x_base = x_ptr + batch.to(tl.int64) * stride_xb + c0
     offs_p = tl.arange(0, BLOCK_HW)
+    if HAS_SHIFT:
+        s_cols = tl.load(s_ptr + batch * stride_sb + (c0 + cols) * stride_sc, mask=col_mask, other=0.0)
+        s_cols = s_cols.to(tl.float32)
 
     # Per-column running statistics over this program's rows; every column has seen the same `count`.
     count = 0.0
@@ -252,6 +283,8 @@ def _group_norm_cl_stats_kernel(
         pos = first + offs_p
         mask = (pos < HW)[:, None] & col_mask[None, :]
         x = tl.load(x_base + pos[:, None] * stride_xp + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_SHIFT:
+            x = tl.where(mask, x + s_cols[None, :], 0.0)  # masked lanes stay 0 for the sums
         rows = tl.minimum(tl.maximum(HW - first, 0), BLOCK_HW).to(tl.float32)
         # Two-pass column statistics of the tile, then Chan's merge: never E[x^2] - E[x]^2.
         tile_mean = tl.sum(x, axis=0) / tl.maximum(rows, 1.0)
@@ -287,10 +320,13 @@ def _group_norm_cl_apply_kernel(
     w_ptr,  # *fp32|fp16|bf16 weight [C], contiguous; unused when HAS_WEIGHT is False
     b_ptr,  # *fp32|fp16|bf16 bias [C], contiguous; unused when HAS_BIAS is False
     partial_ptr,  # *fp32 [B*G, 3, SPLIT]: count, mean, M2 per group and spatial chunk (stats kernel)
+    s_ptr,  # *T shift, logical [B, C]: element (b, c) at b*stride_sb + c*stride_sc; unused without HAS_SHIFT
     stride_xb,  # x: elements between consecutive batch items
     stride_xp,  # x: elements between consecutive spatial positions
     stride_yb,  # y: elements between consecutive batch items
     stride_yp,  # y: elements between consecutive spatial positions
+    stride_sb,  # shift: elements between consecutive batch items (0 for a [1, C] or broadcast shift)
+    stride_sc,  # shift: elements between consecutive channels
     C,  # channels
     HW,  # spatial positions, H*W
     G,  # number of groups
@@ -305,6 +341,7 @@ def _group_norm_cl_apply_kernel(
     MERGE_BLOCK: tl.constexpr,  # partials per group merged per loop step (power of two)
     HAS_WEIGHT: tl.constexpr,  # multiply by weight[c]
     HAS_BIAS: tl.constexpr,  # add bias[c]
+    HAS_SHIFT: tl.constexpr,  # add shift[b, c] to x before the statistics
     APPLY_SILU: tl.constexpr,  # y = y * sigmoid(y) after the affine
 ):
     pid_bk = tl.program_id(0)
@@ -351,18 +388,20 @@ def _group_norm_cl_apply_kernel(
         count = new_count
     group_rstd = 1.0 / tl.sqrt(group_m2 / tl.maximum(count, 1.0) + eps)  # max: masked slots stay finite
 
-    # Groups -> columns through the same one-hot matrix as the stats kernel, then fold normalisation
-    # and affine into one multiply-add per element.
+    # Groups -> columns through the same one-hot matrix as the stats kernel, then fold normalisation,
+    # the input shift and the affine into one multiply-add per element (as the per-group apply kernel).
     member = (cols // CG)[:, None] == slot[None, :]
-    col_mean = tl.sum(tl.where(member, group_mean[None, :], 0.0), axis=1)
+    centre = -tl.sum(tl.where(member, group_mean[None, :], 0.0), axis=1)
     scale = tl.sum(tl.where(member, group_rstd[None, :], 0.0), axis=1)
     if HAS_WEIGHT:
         scale *= tl.load(w_ptr + c0 + cols, mask=col_mask, other=0.0).to(tl.float32)
-    shift = -col_mean * scale
+    if HAS_SHIFT:
+        centre += tl.load(s_ptr + batch * stride_sb + (c0 + cols) * stride_sc, mask=col_mask, other=0.0).to(tl.float32)
+    offset = centre * scale
     if HAS_BIAS:
-        shift += tl.load(b_ptr + c0 + cols, mask=col_mask, other=0.0).to(tl.float32)
+        offset += tl.load(b_ptr + c0 + cols, mask=col_mask, other=0.0).to(tl.float32)
 
-    y = x.to(tl.float32) * scale[None, :] + shift[None, :]
+    y = x.to(tl.float32) * scale[None, :] + offset[None, :]
     if APPLY_SILU:
         y = y * tl.sigmoid(y)
     tl.store(
@@ -370,6 +409,63 @@ def _group_norm_cl_apply_kernel(
         y.to(y_ptr.dtype.element_ty),
         mask=mask,
     )
+
+
+@triton.jit
+def _group_norm_one_pass_kernel(
+    x_ptr,  # *T input, logical [B, C, P]: element (b, c, p) at b*stride_xb + c*stride_xc + p*stride_xp
+    y_ptr,  # *T output, logical [B, C, P], addressed through the y strides below
+    w_ptr,  # *fp32|fp16|bf16 weight [C], contiguous; unused when HAS_WEIGHT is False
+    b_ptr,  # *fp32|fp16|bf16 bias [C], contiguous; unused when HAS_BIAS is False
+    s_ptr,  # *T shift, logical [B, C]: element (b, c) at b*stride_sb + c*stride_sc; unused without HAS_SHIFT
+    stride_xb,  # x: elements between consecutive batch items
+    stride_xc,  # x: elements between consecutive channels (1 for channels_last)
+    stride_xp,  # x: elements between consecutive spatial positions h*W+w (1 for NCHW-contiguous)
+    stride_yb,  # y: elements between consecutive batch items
+    stride_yc,  # y: elements between consecutive channels
+    stride_yp,  # y: elements between consecutive spatial positions
+    stride_sb,  # shift: elements between consecutive batch items (0 for a [1, C] or broadcast shift)
+    stride_sc,  # shift: elements between consecutive channels
+    CG,  # channels per group
+    HW,  # spatial positions per channel, H*W
+    G,  # number of groups
+    eps,  # added to the variance before the reciprocal square root
+    BLOCK_HW: tl.constexpr,  # power of two >= HW: the whole group is one tile
+    BLOCK_C: tl.constexpr,  # power of two >= CG
+    HAS_WEIGHT: tl.constexpr,  # multiply by weight[c]
+    HAS_BIAS: tl.constexpr,  # add bias[c]
+    HAS_SHIFT: tl.constexpr,  # add shift[b, c] to x before the statistics
+    APPLY_SILU: tl.constexpr,  # y = y * sigmoid(y) after the affine
+):
+    pid_bg = tl.program_id(0)
+    batch = pid_bg // G
+    group = pid_bg % G
+    pos = tl.arange(0, BLOCK_HW)
+    chan = tl.arange(0, BLOCK_C)
+    chan_mask = chan < CG
+    mask = (pos < HW)[:, None] & chan_mask[None, :]
+    x_base = x_ptr + batch.to(tl.int64) * stride_xb + (group * CG).to(tl.int64) * stride_xc
+    x = tl.load(x_base + pos[:, None] * stride_xp + chan[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SHIFT:
+        shift = tl.load(s_ptr + batch * stride_sb + (group * CG + chan) * stride_sc, mask=chan_mask, other=0.0)
+        x = tl.where(mask, x + shift.to(tl.float32)[None, :], 0.0)  # masked lanes stay 0 for the sums
+
+    # The group is in registers: exact two-pass statistics, one read of memory.
+    count = (CG * HW).to(tl.float32)
+    mean = tl.sum(tl.sum(x, axis=1), axis=0) / count
+    centred = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(centred * centred, axis=1), axis=0) / count + eps)
+    if HAS_WEIGHT:
+        scale = tl.load(w_ptr + group * CG + chan, mask=chan_mask, other=0.0).to(tl.float32) * rstd
+    else:
+        scale = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
+    y = centred * scale[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + group * CG + chan, mask=chan_mask, other=0.0).to(tl.float32)[None, :]
+    if APPLY_SILU:
+        y = y * tl.sigmoid(y)
+    y_base = y_ptr + batch.to(tl.int64) * stride_yb + (group * CG).to(tl.int64) * stride_yc
+    tl.store(y_base + pos[:, None] * stride_yp + chan[None, :] * stride_yc, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @dataclass(frozen=True)
@@ -440,6 +536,30 @@ def choose_config(
     elements_per_warp = 512 if channels_contiguous else 1024
     num_warps = max(1, min(8, block_hw * block_c // elements_per_warp))
     return LaunchConfig(block_hw, block_c, num_c_tiles, num_tiles, tiles_per_prog, split, num_warps)
+
+
+@dataclass(frozen=True)
+class OnePassConfig:
+    """One program per (batch, group) holding the whole group in registers (see `choose_one_pass_config`)."""
+
+    block_hw: int  # power of two >= H*W
+    block_c: int  # power of two >= channels per group
+    num_warps: int
+
+
+def choose_one_pass_config(channels_per_group: int, hw: int) -> OnePassConfig | None:
+    """The one-pass tile when a whole group fits ONE_PASS_MAX_LANES lanes, else None (the split kernels).
+
+    One launch that reads x once, against two launches and a second read for the split kernels; it has
+    only batch * groups programs (64 at SD's guided batch), which suits the small groups it takes
+    (SD 1.5 at 16x16 and 8x8), where the split design's second launch costs more than its parallelism buys.
+    """
+    block_hw = triton.next_power_of_2(hw)
+    block_c = triton.next_power_of_2(channels_per_group)
+    lanes = block_hw * block_c
+    if lanes > ONE_PASS_MAX_LANES:
+        return None
+    return OnePassConfig(block_hw, block_c, max(1, lanes // (32 * ONE_PASS_LANES_PER_THREAD)))
 
 
 @dataclass(frozen=True)
@@ -537,7 +657,7 @@ def _spatial_stride(t: torch.Tensor) -> int | None:
     return t.stride(3) if t.stride(2) == w * t.stride(3) else None
 
 
-def _check_inputs(x, num_groups, weight, bias, eps, activation, out=None) -> None:
+def _check_inputs(x, num_groups, weight, bias, eps, activation, out=None, shift=None) -> None:
     """Clear errors for bad input, before any kernel sees it."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"group_norm: x must be a torch.Tensor, got {type(x).__name__}")
@@ -583,11 +703,60 @@ def _check_inputs(x, num_groups, weight, bias, eps, activation, out=None) -> Non
             )
         if _spatial_stride(out) is None:
             raise ValueError(f"group_norm: out strides {out.stride()} do not allow flattening H and W")
+    if shift is not None:
+        if not isinstance(shift, torch.Tensor):
+            raise TypeError(f"group_norm: shift must be a tensor or None, got {type(shift).__name__}")
+        if shift.dim() != 2 or shift.shape[1] != channels or shift.shape[0] not in (1, x.shape[0]):
+            raise ValueError(
+                f"group_norm: shift must have shape ({x.shape[0]}, {channels}) or (1, {channels}) for x of shape "
+                f"{tuple(x.shape)}, got {tuple(shift.shape)}"
+            )
+        if shift.dtype != x.dtype:
+            raise TypeError(f"group_norm: shift dtype {shift.dtype} must match x dtype {x.dtype}")
+        if shift.device != x.device:
+            raise ValueError(f"group_norm: shift is on {shift.device} but x is on {x.device}")
     if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             f"group_norm: x is on {x.device}; the kernel runs on CUDA, or on the CPU only when "
             f"TRITON_INTERPRET=1 is set before `kernels` is imported"
         )
+
+
+Config = OnePassConfig | ChannelsLastConfig | LaunchConfig
+
+
+def plan(
+    x: torch.Tensor, num_groups: int, out: torch.Tensor, sm_count: int | None = None, allow_one_pass: bool = True
+) -> Config:
+    """The configuration `launch` runs for these tensors (checked as group_norm checks them); the census
+    asks it too (`launches_and_reads`), so the counted kernels are the launched ones.
+
+    The one-pass kernel wherever a group fits its tile; else, for channels_last x and out, the chunked
+    kernels when a group fits a chunk; else the per-group split kernels. allow_one_pass=False gives the
+    split configuration of a shape the one-pass kernel would take (tests and the benchmark compare both).
+    """
+    batch, channels, h, w = x.shape
+    stride_xp = _spatial_stride(x)  # None: `launch` copies x to NCHW-contiguous first
+    channels_contiguous = stride_xp is not None and x.stride(1) == 1 and channels > 1 and stride_xp != 1
+    cg = channels // num_groups
+    one_pass = choose_one_pass_config(cg, h * w) if allow_one_pass else None
+    if one_pass is not None:
+        return one_pass
+    if sm_count is None:
+        sm_count = _sm_count(x.device.index or 0) if x.is_cuda else DEFAULT_SM_COUNT
+    if channels_contiguous and out.stride(1) == 1:
+        config = choose_channels_last_config(batch, channels, h * w, num_groups, sm_count)
+        if config is not None:
+            return config
+    return choose_config(batch, cg, h * w, num_groups, channels_contiguous, sm_count)
+
+
+def launches_and_reads(config: Config, hw: int) -> tuple[int, int]:
+    """(kernel launches, reads of x) of one call under `config`: the one-pass kernel reads x once in one
+    launch; the split kernels read it twice, in a stats launch and one apply launch per `_spatial_launches`."""
+    if isinstance(config, OnePassConfig):
+        return 1, 1
+    return 1 + len(_spatial_launches(hw, config.block_hw)), 2
 
 
 def launch(
@@ -598,32 +767,70 @@ def launch(
     eps: float,
     activation,
     out: torch.Tensor,
-    config: LaunchConfig | ChannelsLastConfig | None = None,
+    config: Config | None = None,
+    shift: torch.Tensor | None = None,
 ) -> None:
-    """Run both kernels, writing into `out` (inputs as group_norm checks them). `config` overrides the
-    chosen configuration (tests and benchmarks use it); its type picks the path: ChannelsLastConfig
-    needs x and out with channel stride 1."""
+    """Run the kernels, writing into `out` (inputs as group_norm checks them). `config` overrides the
+    chosen configuration (`plan`; tests and benchmarks use it); its type picks the path: ChannelsLastConfig
+    needs x and out with channel stride 1; OnePassConfig needs block sizes covering the whole group."""
     if out.numel() == 0:
         return
     if _spatial_stride(x) is None:
         x = x.contiguous()
-    batch, channels, h, w = x.shape
-    stride_xp = _spatial_stride(x)
-    channels_contiguous = x.stride(1) == 1 and channels > 1 and stride_xp != 1
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
-    if config is None and channels_contiguous and out.stride(1) == 1:
-        sm_count = _sm_count(x.device.index or 0) if x.is_cuda else DEFAULT_SM_COUNT
-        config = choose_channels_last_config(batch, channels, h * w, num_groups, sm_count)
-    if isinstance(config, ChannelsLastConfig):
-        _launch_channels_last(x, num_groups, weight, bias, eps, activation, out, config)
+    if config is None:
+        config = plan(x, num_groups, out)
+    if shift is None:
+        shift_args = (x, 0, 0)  # a valid pointer, never read (HAS_SHIFT is False)
+    else:  # a [1, C] shift serves every batch item: batch stride 0
+        shift_args = (shift, 0 if shift.shape[0] == 1 else shift.stride(0), shift.stride(1))
+    if isinstance(config, OnePassConfig):
+        _launch_one_pass(x, num_groups, weight, bias, eps, activation, out, config, shift_args)
+    elif isinstance(config, ChannelsLastConfig):
+        _launch_channels_last(x, num_groups, weight, bias, eps, activation, out, config, shift_args)
     else:
-        _launch_per_group(x, num_groups, weight, bias, eps, activation, out, config)
+        _launch_per_group(x, num_groups, weight, bias, eps, activation, out, config, shift_args)
 
 
-def _launch_channels_last(x, num_groups, weight, bias, eps, activation, out, config: ChannelsLastConfig):
+def _launch_one_pass(x, num_groups, weight, bias, eps, activation, out, config: OnePassConfig, shift_args):
     batch, channels, h, w = x.shape
     cg = channels // num_groups
+    if config.block_hw < h * w or config.block_c < cg:
+        raise ValueError(f"group_norm: {config} does not cover a group of {cg} channels x {h * w} positions")
+    s_ptr, stride_sb, stride_sc = shift_args
+    _group_norm_one_pass_kernel[(batch * num_groups,)](
+        x,
+        out,
+        weight if weight is not None else x,
+        bias if bias is not None else x,
+        s_ptr,
+        x.stride(0),
+        x.stride(1),
+        _spatial_stride(x),
+        out.stride(0),
+        out.stride(1),
+        _spatial_stride(out),
+        stride_sb,
+        stride_sc,
+        cg,
+        h * w,
+        num_groups,
+        float(eps),
+        BLOCK_HW=config.block_hw,
+        BLOCK_C=config.block_c,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        HAS_SHIFT=s_ptr is not x,
+        APPLY_SILU=activation == "silu",
+        num_warps=config.num_warps,
+    )
+
+
+def _launch_channels_last(x, num_groups, weight, bias, eps, activation, out, config: ChannelsLastConfig, shift_args):
+    batch, channels, h, w = x.shape
+    cg = channels // num_groups
+    s_ptr, stride_sb, stride_sc = shift_args
     partial = torch.empty((batch * num_groups, 3, config.split), dtype=torch.float32, device=x.device)
     common = dict(
         CG=cg,
@@ -631,13 +838,17 @@ def _launch_channels_last(x, num_groups, weight, bias, eps, activation, out, con
         BLOCK_HW=config.block_hw,
         BLOCK_C=config.block_c,
         BLOCK_G=config.block_g,
+        HAS_SHIFT=s_ptr is not x,
         num_warps=config.num_warps,
     )
     _group_norm_cl_stats_kernel[(batch * config.num_chunks, config.split)](
         x,
         partial,
+        s_ptr,
         x.stride(0),
         _spatial_stride(x),
+        stride_sb,
+        stride_sc,
         channels,
         h * w,
         num_groups,
@@ -653,10 +864,13 @@ def _launch_channels_last(x, num_groups, weight, bias, eps, activation, out, con
             weight if weight is not None else x,
             bias if bias is not None else x,
             partial,
+            s_ptr,
             x.stride(0),
             _spatial_stride(x),
             out.stride(0),
             _spatial_stride(out),
+            stride_sb,
+            stride_sc,
             channels,
             h * w - p0,
             num_groups,
@@ -685,23 +899,22 @@ def _at_position(t: torch.Tensor, p0: int) -> torch.Tensor:
     return t.as_strided((1,), (1,), t.storage_offset() + p0 * _spatial_stride(t))
 
 
-def _launch_per_group(x, num_groups, weight, bias, eps, activation, out, config: LaunchConfig | None):
+def _launch_per_group(x, num_groups, weight, bias, eps, activation, out, config: LaunchConfig, shift_args):
     batch, channels, h, w = x.shape
     hw = h * w
     cg = channels // num_groups
     stride_xp = _spatial_stride(x)
-    channels_contiguous = x.stride(1) == 1 and channels > 1 and stride_xp != 1
-    if config is None:
-        sm_count = _sm_count(x.device.index or 0) if x.is_cuda else DEFAULT_SM_COUNT
-        config = choose_config(batch, cg, hw, num_groups, channels_contiguous, sm_count)
-
+    s_ptr, stride_sb, stride_sc = shift_args
     partial = torch.empty((batch * num_groups, config.split, 3), dtype=torch.float32, device=x.device)
     _group_norm_stats_kernel[(batch * num_groups, config.split)](
         x,
         partial,
+        s_ptr,
         x.stride(0),
         x.stride(1),
         stride_xp,
+        stride_sb,
+        stride_sc,
         cg,
         hw,
         num_groups,
@@ -711,6 +924,7 @@ def _launch_per_group(x, num_groups, weight, bias, eps, activation, out, config:
         config.split,
         BLOCK_HW=config.block_hw,
         BLOCK_C=config.block_c,
+        HAS_SHIFT=s_ptr is not x,
         num_warps=config.num_warps,
     )
     for p0, tiles in _spatial_launches(hw, config.block_hw):
@@ -720,12 +934,15 @@ def _launch_per_group(x, num_groups, weight, bias, eps, activation, out, config:
             weight if weight is not None else x,
             bias if bias is not None else x,
             partial,
+            s_ptr,
             x.stride(0),
             x.stride(1),
             stride_xp,
             out.stride(0),
             out.stride(1),
             _spatial_stride(out),
+            stride_sb,
+            stride_sc,
             cg,
             hw - p0,
             num_groups,
@@ -736,6 +953,7 @@ def _launch_per_group(x, num_groups, weight, bias, eps, activation, out, config:
             MAX_SPLIT=MAX_SPLIT,
             HAS_WEIGHT=weight is not None,
             HAS_BIAS=bias is not None,
+            HAS_SHIFT=s_ptr is not x,
             APPLY_SILU=activation == "silu",
             num_warps=config.num_warps,
         )
@@ -749,14 +967,15 @@ def _group_norm_op(
     bias: torch.Tensor | None,
     eps: float,
     activation: str | None,
+    shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
     out = torch.empty_like(x)
-    launch(x, num_groups, weight, bias, eps, activation, out)
+    launch(x, num_groups, weight, bias, eps, activation, out, shift=shift)
     return out
 
 
 @_group_norm_op.register_fake
-def _group_norm_fake(x, num_groups, weight, bias, eps, activation):
+def _group_norm_fake(x, num_groups, weight, bias, eps, activation, shift=None):
     return torch.empty_like(x)
 
 
@@ -769,12 +988,13 @@ def _group_norm_out_op(
     eps: float,
     activation: str | None,
     out: torch.Tensor,
+    shift: torch.Tensor | None = None,
 ) -> None:
-    launch(x, num_groups, weight, bias, eps, activation, out)
+    launch(x, num_groups, weight, bias, eps, activation, out, shift=shift)
 
 
 @_group_norm_out_op.register_fake
-def _group_norm_out_fake(x, num_groups, weight, bias, eps, activation, out):
+def _group_norm_out_fake(x, num_groups, weight, bias, eps, activation, out, shift=None):
     return None
 
 
@@ -786,16 +1006,18 @@ def group_norm(
     eps: float = 1e-5,
     activation: str | None = None,
     out: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GroupNorm over [B, C, H, W] (NCHW-contiguous or channels_last), then `activation` (None | "silu").
 
-    Statistics are computed in fp32; the result has x's dtype and memory format. With `out`, the result
-    is written there (any strides that flatten H and W) and `out` is returned.
+    `shift` ([B, C] or [1, C], x's dtype, any strides) is added to x per channel before the statistics,
+    in fp32 inside the kernel. Statistics are computed in fp32; the result has x's dtype and memory
+    format. With `out`, the result is written there (any strides that flatten H and W) and `out` is returned.
     """
-    _check_inputs(x, num_groups, weight, bias, eps, activation, out)
+    _check_inputs(x, num_groups, weight, bias, eps, activation, out, shift)
     if out is None:
-        return torch.ops.sd_kernels.group_norm(x, num_groups, weight, bias, float(eps), activation)
-    torch.ops.sd_kernels.group_norm_out(x, num_groups, weight, bias, float(eps), activation, out)
+        return torch.ops.sd_kernels.group_norm(x, num_groups, weight, bias, float(eps), activation, shift)
+    torch.ops.sd_kernels.group_norm_out(x, num_groups, weight, bias, float(eps), activation, out, shift)
     return out
 
 
@@ -807,11 +1029,17 @@ def group_norm_reference(
     eps: float = 1e-5,
     activation: str | None = None,
     upcast: bool = True,
+    shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Pure-torch GroupNorm(+SiLU). upcast=True computes in fp32 (fp64 stays fp64), then casts back."""
-    compute = (torch.float64 if x.dtype == torch.float64 else torch.float32) if upcast else x.dtype
+    """Pure-torch GroupNorm(+SiLU) of x + shift[:, :, None, None]. upcast=True computes in fp32 (fp64 stays
+    fp64) from the add on, then casts back; upcast=False adds and normalises in x's dtype, as torch would."""
+    dtype = x.dtype
+    compute = (torch.float64 if dtype == torch.float64 else torch.float32) if upcast else dtype
+    x = x.to(compute)
+    if shift is not None:
+        x = x + shift.to(compute)[:, :, None, None]
     y = F.group_norm(
-        x.to(compute),
+        x,
         num_groups,
         weight.to(compute) if weight is not None else None,
         bias.to(compute) if bias is not None else None,
@@ -821,7 +1049,7 @@ def group_norm_reference(
         y = F.silu(y)
     elif activation is not None:
         raise ValueError(f"group_norm_reference: activation must be one of {ACTIVATIONS}, got {activation!r}")
-    return y.to(x.dtype)
+    return y.to(dtype)
 
 
 # Shapes the SD 1.x / 2.x / SDXL UNets and the SD VAE normalise, as (channels, H*W), at 32 groups.
@@ -846,17 +1074,37 @@ def _aot_configs_for(
     activation: str | None,
     affine: bool,
     groups: int = 32,
+    shift: bool = False,
 ) -> list[aot.AotConfig]:
-    if channels_last:
-        config = choose_channels_last_config(batch, channels, hw, groups)
-        if config is not None:
-            return _aot_channels_last_configs(batch, channels, hw, groups, config, dtype, activation, affine)
-    cg = channels // groups
-    config = choose_config(batch, cg, hw, groups, channels_last)
-    stride_c, stride_p = (1, channels) if channels_last else (hw, 1)
-    common = dict(
-        stride_xb=channels * hw, stride_xc=stride_c, stride_xp=stride_p, CG=cg, HW=hw, G=groups, SPLIT=config.split
+    """The kernels `launch` runs for this call (asked of `plan` on meta tensors), as AOT configs."""
+    x = torch.empty((batch, channels, hw, 1), device="meta", dtype=dtype)
+    if channels_last:  # [B, C, HW, 1] in channels_last: position stride C, channel stride 1
+        x = x.as_strided(x.shape, (channels * hw, 1, channels, channels))
+    config = plan(x, groups, x, DEFAULT_SM_COUNT)
+    # A [B, C] contiguous shift (batch stride C, channel stride 1), or none: x's pointer, strides 0.
+    shift_args = (
+        dict(s_ptr=dtype, stride_sb=channels, stride_sc=1) if shift else dict(s_ptr=dtype, stride_sb=0, stride_sc=0)
     )
+    if isinstance(config, ChannelsLastConfig):
+        return _aot_channels_last_configs(batch, channels, hw, groups, config, dtype, activation, affine, shift_args)
+    cg = channels // groups
+    stride_c, stride_p = (1, channels) if channels_last else (hw, 1)
+    strides = dict(stride_xb=channels * hw, stride_xc=stride_c, stride_xp=stride_p)
+    out_args = dict(
+        x_ptr=dtype,
+        y_ptr=dtype,
+        w_ptr=dtype,
+        b_ptr=dtype,
+        stride_yb=channels * hw,
+        stride_yc=stride_c,
+        stride_yp=stride_p,
+    )
+    flags = dict(HAS_WEIGHT=affine, HAS_BIAS=affine, HAS_SHIFT=shift, APPLY_SILU=activation == "silu")
+    if isinstance(config, OnePassConfig):
+        args = dict(strides, **out_args, **shift_args, CG=cg, HW=hw, G=groups, eps=1e-5)
+        constexprs = dict(flags, BLOCK_HW=config.block_hw, BLOCK_C=config.block_c)
+        return [aot.config(_group_norm_one_pass_kernel, args, constexprs, config.num_warps, 3, ("G",))]
+    common = dict(strides, **shift_args, CG=cg, HW=hw, G=groups, SPLIT=config.split)
     stats_args = dict(
         common,
         x_ptr=dtype,
@@ -865,31 +1113,13 @@ def _aot_configs_for(
         NUM_TILES=config.num_tiles,
         TILES_PER_PROG=config.tiles_per_prog,
     )
-    apply_args = dict(
-        common,
-        x_ptr=dtype,
-        y_ptr=dtype,
-        w_ptr=dtype,
-        b_ptr=dtype,
-        partial_ptr=torch.float32,
-        stride_yb=channels * hw,
-        stride_yc=stride_c,
-        stride_yp=stride_p,
-        eps=1e-5,
-    )
-    apply_constexprs = dict(
-        BLOCK_HW=config.block_hw,
-        BLOCK_C=config.block_c,
-        MAX_SPLIT=MAX_SPLIT,
-        HAS_WEIGHT=affine,
-        HAS_BIAS=affine,
-        APPLY_SILU=activation == "silu",
-    )
+    apply_args = dict(common, **out_args, partial_ptr=torch.float32, eps=1e-5)
+    apply_constexprs = dict(flags, BLOCK_HW=config.block_hw, BLOCK_C=config.block_c, MAX_SPLIT=MAX_SPLIT)
     return [
         aot.config(
             _group_norm_stats_kernel,
             stats_args,
-            dict(BLOCK_HW=config.block_hw, BLOCK_C=config.block_c),
+            dict(BLOCK_HW=config.block_hw, BLOCK_C=config.block_c, HAS_SHIFT=shift),
             config.num_warps,
             3,
             _COUNT_ARGS,
@@ -899,9 +1129,10 @@ def _aot_configs_for(
 
 
 def _aot_channels_last_configs(
-    batch, channels, hw, groups, config: ChannelsLastConfig, dtype, activation, affine
+    batch, channels, hw, groups, config: ChannelsLastConfig, dtype, activation, affine, shift_args
 ) -> list[aot.AotConfig]:
     common = dict(
+        shift_args,
         stride_xb=channels * hw,
         stride_xp=channels,
         C=channels,
@@ -916,6 +1147,7 @@ def _aot_channels_last_configs(
         BLOCK_HW=config.block_hw,
         BLOCK_C=config.block_c,
         BLOCK_G=config.block_g,
+        HAS_SHIFT=shift_args["stride_sc"] != 0,
     )
     stats_args = dict(common, x_ptr=dtype, partial_ptr=torch.float32, TILES_PER_PROG=config.tiles_per_prog)
     apply_args = dict(
@@ -951,6 +1183,8 @@ def aot_configs() -> list[aot.AotConfig]:
                 for dtype in SUPPORTED_DTYPES:
                     for activation in ACTIVATIONS:
                         configs += _aot_configs_for(batch, channels, hw, channels_last, dtype, activation, True)
+                    # A shift comes with the resnets' second norm: SiLU and affine, at any batch size.
+                    configs += _aot_configs_for(batch, channels, hw, channels_last, dtype, "silu", True, shift=True)
     configs += _aot_configs_for(2, 320, 64 * 64, False, torch.float16, "silu", False)
     configs += _aot_configs_for(2, 320, 7 * 9, True, torch.float16, "silu", True)
     # A channels_last group wider than CHANNELS_LAST_MAX_WIDTH takes the per-group kernels.

@@ -2,8 +2,10 @@
 by hand from the SD 1.5 / 2.1 architectures. No timing is asserted: modelled times are only reported."""
 
 import json
+import math
 
 import pytest
+import torch
 
 from benchmarks import census
 from benchmarks.op_census import OpRecord
@@ -30,7 +32,12 @@ def test_unet_step_has_61_groupnorms_and_32_attentions(counted, model):
     triton_step, graphed = counted[model, "triton"]["unet_step"]
     assert graphed
     norms = _ops(triton_step, "sd_kernels.group_norm")
-    assert len(norms) == 61 and sum(r.launches for r in norms) == 122  # stats + apply kernels
+    # Groups that fit the one-pass kernel take one launch, the others the stats + apply kernels. SD 1.5:
+    # 29 (8x8, 16x16 up to Cg 60, and 320 channels at 32x32); SD 2.1 at 96x96: the 12 of Cg 40 at 12x12
+    # (its 2560-channel concats there, Cg 80 over 144 positions, need 128 x 256 lanes: too many).
+    one_pass = {"sd15": 29, "sd21": 12}[model]
+    assert len(norms) == 61 and sum(r.launches == 1 for r in norms) == one_pass
+    assert sum(r.launches for r in norms) == one_pass + 2 * (61 - one_pass)
     assert len(_ops(triton_step, "sd_kernels.attention")) == 32
     assert not _ops(triton_step, "aten.native_group_norm", "sdpa")
 
@@ -123,3 +130,28 @@ def test_diffusers_unet_does_the_same_matrix_work(counted):
     # Per step, ours runs 32 GEMMs fewer: to_k and to_v of the 16 cross-attentions moved to the request.
     gemms = ("aten.mm", "aten.addmm", "aten.bmm")
     assert len(_ops(records, *gemms)) - len(_ops(ours, *gemms)) == 32
+
+
+@pytest.mark.parametrize(
+    "shape, launches, reads",
+    [((2, 1280, 16, 16), 1, 1), ((2, 320, 64, 64), 2, 2)],  # one-pass kernel; split stats + apply kernels
+    ids=["one-pass", "split"],
+)
+@pytest.mark.parametrize("use_out", [False, True], ids=["functional", "out"])
+def test_group_norm_cost_follows_the_launchers_plan_and_counts_the_shift(shape, launches, reads, use_out):
+    from benchmarks.op_census import count_ops
+    from kernels.group_norm import group_norm
+
+    def call():
+        x = torch.empty(shape, device="meta", dtype=torch.float16).to(memory_format=torch.channels_last)
+        weight = bias = torch.empty(shape[1], device="meta", dtype=torch.float16)
+        shift = torch.empty(1, shape[1], device="meta", dtype=torch.float16).expand(shape[0], -1)  # stride-0 batch
+        out = torch.empty_like(x) if use_out else None
+        group_norm(x, 32, weight, bias, activation="silu", out=out, shift=shift)
+
+    records = [r for r in count_ops(call) if r.op.startswith("sd_kernels.group_norm")]
+    (record,) = records
+    x_bytes, channel_bytes = 2 * math.prod(shape), 2 * shape[1]
+    assert record.launches == launches
+    assert record.bytes_read == reads * x_bytes + 3 * channel_bytes  # weight, bias and the broadcast shift
+    assert record.bytes_written == x_bytes

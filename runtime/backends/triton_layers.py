@@ -18,9 +18,8 @@ class TritonGroupNorm(GroupNorm):
     """GroupNorm(+SiLU) computed by kernels.group_norm; same parameters, same state-dict keys."""
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
-        if shift is not None:  # until the kernel reads the shift itself
-            x = x + shift[:, :, None, None]
-        return group_norm.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation)
+        # The kernel reads `shift` itself (added in fp32 before the statistics): no separate add over x.
+        return group_norm.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation, shift=shift)
 
 
 class TritonAttentionCore(AttentionCore):

@@ -146,3 +146,26 @@ def test_upcast_attention_runs_on_the_kernel_and_matches_fp32(monkeypatch):
     theirs = AttentionCore(upcast=True)(q.half(), k.half(), v.half())
     assert calls and ours.dtype == torch.float16
     assert _max_error(ours, reference) <= 2 * _max_error(theirs, reference) + 2e-3
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.float16, 2e-3)], ids=str)
+@pytest.mark.parametrize("shift_batch", [2, 1], ids=["per-item-shift", "one-shift"])
+def test_triton_groupnorm_reads_the_shift_as_the_reference_adds_it(dtype, atol, shift_batch):
+    """GroupNorm.forward(x, shift) (the contract in runtime/models/layers.py), the shift now read by the
+    kernel: within the rule against fp32 that torch's same-dtype module meets."""
+    from runtime.models.substitution import rebind
+
+    gen = torch.Generator().manual_seed(4)
+    reference = GroupNorm(32, 320, activation="silu")
+    perturb_(reference, gen)
+    x = torch.randn(2, 320, 5, 3, generator=gen) * 2 + 1
+    shift = torch.randn(shift_batch, 320, generator=gen) * 2
+    expected = reference(x, shift)
+    same_dtype = copy.deepcopy(reference).to(DEVICE, dtype)
+    ours = rebind(copy.deepcopy(same_dtype), TritonGroupNorm)
+    x_, shift_ = x.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last), shift.to(DEVICE, dtype)
+    with torch.inference_mode():
+        got, theirs = ours(x_, shift_), same_dtype(x_, shift_)
+    assert torch.isfinite(got).all()
+    assert _max_error(got, expected) <= 2 * _max_error(theirs, expected) + atol
+    assert _max_error(got, reference(x)) > 0.1  # the shift was applied

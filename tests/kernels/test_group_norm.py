@@ -38,8 +38,11 @@ INTERPRETER_SHAPES = [
     (3, 128, 7, 9),  # VAE last level, Cg = 4, batch 3, 7x9 odd sizes and masking on both axes
     (1, 256, 3, 5),  # VAE, Cg = 8, 3x5 odd
     (2, 512, 16, 16),  # VAE first level, Cg = 16 (a power of two: no masked channel lanes), a 256x16 tile
-    (1, 64, 80, 70),  # many spatial tiles per group (5600 > MAX_TILE positions): the split path
+    (1, 64, 80, 70),  # many spatial tiles per group (5600 > MAX_TILE positions) when split
 ]
+# Every interpreter shape's group fits the one-pass tile (the deepest SD levels, scaled down): the sweep
+# runs each through the one-pass kernel (asserted) and again through the split kernels it would take.
+PATHS = ["one_pass", "split"]
 
 
 def _random_inputs(shape, dtype, device, channels_last, affine=True, seed=None):
@@ -59,16 +62,16 @@ def _poisoned_like(x):
     return torch.full_like(x, float("nan"))  # full_like keeps x's memory format
 
 
-def _assert_close_to_reference(x, weight, bias, activation, y, eps=1e-5):
+def _assert_close_to_reference(x, weight, bias, activation, y, eps=1e-5, shift=None):
     as64 = lambda t: t.double() if t is not None else None  # noqa: E731
-    ref = group_norm_reference(as64(x), _groups(x), as64(weight), as64(bias), eps, activation)
+    ref = group_norm_reference(as64(x), _groups(x), as64(weight), as64(bias), eps, activation, shift=as64(shift))
     err = (y.double() - ref).abs().max().item()
     atol, rtol = TOLERANCES[x.dtype]
     assert torch.isfinite(y).all(), "kernel left unwritten (NaN) or non-finite outputs"
     if x.dtype == torch.float32:
         torch.testing.assert_close(y.double(), ref, atol=atol, rtol=rtol)
         return
-    torch_y = group_norm_reference(x, _groups(x), weight, bias, eps, activation, upcast=False)
+    torch_y = group_norm_reference(x, _groups(x), weight, bias, eps, activation, upcast=False, shift=shift)
     torch_err = (torch_y.double() - ref).abs().max().item()
     if x.dtype == torch.bfloat16 and y.device.type == "cpu":
         # Triton's interpreter truncates fp32 -> bf16 on store where a GPU rounds to nearest: there an
@@ -87,25 +90,129 @@ def _groups(x):
     return 32 if x.shape[1] % 32 == 0 else 1
 
 
+def _run(x, weight, bias, activation, path, shift=None):
+    """group_norm through `path`: "one_pass" (the launcher's own choice, asserted to be the one-pass
+    kernel) or "split" (the split kernels the launcher would take without the one-pass kernel)."""
+    out = _poisoned_like(x)
+    if path == "one_pass":
+        assert isinstance(gn.plan(x, 32, out), gn.OnePassConfig), "the shape should take the one-pass kernel"
+        y = group_norm(x, 32, weight, bias, activation=activation, out=out, shift=shift)
+        assert y is out
+    else:
+        config = gn.plan(x, 32, out, allow_one_pass=False)
+        assert not isinstance(config, gn.OnePassConfig)
+        gn.launch(x, 32, weight, bias, 1e-5, activation, out, config, shift=shift)
+    return out
+
+
 @pytest.mark.parametrize("shape", INTERPRETER_SHAPES, ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("activation", [None, "silu"])
-def test_matches_reference_fp32(shape, channels_last, activation):
+@pytest.mark.parametrize("path", PATHS)
+def test_matches_reference_fp32(shape, channels_last, activation, path):
     x, weight, bias = _random_inputs(shape, torch.float32, DEVICE, channels_last)
-    out = _poisoned_like(x)
-    y = group_norm(x, 32, weight, bias, activation=activation, out=out)
-    assert y is out
+    y = _run(x, weight, bias, activation, path)
     _assert_close_to_reference(x, weight, bias, activation, y)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(2, 320, 8, 8), (1, 1280, 3, 3), (3, 128, 7, 9)], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_matches_reference_low_precision(dtype, shape, channels_last):
+@pytest.mark.parametrize("path", PATHS)
+def test_matches_reference_low_precision(dtype, shape, channels_last, path):
     x, weight, bias = _random_inputs(shape, dtype, DEVICE, channels_last)
-    y = group_norm(x, 32, weight, bias, activation="silu", out=_poisoned_like(x))
+    y = _run(x, weight, bias, "silu", path)
     assert y.dtype == dtype
     _assert_close_to_reference(x, weight, bias, "silu", y)
+
+
+def _shift(kind, batch, channels, dtype, seed):
+    """A per-channel shift of mean 1 and std 2 (it moves the group statistics): [B, C], [1, C], or a
+    [1, C] expanded to [B, C] (batch stride 0), or a [B, C] view with a channel stride of 2."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "per_item":
+        return (torch.randn(batch, channels, generator=gen, dtype=torch.float64) * 2 + 1).to(dtype).to(DEVICE)
+    if kind == "strided":
+        wide = torch.randn(batch, 2 * channels, generator=gen, dtype=torch.float64) * 2 + 1
+        return wide.to(dtype).to(DEVICE)[:, ::2]
+    one = (torch.randn(1, channels, generator=gen, dtype=torch.float64) * 2 + 1).to(dtype).to(DEVICE)
+    return one if kind == "one" else one.expand(batch, channels)
+
+
+# The shift through both paths and every layout: real channel counts at the scaled-down sizes above,
+# rotating dtype, layout and kind of shift; the resnets' second norm (SiLU, affine) is the user.
+SHIFT_CASES = [
+    ((2, 320, 8, 8), torch.float32, False, "per_item"),  # Cg 10, guided batch
+    ((2, 640, 4, 4), torch.float16, True, "one"),  # Cg 20, one shift for both batch items
+    ((2, 1280, 3, 3), torch.bfloat16, True, "broadcast"),  # Cg 40, batch stride 0
+    ((1, 1920, 2, 2), torch.float16, False, "strided"),  # Cg 60, channel stride 2
+    ((2, 2560, 1, 1), torch.float32, True, "per_item"),  # Cg 80 at 1x1
+    ((3, 128, 7, 9), torch.bfloat16, False, "per_item"),  # VAE Cg 4, odd sizes
+    ((2, 512, 5, 3), torch.float32, True, "strided"),  # VAE Cg 16 in channels_last chunks when split
+]
+
+
+@pytest.mark.parametrize("shape, dtype, channels_last, kind", SHIFT_CASES, ids=str)
+@pytest.mark.parametrize("path", PATHS)
+def test_shift_is_added_before_the_statistics(shape, dtype, channels_last, kind, path):
+    x, weight, bias = _random_inputs(shape, dtype, DEVICE, channels_last)
+    shift = _shift(kind, shape[0], shape[1], dtype, seed=len(shape) + shape[1])
+    y = _run(x, weight, bias, "silu", path, shift=shift)
+    _assert_close_to_reference(x, weight, bias, "silu", y, shift=shift)
+    # The shift changed the statistics (not a no-op): a plain GroupNorm of x is far off.
+    assert (
+        y.double() - group_norm_reference(x.double(), 32, weight.double(), bias.double(), activation="silu")
+    ).abs().max() > 0.1
+
+
+# SD 1.5's one-pass GroupNorms at full size (guided batch 2, fp16, channels_last as the triton backend
+# runs them), with the resnets' shift: the tiles at ONE_PASS_MAX_LANES, as the GPU runs them.
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (2, 1280, 16, 16),  # level 2: Cg 40 x 256 positions = 10240 elements in a 16384-lane tile
+        (2, 1920, 16, 16),  # level 2 up-block concat: Cg 60, 15360 of 16384 lanes
+        (2, 2560, 8, 8),  # level 3 up-block concat: Cg 80 x 64
+    ],
+    ids=str,
+)
+def test_one_pass_at_sd15_full_size(shape):
+    x, weight, bias = _random_inputs(shape, torch.float16, DEVICE, channels_last=True)
+    shift = _shift("per_item", shape[0], shape[1], torch.float16, seed=3)
+    y = _run(x, weight, bias, "silu", "one_pass", shift=shift)
+    _assert_close_to_reference(x, weight, bias, "silu", y, shift=shift)
+
+
+@pytest.mark.parametrize(
+    "shape, one_pass",
+    [
+        ((2, 1280, 16, 16), True),  # the brief's example: 10240 elements
+        ((2, 1280, 8, 8), True),
+        ((2, 2560, 8, 8), True),
+        ((2, 1920, 16, 16), True),
+        ((2, 2560, 16, 16), False),  # Cg 80 x 256: 32768 lanes, past the limit (spills in channels_last)
+        ((2, 640, 32, 32), False),  # Cg 20 x 1024: 32768 lanes
+        ((2, 320, 64, 64), False),  # the first level: 40960 elements per group, split across the chip
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_plan_takes_the_one_pass_kernel_where_a_group_fits(shape, one_pass, channels_last):
+    x = torch.empty(shape, device="meta", dtype=torch.float16)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    config = gn.plan(x, 32, x)
+    assert isinstance(config, gn.OnePassConfig) == one_pass
+    assert gn.launches_and_reads(config, shape[2] * shape[3]) == ((1, 1) if one_pass else (2, 2))
+    if one_pass:
+        assert config.block_hw * config.block_c <= gn.ONE_PASS_MAX_LANES
+        assert config.block_hw >= shape[2] * shape[3] and config.block_c >= shape[1] // 32
+
+
+def test_one_pass_config_that_does_not_cover_the_group_is_rejected():
+    x, weight, bias = _random_inputs((1, 64, 4, 4), torch.float32, DEVICE, False)
+    with pytest.raises(ValueError, match="does not cover a group"):
+        gn.launch(x, 32, weight, bias, 1e-5, None, _poisoned_like(x), gn.OnePassConfig(8, 2, 1))
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -301,6 +408,12 @@ def test_channels_last_chunks_are_aligned_and_fill_an_h100(channels):
         (lambda x, w: group_norm(x.numpy(), 32, None, None), "torch.Tensor"),
         (lambda x, w: group_norm(x, 32, None, None, out=x.numpy()), "out must be a tensor"),
         (lambda x, w: group_norm(x, 32, None, None, out=torch.empty(2, 64, 8, 4)[:, :, ::2]), "flattening H and W"),
+        (lambda x, w: group_norm(x, 32, shift=w), r"shift must have shape \(2, 64\) or \(1, 64\)"),
+        (lambda x, w: group_norm(x, 32, shift=torch.zeros(3, 64)), r"shift must have shape"),
+        (lambda x, w: group_norm(x, 32, shift=torch.zeros(2, 32)), r"shift must have shape"),
+        (lambda x, w: group_norm(x, 32, shift=torch.zeros(2, 64).half()), "shift dtype"),
+        (lambda x, w: group_norm(x, 32, shift=torch.zeros(2, 64, device="meta")), "shift is on meta"),
+        (lambda x, w: group_norm(x, 32, shift=[0.0] * 64), "shift must be a tensor"),
         # Shape checks alone: a meta tensor allocates nothing.
         (lambda x, w: group_norm(torch.empty(1, 32, 2**16, 2**15, device="meta"), 32), r">= 2\*\*31 elements"),
     ],
@@ -387,6 +500,7 @@ class _RecordingKernel:
 )
 def test_apply_launches_keep_grid_axis_1_within_the_cuda_limit(monkeypatch, shape, channels_last, kernel):
     # Meta tensors: the launcher's arithmetic at full size, no memory, kernels recorded instead of run.
+    apply_arg_names = getattr(gn, kernel).arg_names
     for name in (
         "_group_norm_stats_kernel",
         "_group_norm_apply_kernel",
@@ -409,7 +523,7 @@ def test_apply_launches_keep_grid_axis_1_within_the_cuda_limit(monkeypatch, shap
     ).block_hw
     assert len(launches) > 1 and all(grid[1] <= gn.MAX_GRID_Y for grid, _ in launches)
     spatial_stride = shape[1] if channels_last else 1
-    hw_arg = 10 if channels_last else 12  # HW's position in the apply kernel's arguments
+    hw_arg = apply_arg_names.index("HW")  # HW's position in the apply kernel's arguments
     covered = 0
     for grid, args in launches:
         first = (args[0].storage_offset() - x.storage_offset()) // spatial_stride
