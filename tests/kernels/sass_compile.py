@@ -61,6 +61,7 @@ def compile_one(fn, signature, constexprs, num_warps, num_stages, workdir: pathl
     usage = subprocess.run([_cuobjdump(), "-res-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
     resources = dict(re.findall(r"\b(REG|SHARED|LOCAL|STACK):(\d+)", usage))
     return {
+        "triton": triton.__version__,
         "kernel": fn.__name__,
         "constexprs": {k: v for k, v in constexprs.items()},
         "signature": signature,

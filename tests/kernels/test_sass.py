@@ -13,13 +13,18 @@ import sys
 
 import pytest
 
+from tests.kernels.other_triton import DEVICE_TRITON, triton_folder
+
 SCRIPT = pathlib.Path(__file__).with_name("sass_compile.py")
 REPO_ROOT = SCRIPT.parents[2]
 H100_SHARED_PER_BLOCK = 227 * 1024  # opt-in maximum per block; the SM has 228 KB
 
 
-def _compile_all(module: str) -> list[dict]:
+def _compile_all(module: str, triton_version: str) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if triton_version != "installed":
+        # The other version's folder first on the path: the subprocess imports that triton, ours otherwise.
+        env["PYTHONPATH"] = os.pathsep.join([str(triton_folder(triton_version)), str(REPO_ROOT)])
     done = subprocess.run(
         [sys.executable, str(SCRIPT), module], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800
     )
@@ -27,11 +32,24 @@ def _compile_all(module: str) -> list[dict]:
     return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
 
 
+KERNEL_MODULES = ["kernels.group_norm", "kernels.attention", "kernels.geglu"]
+# The installed triton, and the GPU machines' version (skipped where the two are the same).
+TRITON_VERSIONS = ["installed", DEVICE_TRITON]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("module", ["kernels.group_norm", "kernels.attention", "kernels.geglu"])
-def test_sm90_sass_has_no_spills_and_fits_shared_memory(module):
-    rows = _compile_all(module)
+@pytest.mark.parametrize("triton_version", TRITON_VERSIONS)
+@pytest.mark.parametrize("module", KERNEL_MODULES)
+def test_sm90_sass_has_no_spills_and_fits_shared_memory(module, triton_version):
+    import triton
+
+    if triton_version == triton.__version__:
+        pytest.skip(f"triton {triton_version} is the installed version: compiled by the 'installed' case")
+    rows = _compile_all(module, triton_version)
     assert rows, f"{module}.aot_configs() is empty"
+    compiled_by = {row["triton"] for row in rows}
+    expected = triton.__version__ if triton_version == "installed" else triton_version
+    assert compiled_by == {expected}, f"compiled by triton {compiled_by}, expected {expected}"
     for row in rows:
         print(
             f"{row['kernel']} warps={row['num_warps']} regs={row['registers']} "
