@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from runtime import prompt_syntax
+from runtime.embeddings import input_embeddings
 
 SDXL_KINDS = ("sdxl", "sdxl-refiner")
 DEFAULT_REFINER_START = 0.8
@@ -103,14 +104,17 @@ class SDXLConditioner:
 
     def __init__(self, components):
         self.kind = components.kind
-        self.encoders = [
-            (tokenizer, encoder)
-            for tokenizer, encoder in (
-                (components.tokenizer, components.text_encoder),
-                (components.tokenizer_2, components.text_encoder_2),
+        present = [
+            (tokenizer, encoder, key)
+            for tokenizer, encoder, key in (
+                (components.tokenizer, components.text_encoder, "clip_l"),
+                (components.tokenizer_2, components.text_encoder_2, "clip_g"),
             )
             if encoder is not None
         ]
+        self.encoders = [(tokenizer, encoder) for tokenizer, encoder, _ in present]
+        # Which part of an SDXL textual-inversion file each encoder reads (runtime/embeddings.py SDXL_KEYS).
+        self.embedding_keys = [key for _, _, key in present]
         flags = components.pipeline_config
         self.force_zeros = bool(flags.get("force_zeros_for_empty_prompt", self.kind == "sdxl"))
         self.aesthetic = bool(flags.get("requires_aesthetics_score", self.kind == "sdxl-refiner"))
@@ -129,10 +133,13 @@ class SDXLConditioner:
         device,
         dtype,
         syntax: str = "plain",
+        embeddings=None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(context [R, K * 77, C], text_embeds [R, P]); R = len(prompts) * num_images, doubled with
         guidance ([uncond; cond]). zero_negatives: no negative prompt was given. syntax: "plain" (one
-        77-token window, K = 1) or "a1111" (runtime/prompt_syntax.py; K = 1 for prompts of <= 75 tokens)."""
+        77-token window, K = 1) or "a1111" (runtime/prompt_syntax.py; K = 1 for prompts of <= 75 tokens).
+        embeddings: a runtime.embeddings.EmbeddingLibrary whose names the a1111 syntax finds in the texts;
+        each encoder takes its own part of an SDXL embedding (clip_l, clip_g)."""
         if syntax not in prompt_syntax.PROMPT_SYNTAXES:
             raise ValueError(
                 f"unknown prompt syntax {syntax!r}; choose one of {', '.join(prompt_syntax.PROMPT_SYNTAXES)}"
@@ -141,13 +148,14 @@ class SDXLConditioner:
         # Prompts and negatives get the same chunk count K (A1111's pad_cond_uncond), encoded in two batches
         # as before A1111 syntax existed, so a short prompt's tensors keep their bits.
         texts = list(prompts) + (list(negatives) if encode_negatives else [])
-        count = 1 if syntax == "plain" else max(prompt_syntax.chunk_count(t, texts) for t, _ in self.encoders)
-        context, pooled = self._encode_texts(prompts, device, syntax, count)
+        matchers = self.matchers(embeddings if syntax == "a1111" else None)
+        count = 1 if syntax == "plain" else self.chunk_count(texts, matchers)
+        context, pooled = self._encode_texts(prompts, device, syntax, count, matchers)
         if guided:
             if not encode_negatives:
                 negative_context, negative_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
             else:
-                negative_context, negative_pooled = self._encode_texts(negatives, device, syntax, count)
+                negative_context, negative_pooled = self._encode_texts(negatives, device, syntax, count, matchers)
         repeat = lambda t: t.to(dtype).repeat_interleave(num_images, dim=0)  # noqa: E731 (each prompt's images together)
         context, pooled = repeat(context), repeat(pooled)
         if guided:
@@ -155,7 +163,20 @@ class SDXLConditioner:
             pooled = torch.cat([repeat(negative_pooled), pooled])
         return context, pooled
 
-    def _encode_texts(self, texts: list[str], device, syntax: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def matchers(self, embeddings) -> list:
+        """Each encoder's finder of the library's names (None each without a library)."""
+        return [None if embeddings is None else embeddings.matcher(tokenizer) for tokenizer, _ in self.encoders]
+
+    def chunk_count(self, texts: list[str], matchers) -> int:
+        """A1111 chunks per text, over both encoders (their BPE is the same; counted on each anyway)."""
+        return max(
+            prompt_syntax.chunk_count(tokenizer, texts, matcher)
+            for (tokenizer, _), matcher in zip(self.encoders, matchers)
+        )
+
+    def _encode_texts(
+        self, texts: list[str], device, syntax: str, count: int, matchers
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if syntax == "plain":
             hidden, pooled = [], None
             for tokenizer, encoder in self.encoders:
@@ -166,9 +187,14 @@ class SDXLConditioner:
         # A1111 syntax: both encoders cut the texts into `count` chunks (their BPE is the same; the count is
         # taken over both anyway), each chunk row weighted on its own, the pooled state of chunk 0.
         hidden, pooled = [], None
-        for tokenizer, encoder in self.encoders:
-            ids, weights, _, _ = prompt_syntax.chunk_rows(tokenizer, texts, count)  # SDXL: no embeddings yet
-            penultimate, pooled = encoder.penultimate_and_pooled(torch.tensor(ids, dtype=torch.long, device=device))
+        for (tokenizer, encoder), key, matcher in zip(self.encoders, self.embedding_keys, matchers):
+            ids, weights, _, fixes = prompt_syntax.chunk_rows(tokenizer, texts, count, matcher)
+            ids = torch.tensor(ids, dtype=torch.long, device=device)
+            if fixes:  # textual inversion: this encoder's vectors over the names' token slots
+                inputs = input_embeddings(getattr(encoder, "text_model", encoder), ids, fixes, key)
+                penultimate, pooled = encoder.penultimate_and_pooled(ids, inputs)
+            else:
+                penultimate, pooled = encoder.penultimate_and_pooled(ids)
             penultimate = prompt_syntax.apply_weights(penultimate, weights)
             hidden.append(penultimate.reshape(len(texts), count * penultimate.shape[1], penultimate.shape[2]))
             pooled = pooled.reshape(len(texts), count, pooled.shape[-1])[:, 0]

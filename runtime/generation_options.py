@@ -323,17 +323,16 @@ def _context_tokens(pipe, texts: list[str]) -> int:
     """Tokens in the context these texts encode to: one window, or A1111's 77-token chunks (the longest
     text decides, since one call pads every text to the same chunk count; SDXL: over both encoders)."""
     texts = prompt_loras.without_tags(texts)
+    library = embeddings.library(pipe.embeddings_dir)  # a multi-vector embedding takes several token slots
     if pipe.conditioner is not None:  # an SDXL refiner has only its second tokenizer
-        tokenizers = [tokenizer for tokenizer, _ in pipe.conditioner.encoders]
+        window = pipe.conditioner.encoders[0][0].max_length
         if pipe.prompt_syntax != "a1111":
-            return tokenizers[0].max_length
-        return tokenizers[0].max_length * max(chunk_count(tokenizer, texts) for tokenizer in tokenizers)
+            return window
+        return window * pipe.conditioner.chunk_count(texts, pipe.conditioner.matchers(library))
     window = pipe.tokenizer.max_length
     if pipe.prompt_syntax != "a1111":
         return window
-    matcher = None
-    if pipe.embeddings_dir is not None:  # a multi-vector embedding takes several token slots
-        matcher = embeddings.library(pipe.embeddings_dir).matcher(pipe.tokenizer)
+    matcher = None if library is None else library.matcher(pipe.tokenizer)
     return window * chunk_count(pipe.tokenizer, texts, matcher)
 
 

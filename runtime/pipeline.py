@@ -342,6 +342,7 @@ class Pipeline:
             self.device,
             self.dtype,
             syntax=self.prompt_syntax,
+            embeddings=embeddings.library(self.embeddings_dir),
         )
         time_ids = self.conditioner.time_ids(
             request.micro,
@@ -416,7 +417,15 @@ class Pipeline:
             negatives = [""] * len(prompts)
         if self.conditioner is not None:  # SDXL: both encoders' penultimate states (no force-zeros here)
             encoded = self.conditioner.encode(
-                prompts, negatives, False, guided, num_images, self.device, self.dtype, syntax=self.prompt_syntax
+                prompts,
+                negatives,
+                False,
+                guided,
+                num_images,
+                self.device,
+                self.dtype,
+                syntax=self.prompt_syntax,
+                embeddings=embeddings.library(self.embeddings_dir),
             )
             return encoded[0]
         texts = (list(negatives) if guided else []) + list(prompts)

@@ -286,11 +286,16 @@ class CLIPTextModel(nn.Module):
         self._check_ids(input_ids)
         return self.final_layer_norm(self.encoder(self.embeddings(input_ids)))
 
-    def penultimate_and_pooled(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def penultimate_and_pooled(
+        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden state before the last layer [B, N, C], unnormalised, as SDXL reads it; the final
-        LayerNorm's state at each row's end-of-text token [B, C], transformers' pooler_output)."""
+        LayerNorm's state at each row's end-of-text token [B, C], transformers' pooler_output).
+        inputs_embeds: the encoder's input [B, N, C] in place of embeddings(input_ids) (textual
+        inversion's, runtime/embeddings.py); input_ids still find each row's end-of-text token."""
         self._check_ids(input_ids)
-        last, penultimate = self.encoder.forward_with_penultimate(self.embeddings(input_ids))
+        hidden = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        last, penultimate = self.encoder.forward_with_penultimate(hidden)
         return penultimate, self._pool(self.final_layer_norm(last), input_ids)
 
     def _pool(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -328,8 +333,10 @@ class CLIPTextModelWithProjection(nn.Module):
         """Last hidden state after the final LayerNorm [B, N, C] (as CLIPTextModel)."""
         return self.text_model(input_ids)
 
-    def penultimate_and_pooled(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def penultimate_and_pooled(
+        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden state before the last layer [B, N, C]; projected pooled state [B, projection_dim],
-        transformers' text_embeds)."""
-        penultimate, pooled = self.text_model.penultimate_and_pooled(input_ids)
+        transformers' text_embeds). inputs_embeds: as CLIPTextModel's."""
+        penultimate, pooled = self.text_model.penultimate_and_pooled(input_ids, inputs_embeds)
         return penultimate, self.text_projection(pooled)
