@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from runtime.graph_weights import weights_fingerprint
+from runtime.graph_weights import WeightsWatch
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,7 @@ class CudaGraphCall:
             raise ValueError(f"max_entries must be at least 1, got {max_entries}")
         self._fn = fn
         self.name = name
-        self._weights = list(weights)
-        self._stamp = None
+        self._weights = WeightsWatch(weights)
         self._cuda = torch.cuda if graph_api is None else graph_api
         self._entries: collections.OrderedDict[CallKey, _Entry] = collections.OrderedDict()
         self.max_entries = max_entries
@@ -110,11 +109,9 @@ class CudaGraphCall:
         return outputs[0] if entry.single else outputs
 
     def _drop_if_weights_moved(self) -> None:
-        stamp = weights_fingerprint(self._weights)
-        if stamp != self._stamp and self._entries:
+        if self._weights.moved() and self._entries:
             log.info("%s: weights moved since capture; dropping %d CUDA graphs", self.name, len(self._entries))
             self._release()
-        self._stamp = stamp
 
     def _capture_or_explain(self, key: CallKey, args) -> _Entry:
         while len(self._entries) >= self.max_entries:

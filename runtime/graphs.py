@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from runtime.graph_weights import weights_fingerprint
+from runtime.graph_weights import WeightsWatch
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +118,7 @@ class CudaGraphDenoiser:
         if max_entries < 1:
             raise ValueError(f"max_entries must be at least 1, got {max_entries}")
         self._step_fn = step_fn
-        self._weights = list(weights)
-        self._stamp = None
+        self._weights = WeightsWatch(weights)
         self._cuda = torch.cuda if graph_api is None else graph_api
         self._entries: collections.OrderedDict[GraphKey, _Entry] = collections.OrderedDict()
         self.max_entries = max_entries
@@ -194,13 +193,11 @@ class CudaGraphDenoiser:
             return entry.chain[-1].clone()
 
     def _drop_if_weights_moved(self) -> None:
-        stamp = weights_fingerprint(self._weights)
-        if stamp != self._stamp and self._entries:
+        if self._weights.moved() and self._entries:
             log.info("the UNet's weights moved since capture; dropping %d cached denoising loops", len(self._entries))
             self._entries.clear()
             self._pool = None
             self._cuda.empty_cache()
-        self._stamp = stamp
 
     def _capture_or_explain(self, key, scheduler, latents, inputs, noise) -> _Entry:
         while len(self._entries) >= self.max_entries:
