@@ -238,3 +238,18 @@ def test_out_of_memory_in_a_capture_releases_the_cache():
     with pytest.raises(RuntimeError, match="out of memory capturing the toy graph for 3 float32"):
         runner(torch.ones(3))
     assert len(runner) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
+def test_on_a_gpu_a_whole_request_replays_and_equals_eager(tmp_path, model):
+    """torch.cuda's graphs and the triton backend's kernels: the same bits as the same kernels eagerly."""
+    folder = write_random_model(model, tmp_path / "model")
+    graphed = runtime.load(folder, backend="triton", device="cuda", dtype="fp16")  # cuda_graphs by default
+    assert graphed.vae_graphs is not None and graphed.text_encoder_graphs
+    eager = Pipeline(graphed.components, backend="triton", cuda_graphs=False)
+    expected = _image(eager)
+    _assert_same(_image(graphed), expected, f"{model}, first run (captures)")
+    _assert_same(_image(graphed), expected, f"{model}, second run (replays)")
+    assert all(len(k) <= 1 for k in _keys(graphed).values()) and _keys(graphed)["VAE decode"]
