@@ -133,10 +133,11 @@ def _networks_ours(model: Model, backend: str) -> dict[str, tuple[Callable, bool
     context_kv = c.unet.project_context(context)
     return {
         "context_kv": (lambda: c.unet.project_context(context), False),
-        # The pipeline replays the triton backend's denoising steps from CUDA graphs (runtime/graphs.py).
+        # The pipeline replays the triton backend's denoising steps from CUDA graphs (runtime/graphs.py),
+        # and its text encoder(s) and VAE decode too (runtime/graph_calls.py).
         "unet_step": (lambda: _guided_step(c.unet, latents, context, context_kv=context_kv), backend == "triton"),
-        "vae_decode": (lambda: c.vae.decode(latents), False),
-        "text_encoder": (lambda: c.text_encoder(ids), False),
+        "vae_decode": (lambda: c.vae.decode(latents), backend == "triton"),
+        "text_encoder": (lambda: c.text_encoder(ids), backend == "triton"),
     }
 
 

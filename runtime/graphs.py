@@ -16,6 +16,11 @@ buffers and nothing a caller holds is overwritten by the next run.
 
 The graph API is a constructor argument (torch.cuda by default), so tests can drive the same code on
 the CPU with a stand-in (tests/fake_cuda_graphs.py).
+
+Before each run the UNet's weight addresses are compared with those the graphs were captured against
+(runtime/graph_weights.py): if any moved (`.to()`, a re-stacked fused weight), every entry is dropped and
+the run captures anew. In-place writes (LoRA merges) keep the graphs, which replay the new weights.
+The text encoders and the VAE decode have their own runner with the same conventions (runtime/graph_calls.py).
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ import collections
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
+
+from runtime.graph_weights import WeightsWatch
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +111,14 @@ class _Entry:
 class CudaGraphDenoiser:
     """A bounded LRU cache of captured denoising loops, replayed on request."""
 
-    def __init__(self, step_fn: StepFn, max_entries: int = 4, graph_api=None):
+    def __init__(self, step_fn: StepFn, max_entries: int = 4, graph_api=None, weights: Sequence[torch.nn.Module] = ()):
         """graph_api: what provides CUDAGraph, graph, Stream, stream, current_stream, graph_pool_handle
-        and empty_cache; torch.cuda unless a test passes a stand-in."""
+        and empty_cache; torch.cuda unless a test passes a stand-in. weights: the modules whose tensors
+        the step reads (the UNet): the graphs are dropped when any of them moves."""
         if max_entries < 1:
             raise ValueError(f"max_entries must be at least 1, got {max_entries}")
         self._step_fn = step_fn
+        self._weights = WeightsWatch(weights)
         self._cuda = torch.cuda if graph_api is None else graph_api
         self._entries: collections.OrderedDict[GraphKey, _Entry] = collections.OrderedDict()
         self.max_entries = max_entries
@@ -161,6 +170,7 @@ class CudaGraphDenoiser:
         inputs = {name: t for name, t in inputs.items() if t is not None}
         key = GraphKey.for_run(scheduler, latents, start, noise, inputs, end, guidance)
         with self._lock, torch.inference_mode():
+            self._drop_if_weights_moved()
             entry = self._entries.get(key)
             if entry is None:
                 entry = self._capture_or_explain(key, scheduler, latents, inputs, noise)
@@ -181,6 +191,13 @@ class CudaGraphDenoiser:
                 if between_steps is not None:
                     entry.chain[k + 1].copy_(between_steps(key.start + k, entry.chain[k + 1].clone()))
             return entry.chain[-1].clone()
+
+    def _drop_if_weights_moved(self) -> None:
+        if self._weights.moved() and self._entries:
+            log.info("the UNet's weights moved since capture; dropping %d cached denoising loops", len(self._entries))
+            self._entries.clear()
+            self._pool = None
+            self._cuda.empty_cache()
 
     def _capture_or_explain(self, key, scheduler, latents, inputs, noise) -> _Entry:
         while len(self._entries) >= self.max_entries:

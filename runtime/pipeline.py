@@ -39,6 +39,8 @@ from runtime import images as imageio
 from runtime.caller_inputs import CallerInputs
 from runtime.dtypes import precision_name
 from runtime.generation_options import CheckedRequest, GenerationRequest, check_batch, check_request
+from runtime.graph_calls import CudaGraphCall, GraphedTextEncoder
+from runtime.graph_weights import torch_modules
 from runtime.graphs import CudaGraphDenoiser
 from runtime.images import GenerationInfo
 from runtime.model_hash import model_hash
@@ -86,10 +88,41 @@ class Pipeline:
             cuda_graphs = backend == "triton" and self.device.type == "cuda"
         if cuda_graphs and self.device.type != "cuda" and graph_api is None:
             raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, it is on {self.device}")
-        self.graphs = CudaGraphDenoiser(self.denoise_step, graph_api=graph_api) if cuda_graphs else None
+        unet_weights = torch_modules(self.unet)
+        self.graphs = (
+            CudaGraphDenoiser(self.denoise_step, graph_api=graph_api, weights=unet_weights) if cuda_graphs else None
+        )
+        # The rest of a request replays from graphs too: text encoder(s) and VAE decode (runtime/graph_calls.py).
+        # Our torch modules only: an exported backend's stand-ins run their own engines.
+        self._prompt_encoder = self.text_encoder  # what encode_prompt calls: the module, or its graphed stand-in
+        self.text_encoder_graphs: list[GraphedTextEncoder] = []
+        self.vae_graphs = None
+        if cuda_graphs:
+            self._graph_text_encoders(graph_api)
+            if torch_modules(self.vae):
+                self.vae_graphs = CudaGraphCall(
+                    lambda z: self.vae.decode(z), "VAE decode", torch_modules(self.vae), graph_api=graph_api
+                )
         # One request at a time: a run replays shared graph buffers and may move the VAE's dtype.
         self._run_lock = validation.ReentryGuard()
         self._loras: lora.LoraSet | None = None  # created by the first load_lora
+
+    def _graph_text_encoders(self, graph_api) -> None:
+        """What encode_prompt and the SDXL conditioner call, as graphed stand-ins (the modules stay the
+        pipeline's own, for LoRA and .to())."""
+        if torch_modules(self.text_encoder):
+            self._prompt_encoder = GraphedTextEncoder(self.text_encoder, "text encoder", graph_api)
+            self.text_encoder_graphs.append(self._prompt_encoder)
+        if self.conditioner is not None:
+            graphed = []
+            for tokenizer, encoder in self.conditioner.encoders:
+                if encoder is self.text_encoder:  # SDXL base: encoder 1 is the one above
+                    encoder = self._prompt_encoder
+                elif torch_modules(encoder):
+                    encoder = GraphedTextEncoder(encoder, "text encoder 2", graph_api)
+                    self.text_encoder_graphs.append(encoder)
+                graphed.append((tokenizer, encoder))
+            self.conditioner.encoders = graphed
 
     # ------------------------------------------------------------------ public entry points
     def generate(
@@ -434,7 +467,7 @@ class Pipeline:
         ]
         context = encode_prompts(
             self.tokenizer,
-            self.text_encoder,
+            self._prompt_encoder,
             texts,
             syntax=self.prompt_syntax,
             clip_skip=clip_skip,
@@ -464,7 +497,9 @@ class Pipeline:
     def _vae_precision(self):
         """The dtype to run the VAE in, yielded with the VAE cast to it. SDXL honours the VAE config's
         force_upcast as diffusers' SDXL pipelines do: an fp16 VAE runs in fp32 inside, and is put back after
-        (SD 1/2 pipelines, like diffusers', run it in the model dtype). Exported VAEs stay as exported."""
+        (SD 1/2 pipelines, like diffusers', run it in the model dtype). Exported VAEs stay as exported.
+        With VAE graphs the upcast VAE stays fp32 (a cast back and forth would move the weights the
+        graphs read, and recapture every request): the fp16 copy's memory again, not a cast per request."""
         vae_dtype = _module_dtype(self.vae, self.dtype)
         if self.conditioner is None or vae_dtype != torch.float16 or not self.vae.config.force_upcast:
             yield vae_dtype
@@ -477,7 +512,8 @@ class Pipeline:
         try:
             yield torch.float32
         finally:
-            self.vae.to(vae_dtype)
+            if self.vae_graphs is None:  # graphed: stays fp32, so the decode graphs keep their weights
+                self.vae.to(vae_dtype)
 
     def denoise(self, run: latents.DenoiseRun, initial: torch.Tensor) -> torch.Tensor:
         """Run steps run.start .. run.end-1 (end: S) of `run.scheduler` (already set up) from `initial`;
@@ -571,7 +607,10 @@ class Pipeline:
         again with the VAE in fp32 once, with a warning; if that is NaN too, raise rather than return black."""
         scaled = latents / self.vae.config.scaling_factor
         with self._vae_precision() as vae_dtype:
-            decoded = self.vae.decode(scaled.to(vae_dtype))
+            if self.vae_graphs is None:
+                decoded = self.vae.decode(scaled.to(vae_dtype))
+            else:  # keyed by the latents' shape and the dtype the VAE runs in (upcast or not)
+                decoded = self.vae_graphs(scaled.to(vae_dtype), extra=(vae_dtype,))
         if not torch.isfinite(decoded).all():  # NaN, or +-inf that clamping would turn white / black
             vae_dtype = next(self.vae.parameters()).dtype
             if vae_dtype == torch.float32:

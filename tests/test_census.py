@@ -98,6 +98,7 @@ def test_main_writes_json_with_modelled_rows(tmp_path, capsys):
     rows = {r["network"]: r for r in payload["results"]}
     assert set(rows) == {"context_kv", "unet_step", "vae_decode", "text_encoder"}
     assert not rows["context_kv"]["graphed"]  # once per request, eagerly
+    assert rows["vae_decode"]["graphed"] and rows["text_encoder"]["graphed"]  # runtime/graph_calls.py
     step = rows["unet_step"]
     assert step["graphed"] and step["launches"] == sum(c["launches"] for c in step["by_category"].values())
     assert step["modelled_ms"] == pytest.approx(step["modelled_roofline_ms"] + step["modelled_launch_ms"])

@@ -1,0 +1,179 @@
+"""One network call replayed from a CUDA graph: the text encoder(s) and the VAE decode of a request.
+
+`CudaGraphCall(fn)` captures `fn(*tensors)` once per key (every input's shape, dtype and device, plus
+what the caller adds: e.g. the VAE's dtype) into static buffers, and replays it after that: the copy-in,
+one graph launch and the copy-out instead of a launch per kernel. Its conventions are the denoiser's
+(runtime/graphs.py): the graph API injected (tests/fake_cuda_graphs.py on the CPU), one lock, a warm-up
+on a side stream before capture (Triton compiles and autotunes, cuBLAS picks kernels, the allocator
+sizes its blocks: none of that may happen while capturing), outputs handed out as copies, a bounded LRU
+cache of entries sharing one memory pool (replays never overlap, and every output is copied out before
+the lock is released, so scratch memory can be shared: the cache costs about one call's activations plus
+each entry's inputs and outputs), and out of memory during capture releases the cache with a clear error.
+
+Before each call the weights' addresses are compared with those the graphs were captured against
+(runtime/graph_weights.py); if any moved, every entry is dropped and the call captures anew.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable, Sequence
+
+import torch
+
+from runtime.graph_weights import WeightsWatch
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class CallKey:
+    """What one captured call is specialised to; a call that differs in any field captures anew."""
+
+    inputs: tuple[tuple[tuple[int, ...], torch.dtype, torch.device], ...]  # (shape, dtype, device) per input
+    extra: tuple = ()  # what else the call depends on, from the caller
+
+    def describe(self) -> str:
+        name = lambda value: str(value).removeprefix("torch.")  # noqa: E731
+        shapes = ", ".join(f"{'x'.join(map(str, s))} {name(d)}" for s, d, _ in self.inputs)
+        return shapes + (f" ({', '.join(map(name, self.extra))})" if self.extra else "")
+
+
+@dataclasses.dataclass
+class _Entry:
+    graph: object  # the CUDAGraph
+    inputs: tuple[torch.Tensor, ...]  # static copies of the call's inputs
+    outputs: tuple[torch.Tensor, ...]  # what the captured call wrote
+    single: bool  # fn returned one tensor, not a tuple
+
+
+class CudaGraphCall:
+    """A bounded LRU cache of captured calls of `fn`, replayed on request."""
+
+    def __init__(
+        self,
+        fn: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]],
+        name: str,
+        weights: Sequence[torch.nn.Module] = (),
+        max_entries: int = 4,
+        graph_api=None,
+    ):
+        """fn: pure tensor work on its tensor arguments, returning a tensor or a tuple of tensors (no host
+        sync). name: for logs and errors. weights: the modules whose tensors fn reads (dropped graphs when
+        they move). graph_api: torch.cuda unless a test passes a stand-in."""
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be at least 1, got {max_entries}")
+        self._fn = fn
+        self.name = name
+        self._weights = WeightsWatch(weights)
+        self._cuda = torch.cuda if graph_api is None else graph_api
+        self._entries: collections.OrderedDict[CallKey, _Entry] = collections.OrderedDict()
+        self.max_entries = max_entries
+        self._lock = threading.Lock()
+        self._pool = None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keys(self) -> list[CallKey]:
+        """The cached keys, least recently used first."""
+        with self._lock:
+            return list(self._entries)
+
+    def clear(self) -> None:
+        """Release every graph and the memory pool."""
+        with self._lock:
+            self._release()
+
+    def _release(self) -> None:
+        self._entries.clear()
+        self._pool = None
+        self._cuda.empty_cache()
+
+    def __call__(self, *args: torch.Tensor, extra: tuple = ()):
+        """fn(*args), replayed (captured first for a new key); the result is the caller's, not a buffer."""
+        key = CallKey(tuple((tuple(t.shape), t.dtype, t.device) for t in args), tuple(extra))
+        with self._lock, torch.inference_mode():
+            self._drop_if_weights_moved()
+            entry = self._entries.get(key)
+            if entry is None:
+                entry = self._capture_or_explain(key, args)
+            self._entries.move_to_end(key)
+            for static, value in zip(entry.inputs, args):
+                static.copy_(value)
+            entry.graph.replay()
+            outputs = tuple(t.clone() for t in entry.outputs)
+        return outputs[0] if entry.single else outputs
+
+    def _drop_if_weights_moved(self) -> None:
+        if self._weights.moved() and self._entries:
+            log.info("%s: weights moved since capture; dropping %d CUDA graphs", self.name, len(self._entries))
+            self._release()
+
+    def _capture_or_explain(self, key: CallKey, args) -> _Entry:
+        while len(self._entries) >= self.max_entries:
+            self._entries.popitem(last=False)
+        log.info("capturing a CUDA graph of the %s for %s", self.name, key.describe())
+        try:
+            entry = self._capture(args)
+        except torch.cuda.OutOfMemoryError as err:
+            self._release()
+            raise RuntimeError(
+                f"CUDA ran out of memory capturing the {self.name} graph for {key.describe()}; "
+                f"its graph cache was released. Try a smaller batch or size."
+            ) from err
+        self._entries[key] = entry
+        return entry
+
+    def _capture(self, args) -> _Entry:
+        cuda = self._cuda
+        static_inputs = tuple(t.clone() for t in args)
+        side = cuda.Stream()
+        side.wait_stream(cuda.current_stream())
+        with cuda.stream(side):
+            self._fn(*static_inputs)
+        cuda.current_stream().wait_stream(side)
+        if self._pool is None:
+            self._pool = cuda.graph_pool_handle()
+        graph = cuda.CUDAGraph()
+        with cuda.graph(graph, pool=self._pool):
+            result = self._fn(*static_inputs)
+        single = isinstance(result, torch.Tensor)
+        outputs = (result,) if single else tuple(result)
+        if not all(isinstance(t, torch.Tensor) for t in outputs):
+            raise TypeError(f"the {self.name} graph must return a tensor or a tuple of tensors")
+        return _Entry(graph=graph, inputs=static_inputs, outputs=outputs, single=single)
+
+
+class GraphedTextEncoder:
+    """A text encoder as the prompt code calls it, replayed from CUDA graphs: `encoder(ids)` and SDXL's
+    `encoder.penultimate_and_pooled(ids)`, one capture per ids shape. Every other attribute is the
+    module's own (its parameters; the layers that clip_skip and textual inversion run eagerly)."""
+
+    def __init__(self, module: torch.nn.Module, name: str, graph_api=None, max_entries: int = 8):
+        self.module = module
+        self.forward_graphs = CudaGraphCall(module, name, [module], max_entries, graph_api)
+        self.pooled_graphs = None
+        if hasattr(module, "penultimate_and_pooled"):
+            self.pooled_graphs = CudaGraphCall(
+                module.penultimate_and_pooled, f"{name} (penultimate and pooled)", [module], max_entries, graph_api
+            )
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.forward_graphs(input_ids)
+
+    def penultimate_and_pooled(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pooled_graphs is None:
+            raise AttributeError(f"{type(self.module).__name__} has no penultimate_and_pooled")
+        return self.pooled_graphs(input_ids)
+
+    def runners(self) -> list[CudaGraphCall]:
+        return [r for r in (self.forward_graphs, self.pooled_graphs) if r is not None]
+
+    def __getattr__(self, name: str):
+        if name == "module":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.module, name)
