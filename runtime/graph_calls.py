@@ -165,9 +165,13 @@ class GraphedTextEncoder:
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.forward_graphs(input_ids)
 
-    def penultimate_and_pooled(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def penultimate_and_pooled(
+        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.pooled_graphs is None:
             raise AttributeError(f"{type(self.module).__name__} has no penultimate_and_pooled")
+        if inputs_embeds is not None:  # textual inversion's inputs: eager, as SD 1.x's embeddings run
+            return self.module.penultimate_and_pooled(input_ids, inputs_embeds)
         return self.pooled_graphs(input_ids)
 
     def runners(self) -> list[CudaGraphCall]:

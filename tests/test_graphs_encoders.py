@@ -253,3 +253,24 @@ def test_on_a_gpu_a_whole_request_replays_and_equals_eager(tmp_path, model):
     _assert_same(_image(graphed), expected, f"{model}, first run (captures)")
     _assert_same(_image(graphed), expected, f"{model}, second run (replays)")
     assert all(len(k) <= 1 for k in _keys(graphed).values()) and _keys(graphed)["VAE decode"]
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
+def test_textual_inversion_runs_eagerly_beside_the_graphs(components, model, tmp_path):
+    """A prompt naming an embedding feeds the encoder its own inputs: the graphed pipeline runs that
+    encoder call eagerly and gives eager's image."""
+    from safetensors.torch import save_file
+
+    graphed, eager, _ = _pipelines(components(model))
+    encoders = graphed.conditioner.encoders if graphed.conditioner is not None else [(None, eager.text_encoder)]
+    widths = [getattr(e, "text_model", e).config.hidden_size for _, e in encoders]
+    generator = torch.Generator().manual_seed(5)
+    parts = [torch.randn(2, width, generator=generator) for width in widths]
+    tensors = dict(zip(("clip_l", "clip_g"), parts)) if len(parts) == 2 else {"emb_params": parts[0]}
+    save_file(tensors, str(tmp_path / "inkstyle.safetensors"))
+    for pipe in (graphed, eager):
+        pipe.embeddings_dir = tmp_path
+        pipe.prompt_syntax = "a1111"
+    expected = _image(eager, "a photo of inkstyle")
+    assert not np.array_equal(expected, _image(eager, "a photo of ink style"))
+    _assert_same(_image(graphed, "a photo of inkstyle"), expected, f"{model} with an embedding")
