@@ -15,8 +15,10 @@ Numerics. fp16, bf16 and fp32 in, statistics and affine in fp32, cast on store. 
 the storage dtype first and normalised as stored, so y is exactly layer_norm(s) of the returned s (and s
 is bit for bit what torch's `x + update` gives).
 
-Layout. Rows must have unit column stride and leading dims that flatten (nn.Linear's output always has);
-other inputs are made contiguous first. Results are new contiguous tensors of x's shape and dtype.
+Layout. Tensors are addressed as [B, N, C] through their strides (leading dims flattened into B where they
+can be, else copied), so a token stream that is a strided view of an NCHW activation is read in place; in
+the UNet's channels_last stream and nn.Linear's outputs the column stride is 1, which Triton's JIT
+specialises into contiguous vector loads. y is a new row-major tensor; s keeps x's layout, as `x + update`.
 
 Registered as the torch custom ops `sd_kernels::layer_norm` and `sd_kernels::add_layer_norm` (functional,
 with fake implementations, so CUDA graphs capture them and meta tensors trace through them), with
@@ -50,18 +52,27 @@ MIN_PROGRAMS = 256
 
 @triton.jit
 def _layer_norm_kernel(
-    X,  # pointer to x[0, 0] of the [rows, C] input (unit column stride)
-    U,  # pointer to update[0, 0], [rows, C], unit column stride; unused unless HAS_UPDATE
-    S,  # pointer to s[0, 0], the [rows, C] sum x + update (unit column stride); unused unless HAS_UPDATE
-    Y,  # pointer to y[0, 0] of the [rows, C] normalised output (unit column stride)
+    X,  # pointer to x, logical [B, N, C]: element (b, n, c) at b*stride_xb + n*stride_xn + c*stride_xc
+    U,  # pointer to update, [B, N, C] through the stride_u* strides; unused unless HAS_UPDATE
+    S,  # pointer to s = x + update, [B, N, C] through the stride_s* strides; unused unless HAS_UPDATE
+    Y,  # pointer to y, the normalised [B, N, C] output, through the stride_y* strides
     W,  # pointer to weight [C], contiguous; unused unless HAS_WEIGHT
     B,  # pointer to bias [C], contiguous; unused unless HAS_BIAS
-    n_rows,  # rows (product of the leading dims)
+    n_rows,  # rows, B * N
+    N,  # rows per batch item (tokens)
     C,  # row width: the normalised dim
-    stride_xm,  # elements between rows of x
-    stride_um,  # elements between rows of update
-    stride_sm,  # elements between rows of s
-    stride_ym,  # elements between rows of y
+    stride_xb,  # x: elements between batch items
+    stride_xn,  # x: elements between rows (tokens) of one batch item
+    stride_xc,  # x: elements between columns (1 in a channels_last or row-major stream)
+    stride_ub,  # update: as x's three strides
+    stride_un,
+    stride_uc,
+    stride_sb,  # s: as x's three strides
+    stride_sn,
+    stride_sc,
+    stride_yb,  # y: as x's three strides
+    stride_yn,
+    stride_yc,
     eps,  # added to the variance before the reciprocal square root
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_C: tl.constexpr,  # lanes per row, a power of two >= C
@@ -73,13 +84,15 @@ def _layer_norm_kernel(
     cols = tl.arange(0, BLOCK_C)
     col_mask = cols < C
     mask = (rows < n_rows)[:, None] & col_mask[None, :]
-    rows = rows.to(tl.int64)  # rows * stride passes 2**31 at large batches of SDXL tokens
-    x = tl.load(X + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+    # 64-bit offsets: batch * stride passes 2**31 at large batches of SDXL tokens.
+    batch = (rows // N).to(tl.int64)[:, None]
+    token = (rows % N).to(tl.int64)[:, None]
+    x = tl.load(X + batch * stride_xb + token * stride_xn + cols[None, :] * stride_xc, mask=mask, other=0.0)
     if HAS_UPDATE:
-        u = tl.load(U + rows[:, None] * stride_um + cols[None, :], mask=mask, other=0.0)
+        u = tl.load(U + batch * stride_ub + token * stride_un + cols[None, :] * stride_uc, mask=mask, other=0.0)
         # Rounded to the storage dtype, then normalised as stored: y is layer_norm of the s we return.
         x = (x.to(tl.float32) + u.to(tl.float32)).to(S.dtype.element_ty)
-        tl.store(S + rows[:, None] * stride_sm + cols[None, :], x, mask=mask)
+        tl.store(S + batch * stride_sb + token * stride_sn + cols[None, :] * stride_sc, x, mask=mask)
     x = x.to(tl.float32)
     mean = tl.sum(x, axis=1) / C
     centred = tl.where(mask, x - mean[:, None], 0.0)
@@ -89,7 +102,8 @@ def _layer_norm_kernel(
         y = y * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         y = y + tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + rows[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    y_ptrs = Y + batch * stride_yb + token * stride_yn + cols[None, :] * stride_yc
+    tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @dataclass(frozen=True)
@@ -148,14 +162,18 @@ def _check_inputs(x, update, weight, bias, eps, op: str) -> None:
         )
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x as [rows, C] with unit column stride, a view where the strides allow it."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+def _as_3d(t: torch.Tensor, output: str | None = None) -> torch.Tensor:
+    """t [..., N, C] as [B, N, C], a view where the strides allow; else a contiguous copy of an input,
+    and an error for an `output` (a copy would lose what the kernel writes)."""
+    if t.dim() < 3:
+        return t.view((1,) * (3 - t.dim()) + tuple(t.shape))
     try:
-        return x.view(-1, x.shape[-1])
+        return t.view(-1, *t.shape[-2:])
     except RuntimeError:  # leading dims that do not flatten
-        return x.contiguous().view(-1, x.shape[-1])
+        if output is not None:
+            message = f"layer_norm.launch: the leading dims of {output} (strides {t.stride()}) do not flatten"
+            raise ValueError(message) from None
+        return t.contiguous().view(-1, *t.shape[-2:])
 
 
 def launch(
@@ -168,36 +186,38 @@ def launch(
     s: torch.Tensor | None = None,
     config: LayerNormConfig | None = None,
 ) -> None:
-    """Run the kernel on [rows, C] tensors with unit column stride: y = layer_norm(x), or with `update`,
+    """Run the kernel on [..., C] tensors of one shape, any strides: y = layer_norm(x), or with `update`,
     s = x + update and y = layer_norm(s). `config` overrides the chosen one (tests use it)."""
-    n_rows, width = x.shape
     for name, t in (("y", y), ("update", update), ("s", s)):
-        if t is not None and (t.shape != x.shape or t.stride(1) != 1):
-            raise ValueError(
-                f"layer_norm.launch: {name} must be [{n_rows}, {width}] with unit column stride like x, "
-                f"got {tuple(t.shape)} strides {t.stride()}"
-            )
-    if x.stride(1) != 1 or (update is None) != (s is None):
-        raise ValueError("layer_norm.launch: x needs unit column stride, and update and s come together")
-    if n_rows == 0:
+        if t is not None and t.shape != x.shape:
+            raise ValueError(f"layer_norm.launch: {name} must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
+    if (update is None) != (s is None):
+        raise ValueError("layer_norm.launch: update and s come together")
+    if x.numel() == 0:
         return
+    x3, y3 = _as_3d(x), _as_3d(y, "y")
+    u3 = _as_3d(update) if update is not None else x3
+    s3 = _as_3d(s, "s") if s is not None else y3
+    batch, tokens, width = x3.shape
+    n_rows = batch * tokens
     cfg = config or choose_config(n_rows, width)
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _layer_norm_kernel[(triton.cdiv(n_rows, cfg.block_m),)](
-            x,
-            update if update is not None else x,
-            s if s is not None else y,
-            y,
-            weight if weight is not None else x,
-            bias if bias is not None else x,
+            x3,
+            u3,
+            s3,
+            y3,
+            weight if weight is not None else x3,
+            bias if bias is not None else x3,
             n_rows,
+            tokens,
             width,
-            x.stride(0),
-            update.stride(0) if update is not None else 0,
-            s.stride(0) if s is not None else 0,
-            y.stride(0),
+            *x3.stride(),
+            *u3.stride(),
+            *s3.stride(),
+            *y3.stride(),
             float(eps),
             BLOCK_M=cfg.block_m,
             BLOCK_C=cfg.block_c,
@@ -208,10 +228,16 @@ def launch(
         )
 
 
+def _residual_like(x: torch.Tensor) -> torch.Tensor:
+    """s is the residual stream: it keeps x's layout, as torch's `x + update` does (the tokens of an NCHW
+    model's stream stay strided, a row-major stream stays row-major). Past 3 dims: row-major."""
+    return torch.empty_like(x) if x.dim() <= 3 else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 @torch.library.custom_op("sd_kernels::layer_norm", mutates_args=())
 def _layer_norm_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    launch(_rows(x), weight, bias, eps, y.view(-1, x.shape[-1]))
+    launch(x, weight, bias, eps, y)
     return y
 
 
@@ -224,16 +250,14 @@ def _layer_norm_fake(x, weight, bias, eps):
 def _add_layer_norm_op(
     x: torch.Tensor, update: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    s = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    width = x.shape[-1]
-    launch(_rows(x), weight, bias, eps, y.view(-1, width), update=_rows(update), s=s.view(-1, width))
+    s, y = _residual_like(x), torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    launch(x, weight, bias, eps, y, update=update, s=s)
     return s, y
 
 
 @_add_layer_norm_op.register_fake
 def _add_layer_norm_fake(x, update, weight, bias, eps):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return _residual_like(x), torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 def layer_norm(
@@ -312,15 +336,13 @@ def _aot_entry(n_rows: int, width: int, dtype: torch.dtype, fused: bool, affine:
         W=dtype,
         B=dtype,
         n_rows=n_rows,
+        N=n_rows,
         C=width,
-        stride_xm=width,
-        stride_um=width,
-        stride_sm=width,
-        stride_ym=width,
         eps=1e-5,
+        **{f"stride_{t}{axis}": step for t in "xusy" for axis, step in (("b", n_rows * width), ("n", width), ("c", 1))},
     )
     constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, HAS_UPDATE=fused, HAS_WEIGHT=affine, HAS_BIAS=affine)
-    return aot.config(_layer_norm_kernel, args, constexprs, cfg.num_warps, 3, ("n_rows",))
+    return aot.config(_layer_norm_kernel, args, constexprs, cfg.num_warps, 3, ("n_rows", "N"))
 
 
 def aot_configs() -> list[aot.AotConfig]:

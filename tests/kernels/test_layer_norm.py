@@ -158,6 +158,22 @@ def test_public_ops_keep_leading_dims_and_read_strided_rows():
     _assert_normalised(strided.reshape(-1, 320), weight, bias, ln.layer_norm(strided, weight, bias).reshape(-1, 320))
 
 
+def test_strided_token_streams_are_read_in_place_and_s_keeps_their_layout():
+    # The tokens of an NCHW activation, [B, H*W, C] with column stride H*W (Transformer2DModel's view of an
+    # NCHW model's stream), and a 4-D [B, H, W, C] stream whose leading dims flatten.
+    x, update, weight, bias = _random(2 * 5 * 6, 64, torch.float16)
+    nchw = x.view(2, 30, 64).transpose(1, 2).contiguous()  # [2, 64, 30]
+    tokens = nchw.transpose(1, 2)
+    assert tokens.stride() == (64 * 30, 1, 30)
+    upd = update.view(2, 30, 64)
+    s, y = ln.add_layer_norm(tokens, upd, weight, bias)
+    assert s.stride() == tokens.stride() and y.is_contiguous()
+    assert torch.equal(s, tokens + upd)
+    _assert_normalised(s.reshape(60, 64), weight, bias, y.view(60, 64))
+    s4, y4 = ln.add_layer_norm(x.view(2, 5, 6, 64), update.view(2, 5, 6, 64), weight, bias)
+    assert torch.equal(s4.view(60, 64), s.reshape(60, 64)) and torch.equal(y4.view(60, 64), y.view(60, 64))
+
+
 def test_config_shrinks_row_blocks_only_to_fill_the_grid():
     assert ln.choose_config(2 * 64 * 64, 320) == ln.LayerNormConfig(block_m=8, block_c=512, num_warps=4)
     assert ln.choose_config(2 * 8 * 8, 1280) == ln.LayerNormConfig(block_m=1, block_c=2048, num_warps=4)
@@ -208,7 +224,7 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
 
 def test_launch_rejects_mismatched_outputs():
     x, update, weight, bias = _random(4, 64, torch.float16)
-    with pytest.raises(ValueError, match=r"y must be \[4, 64\]"):
+    with pytest.raises(ValueError, match=r"y must have x's shape \(4, 64\)"):
         ln.launch(x, weight, bias, 1e-5, _tensor(4, 32))
     with pytest.raises(ValueError, match="update and s come together"):
         ln.launch(x, weight, bias, 1e-5, _poisoned(x), update=update)
