@@ -74,7 +74,7 @@ def test_fused_block_matches_the_fp64_block_like_torch_does(dtype, atol, only_cr
     with torch.no_grad():
         expected = reference(x, context)
         error = (ours(x.to(dtype), context.to(dtype)).double() - expected).abs().max().item()
-        torch_error = (_block(dtype, only_cross_attention)(x.to(dtype), context.to(dtype)).double() - expected)
+        torch_error = _block(dtype, only_cross_attention)(x.to(dtype), context.to(dtype)).double() - expected
     assert error <= 2 * torch_error.abs().max().item() + atol
 
 
