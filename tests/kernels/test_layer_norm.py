@@ -178,6 +178,7 @@ def test_config_shrinks_row_blocks_only_to_fill_the_grid():
     assert ln.choose_config(2 * 64 * 64, 320) == ln.LayerNormConfig(block_m=8, block_c=512, num_warps=4)
     assert ln.choose_config(2 * 8 * 8, 1280) == ln.LayerNormConfig(block_m=1, block_c=2048, num_warps=4)
     assert ln.choose_config(4, ln.MAX_WIDTH).num_warps == 8
+    assert ln.choose_config(2 * 8 * 8, 1000).num_warps == 8  # a width the JIT cannot prove aligned
 
 
 def test_fakes_give_the_output_shapes_without_running():
