@@ -70,6 +70,8 @@ _CATEGORIES = {
     "sd_kernels.group_norm": "norm",
     "sd_kernels.group_norm_out": "norm",
     "aten.native_layer_norm": "norm",
+    "sd_kernels.layer_norm": "norm",
+    "sd_kernels.add_layer_norm": "norm",
     "sd_kernels.geglu": "geglu",
     "aten.gelu": "elementwise",
     "aten.silu": "elementwise",
@@ -149,6 +151,20 @@ def _geglu_cost(args, out):
     return 0, _bytes(args[0]), _bytes(out), 1
 
 
+def _layer_norm_cost(args, out):
+    # One pass: each row read once (held in registers for both statistics passes), y written once.
+    x, weight, bias = args[:3]
+    params = sum(_bytes(t) for t in (weight, bias) if t is not None)
+    return 0, _bytes(x) + params, _bytes(x), 1
+
+
+def _add_layer_norm_cost(args, out):
+    # One pass: x and the update read once; the sum s (the new residual stream) and y = LN(s) written.
+    x, update, weight, bias = args[:4]
+    params = sum(_bytes(t) for t in (weight, bias) if t is not None)
+    return 0, _bytes(x) + _bytes(update) + params, 2 * _bytes(x), 1
+
+
 # Our kernels' custom ops: op -> (args, out or None) -> (flops, bytes read, bytes written, launches).
 _CUSTOM: dict[str, Callable] = {
     "sd_kernels.attention": _attention_cost,
@@ -156,6 +172,8 @@ _CUSTOM: dict[str, Callable] = {
     "sd_kernels.group_norm": _group_norm_cost,
     "sd_kernels.group_norm_out": _group_norm_cost,
     "sd_kernels.geglu": _geglu_cost,
+    "sd_kernels.layer_norm": _layer_norm_cost,
+    "sd_kernels.add_layer_norm": _add_layer_norm_cost,
 }
 
 
