@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from benchmarks import census
-from benchmarks.op_census import OpRecord
+from runtime.bench import census
+from runtime.bench.op_census import OpRecord
 
 
 @pytest.fixture(scope="module")
