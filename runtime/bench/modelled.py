@@ -6,7 +6,9 @@ the entry holds the modelled step (target, modelled_ms, launches, gb_moved, grap
 and `measured_over_modelled`. The target is the GPU the row ran on where the census has one of its name
 (H100, H200), else `--census-target`; when the row did not run on that target (a CPU run, another GPU) or
 not in half precision, `caveat` says so and the ratio measures nothing about the model. Otherwise the entry
-is `{"reason": ...}`, no modelled fields.
+is `{"reason": ...}`, no modelled fields (also where the census itself fails: the measurement goes on).
+The census models the UNet's share of a step; a measured step interval also holds the sampler's update and
+the step callback's device sync (a few small launches).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def device_target(device: str) -> str | None:
     return census.target_for_device(torch.cuda.get_device_name(device))
 
 
-def _configs(source: str) -> dict | None:
+def component_configs(source: str) -> dict | None:
     """The component configs (config.json per component) of a diffusers folder, or None for a single file."""
     folder = pathlib.Path(source)
     if not (folder / "unet" / "config.json").is_file():
@@ -45,7 +47,7 @@ def modelled_steps(config, source: str, backends: list[str], target_key: str | N
     """backend -> the modelled step entry (measured fields still absent) for each backend of the run."""
     on_device = device_target(config.device)
     target_key = on_device or target_key
-    configs = _configs(source)
+    configs = component_configs(source)
     entries = {}
     for backend in dict.fromkeys(backends):
         if backend not in census.BACKENDS:
@@ -60,7 +62,11 @@ def modelled_steps(config, source: str, backends: list[str], target_key: str | N
         else:
             target = census.TARGETS[target_key]
             request = census.Request(configs, config.width, config.height, config.batch, config.guidance > 1)
-            step = census.modelled_step(request, backend, target)
+            try:
+                step = census.modelled_step(request, backend, target)
+            except Exception as err:  # noqa: BLE001 -- a model we cannot count must not cost the measurement
+                entries[backend] = {"reason": f"the census failed: {type(err).__name__}: {err}"}
+                continue
             caveats = []
             if on_device != target_key:
                 caveats.append(f"measured on {config.device}, modelled for {target.name}")
