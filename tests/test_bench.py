@@ -68,6 +68,15 @@ def test_exported_backend_agrees_with_the_fp32_reference(bench_json):
     assert ort_row["psnr_db"] == "inf" or ort_row["psnr_db"] >= 40.0
 
 
+def test_cpu_rows_say_why_they_carry_no_modelled_step(bench_json):
+    # No --census-target: a CPU has no census target (runtime/bench/modelled.py's rule), ONNX no census.
+    _, payload = bench_json
+    torch_row, ort_row = payload["rows"]
+    assert set(torch_row["modelled_step"]) == {"reason"}
+    assert "no census target for cpu" in torch_row["modelled_step"]["reason"]
+    assert ort_row["modelled_step"] == {"reason": "the census does not model the onnxruntime backend"}
+
+
 def test_bench_rejects_too_few_timed_steps(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--step-iters", "5"])

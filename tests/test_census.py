@@ -1,5 +1,5 @@
-"""The census (benchmarks/census.py) counts what the real networks do, checked against facts derivable
-by hand from the SD 1.5 / 2.1 architectures. No timing is asserted: modelled times are only reported."""
+"""The census (runtime/bench/census.py) counts what the real networks do, checked against facts derivable
+by hand from the SD 1.5 / 2.1 / SDXL architectures. No timing is asserted: modelled times are only reported."""
 
 import json
 import math
@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from benchmarks import census
-from benchmarks.op_census import OpRecord
+from runtime import bench
+from runtime.bench import census
+from runtime.bench.op_census import OpRecord
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,8 @@ def test_main_writes_json_with_modelled_rows(tmp_path, capsys):
     assert "modelled" in printed.splitlines()[0] and "top 15 ops by modelled time" in printed
     payload = json.loads(out.read_text())
     assert payload["modelled"] is True and payload["target"]["name"] == "H200"
-    rows = {r["network"]: r for r in payload["results"]}
+    assert payload["schema"] == "sd-runtime.bench/1" and payload["benchmark"] == "runtime.bench census"
+    rows = {r["network"]: r for r in payload["rows"]}
     assert set(rows) == {"context_kv", "unet_step", "vae_decode", "text_encoder"}
     assert not rows["context_kv"]["graphed"]  # once per request, eagerly
     assert rows["vae_decode"]["graphed"] and rows["text_encoder"]["graphed"]  # runtime/graph_calls.py
@@ -140,8 +142,8 @@ def test_diffusers_unet_does_the_same_matrix_work(counted):
 )
 @pytest.mark.parametrize("use_out", [False, True], ids=["functional", "out"])
 def test_group_norm_cost_follows_the_launchers_plan_and_counts_the_shift(shape, launches, reads, use_out):
-    from benchmarks.op_census import count_ops
     from kernels.group_norm import group_norm
+    from runtime.bench.op_census import count_ops
 
     def call():
         x = torch.empty(shape, device="meta", dtype=torch.float16).to(memory_format=torch.channels_last)
@@ -156,3 +158,76 @@ def test_group_norm_cost_follows_the_launchers_plan_and_counts_the_shift(shape, 
     assert record.launches == launches
     assert record.bytes_read == reads * x_bytes + 3 * channel_bytes  # weight, bias and the broadcast shift
     assert record.bytes_written == x_bytes
+
+
+def test_bench_census_subcommand_and_its_one_line_errors(tmp_path, capsys):
+    out = tmp_path / "census.json"
+    assert bench.main(["census", "--models", "sd15", "--backends", "torch", "--top", "none", "--json", str(out)]) == 0
+    assert "modelled" in capsys.readouterr().out.splitlines()[0]
+    assert {r["network"] for r in json.loads(out.read_text())["rows"]} >= {"unet_step", "vae_decode"}
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["census", "--target", "a100"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: argument --target: invalid choice") and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- SDXL at 1024²
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    """SDXL's networks on our torch backend, and the triton backend's guided step."""
+    request = census.Request.of_model("sdxl")
+    return census.count_request(request, "torch"), census.count_request(request, "triton", ("unet_step",))
+
+
+def test_sdxl_step_has_46_groupnorms_and_140_attentions(sdxl):
+    ours, triton = sdxl
+    records, graphed = ours["unet_step"]
+    # 17 resnets (2 + 2 + 2 down, 2 mid, 3 x 3 up) x 2 norms + 11 transformers x 1 + conv_norm_out = 46;
+    # transformer depths 2 at 640 and 10 at 1280: 2x2 + 2x10 down, 10 mid, 3x10 + 3x2 up = 70 blocks.
+    assert not graphed
+    assert len(_ops(records, "aten.native_group_norm")) == 46
+    assert len(_ops(records, "sdpa")) == 140
+    assert len(_ops(records, "aten.native_layer_norm")) == 3 * 70
+    # Self-attention at 640 channels (64x64 = 4096 tokens of the 128² latent, 10 heads of 64): 2 transformers
+    # of depth 2 down, 3 up; the first level (320) has none.
+    self_attention = [r for r in _ops(records, "sdpa") if r.shapes.count("2x10x4096x64") == 3]
+    assert len(self_attention) == 2 * 2 + 3 * 2
+    assert all(r.flops == 2 * 2 * 10 * 4096 * 4096 * (64 + 64) for r in self_attention)
+    triton_records, triton_graphed = triton["unet_step"]
+    assert triton_graphed and len(_ops(triton_records, "sd_kernels.group_norm")) == 46
+    assert sum(r.flops for r in triton_records) == sum(r.flops for r in records)
+
+
+def test_sdxl_step_reads_the_added_conditioning(sdxl):
+    records, _ = sdxl[0]["unet_step"]
+    # add_embedding.linear_1: [text_embeds (1280); 6 time ids x 256 sinusoids] = 2816 -> 1280, guided batch 2.
+    (linear,) = [r for r in _ops(records, "aten.addmm") if "2x2816" in r.shapes]
+    assert linear.flops == 2 * 2 * 2816 * 1280
+
+
+def test_sdxl_text_encoders_and_fp32_vae_decode(sdxl):
+    ours, _ = sdxl
+    # CLIP-L (12 layers) and OpenCLIP bigG (32 layers), each run in full on the guided [uncond; cond] ids.
+    assert len(_ops(ours["text_encoder"][0], "sdpa")) == 12
+    assert len(_ops(ours["text_encoder_2"][0], "sdpa")) == 32
+    projection = [r for r in ours["text_encoder_2"][0] if r.op == "aten.mm" and r.shapes == "2x1280 1280x1280"]
+    assert len(projection) == 1  # text_projection of the pooled token (no bias)
+    # The pipeline upcasts SDXL's VAE (force_upcast): the decoder's conv_in reads fp32 latents at 128².
+    vae, _ = ours["vae_decode"]
+    (conv_in,) = [r for r in _ops(vae, "aten.convolution") if r.shapes.startswith("1x4x128x128 512x4x3x3")]
+    assert conv_in.bytes_read == 4 * (4 * 128 * 128 + 512 * 4 * 9)
+    request = census.Request.of_model("sdxl")
+    assert census.network_dtype(request, "vae_decode") == "fp32"
+    assert census.network_dtype(request, "unet_step") == "fp16"
+
+
+def test_sdxl_diffusers_unet_does_the_same_matrix_work(sdxl):
+    pytest.importorskip("diffusers")
+    ((records, _),) = census.count_request(census.Request.of_model("sdxl"), "diffusers").values()
+    assert len(_ops(records, "aten.native_group_norm")) == 46 and len(_ops(records, "sdpa")) == 140
+    ours, _ = sdxl
+    (projection,), _ = ours["context_kv"]
+    assert sum(r.flops for r in records) == sum(r.flops for r in ours["unet_step"][0]) + projection.flops

@@ -1,5 +1,7 @@
 """diffusers' own StableDiffusionPipeline (SDPA attention, eager) as a baseline row of the benchmark;
-StableDiffusionXLPipeline for SDXL models.
+StableDiffusionXLPipeline for SDXL models. The `diffusers-compile` row is the same pipeline with its UNet
+under torch.compile as diffusers' docs set it up (the row users would pick instead of eager); opt-in by
+its name in --backends, as a compile takes minutes on a CPU.
 
 It loads the same diffusers folder our backends load and answers the calls the benchmark makes of a
 Pipeline (generate, encode_prompt, decode_latents), so it is measured in exactly the same way.
@@ -94,11 +96,26 @@ def _sdxl_class():
     return diffusers.StableDiffusionXLPipeline
 
 
-def diffusers_pipeline(master, config) -> DiffusersBaseline:
+BASELINE = "diffusers"
+COMPILED = "diffusers-compile"
+ROWS = (BASELINE, COMPILED)
+
+
+def compile_unet(unet, device: str):
+    """torch.compile as diffusers' torch 2.0 guide sets it: channels_last, "reduce-overhead" (CUDA graphs)
+    on a GPU. No inductor config flags: those are process-wide and would change every other row too."""
+    if device.startswith("cuda"):
+        unet = unet.to(memory_format=torch.channels_last)
+        return torch.compile(unet, mode="reduce-overhead", fullgraph=True)
+    return torch.compile(unet, fullgraph=True)
+
+
+def diffusers_pipeline(master, config, compiled: bool = False) -> DiffusersBaseline:
     """diffusers' StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL) with the master's weights, in
-    config.dtype on config.device: loaded from the master's diffusers folder, or, where that folder holds no
-    weight files (random weights built in memory), built from its configs and the master networks' state dicts (our
-    networks use diffusers' and transformers' keys)."""
+    config.dtype on config.device, its UNet under torch.compile if `compiled`: loaded from the master's
+    diffusers folder, or, where that folder holds no weight files (random weights built in memory), built
+    from its configs and the master networks' state dicts (our networks use diffusers' and transformers'
+    keys)."""
     import diffusers
 
     source = Path(master.source)
@@ -121,7 +138,10 @@ def diffusers_pipeline(master, config) -> DiffusersBaseline:
     else:
         pipe = _pipeline_from_master(master, source)
     pipe.to(config.device, dtype)
-    return DiffusersBaseline(pipe, config.device)
+    baseline = DiffusersBaseline(pipe, config.device)  # reads the UNet's dtype before it is wrapped
+    if compiled:
+        pipe.unet = compile_unet(pipe.unet, config.device)  # compiles lazily: the first step pays for it
+    return baseline
 
 
 def _pipeline_from_master(master, source: Path):

@@ -8,6 +8,9 @@ reference, and each step-time ratio to the torch and diffusers rows taken round 
 range). `--self-check` runs one backend as two rows: their ratio shows the bench's own noise.
 `--lora PATH` / `--lora-rank R` add LoRA swap timings (runtime/bench/lora_swap.py). A mistake in the
 options prints one line (`error: ...`) and exits 2, before anything is built.
+
+`python -m runtime.bench census [--models ..] [--target ..] [--json F]`: what each backend's networks cost
+on a GPU, modelled on meta tensors in seconds (runtime/bench/census.py).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import time
 import torch
 
 from runtime.backends import BACKENDS
-from runtime.bench import lora_swap
+from runtime.bench import baselines, census, lora_swap
 from runtime.bench.measure import (
     BenchConfig,
     build_row,
@@ -35,6 +38,7 @@ from runtime.bench.measure import (
     run_round,
     summarize,
 )
+from runtime.bench.modelled import modelled_steps
 from runtime.bench.models import available_backends, build_master
 from runtime.bench.presets import PRESETS, preset_run
 from runtime.bench.results import write_result
@@ -44,6 +48,7 @@ from runtime.one_line_parser import EXIT_USAGE, OneLineParser
 from runtime.schedulers import SCHEDULER_NAMES
 
 EXIT_INTERRUPTED = 130
+COMPILED = baselines.COMPILED
 
 
 def default_config(device: str) -> BenchConfig:
@@ -78,7 +83,8 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, list[str], str | No
     p.add_argument(
         "--backends",
         default=None,
-        help="comma-separated (default: every one available here, plus diffusers if installed)",
+        help="comma-separated (default: every one available here, plus diffusers if installed; "
+        "diffusers-compile, its UNet under torch.compile, only when named)",
     )
     p.add_argument(
         "--engine-dir",
@@ -99,6 +105,12 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, list[str], str | No
     lora = p.add_mutually_exclusive_group()
     lora.add_argument("--lora", help="also time swapping this LoRA .safetensors on the torch / triton rows")
     lora.add_argument("--lora-rank", type=int, help="also time LoRA swaps, with a random LoRA of this rank")
+    p.add_argument(
+        "--census-target",
+        choices=sorted(census.TARGETS),
+        help="the GPU whose modelled step time each row carries where the device is not one the census "
+        "models (a CPU run: the ratio then says nothing of the model; runtime/bench/modelled.py)",
+    )
     args = p.parse_args(argv)
     if args.preset == "sdxl" and not args.device.startswith("cuda") and not args.model:
         p.error("--preset sdxl is the full SDXL base at 1024² for GPUs; on the CPU use --preset tiny-sdxl")
@@ -136,6 +148,7 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, list[str], str | No
         rounds=args.rounds,
         lora=args.lora,
         lora_rank=args.lora_rank,
+        census_target=args.census_target,
     )
     if args.self_check:
         backends = args.backends.split(",") if args.backends else ["torch"]
@@ -144,7 +157,7 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, list[str], str | No
         backends = backends * 2
     else:
         backends = args.backends.split(",") if args.backends else available_backends(args.device)
-    known = [*BACKENDS, "diffusers"]
+    known = [*BACKENDS, *baselines.ROWS]
     unknown = [name for name in backends if name not in known]
     if unknown:
         p.error(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(known)}")
@@ -202,9 +215,20 @@ def format_table(rows: list[dict]) -> str:
             f"{peak:>9}{psnr:>9}"
         )
     for r in rows:
-        ratio = r.get("ratio_to_diffusers")
-        if ratio is not None and r["backend"] != "diffusers":
-            lines.append(f"{r['label']} / diffusers step time: {_ratio_text(ratio)} over {ratio['rounds']} rounds")
+        for key, name in (("ratio_to_diffusers", baselines.BASELINE), ("ratio_to_diffusers_compile", COMPILED)):
+            ratio = r.get(key)
+            if ratio is not None and r["backend"] != name:
+                lines.append(f"{r['label']} / {name} step time: {_ratio_text(ratio)} over {ratio['rounds']} rounds")
+    for r in rows:
+        if r["backend"] == COMPILED and "error" not in r:
+            lines.append(f"{r['label']}: torch.compile took {r['first_step_s']:.1f} s (first step, not timed above)")
+        modelled = r.get("modelled_step") or {}
+        if "modelled_ms" in modelled:
+            note = f" ({modelled['caveat']})" if modelled["caveat"] else ""
+            lines.append(
+                f"{r['label']}: step {modelled['measured_ms']:.2f} ms measured, {modelled['modelled_ms']:.2f} ms "
+                f"modelled for {modelled['target']}, ratio {modelled['measured_over_modelled']:.2f}{note}"
+            )
     return "\n".join(lines)
 
 
@@ -229,6 +253,9 @@ def _ratio_text(ratio: dict | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["census"]:  # the one subcommand; every other first word is the bench's own options
+        return census.main(argv[1:])
     config, backends, json_path = parse_args(argv)
     try:
         return _run(config, backends, json_path)
@@ -253,6 +280,8 @@ def _run(config: BenchConfig, backends: list[str], json_path: str | None) -> int
         if config.engine_dir is None:
             config = dataclasses.replace(config, engine_dir=str(pathlib.Path(scratch) / "engines"))
         master = build_master(config, pathlib.Path(scratch))
+        # On meta tensors (seconds, no device memory), before any row is built or timed.
+        modelled = modelled_steps(config, master.source, backends, config.census_target)
         # The fp32 reference: an fp32 torch row's own warm-up images, else a pipeline of its own that is
         # gone before the rows are built (no row runs beside its memory).
         reuse = config.dtype == "fp32" and "torch" in backends
@@ -268,7 +297,7 @@ def _run(config: BenchConfig, backends: list[str], json_path: str | None) -> int
             reference = next((r.images for r in rows if r.backend == "torch" and r.images is not None), None)
 
         def results() -> list[dict]:
-            return [summarize(row, rows, config, reference) for row in rows]
+            return [summarize(row, rows, config, reference, modelled) for row in rows]
 
         if json_path:  # the builds (and their failures) are kept even if no round finishes
             write_result(json_path, "runtime.bench", config.as_dict(), results(), rounds=rounds_log)

@@ -19,6 +19,8 @@ import time
 import numpy as np
 import torch
 
+from runtime.bench import baselines
+from runtime.bench.modelled import beside
 from runtime.bench.models import pipeline_for
 from runtime.bench.rounds import round_ratios, spread
 from runtime.images import psnr
@@ -48,6 +50,7 @@ class BenchConfig:
     rounds: int | None = None  # None: enough rounds of `steps` images for `step_iters` intervals, 3 at least
     lora: str | None = None  # a LoRA file whose swaps are timed (runtime/bench/lora_swap.py)
     lora_rank: int | None = None  # or the rank of a random LoRA to time instead
+    census_target: str | None = None  # the census target modelled where the device is none (runtime/bench/modelled.py)
 
     @property
     def round_count(self) -> int:
@@ -151,6 +154,8 @@ class Row:
     wall_s: float = 0.0  # build, warm-up and timed work of this row
     cpu_s: float = 0.0  # process CPU time spent in them
     rss_after_build_mb: float | None = None
+    first_step_s: float | None = None  # warm-up image's start to its first step: first-call compiles, capture
+    warmup_image_s: float | None = None
     peak_mem_mb: float | None = None  # GPU: this row's weights and its warm-up image's peak
     step_ms: list[list[float]] = dataclasses.field(default_factory=list)  # [round] -> step intervals
     e2e_ms: list[list[float]] = dataclasses.field(default_factory=list)
@@ -196,10 +201,8 @@ def build_row(label: str, backend: str, order: int, master, config: BenchConfig)
     try:
         with _Charged(row):
             start = time.perf_counter()
-            if backend == "diffusers":
-                from runtime.bench.baselines import diffusers_pipeline
-
-                row.pipe = diffusers_pipeline(master, config)
+            if backend in baselines.ROWS:
+                row.pipe = baselines.diffusers_pipeline(master, config, compiled=backend == baselines.COMPILED)
             else:
                 # Each exported backend keeps its own artifacts (their dtypes and tools differ).
                 engine_dir = None if config.engine_dir is None else str(pathlib.Path(config.engine_dir) / label)
@@ -207,8 +210,17 @@ def build_row(label: str, backend: str, order: int, master, config: BenchConfig)
             row.build_s = time.perf_counter() - start
             if on_gpu:
                 torch.cuda.reset_peak_memory_stats(device)
-            row.images = _generate(row.pipe, config)
+            stamps: list[float] = []
+
+            def on_step(*_):
+                _sync(device)
+                stamps.append(time.perf_counter())
+
+            start = time.perf_counter()
+            row.images = _generate(row.pipe, config, on_step)
             _sync(device)
+            # Timed apart from the steps: torch.compile compiles (and the triton backend captures) here.
+            row.first_step_s, row.warmup_image_s = stamps[0] - start, time.perf_counter() - start
             if on_gpu:
                 row.peak_mem_mb = (torch.cuda.max_memory_allocated(device) - held_before) / 2**20
             factor = row.pipe.vae_scale_factor
@@ -260,15 +272,20 @@ def _flat(per_round: list[list[float]]) -> list[float]:
     return [x for samples in per_round for x in samples]
 
 
-def summarize(row: Row, rows: list[Row], config: BenchConfig, reference: np.ndarray | None) -> dict:
-    """The row's result: medians and spreads, per-round ratios to the torch and diffusers rows, PSNR,
-    and what could bias it."""
+def summarize(
+    row: Row, rows: list[Row], config: BenchConfig, reference: np.ndarray | None, modelled: dict | None = None
+) -> dict:
+    """The row's result: medians and spreads, per-round ratios to the torch and both diffusers rows, PSNR,
+    the census's modelled step beside the measured one (`modelled`: backend -> modelled.modelled_steps'
+    entry), and what could bias it."""
     bias = {
         "order": row.order,
         "build_s": row.build_s,
         "wall_s": row.wall_s,
         "cpu_s": row.cpu_s,
         "rss_after_build_mb": row.rss_after_build_mb,
+        "first_step_s": row.first_step_s,  # diffusers-compile: its compile time (holds one prompt encode)
+        "warmup_image_s": row.warmup_image_s,
         "peak_rss_mb": peak_rss_mb(),
     }
     if row.error is not None or not _flat(row.step_ms):
@@ -279,7 +296,12 @@ def summarize(row: Row, rows: list[Row], config: BenchConfig, reference: np.ndar
         for key, attr in (("text_encode_ms", "text_ms"), ("vae_decode_ms", "vae_ms"), ("end_to_end_ms", "e2e_ms"))
     }
     ratios = {}
-    for key, backend in (("ratio_to_torch", "torch"), ("ratio_to_diffusers", "diffusers")):
+    baselines_of = (
+        ("ratio_to_torch", "torch"),
+        ("ratio_to_diffusers", baselines.BASELINE),
+        ("ratio_to_diffusers_compile", baselines.COMPILED),
+    )
+    for key, backend in baselines_of:
         baseline = next((r for r in rows if r.backend == backend and r.error is None and r.step_ms), None)
         ratios[key] = None if baseline is None else round_ratios(row.step_ms, baseline.step_ms)
         if ratios[key] is not None:
@@ -295,5 +317,6 @@ def summarize(row: Row, rows: list[Row], config: BenchConfig, reference: np.ndar
         **ratios,
         "peak_mem_mb": row.peak_mem_mb,
         "psnr_db": None if is_reference or reference is None else psnr(row.images, reference),
+        "modelled_step": beside((modelled or {}).get(row.backend), step["median"]),
         **bias,
     }

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from benchmarks.op_census import count_ops
 from runtime.backends.fused_qkv import FusedQKVAttention
 from runtime.backends.triton_backend import prepare_triton
 from runtime.backends.triton_transformer import TritonTransformerBlock
+from runtime.bench.op_census import count_ops
 from runtime.bench.presets import perturb_, preset_configs
 from runtime.default_configs import sdxl_bench_preset
 from runtime.models.blocks import BasicTransformerBlock
