@@ -28,7 +28,9 @@ def _compile_all(module: str) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("module", ["kernels.group_norm", "kernels.attention", "kernels.geglu"])
+@pytest.mark.parametrize(
+    "module", ["kernels.group_norm", "kernels.attention", "kernels.geglu", "kernels.bias_residual_add"]
+)
 def test_sm90_sass_has_no_spills_and_fits_shared_memory(module):
     rows = _compile_all(module)
     assert rows, f"{module}.aot_configs() is empty"
