@@ -32,7 +32,7 @@ class PointwiseConv2d(nn.Conv2d):
     """nn.Conv2d (1x1) whose channels_last inputs run as F.linear on the NHWC view; same state-dict keys."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:  # the conv's own error names what is wrong
             return super().forward(x)
         nhwc = x.permute(0, 2, 3, 1)
         if not nhwc.is_contiguous():
