@@ -70,6 +70,10 @@ class TimeProjection(nn.Module):
         self.stacks = {}
         self.current_stacks()
 
-    def forward(self, temb: torch.Tensor) -> ProjectedTime:
+    def forward(self, temb: torch.Tensor) -> ProjectedTime | torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            # Each resnet projects temb itself, so its weight keeps an ONNX initializer of its own, which
+            # export/weight_map.py maps to its state-dict key for deployed LoRAs (TensorRT fuses anyway).
+            return temb
         stacks = self.current_stacks()
         return ProjectedTime(F.linear(F.silu(temb), stacks["weight"], stacks["bias"]))
