@@ -13,6 +13,7 @@ from runtime.models.substitution import rebind, replace_modules
 def prepare_triton(components, *, channels_last: bool = True):
     try:
         from runtime.backends.triton_layers import TritonAttentionCore, TritonGEGLU, TritonGroupNorm
+        from runtime.backends.triton_resnet import substitute_resnets
         from runtime.backends.triton_transformer import fuse_layer_norms
     except ImportError as err:
         raise RuntimeError(
@@ -26,6 +27,7 @@ def prepare_triton(components, *, channels_last: bool = True):
         replace_modules(model, lambda m: type(m) is GroupNorm, lambda old: rebind(old, TritonGroupNorm))
         replace_modules(model, lambda m: type(m) is AttentionCore, lambda old: rebind(old, TritonAttentionCore))
         replace_modules(model, lambda m: type(m) is GEGLU, lambda old: rebind(old, TritonGEGLU))
+        substitute_resnets(model)  # bias and time adds folded (runtime/backends/triton_resnet.py)
         if channels_last:
             # Convolutions are fastest in NHWC on tensor cores; our GroupNorm kernel reads either layout.
             model.to(memory_format=torch.channels_last)

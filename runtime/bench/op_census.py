@@ -15,6 +15,8 @@ What is modelled, and how (every figure derived from this is a model, not a meas
   output written once; the exceptions are in `_CUSTOM` (kernels that read an input twice, and GroupNorm,
   whose launches and reads follow the path kernels/group_norm.py's own `plan` picks for the shape).
 - Launches: one per op, except views and allocations (none) and the entries of `_EXTRA_LAUNCHES`.
+- Convolution outputs are channels_last where the input or the weight is, as cuDNN lays them out (meta
+  convolutions return NCHW), so layout-dependent paths (1x1 convs as GEMMs) follow the GPU's.
 - `F.scaled_dot_product_attention` is recorded as the single fused kernel CUDA runs (flash or
   memory-efficient), not as the math decomposition a CPU build falls back to.
 """
@@ -192,6 +194,8 @@ class _RecordOps(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = _op_name(func)
+        if name == "aten.convolution":
+            out = _cudnn_layout(out, args[0], args[1])
         if func.namespace == "prim" or name in _FREE_OPS or _is_view(func):
             return out
         inputs = _tensors((args, kwargs))
@@ -216,6 +220,17 @@ class _RecordOps(TorchDispatchMode):
             return out
         self.records.append(OpRecord(name, shapes, category, flops, read, written, _EXTRA_LAUNCHES.get(name, 1)))
         return out
+
+
+def _cudnn_layout(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The convolution's output laid out as cuDNN returns it: channels_last when the input or the weight
+    is (meta convolutions return NCHW whatever they are given). Free: meta tensors have no storage."""
+    channels_last = torch.channels_last
+    if out.dim() == 4 and (
+        x.is_contiguous(memory_format=channels_last) or weight.is_contiguous(memory_format=channels_last)
+    ):
+        return torch.empty_like(out, memory_format=channels_last)
+    return out
 
 
 def _is_view(func) -> bool:

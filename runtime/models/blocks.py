@@ -114,12 +114,38 @@ class TimestepEmbedding(nn.Module):
 # ----------------------------------------------------------------------------- resnet, resampling
 
 
+@dataclass(frozen=True)
+class ProjectedTime:
+    """silu(temb) already through every resnet's time_emb_proj, from one GEMM (time_projection.py).
+
+    `values` is [B, sum over resnets of out_channels]; a resnet's projection is the out_channels columns
+    from its `time_proj_start`. `includes_conv1_bias`: each slice also holds that resnet's conv1.bias (a
+    backend that adds both as one shift), so conv1 must then run without its bias. Passed where temb goes.
+    """
+
+    values: torch.Tensor
+    includes_conv1_bias: bool = False
+
+    def for_layer(self, resnet: ResnetBlock2D) -> torch.Tensor:
+        """[B, out_channels]: this resnet's columns."""
+        start = getattr(resnet, "time_proj_start", None)
+        if start is None:
+            raise ValueError("a ProjectedTime reached a resnet that is not one of its UNet's")
+        return self.values[:, start : start + resnet.time_emb_proj.out_features]
+
+
+def conv_without_bias(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """`conv(x)` with its bias left out (a caller adds the bias in a pass it makes anyway)."""
+    return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
 class ResnetBlock2D(nn.Module):
     """GroupNorm+SiLU -> conv -> (+ time embedding) -> GroupNorm+SiLU -> conv, plus the shortcut.
 
     diffusers ResnetBlock2D with time_embedding_norm="default"; `temb_channels=None` (the VAE)
     drops the time projection. Dropout sits between norm2 and conv2 in diffusers: identity at
-    inference, so it is left out.
+    inference, so it is left out. temb is the time embedding [B, temb_channels], or the UNet's
+    ProjectedTime (every resnet's projection from one GEMM; `time_proj_start` is set by the UNet).
     """
 
     def __init__(
@@ -141,11 +167,26 @@ class ResnetBlock2D(nn.Module):
         self.conv_shortcut = (
             nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
         )
+        # This resnet's columns in the UNet's ProjectedTime (set by the UNet).
+        self.time_proj_start: int | None = None
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(self.norm1(x))
-        if self.time_emb_proj is not None:
-            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+    def time_projection(self, temb: torch.Tensor | ProjectedTime) -> torch.Tensor:
+        """time_emb_proj(silu(temb)) [B, out_channels] (plus conv1.bias where the ProjectedTime holds it)."""
+        if isinstance(temb, ProjectedTime):
+            return temb.for_layer(self)
+        return self.time_emb_proj(F.silu(temb))
+
+    def conv1_and_time(self, h: torch.Tensor, temb: torch.Tensor | ProjectedTime | None) -> torch.Tensor:
+        """conv1(h) + the time projection, per channel."""
+        if self.time_emb_proj is None:
+            return self.conv1(h)
+        shift = self.time_projection(temb)[:, :, None, None]
+        if isinstance(temb, ProjectedTime) and temb.includes_conv1_bias:
+            return conv_without_bias(self.conv1, h) + shift
+        return self.conv1(h) + shift
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | ProjectedTime | None = None) -> torch.Tensor:
+        h = self.conv1_and_time(self.norm1(x), temb)
         h = self.conv2(self.norm2(h))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)

@@ -8,7 +8,8 @@ values, so it can be captured in a CUDA graph (pass the timestep as a device ten
 
 project_context(encoder_hidden_states) runs every cross-attention layer's K and V projection as one GEMM
 (runtime/models/cross_kv.py); passing its result as forward's `context_kv` skips those projections, so a
-request projects its text context once instead of at every step, with the same math.
+request projects its text context once instead of at every step, with the same math. Likewise forward
+runs every resnet's time projection as one GEMM (runtime/models/time_projection.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from runtime.models.blocks import (
 )
 from runtime.models.config_checks import Flag, Int, IntList, Number, check_fields
 from runtime.models.layers import GroupNorm
+from runtime.models.time_projection import TimeProjection, time_resnets
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -487,6 +489,8 @@ class UNet(nn.Module):
         # on first use (cross_kv.stacked_weight), so a UNet never projected keeps separate Parameters.
         self._context_kv_width = cross_kv.assign_columns(cross_kv.cross_attentions(self))
         self._context_kv_weight: torch.Tensor | None = None
+        # silu(temb) through every resnet's time_emb_proj as one GEMM per forward (time_projection.py).
+        self.time_projection = TimeProjection(time_resnets(self))
 
     def _apply(self, fn, recurse=True):
         # A conversion gives each Parameter storage of its own: drop the old stack rather than keep it
@@ -583,7 +587,7 @@ class UNet(nn.Module):
                     f"got {list(context_kv.shape)}"
                 )
             context = ProjectedContext(context_kv)
-        emb = self._time_embedding(timestep, sample, text_embeds, time_ids)
+        emb = self.time_projection(self._time_embedding(timestep, sample, text_embeds, time_ids))
 
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0

@@ -32,7 +32,13 @@ def _compile_all(module: str, triton_version: str) -> list[dict]:
     return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
 
 
-KERNEL_MODULES = ["kernels.group_norm", "kernels.attention", "kernels.geglu", "kernels.layer_norm"]
+KERNEL_MODULES = [
+    "kernels.group_norm",
+    "kernels.attention",
+    "kernels.geglu",
+    "kernels.layer_norm",
+    "kernels.bias_residual_add",
+]
 # The installed triton, and the GPU machines' version (skipped where the two are the same).
 TRITON_VERSIONS = ["installed", DEVICE_TRITON]
 
