@@ -127,18 +127,19 @@ def network_module(components, name: str) -> nn.Module:
 
 @contextlib.contextmanager
 def reference_layers(model: nn.Module):
-    """Temporarily put plain GroupNorm / AttentionCore / GEGLU / resnet / 1x1 conv modules back where a backend
-    substituted kernel-backed subclasses (their custom ops have no ONNX symbolic; fused q/k/v projections
-    export as plain GEMMs)."""
-    from runtime.models.blocks import GEGLU, ResnetBlock2D
+    """Temporarily put plain GroupNorm / AttentionCore / GEGLU / resnet / transformer block / 1x1 conv modules
+    back where a backend substituted kernel-backed subclasses (their custom ops have no ONNX symbolic; fused
+    q/k/v projections export as plain GEMMs)."""
+    from runtime.models.blocks import GEGLU, BasicTransformerBlock, ResnetBlock2D
     from runtime.models.layers import AttentionCore, GroupNorm
     from runtime.models.substitution import rebind, replace_modules, restore_modules
     from runtime.models.time_projection import TimeProjection
 
     swapped = []
     # Resnets and the time projection too (runtime/backends/triton_resnet.py: a custom op, folded biases),
-    # and 1x1 convs run as GEMMs (pointwise_conv.py), so the graph holds plain Conv nodes.
-    for base in (GroupNorm, AttentionCore, GEGLU, ResnetBlock2D, TimeProjection, nn.Conv2d):
+    # transformer blocks (triton_transformer.py: the LayerNorm kernels), and 1x1 convs run as GEMMs
+    # (pointwise_conv.py), so the graph holds plain Conv nodes.
+    for base in (GroupNorm, AttentionCore, GEGLU, ResnetBlock2D, BasicTransformerBlock, TimeProjection, nn.Conv2d):
         swapped += replace_modules(
             model,
             lambda m, base=base: isinstance(m, base) and type(m) is not base,
