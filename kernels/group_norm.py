@@ -1,7 +1,12 @@
-"""GroupNorm with an optional fused SiLU: two Triton kernels, a launcher and a pure-torch reference.
+"""GroupNorm with an optional fused SiLU: Triton kernels, a launcher and a pure-torch reference.
 
-Design (forward only, inference): two kernels per call, statistics then normalisation, in one of two
-tilings chosen by the memory format.
+Design (forward only, inference). `plan` picks one of four paths; the first two are one launch:
+- One-pass (`_group_norm_one_pass_kernel`): a whole group in registers, read once (ONE_PASS_MAX_LANES).
+- Looped (`_group_norm_looped_kernel`): one program per (batch, group) sweeps its group twice in the
+  split kernels' tiles: statistics (as the stats kernel below: two-pass per tile, Chan's merge), then
+  normalise and store; the second read mostly hits L2 on a GPU. Groups up to LOOPED_MAX_GROUP_ELEMENTS.
+- The split kernels for larger groups: two kernels per call, statistics then normalisation, in one of
+  two tilings chosen by the memory format, described next.
 
 Per-group tiles (NCHW, and channels_last groups wider than CHANNELS_LAST_MAX_WIDTH channels):
 - The input is viewed as [B, C, P] with P = H*W, through its strides; the output is written through
@@ -1253,12 +1258,13 @@ def _aot_configs_for(
     affine: bool,
     groups: int = 32,
     shift: bool = False,
+    allow_looped: bool = True,
 ) -> list[aot.AotConfig]:
     """The kernels `launch` runs for this call (asked of `plan` on meta tensors), as AOT configs."""
     x = torch.empty((batch, channels, hw, 1), device="meta", dtype=dtype)
     if channels_last:  # [B, C, HW, 1] in channels_last: position stride C, channel stride 1
         x = x.as_strided(x.shape, (channels * hw, 1, channels, channels))
-    config = plan(x, groups, x, DEFAULT_SM_COUNT)
+    config = plan(x, groups, x, DEFAULT_SM_COUNT, allow_looped=allow_looped)
     # A [B, C] contiguous shift (batch stride C, channel stride 1), or none: x's pointer, strides 0.
     shift_args = (
         dict(s_ptr=dtype, stride_sb=channels, stride_sc=1) if shift else dict(s_ptr=dtype, stride_sb=0, stride_sc=0)
@@ -1365,7 +1371,8 @@ def _aot_channels_last_configs(
 def aot_configs() -> list[aot.AotConfig]:
     """Every configuration (kernels/aot.py) the launcher compiles for the real model shapes at batch 1
     and 2 in either memory format and dtype, with and without SiLU, plus the no-affine, odd-size and
-    channels_last fallback variants; duplicates removed."""
+    channels_last fallback variants, and the split kernels of the looped kernel's shapes (batch 2, fp16,
+    SiLU and shift); duplicates removed."""
     shapes = [(c, s * s) for c in _UNET_CHANNELS for s in _UNET_SIDES]
     shapes += [(c, s * s) for c in _VAE_CHANNELS for s in _VAE_SIDES]
     configs = []
@@ -1377,6 +1384,12 @@ def aot_configs() -> list[aot.AotConfig]:
                         configs += _aot_configs_for(batch, channels, hw, channels_last, dtype, activation, True)
                     # A shift comes with the resnets' second norm: SiLU and affine, at any batch size.
                     configs += _aot_configs_for(batch, channels, hw, channels_last, dtype, "silu", True, shift=True)
+                # The split kernels the looped kernel replaced, at the guided batch in fp16, so that
+                # setting LOOPED_MAX_GROUP_ELEMENTS lower after the GPU check needs no new compile check.
+                if batch == 2:
+                    configs += _aot_configs_for(
+                        2, channels, hw, channels_last, torch.float16, "silu", True, shift=True, allow_looped=False
+                    )
     configs += _aot_configs_for(2, 320, 64 * 64, False, torch.float16, "silu", False)
     configs += _aot_configs_for(2, 320, 7 * 9, True, torch.float16, "silu", True)
     # A channels_last group wider than CHANNELS_LAST_MAX_WIDTH takes the per-group kernels.

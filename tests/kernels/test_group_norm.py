@@ -317,8 +317,8 @@ def test_several_tiles_per_program_with_empty_tail_tiles():
 def test_looped_kernel_over_channel_and_position_tiles(channels_last):
     # The looped kernel's tile walk on both axes: Cg = 5 over 2-channel tiles (a masked channel tail) and
     # 63 positions over 16-position tiles (a masked position tail), 12 tiles per group, with a shift.
-    x, weight, bias = _random_inputs((2, 160, 7, 9), torch.float32, DEVICE, channels_last)
-    shift = _shift("per_item", 2, 160, torch.float32, seed=7)
+    x, weight, bias = _random_inputs((1, 160, 7, 9), torch.float32, DEVICE, channels_last)
+    shift = _shift("per_item", 1, 160, torch.float32, seed=7)
     out = _poisoned_like(x)
     gn.launch(x, 32, weight, bias, 1e-5, "silu", out, gn.LoopedConfig(16, 2, 3, 12, 1), shift=shift)
     _assert_close_to_reference(x, weight, bias, "silu", out, shift=shift)
