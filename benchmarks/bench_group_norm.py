@@ -7,8 +7,10 @@ fp16, NCHW and channels_last. Reports the median time (triton.testing.do_bench),
 read of x and one write of y (the unavoidable traffic), that as a % of the device copy bandwidth
 measured in the same run, and the speed-up over torch. channels_last rows also time the per-group
 tiles (the fallback path, scalar loads in that layout) next to the chunked vectorised kernels; rows whose
-groups take the one-pass kernel also time the split kernels the launcher would otherwise take (the
-evidence for ONE_PASS_MAX_LANES on a real GPU); every row records the launch configuration chosen.
+groups take the one-pass or the looped kernel also time the split kernels the launcher would otherwise
+take (split_kernels_ms: the evidence for ONE_PASS_MAX_LANES and LOOPED_MAX_GROUP_ELEMENTS on a real
+GPU), and rows that do not take the looped kernel time it too (looped_kernel_ms); every row records the
+launch configuration chosen.
 """
 
 from __future__ import annotations
@@ -84,10 +86,22 @@ def chosen_config(gn, x, out) -> str:
 
 
 def split_kernels_ms(gn, x, weight, bias, out) -> float | None:
-    """Where the launcher takes the one-pass kernel: the split kernels it would take otherwise."""
-    if not isinstance(gn.plan(x, 32, out, sm_count()), gn.OnePassConfig):
+    """Where the launcher takes a single-launch kernel (one-pass or looped): the split kernels it would
+    take otherwise."""
+    if not isinstance(gn.plan(x, 32, out, sm_count()), (gn.OnePassConfig, gn.LoopedConfig)):
         return None
-    config = gn.plan(x, 32, out, sm_count(), allow_one_pass=False)
+    config = gn.plan(x, 32, out, sm_count(), allow_one_pass=False, allow_looped=False)
+    return time_ms(lambda: gn.launch(x, 32, weight, bias, 1e-5, "silu", out, config))
+
+
+def looped_kernel_ms(gn, x, weight, bias, out) -> float | None:
+    """Where the launcher does not take the looped kernel: the looped kernel on the split kernels' tiles
+    (the evidence for moving LOOPED_MAX_GROUP_ELEMENTS up, or ONE_PASS_MAX_LANES down)."""
+    if isinstance(gn.plan(x, 32, out, sm_count()), gn.LoopedConfig):
+        return None
+    batch, channels, h, w = x.shape
+    tiles = gn.choose_config(batch, channels // 32, h * w, 32, x.stride(1) == 1, sm_count())
+    config = gn.LoopedConfig(tiles.block_hw, tiles.block_c, tiles.num_c_tiles, tiles.num_tiles, tiles.num_warps)
     return time_ms(lambda: gn.launch(x, 32, weight, bias, 1e-5, "silu", out, config))
 
 
@@ -104,6 +118,7 @@ def bench_shape(label, batch, channels, h, w, channels_last, gn, compiled_torch)
     compiled_ms = time_ms(lambda: compiled_torch(x, weight, bias)) if compiled_torch else None
     per_group_ms = per_group_tiles_ms(gn, x, weight, bias, out) if channels_last else None
     split_ms = split_kernels_ms(gn, x, weight, bias, out)
+    looped_ms = looped_kernel_ms(gn, x, weight, bias, out)
     moved = 2 * x.numel() * x.element_size()
     return {
         "shape": label,
@@ -118,6 +133,7 @@ def bench_shape(label, batch, channels, h, w, channels_last, gn, compiled_torch)
         "ours_ms": ours_ms,
         "per_group_tiles_ms": per_group_ms,
         "split_kernels_ms": split_ms,
+        "looped_kernel_ms": looped_ms,
         "torch_ms": torch_ms,
         "torch_compile_ms": compiled_ms,
         "ours_gbs": moved / ours_ms / 1e6,
@@ -160,10 +176,11 @@ def main(argv: list[str] | None = None) -> int:
                 compiled = f"{row['torch_compile_ms']:.4f}" if row["torch_compile_ms"] else "-"
                 per_group = f"{row['per_group_tiles_ms']:.4f}" if row["per_group_tiles_ms"] else "-"
                 split = f"{row['split_kernels_ms']:.4f}" if row["split_kernels_ms"] else "-"
+                looped = f"{row['looped_kernel_ms']:.4f}" if row["looped_kernel_ms"] else "-"
                 print(
                     f"{label:22s} b{batch} {row['memory_format']:13s} ours {row['ours_ms']:.4f} ms "
                     f"({row['ours_gbs']:.0f} GB/s, {row['pct_of_copy_bandwidth']:.0f}% of copy) "
-                    f"per-group tiles {per_group} ms split {split} ms "
+                    f"per-group tiles {per_group} ms split {split} ms looped {looped} ms "
                     f"torch {row['torch_ms']:.4f} ms compile {compiled} ms "
                     f"speed-up {row['speedup_vs_torch']:.2f}x",
                     flush=True,

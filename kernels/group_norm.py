@@ -1,7 +1,12 @@
-"""GroupNorm with an optional fused SiLU: two Triton kernels, a launcher and a pure-torch reference.
+"""GroupNorm with an optional fused SiLU: Triton kernels, a launcher and a pure-torch reference.
 
-Design (forward only, inference): two kernels per call, statistics then normalisation, in one of two
-tilings chosen by the memory format.
+Design (forward only, inference). `plan` picks one of four paths; the first two are one launch:
+- One-pass (`_group_norm_one_pass_kernel`): a whole group in registers, read once (ONE_PASS_MAX_LANES).
+- Looped (`_group_norm_looped_kernel`): one program per (batch, group) sweeps its group twice in the
+  split kernels' tiles: statistics (as the stats kernel below: two-pass per tile, Chan's merge), then
+  normalise and store; the second read mostly hits L2 on a GPU. Groups up to LOOPED_MAX_GROUP_ELEMENTS.
+- The split kernels for larger groups: two kernels per call, statistics then normalisation, in one of
+  two tilings chosen by the memory format, described next.
 
 Per-group tiles (NCHW, and channels_last groups wider than CHANNELS_LAST_MAX_WIDTH channels):
 - The input is viewed as [B, C, P] with P = H*W, through its strides; the output is written through
@@ -89,6 +94,14 @@ DEFAULT_SM_COUNT = 132
 # cap) and at 32 warps (64-register cap). So SD 1.5's groups at 8x8 and 16x16 (Cg <= 64) take it.
 ONE_PASS_MAX_LANES = 16384
 ONE_PASS_LANES_PER_THREAD = 32
+# Looped kernel (one program per (batch, group) sweeping its group in tiles twice, one launch): the
+# largest group, in elements (Cg * H * W), it takes; larger groups take the split kernels, whose many
+# programs per group fill the chip. 2**21 covers every GroupNorm of the SD 1.5 / 2.1 / SDXL UNets and
+# the VAE decoder at 512x512 (its largest group: Cg 8 x 512 x 512 = 2**21). A modelled choice (the census
+# counts the saved launch, not the idle SMs of B * G programs, 64 at the guided batch): the GPU check,
+# benchmarks/bench_group_norm.py's looped_ms against split_kernels_ms, must confirm it; setting it to 0
+# restores the split kernels everywhere the one-pass kernel does not serve.
+LOOPED_MAX_GROUP_ELEMENTS = 2**21
 # CUDA's limit on grid axes 1 and 2. The apply kernels' axis 1 counts spatial tiles (H*W / 64 for the
 # VAE's channels_last tiles: over the limit past 4.19M positions, a 2048x2048 decode), so a launch covers
 # at most this many tiles and the rest go to further launches on an offset view.
@@ -468,6 +481,99 @@ def _group_norm_one_pass_kernel(
     tl.store(y_base + pos[:, None] * stride_yp + chan[None, :] * stride_yc, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _group_norm_looped_kernel(
+    x_ptr,  # *T input, logical [B, C, P]: element (b, c, p) at b*stride_xb + c*stride_xc + p*stride_xp
+    y_ptr,  # *T output, logical [B, C, P], addressed through the y strides below
+    w_ptr,  # *fp32|fp16|bf16 weight [C], contiguous; unused when HAS_WEIGHT is False
+    b_ptr,  # *fp32|fp16|bf16 bias [C], contiguous; unused when HAS_BIAS is False
+    s_ptr,  # *T shift, logical [B, C]: element (b, c) at b*stride_sb + c*stride_sc; unused without HAS_SHIFT
+    stride_xb,  # x: elements between consecutive batch items
+    stride_xc,  # x: elements between consecutive channels (1 for channels_last)
+    stride_xp,  # x: elements between consecutive spatial positions h*W+w (1 for NCHW-contiguous)
+    stride_yb,  # y: elements between consecutive batch items
+    stride_yc,  # y: elements between consecutive channels
+    stride_yp,  # y: elements between consecutive spatial positions
+    stride_sb,  # shift: elements between consecutive batch items (0 for a [1, C] or broadcast shift)
+    stride_sc,  # shift: elements between consecutive channels
+    CG,  # channels per group
+    HW,  # spatial positions per channel, H*W
+    G,  # number of groups
+    NUM_C_TILES,  # channel tiles per group, cdiv(CG, BLOCK_C)
+    NUM_TILES,  # tiles per group, NUM_C_TILES * cdiv(HW, BLOCK_HW)
+    eps,  # added to the variance before the reciprocal square root
+    BLOCK_HW: tl.constexpr,  # tile extent along spatial positions (power of two)
+    BLOCK_C: tl.constexpr,  # tile extent along channels (power of two)
+    HAS_WEIGHT: tl.constexpr,  # multiply by weight[c]
+    HAS_BIAS: tl.constexpr,  # add bias[c]
+    HAS_SHIFT: tl.constexpr,  # add shift[b, c] to x before the statistics
+    APPLY_SILU: tl.constexpr,  # y = y * sigmoid(y) after the affine
+):
+    pid_bg = tl.program_id(0)
+    batch = pid_bg // G
+    group = pid_bg % G
+    x_base = x_ptr + batch.to(tl.int64) * stride_xb + (group * CG).to(tl.int64) * stride_xc
+    y_base = y_ptr + batch.to(tl.int64) * stride_yb + (group * CG).to(tl.int64) * stride_yc
+    s_row = s_ptr + batch * stride_sb + group * CG * stride_sc
+    offs_p = tl.arange(0, BLOCK_HW)
+    offs_c = tl.arange(0, BLOCK_C)
+
+    # Sweep 1: the split stats kernel's statistics over the whole group (two-pass per tile in registers,
+    # Chan's merge across tiles), so the variance never goes through E[x^2] - E[x]^2.
+    count = 0.0
+    mean = 0.0
+    m2 = 0.0
+    for tile in range(NUM_TILES):
+        tile_p = tile // NUM_C_TILES
+        tile_c = tile % NUM_C_TILES
+        pos = tile_p * BLOCK_HW + offs_p
+        chan = tile_c * BLOCK_C + offs_c
+        mask = (pos < HW)[:, None] & (chan < CG)[None, :]
+        x = tl.load(x_base + pos[:, None] * stride_xp + chan[None, :] * stride_xc, mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        if HAS_SHIFT:
+            s_chan = tl.load(s_row + chan * stride_sc, mask=chan < CG, other=0.0).to(tl.float32)
+            x = tl.where(mask, x + s_chan[None, :], 0.0)  # masked lanes stay 0 for the sums
+        rows = tl.minimum(HW - tile_p * BLOCK_HW, BLOCK_HW)
+        cols = tl.minimum(CG - tile_c * BLOCK_C, BLOCK_C)
+        tile_count = (rows * cols).to(tl.float32)
+        tile_mean = tl.sum(tl.sum(x, axis=1), axis=0) / tile_count
+        centred = tl.where(mask, x - tile_mean, 0.0)
+        tile_m2 = tl.sum(tl.sum(centred * centred, axis=1), axis=0)
+        new_count = count + tile_count
+        delta = tile_mean - mean
+        weight = tile_count / new_count
+        mean = mean + delta * weight
+        m2 = m2 + tile_m2 + delta * delta * count * weight
+        count = new_count
+    rstd = 1.0 / tl.sqrt(m2 / count + eps)
+
+    # Sweep 2: the group again (from L2 on a GPU when it fits), folded into one multiply-add per element
+    # as in the split apply kernel: ((x + s) - mean) * scale + bias = x * scale + (s - mean) * scale + bias.
+    for tile in range(NUM_TILES):
+        tile_p = tile // NUM_C_TILES
+        tile_c = tile % NUM_C_TILES
+        pos = tile_p * BLOCK_HW + offs_p
+        chan = tile_c * BLOCK_C + offs_c
+        chan_mask = chan < CG
+        mask = (pos < HW)[:, None] & chan_mask[None, :]
+        if HAS_WEIGHT:
+            scale = tl.load(w_ptr + group * CG + chan, mask=chan_mask, other=0.0).to(tl.float32) * rstd
+        else:
+            scale = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
+        centre = tl.zeros([BLOCK_C], dtype=tl.float32) - mean
+        if HAS_SHIFT:
+            centre += tl.load(s_row + chan * stride_sc, mask=chan_mask, other=0.0).to(tl.float32)
+        offset = centre * scale
+        if HAS_BIAS:
+            offset += tl.load(b_ptr + group * CG + chan, mask=chan_mask, other=0.0).to(tl.float32)
+        x = tl.load(x_base + pos[:, None] * stride_xp + chan[None, :] * stride_xc, mask=mask, other=0.0)
+        y = x.to(tl.float32) * scale[None, :] + offset[None, :]
+        if APPLY_SILU:
+            y = y * tl.sigmoid(y)
+        tl.store(y_base + pos[:, None] * stride_yp + chan[None, :] * stride_yc, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 @dataclass(frozen=True)
 class LaunchConfig:
     """Tile shape and grid of one GroupNorm call (see `choose_config` for the reasoning)."""
@@ -560,6 +666,31 @@ def choose_one_pass_config(channels_per_group: int, hw: int) -> OnePassConfig | 
     if lanes > ONE_PASS_MAX_LANES:
         return None
     return OnePassConfig(block_hw, block_c, max(1, lanes // (32 * ONE_PASS_LANES_PER_THREAD)))
+
+
+@dataclass(frozen=True)
+class LoopedConfig:
+    """One program per (batch, group) sweeping the group in tiles twice (see `choose_looped_config`)."""
+
+    block_hw: int  # tile extent along spatial positions
+    block_c: int  # tile extent along channels
+    num_c_tiles: int  # channel tiles per group
+    num_tiles: int  # tiles per group
+    num_warps: int
+
+
+def choose_looped_config(
+    channels_per_group: int, hw: int, groups: int, channels_contiguous: bool
+) -> LoopedConfig | None:
+    """The looped kernel's tiles when a group has at most LOOPED_MAX_GROUP_ELEMENTS elements, else None.
+
+    The tiles are the split kernels' (`choose_config`: long side along the contiguous axis, the same
+    warps, so the same register budget); only the grid differs: no split, no partials, one launch.
+    """
+    if channels_per_group * hw > LOOPED_MAX_GROUP_ELEMENTS:
+        return None
+    tiles = choose_config(1, channels_per_group, hw, groups, channels_contiguous)
+    return LoopedConfig(tiles.block_hw, tiles.block_c, tiles.num_c_tiles, tiles.num_tiles, tiles.num_warps)
 
 
 @dataclass(frozen=True)
@@ -722,18 +853,24 @@ def _check_inputs(x, num_groups, weight, bias, eps, activation, out=None, shift=
         )
 
 
-Config = OnePassConfig | ChannelsLastConfig | LaunchConfig
+Config = OnePassConfig | LoopedConfig | ChannelsLastConfig | LaunchConfig
 
 
 def plan(
-    x: torch.Tensor, num_groups: int, out: torch.Tensor, sm_count: int | None = None, allow_one_pass: bool = True
+    x: torch.Tensor,
+    num_groups: int,
+    out: torch.Tensor,
+    sm_count: int | None = None,
+    allow_one_pass: bool = True,
+    allow_looped: bool = True,
 ) -> Config:
     """The configuration `launch` runs for these tensors (checked as group_norm checks them); the census
     asks it too (`launches_and_reads`), so the counted kernels are the launched ones.
 
-    The one-pass kernel wherever a group fits its tile; else, for channels_last x and out, the chunked
-    kernels when a group fits a chunk; else the per-group split kernels. allow_one_pass=False gives the
-    split configuration of a shape the one-pass kernel would take (tests and the benchmark compare both).
+    The one-pass kernel wherever a group fits its tile; else the looped kernel up to
+    LOOPED_MAX_GROUP_ELEMENTS; else, for channels_last x and out, the chunked split kernels when a group
+    fits a chunk; else the per-group split kernels. allow_one_pass / allow_looped = False skip a path, to
+    give what the launcher would take without it (tests and the benchmark compare them).
     """
     batch, channels, h, w = x.shape
     stride_xp = _spatial_stride(x)  # None: `launch` copies x to NCHW-contiguous first
@@ -742,6 +879,9 @@ def plan(
     one_pass = choose_one_pass_config(cg, h * w) if allow_one_pass else None
     if one_pass is not None:
         return one_pass
+    looped = choose_looped_config(cg, h * w, num_groups, channels_contiguous) if allow_looped else None
+    if looped is not None:
+        return looped
     if sm_count is None:
         sm_count = _sm_count(x.device.index or 0) if x.is_cuda else DEFAULT_SM_COUNT
     if channels_contiguous and out.stride(1) == 1:
@@ -753,9 +893,12 @@ def plan(
 
 def launches_and_reads(config: Config, hw: int) -> tuple[int, int]:
     """(kernel launches, reads of x) of one call under `config`: the one-pass kernel reads x once in one
-    launch; the split kernels read it twice, in a stats launch and one apply launch per `_spatial_launches`."""
+    launch; the looped kernel twice in one launch (the second read's L2 hits are not modelled); the split
+    kernels twice, in a stats launch and one apply launch per `_spatial_launches`."""
     if isinstance(config, OnePassConfig):
         return 1, 1
+    if isinstance(config, LoopedConfig):
+        return 1, 2
     return 1 + len(_spatial_launches(hw, config.block_hw)), 2
 
 
@@ -787,6 +930,8 @@ def launch(
         shift_args = (shift, 0 if shift.shape[0] == 1 else shift.stride(0), shift.stride(1))
     if isinstance(config, OnePassConfig):
         _launch_one_pass(x, num_groups, weight, bias, eps, activation, out, config, shift_args)
+    elif isinstance(config, LoopedConfig):
+        _launch_looped(x, num_groups, weight, bias, eps, activation, out, config, shift_args)
     elif isinstance(config, ChannelsLastConfig):
         _launch_channels_last(x, num_groups, weight, bias, eps, activation, out, config, shift_args)
     else:
@@ -816,6 +961,44 @@ def _launch_one_pass(x, num_groups, weight, bias, eps, activation, out, config: 
         cg,
         h * w,
         num_groups,
+        float(eps),
+        BLOCK_HW=config.block_hw,
+        BLOCK_C=config.block_c,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        HAS_SHIFT=s_ptr is not x,
+        APPLY_SILU=activation == "silu",
+        num_warps=config.num_warps,
+    )
+
+
+def _launch_looped(x, num_groups, weight, bias, eps, activation, out, config: LoopedConfig, shift_args):
+    batch, channels, h, w = x.shape
+    cg = channels // num_groups
+    if config.num_tiles != config.num_c_tiles * triton.cdiv(h * w, config.block_hw) or config.num_c_tiles != (
+        triton.cdiv(cg, config.block_c)
+    ):
+        raise ValueError(f"group_norm: {config} does not tile a group of {cg} channels x {h * w} positions")
+    s_ptr, stride_sb, stride_sc = shift_args
+    _group_norm_looped_kernel[(batch * num_groups,)](
+        x,
+        out,
+        weight if weight is not None else x,
+        bias if bias is not None else x,
+        s_ptr,
+        x.stride(0),
+        x.stride(1),
+        _spatial_stride(x),
+        out.stride(0),
+        out.stride(1),
+        _spatial_stride(out),
+        stride_sb,
+        stride_sc,
+        cg,
+        h * w,
+        num_groups,
+        config.num_c_tiles,
+        config.num_tiles,
         float(eps),
         BLOCK_HW=config.block_hw,
         BLOCK_C=config.block_c,
@@ -1075,12 +1258,13 @@ def _aot_configs_for(
     affine: bool,
     groups: int = 32,
     shift: bool = False,
+    allow_looped: bool = True,
 ) -> list[aot.AotConfig]:
     """The kernels `launch` runs for this call (asked of `plan` on meta tensors), as AOT configs."""
     x = torch.empty((batch, channels, hw, 1), device="meta", dtype=dtype)
     if channels_last:  # [B, C, HW, 1] in channels_last: position stride C, channel stride 1
         x = x.as_strided(x.shape, (channels * hw, 1, channels, channels))
-    config = plan(x, groups, x, DEFAULT_SM_COUNT)
+    config = plan(x, groups, x, DEFAULT_SM_COUNT, allow_looped=allow_looped)
     # A [B, C] contiguous shift (batch stride C, channel stride 1), or none: x's pointer, strides 0.
     shift_args = (
         dict(s_ptr=dtype, stride_sb=channels, stride_sc=1) if shift else dict(s_ptr=dtype, stride_sb=0, stride_sc=0)
@@ -1104,6 +1288,20 @@ def _aot_configs_for(
         args = dict(strides, **out_args, **shift_args, CG=cg, HW=hw, G=groups, eps=1e-5)
         constexprs = dict(flags, BLOCK_HW=config.block_hw, BLOCK_C=config.block_c)
         return [aot.config(_group_norm_one_pass_kernel, args, constexprs, config.num_warps, 3, ("G",))]
+    if isinstance(config, LoopedConfig):
+        args = dict(
+            strides,
+            **out_args,
+            **shift_args,
+            CG=cg,
+            HW=hw,
+            G=groups,
+            NUM_C_TILES=config.num_c_tiles,
+            NUM_TILES=config.num_tiles,
+            eps=1e-5,
+        )
+        constexprs = dict(flags, BLOCK_HW=config.block_hw, BLOCK_C=config.block_c)
+        return [aot.config(_group_norm_looped_kernel, args, constexprs, config.num_warps, 3, _COUNT_ARGS)]
     common = dict(strides, **shift_args, CG=cg, HW=hw, G=groups, SPLIT=config.split)
     stats_args = dict(
         common,
@@ -1173,7 +1371,8 @@ def _aot_channels_last_configs(
 def aot_configs() -> list[aot.AotConfig]:
     """Every configuration (kernels/aot.py) the launcher compiles for the real model shapes at batch 1
     and 2 in either memory format and dtype, with and without SiLU, plus the no-affine, odd-size and
-    channels_last fallback variants; duplicates removed."""
+    channels_last fallback variants, and the split kernels of the looped kernel's shapes (batch 2, fp16,
+    SiLU and shift); duplicates removed."""
     shapes = [(c, s * s) for c in _UNET_CHANNELS for s in _UNET_SIDES]
     shapes += [(c, s * s) for c in _VAE_CHANNELS for s in _VAE_SIDES]
     configs = []
@@ -1185,6 +1384,12 @@ def aot_configs() -> list[aot.AotConfig]:
                         configs += _aot_configs_for(batch, channels, hw, channels_last, dtype, activation, True)
                     # A shift comes with the resnets' second norm: SiLU and affine, at any batch size.
                     configs += _aot_configs_for(batch, channels, hw, channels_last, dtype, "silu", True, shift=True)
+                # The split kernels the looped kernel replaced, at the guided batch in fp16, so that
+                # setting LOOPED_MAX_GROUP_ELEMENTS lower after the GPU check needs no new compile check.
+                if batch == 2:
+                    configs += _aot_configs_for(
+                        2, channels, hw, channels_last, torch.float16, "silu", True, shift=True, allow_looped=False
+                    )
     configs += _aot_configs_for(2, 320, 64 * 64, False, torch.float16, "silu", False)
     configs += _aot_configs_for(2, 320, 7 * 9, True, torch.float16, "silu", True)
     # A channels_last group wider than CHANNELS_LAST_MAX_WIDTH takes the per-group kernels.

@@ -41,8 +41,11 @@ INTERPRETER_SHAPES = [
     (1, 64, 80, 70),  # many spatial tiles per group (5600 > MAX_TILE positions) when split
 ]
 # Every interpreter shape's group fits the one-pass tile (the deepest SD levels, scaled down): the sweep
-# runs each through the one-pass kernel (asserted) and again through the split kernels it would take.
-PATHS = ["one_pass", "split"]
+# runs each through the one-pass kernel (asserted) and again through the looped kernel, which the larger
+# real groups take. The split kernels (groups past LOOPED_MAX_GROUP_ELEMENTS) run on SPLIT_SHAPES only:
+# one per tiling they take (chunked channels_last at Cg 10 and at the VAE's Cg 4, many tiles per group).
+PATHS = ["one_pass", "looped"]
+SPLIT_SHAPES = [(2, 320, 8, 8), (3, 128, 7, 9), (1, 64, 80, 70)]
 
 
 def _random_inputs(shape, dtype, device, channels_last, affine=True, seed=None):
@@ -92,14 +95,16 @@ def _groups(x):
 
 def _run(x, weight, bias, activation, path, shift=None):
     """group_norm through `path`: "one_pass" (the launcher's own choice, asserted to be the one-pass
-    kernel) or "split" (the split kernels the launcher would take without the one-pass kernel)."""
+    kernel), "looped" (what it takes without the one-pass kernel, asserted to be the looped kernel) or
+    "split" (the split kernels it would take without either)."""
     out = _poisoned_like(x)
     if path == "one_pass":
         assert isinstance(gn.plan(x, 32, out), gn.OnePassConfig), "the shape should take the one-pass kernel"
         y = group_norm(x, 32, weight, bias, activation=activation, out=out, shift=shift)
         assert y is out
     else:
-        config = gn.plan(x, 32, out, allow_one_pass=False)
+        config = gn.plan(x, 32, out, allow_one_pass=False, allow_looped=path == "looped")
+        assert isinstance(config, gn.LoopedConfig) == (path == "looped")
         assert not isinstance(config, gn.OnePassConfig)
         gn.launch(x, 32, weight, bias, 1e-5, activation, out, config, shift=shift)
     return out
@@ -115,10 +120,19 @@ def test_matches_reference_fp32(shape, channels_last, activation, path):
     _assert_close_to_reference(x, weight, bias, activation, y)
 
 
+@pytest.mark.parametrize("shape", SPLIT_SHAPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_split_kernels_match_reference_fp32(shape, channels_last, activation):
+    x, weight, bias = _random_inputs(shape, torch.float32, DEVICE, channels_last)
+    y = _run(x, weight, bias, activation, "split")
+    _assert_close_to_reference(x, weight, bias, activation, y)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(2, 320, 8, 8), (1, 1280, 3, 3), (3, 128, 7, 9)], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", PATHS + ["split"])
 def test_matches_reference_low_precision(dtype, shape, channels_last, path):
     x, weight, bias = _random_inputs(shape, dtype, DEVICE, channels_last)
     y = _run(x, weight, bias, "silu", path)
@@ -152,9 +166,14 @@ SHIFT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("shape, dtype, channels_last, kind", SHIFT_CASES, ids=str)
-@pytest.mark.parametrize("path", PATHS)
-def test_shift_is_added_before_the_statistics(shape, dtype, channels_last, kind, path):
+# The split kernels with a shift: the per-group tiles (NCHW) and the channels_last chunks.
+SHIFT_PATHS = [(case, path) for case in SHIFT_CASES for path in PATHS]
+SHIFT_PATHS += [(SHIFT_CASES[5], "split"), (SHIFT_CASES[6], "split")]
+
+
+@pytest.mark.parametrize("case, path", SHIFT_PATHS, ids=str)
+def test_shift_is_added_before_the_statistics(case, path):
+    shape, dtype, channels_last, kind = case
     x, weight, bias = _random_inputs(shape, dtype, DEVICE, channels_last)
     shift = _shift(kind, shape[0], shape[1], dtype, seed=len(shape) + shape[1])
     y = _run(x, weight, bias, "silu", path, shift=shift)
@@ -183,30 +202,58 @@ def test_one_pass_at_sd15_full_size(shape):
     _assert_close_to_reference(x, weight, bias, "silu", y, shift=shift)
 
 
+# Full-size real groups through the looped kernel (batch 1: the interpreter is slow), fp16 with the
+# resnets' shift: SD 1.5's first level in NCHW (10 tiles of 4096 positions, one channel each) and its
+# second level in channels_last (4 tiles of 256 positions x 32 channel lanes).
+@pytest.mark.parametrize("shape, channels_last", [((1, 320, 64, 64), False), ((1, 640, 32, 32), True)], ids=str)
+def test_looped_at_sd15_full_size(shape, channels_last):
+    x, weight, bias = _random_inputs(shape, torch.float16, DEVICE, channels_last=channels_last)
+    config = gn.plan(x, 32, x)
+    assert isinstance(config, gn.LoopedConfig) and config.num_tiles > 1
+    shift = _shift("per_item", shape[0], shape[1], torch.float16, seed=5)
+    out = _poisoned_like(x)
+    group_norm(x, 32, weight, bias, activation="silu", out=out, shift=shift)
+    _assert_close_to_reference(x, weight, bias, "silu", out, shift=shift)
+
+
 @pytest.mark.parametrize(
-    "shape, one_pass",
+    "shape, path",
     [
-        ((2, 1280, 16, 16), True),  # the brief's example: 10240 elements
-        ((2, 1280, 8, 8), True),
-        ((2, 2560, 8, 8), True),
-        ((2, 1920, 16, 16), True),
-        ((2, 2560, 16, 16), False),  # Cg 80 x 256: 32768 lanes, past the limit (spills in channels_last)
-        ((2, 640, 32, 32), False),  # Cg 20 x 1024: 32768 lanes
-        ((2, 320, 64, 64), False),  # the first level: 40960 elements per group, split across the chip
+        ((2, 1280, 16, 16), "one_pass"),  # the brief's example: 10240 elements
+        ((2, 1280, 8, 8), "one_pass"),
+        ((2, 2560, 8, 8), "one_pass"),
+        ((2, 1920, 16, 16), "one_pass"),
+        ((2, 2560, 16, 16), "looped"),  # Cg 80 x 256: 32768 lanes, past the limit (spills in channels_last)
+        ((2, 640, 32, 32), "looped"),  # Cg 20 x 1024: 32768 lanes
+        ((2, 320, 64, 64), "looped"),  # the first level: 40960 elements per group
+        ((2, 320, 128, 128), "looped"),  # SDXL's first level: 163840
+        ((1, 256, 512, 512), "looped"),  # the VAE's largest group at 512x512: Cg 8 x 512^2 = 2**21
+        ((1, 128, 1024, 1024), "split"),  # the SDXL VAE at 1024x1024: Cg 4 x 1024^2, past the threshold
     ],
     ids=str,
 )
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_plan_takes_the_one_pass_kernel_where_a_group_fits(shape, one_pass, channels_last):
+def test_plan_takes_one_launch_where_a_group_fits(shape, path, channels_last):
     x = torch.empty(shape, device="meta", dtype=torch.float16)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     config = gn.plan(x, 32, x)
-    assert isinstance(config, gn.OnePassConfig) == one_pass
-    assert gn.launches_and_reads(config, shape[2] * shape[3]) == ((1, 1) if one_pass else (2, 2))
-    if one_pass:
+    kinds = {"one_pass": gn.OnePassConfig, "looped": gn.LoopedConfig}
+    assert type(config) is kinds[path] if path in kinds else not isinstance(config, tuple(kinds.values()))
+    expected = {"one_pass": (1, 1), "looped": (1, 2), "split": (2, 2)}[path]
+    assert gn.launches_and_reads(config, shape[2] * shape[3]) == expected
+    if path == "one_pass":
         assert config.block_hw * config.block_c <= gn.ONE_PASS_MAX_LANES
         assert config.block_hw >= shape[2] * shape[3] and config.block_c >= shape[1] // 32
+    if path == "looped":
+        assert config.block_hw * config.block_c <= gn.MAX_TILE
+        assert shape[1] // 32 * shape[2] * shape[3] <= gn.LOOPED_MAX_GROUP_ELEMENTS
+
+
+def test_looped_config_that_does_not_tile_the_group_is_rejected():
+    x, weight, bias = _random_inputs((1, 64, 4, 4), torch.float32, DEVICE, False)
+    with pytest.raises(ValueError, match="does not tile a group"):
+        gn.launch(x, 32, weight, bias, 1e-5, None, _poisoned_like(x), gn.LoopedConfig(8, 2, 1, 1, 1))
 
 
 def test_one_pass_config_that_does_not_cover_the_group_is_rejected():
@@ -239,10 +286,17 @@ def test_fp32_weights_with_fp16_input_and_custom_eps():
     _assert_close_to_reference(x, weight.float(), bias.float(), "silu", y, eps=1e-6)
 
 
-def test_large_mean_small_variance_keeps_precision():
-    # mean 1000, std 0.01: E[x^2] - E[x]^2 in fp32 would lose every significant digit.
+@pytest.mark.parametrize("path", ["one_pass", "looped"])
+def test_large_mean_small_variance_keeps_precision(path):
+    # mean 1000, std 0.01: E[x^2] - E[x]^2 in fp32 would lose every significant digit. The looped kernel
+    # over 16-position tiles: the statistics merge across 7 tiles (Chan), never through sums of squares.
     x = torch.randn(2, 64, 9, 11, generator=seeding.generator(), dtype=torch.float64).to(DEVICE) * 0.01 + 1000
-    y = group_norm(x.float(), 32, out=torch.full((2, 64, 9, 11), float("nan"), device=DEVICE))
+    out = torch.full((2, 64, 9, 11), float("nan"), device=DEVICE)
+    if path == "one_pass":
+        y = group_norm(x.float(), 32, out=out)
+    else:
+        y = out
+        gn.launch(x.float(), 32, None, None, 1e-5, None, out, gn.LoopedConfig(16, 2, 1, 7, 1))
     ref = group_norm_reference(x, 32)
     assert (y.double() - ref).abs().max().item() < 0.05
 
@@ -257,6 +311,17 @@ def test_several_tiles_per_program_with_empty_tail_tiles():
     out = _poisoned_like(x)
     gn.launch(x, 32, weight, bias, 1e-5, "silu", out, config)
     _assert_close_to_reference(x, weight, bias, "silu", out)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_looped_kernel_over_channel_and_position_tiles(channels_last):
+    # The looped kernel's tile walk on both axes: Cg = 5 over 2-channel tiles (a masked channel tail) and
+    # 63 positions over 16-position tiles (a masked position tail), 12 tiles per group, with a shift.
+    x, weight, bias = _random_inputs((1, 160, 7, 9), torch.float32, DEVICE, channels_last)
+    shift = _shift("per_item", 1, 160, torch.float32, seed=7)
+    out = _poisoned_like(x)
+    gn.launch(x, 32, weight, bias, 1e-5, "silu", out, gn.LoopedConfig(16, 2, 3, 12, 1), shift=shift)
+    _assert_close_to_reference(x, weight, bias, "silu", out, shift=shift)
 
 
 def test_non_flattenable_input_is_handled():
