@@ -92,8 +92,11 @@ DEFAULT_SM_COUNT = 132
 # sm_90 (triton 3.8): 16384 lanes at 16 warps take 63 registers in NCHW and 115-127 in channels_last
 # (a 64-bit address per lane), no spills; 32768 lanes spill in channels_last at 16 warps (128-register
 # cap) and at 32 warps (64-register cap). So SD 1.5's groups at 8x8 and 16x16 (Cg <= 64) take it.
+# Lanes per thread: 16, at most 16 warps. At 32 lanes per thread, 4096 lanes (4 warps) spilled under triton
+# 3.8 in channels_last bf16 with a shift (2 LDL/STL).
 ONE_PASS_MAX_LANES = 16384
-ONE_PASS_LANES_PER_THREAD = 32
+ONE_PASS_LANES_PER_THREAD = 16
+ONE_PASS_MAX_WARPS = 16
 # Looped kernel (one program per (batch, group) sweeping its group in tiles twice, one launch): the
 # largest group, in elements (Cg * H * W), it takes; larger groups take the split kernels, whose many
 # programs per group fill the chip. 2**21 covers every GroupNorm of the SD 1.5 / 2.1 / SDXL UNets and
@@ -665,7 +668,7 @@ def choose_one_pass_config(channels_per_group: int, hw: int) -> OnePassConfig | 
     lanes = block_hw * block_c
     if lanes > ONE_PASS_MAX_LANES:
         return None
-    return OnePassConfig(block_hw, block_c, max(1, lanes // (32 * ONE_PASS_LANES_PER_THREAD)))
+    return OnePassConfig(block_hw, block_c, max(1, min(ONE_PASS_MAX_WARPS, lanes // (32 * ONE_PASS_LANES_PER_THREAD))))
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("module", help="kernel module defining aot_configs(), e.g. kernels.group_norm")
     parser.add_argument("--limit", type=int, default=None, help="compile only the first N configurations")
+    parser.add_argument(
+        "--shard", default="0/1", help="K/N: compile only configurations K, K+N, K+2N, ... (N processes in parallel)"
+    )
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("sass_compile.py: unset TRITON_INTERPRET; interpreted kernels cannot be compiled")
@@ -85,9 +88,10 @@ def main() -> int:
     module = importlib.import_module(args.module)
     if not callable(getattr(module, "aot_configs", None)):
         sys.exit(f"sass_compile.py: {args.module} defines no aot_configs() (see kernels/aot.py)")
-    configs = module.aot_configs()
+    configs = module.aot_configs()[: args.limit]
+    shard, shards = (int(part) for part in args.shard.split("/"))
     with tempfile.TemporaryDirectory() as tmp:
-        for index, config in enumerate(configs[: args.limit]):
+        for index, config in list(enumerate(configs))[shard::shards]:
             print(json.dumps(compile_one(*config, pathlib.Path(tmp), index)), flush=True)
     return 0
 

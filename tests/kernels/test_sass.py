@@ -25,11 +25,25 @@ def _compile_all(module: str, triton_version: str) -> list[dict]:
     if triton_version != "installed":
         # The other version's folder first on the path: the subprocess imports that triton, ours otherwise.
         env["PYTHONPATH"] = os.pathsep.join([str(triton_folder(triton_version)), str(REPO_ROOT)])
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), module], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800
-    )
-    assert done.returncode == 0, f"sass_compile.py {module} failed:\n{done.stderr[-4000:]}"
-    return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    # One compile process per core, each taking every n-th configuration (ptxas is single-threaded).
+    shards = os.cpu_count() or 1
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(SCRIPT), module, "--shard", f"{k}/{shards}"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for k in range(shards)
+    ]
+    rows = []
+    for process in processes:
+        out, err = process.communicate(timeout=1800)
+        assert process.returncode == 0, f"sass_compile.py {module} failed:\n{err[-4000:]}"
+        rows += [json.loads(line) for line in out.splitlines() if line.strip()]
+    return rows
 
 
 KERNEL_MODULES = [
