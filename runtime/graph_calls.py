@@ -16,15 +16,13 @@ Before each call the weights' addresses are compared with those the graphs were 
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
-import threading
 from collections.abc import Callable, Sequence
 
 import torch
 
-from runtime.graph_weights import WeightsWatch
+from runtime.graph_cache import GraphCache
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +48,7 @@ class _Entry:
     single: bool  # fn returned one tensor, not a tuple
 
 
-class CudaGraphCall:
+class CudaGraphCall(GraphCache):
     """A bounded LRU cache of captured calls of `fn`, replayed on request."""
 
     def __init__(
@@ -64,40 +62,15 @@ class CudaGraphCall:
         """fn: pure tensor work on its tensor arguments, returning a tensor or a tuple of tensors (no host
         sync). name: for logs and errors. weights: the modules whose tensors fn reads (dropped graphs when
         they move). graph_api: torch.cuda unless a test passes a stand-in."""
-        if max_entries < 1:
-            raise ValueError(f"max_entries must be at least 1, got {max_entries}")
+        super().__init__(max_entries, graph_api, weights)
         self._fn = fn
         self.name = name
-        self._weights = WeightsWatch(weights)
-        self._cuda = torch.cuda if graph_api is None else graph_api
-        self._entries: collections.OrderedDict[CallKey, _Entry] = collections.OrderedDict()
-        self.max_entries = max_entries
-        self._lock = threading.Lock()
-        self._pool = None
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def keys(self) -> list[CallKey]:
-        """The cached keys, least recently used first."""
-        with self._lock:
-            return list(self._entries)
-
-    def clear(self) -> None:
-        """Release every graph and the memory pool."""
-        with self._lock:
-            self._release()
-
-    def _release(self) -> None:
-        self._entries.clear()
-        self._pool = None
-        self._cuda.empty_cache()
 
     def __call__(self, *args: torch.Tensor, extra: tuple = ()):
         """fn(*args), replayed (captured first for a new key); the result is the caller's, not a buffer."""
         key = CallKey(tuple((tuple(t.shape), t.dtype, t.device) for t in args), tuple(extra))
         with self._lock, torch.inference_mode():
-            self._drop_if_weights_moved()
+            self._drop_if_weights_moved(f"{self.name}: weights moved since capture; dropping %d CUDA graphs")
             entry = self._entries.get(key)
             if entry is None:
                 entry = self._capture_or_explain(key, args)
@@ -108,25 +81,14 @@ class CudaGraphCall:
             outputs = tuple(t.clone() for t in entry.outputs)
         return outputs[0] if entry.single else outputs
 
-    def _drop_if_weights_moved(self) -> None:
-        if self._weights.moved() and self._entries:
-            log.info("%s: weights moved since capture; dropping %d CUDA graphs", self.name, len(self._entries))
-            self._release()
-
     def _capture_or_explain(self, key: CallKey, args) -> _Entry:
-        while len(self._entries) >= self.max_entries:
-            self._entries.popitem(last=False)
         log.info("capturing a CUDA graph of the %s for %s", self.name, key.describe())
-        try:
-            entry = self._capture(args)
-        except torch.cuda.OutOfMemoryError as err:
-            self._release()
-            raise RuntimeError(
-                f"CUDA ran out of memory capturing the {self.name} graph for {key.describe()}; "
-                f"its graph cache was released. Try a smaller batch or size."
-            ) from err
-        self._entries[key] = entry
-        return entry
+        return self._capture_new(
+            key,
+            lambda: self._capture(args),
+            f"CUDA ran out of memory capturing the {self.name} graph for {key.describe()}; "
+            f"its graph cache was released",
+        )
 
     def _capture(self, args) -> _Entry:
         cuda = self._cuda
@@ -136,10 +98,8 @@ class CudaGraphCall:
         with cuda.stream(side):
             self._fn(*static_inputs)
         cuda.current_stream().wait_stream(side)
-        if self._pool is None:
-            self._pool = cuda.graph_pool_handle()
         graph = cuda.CUDAGraph()
-        with cuda.graph(graph, pool=self._pool):
+        with cuda.graph(graph, pool=self._graph_pool()):
             result = self._fn(*static_inputs)
         single = isinstance(result, torch.Tensor)
         outputs = (result,) if single else tuple(result)

@@ -25,15 +25,13 @@ The text encoders and the VAE decode have their own runner with the same convent
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
-import threading
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from runtime.graph_weights import WeightsWatch
+from runtime.graph_cache import GraphCache
 
 log = logging.getLogger(__name__)
 
@@ -108,42 +106,15 @@ class _Entry:
     noise: torch.Tensor | None
 
 
-class CudaGraphDenoiser:
+class CudaGraphDenoiser(GraphCache):
     """A bounded LRU cache of captured denoising loops, replayed on request."""
 
     def __init__(self, step_fn: StepFn, max_entries: int = 4, graph_api=None, weights: Sequence[torch.nn.Module] = ()):
         """graph_api: what provides CUDAGraph, graph, Stream, stream, current_stream, graph_pool_handle
         and empty_cache; torch.cuda unless a test passes a stand-in. weights: the modules whose tensors
         the step reads (the UNet): the graphs are dropped when any of them moves."""
-        if max_entries < 1:
-            raise ValueError(f"max_entries must be at least 1, got {max_entries}")
+        super().__init__(max_entries, graph_api, weights)
         self._step_fn = step_fn
-        self._weights = WeightsWatch(weights)
-        self._cuda = torch.cuda if graph_api is None else graph_api
-        self._entries: collections.OrderedDict[GraphKey, _Entry] = collections.OrderedDict()
-        self.max_entries = max_entries
-        self._lock = threading.Lock()
-        # One memory pool for every entry. Safe because replays never overlap (the lock, one stream)
-        # and no graph reads pool memory written by another entry's graphs: each replay starts from
-        # its static inputs, and within an entry graph k reads only what graph k-1 of the same replay
-        # wrote. Scratch blocks are shared, so the cache costs about one UNet's activations, not one
-        # per entry.
-        self._pool = None
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def keys(self) -> list[GraphKey]:
-        """The cached request shapes, least recently used first."""
-        with self._lock:
-            return list(self._entries)
-
-    def clear(self) -> None:
-        """Release every graph and its memory pool."""
-        with self._lock:
-            self._entries.clear()
-            self._pool = None
-        self._cuda.empty_cache()
 
     def run(
         self,
@@ -170,7 +141,7 @@ class CudaGraphDenoiser:
         inputs = {name: t for name, t in inputs.items() if t is not None}
         key = GraphKey.for_run(scheduler, latents, start, noise, inputs, end, guidance)
         with self._lock, torch.inference_mode():
-            self._drop_if_weights_moved()
+            self._drop_if_weights_moved("the UNet's weights moved since capture; dropping %d cached denoising loops")
             entry = self._entries.get(key)
             if entry is None:
                 entry = self._capture_or_explain(key, scheduler, latents, inputs, noise)
@@ -192,29 +163,13 @@ class CudaGraphDenoiser:
                     entry.chain[k + 1].copy_(between_steps(key.start + k, entry.chain[k + 1].clone()))
             return entry.chain[-1].clone()
 
-    def _drop_if_weights_moved(self) -> None:
-        if self._weights.moved() and self._entries:
-            log.info("the UNet's weights moved since capture; dropping %d cached denoising loops", len(self._entries))
-            self._entries.clear()
-            self._pool = None
-            self._cuda.empty_cache()
-
     def _capture_or_explain(self, key, scheduler, latents, inputs, noise) -> _Entry:
-        while len(self._entries) >= self.max_entries:
-            self._entries.popitem(last=False)
         log.info("capturing CUDA graphs for a new request shape: %s", key.describe())
-        try:
-            entry = self._capture(key, scheduler.clone(), latents, inputs, noise)
-        except torch.cuda.OutOfMemoryError as err:
-            self._entries.clear()
-            self._pool = None
-            self._cuda.empty_cache()
-            raise RuntimeError(
-                f"CUDA ran out of memory capturing the denoising graphs for {key.describe()}; "
-                f"the graph cache was released. Try a smaller batch or size."
-            ) from err
-        self._entries[key] = entry
-        return entry
+        return self._capture_new(
+            key,
+            lambda: self._capture(key, scheduler.clone(), latents, inputs, noise),
+            f"CUDA ran out of memory capturing the denoising graphs for {key.describe()}; the graph cache was released",
+        )
 
     def _capture(self, key, scheduler, latents, inputs, noise) -> _Entry:
         cuda = self._cuda
@@ -248,13 +203,11 @@ class CudaGraphDenoiser:
         cuda.current_stream().wait_stream(side)
         scheduler.reset()
 
-        if self._pool is None:
-            self._pool = cuda.graph_pool_handle()
         graphs, chain = [], [static_latents]
         with torch.inference_mode():
             for i in range(key.start, key.end):
                 graph = cuda.CUDAGraph()
-                with cuda.graph(graph, pool=self._pool):
+                with cuda.graph(graph, pool=self._graph_pool()):
                     out = step(i, chain[-1])
                 graphs.append(graph)
                 chain.append(out)
