@@ -11,7 +11,7 @@ import torch
 
 from runtime.backends.fused_qkv import FusedQKVAttention
 from runtime.backends.triton_backend import prepare_triton
-from runtime.backends.triton_transformer import TritonTransformerBlock
+from runtime.backends.triton_transformer import TritonTransformerBlock, fuse_layer_norms
 from runtime.bench.op_census import count_ops
 from runtime.bench.presets import perturb_, preset_configs
 from runtime.default_configs import sdxl_bench_preset
@@ -111,11 +111,11 @@ def test_fake_cuda_graph_replay_equals_eager():
 
 
 def test_census_counts_one_launch_per_fused_add_and_norm():
+    # The transformer fusion alone: prepare_triton also folds the resnets' adds (tests/backends/test_triton_resnet.py).
     def launches(fuse: bool):
         unet = UNet(UNetConfig.from_dict(preset_configs("tiny")["unet"])).eval().to("meta", torch.float16)
-        components = SimpleNamespace(unet=unet, vae=torch.nn.Module())
         if fuse:
-            prepare_triton(components)
+            fuse_layer_norms(unet)
         sample = torch.empty(2, unet.config.in_channels, 8, 8, device="meta", dtype=torch.float16)
         context = torch.empty(2, 77, unet.config.cross_attention_dim, device="meta", dtype=torch.float16)
         counts = collections.Counter()
