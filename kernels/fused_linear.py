@@ -48,22 +48,22 @@ LARGE_M = 1024
 
 @triton.jit
 def _matmul_tile(X, W, offs_m, offs_n, M, N, K, stride_xm, stride_wn, stride_wk, BLOCK_K, EVEN_K, IEEE):
-    """acc[BLOCK_M, BLOCK_N] = x[offs_m, :] @ W[offs_n, :]^T in fp32 (rows/columns beyond M/N read 0)."""
+    """acc[BLOCK_M, BLOCK_N] = x[offs_m, :] @ W[offs_n, :]^T in fp32. Rows and columns beyond M / N wrap
+    round to valid ones (their results are not stored), so only a ragged K needs a mask in the loop and
+    the loads pipeline (triton's matmul tutorial does the same)."""
     offs_k = tl.arange(0, BLOCK_K)
-    rows = offs_m.to(tl.int64)  # rows * K passes 2**31 at large SDXL batches
+    rows = (offs_m % M).to(tl.int64)  # rows * K passes 2**31 at large SDXL batches
     x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :]
-    w_ptrs = W + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
-    m_mask = (offs_m < M)[:, None]
-    n_mask = (offs_n < N)[None, :]
+    w_ptrs = W + (offs_n % N)[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
     acc = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
-            a = tl.load(x_ptrs, mask=m_mask, other=0.0)
-            b = tl.load(w_ptrs, mask=n_mask, other=0.0)
+            a = tl.load(x_ptrs)
+            b = tl.load(w_ptrs)
         else:
             k_left = K - k * BLOCK_K
-            a = tl.load(x_ptrs, mask=m_mask & (offs_k[None, :] < k_left), other=0.0)
-            b = tl.load(w_ptrs, mask=n_mask & (offs_k[:, None] < k_left), other=0.0)
+            a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         if IEEE:  # fp32 products (a no-op cast for fp32 inputs)
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -96,24 +96,23 @@ def _linear_geglu_kernel(
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = X + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
-    # The value's weight rows n and the gate's rows N + n: one x tile feeds both products.
-    wa_ptrs = W + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+    # Out-of-range rows / columns wrap round as in _matmul_tile; one x tile feeds both products, against
+    # the value's weight rows n and the gate's rows N + n.
+    x_ptrs = X + (offs_m % M).to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+    wa_ptrs = W + (offs_n % N)[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
     wg_ptrs = wa_ptrs + N * stride_wn
-    m_mask = (offs_m < M)[:, None]
-    n_mask = (offs_n < N)[None, :]
     a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
-            xt = tl.load(x_ptrs, mask=m_mask, other=0.0)
-            wa = tl.load(wa_ptrs, mask=n_mask, other=0.0)
-            wg = tl.load(wg_ptrs, mask=n_mask, other=0.0)
+            xt = tl.load(x_ptrs)
+            wa = tl.load(wa_ptrs)
+            wg = tl.load(wg_ptrs)
         else:
             k_left = K - k * BLOCK_K
-            xt = tl.load(x_ptrs, mask=m_mask & (offs_k[None, :] < k_left), other=0.0)
-            wa = tl.load(wa_ptrs, mask=n_mask & (offs_k[:, None] < k_left), other=0.0)
-            wg = tl.load(wg_ptrs, mask=n_mask & (offs_k[:, None] < k_left), other=0.0)
+            xt = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            wa = tl.load(wa_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            wg = tl.load(wg_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         if IEEE:
             xt = xt.to(tl.float32)
             a = tl.dot(xt, wa.to(tl.float32), a, input_precision="ieee")
@@ -179,8 +178,10 @@ class GemmConfig:
 def choose_config(m: int, dtype: torch.dtype, geglu: bool) -> GemmConfig:
     """Hopper tiles: 128x128x64 at 8 warps, 3 stages for large M (the GEGLU kernel's two accumulators
     halve its column tile to keep 64 fp32 accumulator registers per thread); 64-row tiles at 4 warps for
-    small M. fp32 tiles take twice the shared memory per stage, so they run 2 stages."""
-    stages = 2 if dtype == torch.float32 else 3
+    small M. fp32 (IEEE products, no tensor cores) takes small tiles."""
+    if dtype == torch.float32:  # IEEE fp32 runs on the FMA units: a 32x32 tile keeps it in registers
+        return GemmConfig(32, 32, 32, 4, 2)
+    stages = 3
     block_n = 64 if geglu else 128
     if m >= LARGE_M:
         return GemmConfig(128, block_n, 64, 8, stages)
