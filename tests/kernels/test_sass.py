@@ -52,6 +52,7 @@ KERNEL_MODULES = [
     "kernels.geglu",
     "kernels.layer_norm",
     "kernels.bias_residual_add",
+    "kernels.fused_linear",
 ]
 # The installed triton, and the GPU machines' version (skipped where the two are the same).
 TRITON_VERSIONS = ["installed", DEVICE_TRITON]
