@@ -106,7 +106,7 @@ def test_public_ops_take_token_layout_without_bias_and_strided_weights():
 def test_a_large_row_count_takes_the_large_tile():
     assert fl.choose_config(fl.LARGE_M, torch.float16, geglu=False).block_m == 128
     assert fl.choose_config(128, torch.float16, geglu=False).block_m == 64
-    # Run the fp16 large-tile config on a small fp32 problem (masked rows, a ragged K) so that path is exercised here too.
+    # The fp16 large-tile config on a small fp32 problem (masked rows, a ragged K): that path runs here too.
     x, w, b, r = _tensors(
         ((3, 72), 1.0), ((40, 72), 0.1), ((40,), 0.5), ((3, 40), 1.0), dtype=torch.float32, seed_key=(3,)
     )
