@@ -17,9 +17,13 @@ from torch import nn
 
 def is_pointwise(conv: nn.Module) -> bool:
     """A plain 1x1, stride-1, unpadded, ungrouped nn.Conv2d (proj_in / proj_out, conv_shortcut, ...)."""
+    return type(conv) is nn.Conv2d and has_pointwise_geometry(conv)
+
+
+def has_pointwise_geometry(conv: nn.Conv2d) -> bool:
+    """1x1, stride 1, unpadded, ungrouped: whatever nn.Conv2d subclass carries it."""
     return (
-        type(conv) is nn.Conv2d
-        and conv.kernel_size == (1, 1)
+        conv.kernel_size == (1, 1)
         and conv.stride == (1, 1)
         and conv.padding in ((0, 0), "valid")
         and conv.dilation == (1, 1)

@@ -12,6 +12,7 @@ from runtime.models.substitution import rebind, replace_modules
 
 def prepare_triton(components, *, channels_last: bool = True):
     try:
+        from runtime.backends.triton_gemm import fuse_output_gemms
         from runtime.backends.triton_layers import TritonAttentionCore, TritonGEGLU, TritonGroupNorm
         from runtime.backends.triton_resnet import substitute_resnets
         from runtime.backends.triton_transformer import fuse_layer_norms
@@ -23,6 +24,7 @@ def prepare_triton(components, *, channels_last: bool = True):
     for model in (components.unet, components.vae):
         fuse_qkv(model)  # self-attention's q, k, v as one GEMM
         fuse_layer_norms(model)  # transformer blocks: each residual add and the LayerNorm after it, one kernel
+        fuse_output_gemms(model)  # Transformer2D: proj_out and its residual add, one GEMM
         # Exact types: a module that is already kernel-backed is not replaced twice.
         replace_modules(model, lambda m: type(m) is GroupNorm, lambda old: rebind(old, TritonGroupNorm))
         replace_modules(model, lambda m: type(m) is AttentionCore, lambda old: rebind(old, TritonAttentionCore))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from kernels import attention, geglu, group_norm  # the kernel modules
+from runtime.backends.triton_gemm import geglu_projection
 from runtime.models.blocks import GEGLU
 from runtime.models.layers import AttentionCore, GroupNorm
 
@@ -35,8 +36,12 @@ class TritonAttentionCore(AttentionCore):
 
 
 class TritonGEGLU(GEGLU):
-    """The feed-forward's projection, then kernels.geglu: one pass over the 8C projection instead of three."""
+    """The feed-forward's projection with GEGLU in its epilogue (kernels.fused_linear); where that kernel does
+    not take the input, the projection then kernels.geglu (one pass over the 8C projection, not three)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = geglu_projection(x, self.proj)  # projection and GEGLU in one GEMM where the kernel takes it
+        if fused is not None:
+            return fused
         h = self.proj(x)
         return geglu.geglu(h) if h.dtype in GEGLU_DTYPES else super().forward(x)

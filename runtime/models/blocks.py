@@ -406,7 +406,8 @@ class Transformer2DModel(nn.Module):
             ]
         )
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def tokens(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """GroupNorm -> proj_in -> the transformer blocks: the [B, H*W, C] tokens proj_out reads."""
         batch, channels, height, width = x.shape
         h = self.norm(x)
         if not self.use_linear_projection:
@@ -416,6 +417,11 @@ class Transformer2DModel(nn.Module):
             h = self.proj_in(h)
         for block in self.transformer_blocks:
             h = block(h, context)
+        return h
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        h = self.tokens(x, context)
         if self.use_linear_projection:
             h = self.proj_out(h)
         # Back to [B, C, H, W] in x's layout: the permuted view already is channels_last, so a channels_last
