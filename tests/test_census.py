@@ -167,6 +167,26 @@ def test_group_norm_cost_follows_the_launchers_plan_and_counts_the_shift(shape, 
     assert record.bytes_written == x_bytes
 
 
+def test_fused_linear_costs_read_each_input_once_and_write_only_the_output():
+    from kernels.fused_linear import linear_bias_residual, linear_geglu
+    from runtime.bench.op_census import count_ops
+
+    def call():
+        empty = lambda *shape: torch.empty(shape, device="meta", dtype=torch.float16)  # noqa: E731
+        linear_geglu(empty(2, 4096, 320), empty(2560, 320), empty(2560))
+        linear_bias_residual(empty(2, 4096, 1280), empty(320, 1280), empty(320), empty(2, 4096, 320))
+
+    geglu, residual = [r for r in count_ops(call) if r.op.startswith("sd_kernels.linear")]
+    tokens = 2 * 4096
+    assert (geglu.op, geglu.category, geglu.launches) == ("sd_kernels.linear_geglu", "gemm", 1)
+    assert geglu.flops == 2 * tokens * 2560 * 320
+    assert geglu.bytes_read == 2 * (tokens * 320 + 2560 * 320 + 2560)
+    assert geglu.bytes_written == 2 * tokens * 1280  # the inner width only: the 2x projection never leaves
+    assert residual.flops == 2 * tokens * 320 * 1280 and residual.launches == 1
+    assert residual.bytes_read == 2 * (tokens * 1280 + 320 * 1280 + 320 + tokens * 320)
+    assert residual.bytes_written == 2 * tokens * 320
+
+
 def test_bench_census_subcommand_and_its_one_line_errors(tmp_path, capsys):
     out = tmp_path / "census.json"
     assert bench.main(["census", "--models", "sd15", "--backends", "torch", "--top", "none", "--json", str(out)]) == 0

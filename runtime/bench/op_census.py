@@ -75,6 +75,8 @@ _CATEGORIES = {
     "sd_kernels.layer_norm": "norm",
     "sd_kernels.add_layer_norm": "norm",
     "sd_kernels.geglu": "geglu",
+    "sd_kernels.linear_geglu": "gemm",
+    "sd_kernels.linear_bias_residual": "gemm",
     "aten.gelu": "elementwise",
     "aten.silu": "elementwise",
     "aten.add": "elementwise",
@@ -153,6 +155,16 @@ def _geglu_cost(args, out):
     return 0, _bytes(args[0]), _bytes(out), 1
 
 
+def _fused_linear_cost(args, out):
+    # kernels/fused_linear.py: one GEMM launch; x, weight, bias (and the residual) read once, only the
+    # output written (the GEGLU halves and the pre-residual sum stay in registers). Matrix FLOPs only,
+    # as for every op here: the epilogue's arithmetic is bound by its bytes.
+    x, weight = args[:2]
+    rows = math.prod(x.shape[:-1])
+    reads = sum(_bytes(t) for t in args[:4] if isinstance(t, torch.Tensor))
+    return 2 * rows * weight.shape[0] * weight.shape[1], reads, _bytes(out), 1
+
+
 def _layer_norm_cost(args, out):
     # One pass: each row read once (held in registers for both statistics passes), y written once.
     x, weight, bias = args[:3]
@@ -174,6 +186,8 @@ _CUSTOM: dict[str, Callable] = {
     "sd_kernels.group_norm": _group_norm_cost,
     "sd_kernels.group_norm_out": _group_norm_cost,
     "sd_kernels.geglu": _geglu_cost,
+    "sd_kernels.linear_geglu": _fused_linear_cost,
+    "sd_kernels.linear_bias_residual": _fused_linear_cost,
     "sd_kernels.layer_norm": _layer_norm_cost,
     "sd_kernels.add_layer_norm": _add_layer_norm_cost,
 }
