@@ -127,10 +127,10 @@ def network_module(components, name: str) -> nn.Module:
 
 @contextlib.contextmanager
 def reference_layers(model: nn.Module):
-    """Temporarily put plain GroupNorm / AttentionCore / GEGLU / resnet / transformer block / 1x1 conv modules
-    back where a backend substituted kernel-backed subclasses (their custom ops have no ONNX symbolic; fused
-    q/k/v projections export as plain GEMMs)."""
-    from runtime.models.blocks import GEGLU, BasicTransformerBlock, ResnetBlock2D
+    """Temporarily put plain GroupNorm / AttentionCore / GEGLU / resnet / transformer block / Transformer2D /
+    1x1 conv modules back where a backend substituted kernel-backed subclasses (their custom ops have no ONNX
+    symbolic; fused q/k/v projections export as plain GEMMs)."""
+    from runtime.models.blocks import GEGLU, BasicTransformerBlock, ResnetBlock2D, Transformer2DModel
     from runtime.models.layers import AttentionCore, GroupNorm
     from runtime.models.substitution import rebind, replace_modules, restore_modules
     from runtime.models.time_projection import TimeProjection
@@ -138,8 +138,10 @@ def reference_layers(model: nn.Module):
     swapped = []
     # Resnets and the time projection too (runtime/backends/triton_resnet.py: a custom op, folded biases),
     # transformer blocks (triton_transformer.py: the LayerNorm kernels), and 1x1 convs run as GEMMs
-    # (pointwise_conv.py), so the graph holds plain Conv nodes.
-    for base in (GroupNorm, AttentionCore, GEGLU, ResnetBlock2D, BasicTransformerBlock, TimeProjection, nn.Conv2d):
+    # (pointwise_conv.py), so the graph holds plain Conv nodes; Transformer2D too (triton_gemm.py: proj_out and
+    # its residual as one fused GEMM; the GEGLU and ff-output GEMMs go back with GEGLU and the block).
+    bases = (GroupNorm, AttentionCore, GEGLU, ResnetBlock2D, BasicTransformerBlock, Transformer2DModel, TimeProjection)
+    for base in (*bases, nn.Conv2d):
         swapped += replace_modules(
             model,
             lambda m, base=base: isinstance(m, base) and type(m) is not base,

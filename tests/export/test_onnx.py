@@ -64,15 +64,19 @@ def test_fp16_export_passes_the_checker_and_runs(model_folder, tmp_path):
 
 def test_export_uses_reference_layers_even_after_the_triton_backend(model_folder, tmp_path):
     from runtime.backends.triton_backend import prepare_triton
-    from runtime.backends.triton_layers import TritonAttentionCore, TritonGroupNorm
+    from runtime.backends.triton_gemm import TritonTransformer2D
+    from runtime.backends.triton_layers import TritonAttentionCore, TritonGEGLU, TritonGroupNorm
+    from runtime.backends.triton_transformer import TritonTransformerBlock
 
     components = prepare_triton(load_components(model_folder("sd1")), channels_last=False)
     spec = specs_of(components)["unet"]
     module = network_module(components, "unet")
     with reference_layers(module):
-        assert not any(isinstance(m, (TritonGroupNorm, TritonAttentionCore)) for m in module.modules())
+        substitutes = (TritonGroupNorm, TritonAttentionCore, TritonGEGLU, TritonTransformerBlock, TritonTransformer2D)
+        assert not any(isinstance(m, substitutes) for m in module.modules())
     # Restored afterwards: the user's model keeps its kernels.
     assert any(isinstance(m, TritonGroupNorm) for m in module.modules())
+    assert any(isinstance(m, TritonTransformer2D) for m in module.modules())
     export_network(module, spec, tmp_path, sample=ImageShape(1, 64, 64))
     ops = {node.op_type for node in onnx.load(str(tmp_path / "unet.onnx")).graph.node}
     assert "InstanceNormalization" in ops and "Softmax" in ops
