@@ -2,7 +2,8 @@
 
 Each op lives in its own module beside a pure-torch reference and is registered as a torch custom op:
 `kernels.group_norm` (group_norm, group_norm_reference, launch), `kernels.attention` (attention,
-attention_reference, launch) and `kernels.geglu` (geglu, geglu_reference, launch); kernels/aot.py holds the
+attention_reference, launch) and `kernels.geglu` (geglu, geglu_reference, launch); `kernels.fused_linear` (linear_geglu,
+linear_bias_residual, their references and launchers: GEMMs with those epilogues); kernels/aot.py holds the
 ahead-of-time compilation convention they share.
 Import the functions from their modules: the package itself exports no names that could shadow them.
 
