@@ -9,14 +9,15 @@
 #      random weights built on the GPU; torch, triton, diffusers rows in interleaved rounds
 #   3. GroupNorm kernel benchmark (SD 1.5 shapes first)             70 s   ~65 s
 #   4. attention kernel benchmark (SD 1.5 shapes first)             40 s   ~25 s
-#   5. the GPU tests, fp16 where the dtype sweep is not the point   the rest (~90 s)
+#   5. fused-epilogue GEMM benchmark (vs cuBLAS + the separate pass) 30 s   ~20 s
+#   6. the GPU tests, fp16 where the dtype sweep is not the point   the rest (~70 s)
 #
 # Every benchmark rewrites its JSON after every row or round, so a step cut by its cap keeps what it
-# measured. Results go to $OUT (default ./out), six files: preflight.json, runtime_bench.json,
-# bench_group_norm.json, bench_attention.json, gpu_tests.log, gpu_check.log.
+# measured. Results go to $OUT (default ./out), seven files: preflight.json, runtime_bench.json,
+# bench_group_norm.json, bench_attention.json, bench_fused_linear.json, gpu_tests.log, gpu_check.log.
 #
 #   bash benchmarks/gpu_check.sh --dry-run    the same steps on the CPU (tiny preset, TRITON_INTERPRET=1,
-#                                             small kernel shapes), the same six files; CI runs it.
+#                                             small kernel shapes), the same seven files; CI runs it.
 #
 # The GPU machine has torch, triton, numpy and no network; diffusers (the baseline row) and open_clip_torch
 # come as wheels in .whl/ (benchmarks/README.md); .git does not travel: carry benchmarks/.git_sha.
@@ -84,11 +85,12 @@ fi
 step 140 python3 -m runtime.bench "${BENCH_ARGS[@]}" --json "$OUT/runtime_bench.json"
 step 70 python3 -m benchmarks.bench_group_norm --no-compile "${KERNEL_ARGS[@]}" --json "$OUT/bench_group_norm.json"
 step 40 python3 -m benchmarks.bench_attention "${KERNEL_ARGS[@]}" --json "$OUT/bench_attention.json"
+step 30 python3 -m benchmarks.bench_fused_linear "${KERNEL_ARGS[@]}" --json "$OUT/bench_fused_linear.json"
 
 # The GPU tests: each file on its own (one collection error would otherwise stop them all); the kernel
 # files at fp16 only (their dtype sweeps are not what this window is for).
 FP16_ONLY=(-k "not bfloat16 and not float32")
-for tests in tests/kernels/test_group_norm.py tests/kernels/test_attention.py; do
+for tests in tests/kernels/test_group_norm.py tests/kernels/test_attention.py tests/kernels/test_fused_linear.py; do
   step "$DEADLINE" python3 -m pytest -q -m gpu -p no:cacheprovider "${FP16_ONLY[@]}" "$tests" >> "$OUT/gpu_tests.log"
 done
 for tests in tests/backends tests/test_graphs.py tests/test_weights.py; do

@@ -164,3 +164,35 @@ def test_launchers_reject_mismatched_outputs():
         fl.launch_geglu(x, w, b, torch.empty(4, 4))
     with pytest.raises(ValueError, match="residual and out"):
         fl.launch_bias_residual(x, w, b, torch.empty(4, 8), torch.empty(4, 16))
+
+
+# ---- full-size shapes on the GPU (gpu_check.sh runs these at fp16) ----
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+# (tokens, C) of a guided batch: SD 1.5 / 2.x levels at 512² (2 x 64², 32², 16², 8²) and SDXL's at 1024².
+FULL_SHAPES = [(8192, 320), (2048, 640), (512, 1280), (128, 1280), (8192, 640), (2048, 1280)]
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tokens, c", FULL_SHAPES, ids=lambda v: str(v))
+def test_full_size_on_gpu(tokens, c, dtype):
+    x, w, b = _geglu_inputs(tokens, c, dtype)
+    out = torch.full((tokens, w.shape[0] // 2), float("nan"), dtype=dtype, device=DEVICE)
+    fl.launch_geglu(x, w, b, out)
+    ref = fl.linear_geglu_reference(x.double(), w.double(), b.double())
+    _assert_close(out, ref, fl.linear_geglu_reference(x, w, b, upcast=False), dtype)
+
+    h, w2, b2, r = _tensors(
+        ((tokens, 4 * c), 1.0),
+        ((c, 4 * c), (4 * c) ** -0.5),
+        ((c,), 0.5),
+        ((tokens, c), 1.0),
+        dtype=dtype,
+        seed_key=(tokens, c, "ff_out"),
+    )
+    y = torch.full((tokens, c), float("nan"), dtype=dtype, device=DEVICE)
+    fl.launch_bias_residual(h, w2, b2, r, y)
+    ref = fl.linear_bias_residual_reference(h.double(), w2.double(), b2.double(), r.double())
+    _assert_close(y, ref, fl.linear_bias_residual_reference(h, w2, b2, r, upcast=False), dtype)
