@@ -16,6 +16,12 @@ the base (then the file's own are used again), so each swap builds from the file
 Such a session runs at ORT_ENABLE_EXTENDED: at ORT_ENABLE_ALL, onnxruntime 1.32's CPU layout transformer
 (NCHWc convolutions) reads the file's convolution weights, not the replaced ones (a LoRA'd UNet came out
 with relative error 0.90 against torch; 1.3e-6 at EXTENDED). With no replacement, the default level.
+
+Sessions never spin-wait (`session.intra_op.allow_spinning` 0): the pipeline runs torch (scheduler,
+guidance) between ONNX calls in the same process, and onnxruntime's idle threads spinning for work took the
+cores from torch's threads. On this 2-core CPU (tiny preset, `python -m runtime.bench`) spinning made every
+row slower, not only this one (onnxruntime step 6.6-8.1 ms -> 4.7-5.9 ms, torch 14-18 -> 10.5-14 ms) and
+widened every row's p10-p90 spread about fivefold.
 """
 
 from __future__ import annotations
@@ -30,6 +36,14 @@ from runtime.backends.deployed import DeployedNetwork, replace_networks
 log = logging.getLogger("runtime")
 
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+
+
+def _session_options():
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see the module docstring
+    return options
 
 
 class OrtNetwork(DeployedNetwork):
@@ -52,7 +66,7 @@ class OrtNetwork(DeployedNetwork):
         self.ort_device = torch.device("cuda", self.device.index or 0) if use_cuda else torch.device("cpu")
         self.path, self.providers = path, providers
         self.overrides: dict[str, object] = {}  # initializer name -> OrtValue (its array must outlive the session)
-        self.session = ort.InferenceSession(str(path), providers=providers)
+        self.session = ort.InferenceSession(str(path), sess_options=_session_options(), providers=providers)
         from export.weight_map import read_weight_map
 
         self.weight_map = read_weight_map(path)
@@ -72,7 +86,7 @@ class OrtNetwork(DeployedNetwork):
         for name, array in arrays.items():
             if name not in restored:
                 overrides[name] = ort.OrtValue.ortvalue_from_numpy(array)
-        options = ort.SessionOptions()
+        options = _session_options()
         if overrides:  # see the module docstring: ALL would ignore replaced convolution weights
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         for name, value in overrides.items():

@@ -40,6 +40,7 @@ def test_onnxruntime_lora_matches_torch_and_unloads_exactly(model_folder, onnx_e
     files_before = sorted(p.name for p in engine_dir.iterdir())
     manifest_before = Manifest.open(engine_dir).artifacts
     base = deployed.generate("a red fox", **RUN)[0]
+    assert all(_never_spin(network) for network in _ort_networks(deployed))
 
     start = time.perf_counter()
     name = deployed.load_lora(lora_file, scale=0.8)
@@ -50,6 +51,7 @@ def test_onnxruntime_lora_matches_torch_and_unloads_exactly(model_folder, onnx_e
     expected, got = reference.generate("a red fox", **RUN)[0], deployed.generate("a red fox", **RUN)[0]
     assert psnr(expected, got) >= MIN_PSNR_DB
     assert psnr(base, got) < MIN_PSNR_DB  # the LoRA changed the image by more than the parity bound
+    assert all(_never_spin(network) for network in _ort_networks(deployed))  # the sessions built for it too
 
     deployed.set_lora_scale(name, -0.5)
     reference.set_lora_scale(name, -0.5)
@@ -61,6 +63,12 @@ def test_onnxruntime_lora_matches_torch_and_unloads_exactly(model_folder, onnx_e
     # No export happened: the directory and its manifest are as they were.
     assert sorted(p.name for p in engine_dir.iterdir()) == files_before
     assert Manifest.open(engine_dir).artifacts == manifest_before
+
+
+def _never_spin(network) -> bool:
+    """Idle onnxruntime threads spinning would take the cores of torch's work in the same process."""
+    options = network.session.get_session_options()
+    return options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 def _ort_networks(pipe):
