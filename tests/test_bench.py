@@ -145,3 +145,16 @@ def test_self_check_takes_one_backend(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--self-check", "--backends", "torch,onnxruntime"])
     assert "--self-check runs one backend twice" in capsys.readouterr().err
+
+
+def test_crosscheck_times_the_two_unets_alternately_on_the_same_work(capsys):
+    pytest.importorskip("diffusers")
+    from benchmarks import crosscheck_ratio
+
+    calls = []
+    ours, theirs = (lambda: calls.append("a")), (lambda: calls.append("b"))
+    times_a, times_b = crosscheck_ratio.alternate(ours, theirs, calls=3, warmup=1)
+    assert calls == list("ab" * 4) and len(times_a) == len(times_b) == 3
+    crosscheck_ratio.main(["--calls", "2"])  # builds both UNets and checks they agree before timing
+    out = capsys.readouterr().out
+    assert "2 calls each, alternated" in out and "ratio" in out
