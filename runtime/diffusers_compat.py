@@ -235,8 +235,10 @@ def move_pipeline(pipe, *args, device=None, dtype=None, torch_device=None, torch
             f"(load it with cuda_graphs=False to move it freely)"
         )
     with pipe._run_lock:
-        for network in (pipe.unet, pipe.vae, pipe.text_encoder):
-            network.to(device=new_device, dtype=new_dtype)
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):  # a refiner has no text_encoder
+            network = getattr(pipe.components, name, None)
+            if network is not None:
+                network.to(device=new_device, dtype=new_dtype)
         parameter = next(pipe.unet.parameters())
         pipe.device, pipe.dtype = parameter.device, parameter.dtype
     return pipe

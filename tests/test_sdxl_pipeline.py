@@ -401,3 +401,18 @@ def test_sdxl_replays_from_cuda_graphs_as_eager(base_folder, refiner_folder):
         for attempt in ("capture", "replay"):
             np.testing.assert_array_equal(pixels(run(graphed, graphed_refiner)), expected, err_msg=f"{what}, {attempt}")
     assert len(graphed.graphs) == 2 and len(graphed_refiner.graphs) == 1
+
+
+@pytest.mark.parametrize("which", ["base", "refiner"])
+def test_to_moves_every_network_of_an_sdxl_pipeline(which, base_folder, refiner_folder):
+    """Both text encoders move with the UNet and VAE (the refiner has only encoder 2)."""
+    pipe = runtime.load(base_folder if which == "base" else refiner_folder)
+    assert pipe.to(torch.bfloat16) is pipe and pipe.dtype == torch.bfloat16
+    networks = [getattr(pipe.components, n) for n in ("unet", "vae", "text_encoder", "text_encoder_2")]
+    assert all(p.dtype == torch.bfloat16 for net in networks if net is not None for p in net.parameters())
+    options = dict(steps=2, width=64, height=64, seed=3, progress=False)
+    if which == "base":
+        image = pipe.generate("a red fox", **options)[0]
+    else:
+        image = pipe.img2img(random_picture(64, 64, seed=0), "a red fox", strength=0.5, **options)[0]
+    assert image.info["dtype"] == "bf16"
