@@ -33,6 +33,8 @@ def add_parser(commands, formatter_class) -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None, help=f"require Authorization: Bearer KEY (default: ${API_KEY_ENV})")
     serve.add_argument("--backend", default="torch", help=f"one of {', '.join(cli_choices.backends())}")
     serve.add_argument("--engine-dir", default=None, help="exported graphs for the onnxruntime / tensorrt backends")
+    serve.add_argument("--lora-dir", default=None, help="the folder <lora:NAME:0.8> in prompts names files in")
+    serve.add_argument("--embeddings-dir", default=None, help="textual-inversion embeddings used by name in prompts")
     serve.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     serve.add_argument("--dtype", default="fp32", help=f"one of {', '.join(cli_choices.dtypes())}")
     for name, help_text in (
@@ -96,6 +98,12 @@ def load_options(args) -> dict:
     options = dict(backend=args.backend, device=args.device, dtype=args.dtype)
     if args.engine_dir is not None:
         options["engine_dir"] = args.engine_dir
+    for flag, key in (("--lora-dir", "lora_dir"), ("--embeddings-dir", "embeddings_dir")):
+        folder = getattr(args, key)
+        if folder is not None:
+            if not Path(folder).is_dir():
+                raise ValueError(f"{flag} is not a folder: {folder}")
+            options[key] = folder
     return options
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import PIL.Image
 
 from runtime import images as imageio
+from runtime.serve import loras
 from runtime.serve.batching import Batcher, Cancelled, Job, QueueFull
 from runtime.serve.fields import FieldError
 from runtime.serve.metrics import Metrics
@@ -74,6 +75,8 @@ class Service:
         """Queue `params` (all or none), wait for their images; cancel them if the client goes away or
         the request times out. `is_disconnected`: the request's async disconnect check."""
         pipe = model.pipeline
+        for p in params:
+            loras.check_prompt(pipe, p.prompt)
         try:
             jobs = [Job(p, batch_key(pipe, p), p.num_images) for p in params]
         except (ValueError, TypeError) as err:  # the pipeline's own checks, past ours

@@ -26,7 +26,18 @@ def test_help_lists_serve(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--model", "--host", "--port", "--api-key", "--max-queue", "--max-batch", "--ray", "--replicas"):
+    flags = (
+        "--model",
+        "--host",
+        "--port",
+        "--api-key",
+        "--max-queue",
+        "--max-batch",
+        "--ray",
+        "--replicas",
+        "--lora-dir",
+    )
+    for flag in flags:
         assert flag in text
 
 
@@ -38,6 +49,8 @@ def test_help_lists_serve(capsys):
         (["serve", "--model", "{model}", "--backend", "warp"], "unknown backend 'warp'"),
         (["serve", "--model", "{model}", "--max-queue", "0"], "max_queue must be an integer >= 1"),
         (["serve", "--model", "a={model}", "--model", "a={model}"], "--model name 'a' is given twice"),
+        (["serve", "--model", "{model}", "--lora-dir", "/no/loras"], "--lora-dir is not a folder: /no/loras"),
+        (["serve", "--model", "{model}", "--embeddings-dir", "/no/ti"], "--embeddings-dir is not a folder: /no/ti"),
     ],
 )
 def test_bad_arguments_fail_in_one_line_before_loading(argv, message, tiny_model_path, capsys, monkeypatch):
@@ -66,3 +79,16 @@ def test_serves_on_loopback_with_the_configured_names(tiny_model_path, tiny_pipe
     assert list(service.models) == ["fast", "tiny"]  # NAME=PATH, else the path's stem
     assert loads[0] == (str(tiny_model_path), {"backend": "torch", "device": "cpu", "dtype": "fp32"})
     assert service.settings.api_key == "from-env"
+
+
+def test_lora_and_embedding_folders_reach_the_loader(tiny_model_path, tiny_pipe, tmp_path, monkeypatch):
+    import uvicorn
+
+    import runtime
+
+    loads = []
+    monkeypatch.setattr(runtime, "load", lambda path, **options: loads.append(options) or tiny_pipe)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **_: app.state.service.close())
+    argv = ["serve", "--model", str(tiny_model_path), "--lora-dir", str(tmp_path), "--embeddings-dir", str(tmp_path)]
+    assert main(argv) == 0
+    assert loads[0]["lora_dir"] == loads[0]["embeddings_dir"] == str(tmp_path)
