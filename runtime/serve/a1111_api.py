@@ -1,6 +1,6 @@
 """AUTOMATIC1111's /sdapi/v1: txt2img, img2img (inpainting with `mask`), samplers, sd-models, loras,
-options, progress, interrupt, with A1111's field names and its `info` JSON. `<lora:NAME:W>` in prompts:
-runtime/serve/loras.py.
+embeddings, options, progress, interrupt, with A1111's field names and its `info` JSON. `<lora:NAME:W>`
+and embeddings in prompts: runtime/serve/extra_networks.py.
 
 Seeds: A1111 gives image k of a request seed + k; here each of the n_iter iterations is one request with
 seed + iteration, whose batch_size images come from that one seed (our pipeline's num_images, as the
@@ -17,7 +17,7 @@ import time
 from fastapi import APIRouter, Request
 
 from runtime.images import A1111_SAMPLER_NAMES
-from runtime.serve import fields, loras
+from runtime.serve import extra_networks, fields
 from runtime.serve.a1111_names import OURS_BY_A1111, scheduler_from_client
 from runtime.serve.fields import FieldError
 from runtime.serve.http_input import json_object
@@ -86,7 +86,11 @@ def router(service: Service) -> APIRouter:
 
     @routes.get("/loras")
     async def lora_list():
-        return loras.listing(service.models[service.default_model].pipeline)
+        return extra_networks.lora_listing(service.models[service.default_model].pipeline)
+
+    @routes.get("/embeddings")
+    async def embedding_list():
+        return extra_networks.embedding_listing(service.models[service.default_model].pipeline)
 
     @routes.post("/refresh-loras")
     async def refresh_loras():  # the listing and the tags read the folder as it is now: nothing to reload

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import PIL.Image
 
 from runtime import images as imageio
-from runtime.serve import loras
+from runtime.serve import extra_networks
 from runtime.serve.batching import Batcher, Cancelled, Job, QueueFull
 from runtime.serve.fields import FieldError
 from runtime.serve.metrics import Metrics
@@ -76,7 +76,7 @@ class Service:
         the request times out. `is_disconnected`: the request's async disconnect check."""
         pipe = model.pipeline
         for p in params:
-            loras.check_prompt(pipe, p.prompt)
+            extra_networks.check_prompt(pipe, p.prompt)
         try:
             jobs = [Job(p, batch_key(pipe, p), p.num_images) for p in params]
         except (ValueError, TypeError) as err:  # the pipeline's own checks, past ours

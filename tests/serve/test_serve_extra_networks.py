@@ -1,5 +1,6 @@
 """`<lora:NAME:W>` in served prompts: applied per request (each image equals the same call in-process),
-never batched with other LoRAs, listed at /sdapi/v1/loras, and refused with the tag named when unknown."""
+never batched with other LoRAs, listed at /sdapi/v1/loras, and refused with the tag named when unknown;
+textual-inversion embeddings used by name and listed at /sdapi/v1/embeddings."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import httpx
 import numpy as np
 import PIL.Image
 import pytest
+import torch
+from safetensors.torch import save_file
 
 import runtime
 from runtime.images import psnr
@@ -18,7 +21,7 @@ from tests.lora_factory import write_kohya_unet_lora
 from tests.serve.conftest import running_server
 
 STEPS, SIZE = 2, 32
-MIN_PSNR_DB = 45.0
+LORA_EFFECT_DB = 35.0  # a LoRA here moves its image to 20-29 dB of the image without it
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +34,15 @@ def lora_pipe(tiny_model_path, tmp_path_factory):
 
 
 def _body(prompt: str, seed: int) -> dict:
-    return {"prompt": prompt, "seed": seed, "steps": STEPS, "width": SIZE, "height": SIZE, "sampler_name": "Euler"}
+    return {
+        "prompt": prompt,
+        "seed": seed,
+        "steps": STEPS,
+        "cfg_scale": 7.0,
+        "width": SIZE,
+        "height": SIZE,
+        "sampler_name": "Euler",
+    }
 
 
 def _image(response) -> np.ndarray:
@@ -42,7 +53,14 @@ def _image(response) -> np.ndarray:
 
 def _local(pipe, body) -> np.ndarray:
     image = pipe.generate(
-        body["prompt"], seed=body["seed"], steps=STEPS, width=SIZE, height=SIZE, scheduler="euler", progress=False
+        body["prompt"],
+        seed=body["seed"],
+        guidance=body["cfg_scale"],
+        steps=STEPS,
+        width=SIZE,
+        height=SIZE,
+        scheduler="euler",
+        progress=False,
     )[0]
     return np.asarray(image)
 
@@ -57,11 +75,10 @@ def test_each_request_gets_its_own_loras_and_other_loras_never_share_a_loop(lora
     assert lora_pipe.loras == {}  # every prompt LoRA was removed after its loop
     for body, response in zip(bodies, responses):
         served, alone = _image(response), _local(lora_pipe, body)
-        # batched: equal up to fp32 rounding, which these strong random LoRAs amplify to 1-3 levels of 255
-        # (52-60 dB here); another request's LoRA would leave 20-29 dB
-        assert psnr(served, alone) >= MIN_PSNR_DB, body["prompt"]
+        # batched: equal up to fp32 rounding, at most one level of 255 (another request's LoRA: 20-29 dB)
+        assert np.abs(served.astype(int) - alone.astype(int)).max() <= 1, body["prompt"]
         if "<lora:" in body["prompt"]:
-            assert psnr(alone, _local(lora_pipe, {**body, "prompt": "a fox"})) < MIN_PSNR_DB  # the LoRA acted
+            assert psnr(alone, _local(lora_pipe, {**body, "prompt": "a fox"})) < LORA_EFFECT_DB  # the LoRA acted
     assert 4 <= loops < len(bodies)  # four LoRA sets: at least four loops, and some requests shared one
     served_png = PIL.Image.open(io.BytesIO(base64.b64decode(responses[0].json()["images"][0])))
     assert "Lora hashes" in served_png.info["parameters"]
@@ -105,3 +122,29 @@ def test_a_tag_on_a_server_without_loras_says_how_to_start_one(tiny_pipe):
     with running_server({"tiny": tiny_pipe}) as (url, _):
         response = httpx.post(url + "/sdapi/v1/txt2img", json=_body("a fox <lora:ink>", seed=1))
     assert response.status_code == 400 and "started without --lora-dir" in response.text
+
+
+@pytest.fixture(scope="module")
+def embedding_pipe(tiny_model_path, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("served_embeddings")
+    pipe = runtime.load(tiny_model_path, embeddings_dir=folder)
+    width = pipe.components.text_encoder.config.hidden_size
+    generator = torch.Generator().manual_seed(5)
+    save_file({"emb_params": torch.randn(2, width, generator=generator)}, str(folder / "inkstyle.safetensors"))
+    save_file({"emb_params": torch.randn(1, width + 8, generator=generator)}, str(folder / "otherfamily.safetensors"))
+    return pipe
+
+
+def test_embeddings_are_listed_and_used_by_name(embedding_pipe):
+    body = _body("a fox, inkstyle", seed=4)
+    with running_server({"tiny": embedding_pipe}) as (url, _):
+        listed = httpx.get(url + "/sdapi/v1/embeddings").json()
+        served = _image(httpx.post(url + "/sdapi/v1/txt2img", json=body))
+    width = embedding_pipe.components.text_encoder.config.hidden_size
+    assert listed["loaded"] == {
+        "inkstyle": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": width, "vectors": 2}
+    }
+    assert list(listed["skipped"]) == ["otherfamily"]  # vectors of another width: this model cannot use it
+    assert np.array_equal(served, _local(embedding_pipe, body))  # alone in its loop: bit for bit
+    # the embedding stood in for its name (the tiny model's text weighs little: the image moves, a little)
+    assert not np.array_equal(served, _local(embedding_pipe, {**body, "prompt": "a fox, ink style"}))

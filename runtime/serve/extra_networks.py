@@ -1,5 +1,7 @@
-"""LoRAs over HTTP: A1111's `<lora:NAME:WEIGHT>` in a request's prompt, resolved in the server's
-`--lora-dir` (runtime/prompt_loras.py applies them per denoising loop), and `GET /sdapi/v1/loras`.
+"""A1111's extra networks over HTTP: LoRAs (`<lora:NAME:WEIGHT>` in a request's prompt, resolved in the
+server's `--lora-dir`; runtime/prompt_loras.py applies them per denoising loop) and textual-inversion
+embeddings (`--embeddings-dir`, runtime/embeddings.py), and their listings `GET /sdapi/v1/loras` and
+`GET /sdapi/v1/embeddings`.
 
 Clients name LoRAs, never paths: a tag is checked here, before the request is queued, against the names
 the folder holds, and the answer names the tag and those names but not the server's folder. Requests that
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime import prompt_loras
+from runtime import embeddings, prompt_loras
 from runtime.serve.fields import FieldError
 
 
@@ -33,7 +35,7 @@ def check_prompt(pipe, prompt: str, field: str = "prompt") -> None:
             raise FieldError(field, f"{tag.tag}: unknown LoRA {tag.name!r}; this server has: {listing}") from None
 
 
-def listing(pipe) -> list[dict]:
+def lora_listing(pipe) -> list[dict]:
     """A1111's /sdapi/v1/loras: name, alias, path (the file's name only: the folder stays on the server)
     and the file's `__metadata__` (training tags and the like; {} where it has none or cannot be read)."""
     if pipe.lora_dir is None:
@@ -56,3 +58,30 @@ def _metadata(path: Path) -> dict:
             return dict(handle.metadata() or {})
     except Exception:  # noqa: BLE001 -- a damaged file is listed (A1111 does too); using it gives the error
         return {}
+
+
+def embedding_listing(pipe) -> dict:
+    """A1111's /sdapi/v1/embeddings: {"loaded": {name: {"shape", "vectors", ...}}, "skipped": {name: ...}},
+    skipped being the files this model cannot use (another family's width, or unreadable)."""
+    loaded, skipped = {}, {}
+    library = embeddings.library(pipe.embeddings_dir)
+    for name in [] if library is None else library.names():
+        entry = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None}
+        try:
+            embedding = library.get(name)
+            for encoder, key in _text_encoders(pipe.components):
+                embedding.for_encoder(encoder.config.hidden_size, key)
+        except (embeddings.EmbeddingError, OSError):
+            skipped[name] = entry
+            continue
+        width = next(iter(embedding.vectors.values())).shape[1]
+        loaded[name] = {**entry, "shape": width, "vectors": embedding.count}
+    return {"loaded": loaded, "skipped": skipped}
+
+
+def _text_encoders(components) -> list[tuple[object, str | None]]:
+    """(encoder, the part of an embedding file it reads): SDXL's encoders read clip_l / clip_g."""
+    if components.kind not in ("sdxl", "sdxl-refiner"):
+        return [(components.text_encoder, None)]
+    pairs = zip((components.text_encoder, components.text_encoder_2), embeddings.SDXL_KEYS)
+    return [(encoder, key) for encoder, key in pairs if encoder is not None]
