@@ -107,7 +107,7 @@ def test_tensorrt_engines_for_every_sdxl_network(sdxl_folder, sdxl_export, tmp_p
     assert [name for name, _ in built] == [f"{n}.plan" for n in NETWORKS_OF["sdxl"]] and all(r for _, r in built)
     meta = trt_export.read_metadata(plans["unet"])
     assert meta["profile"]["time_ids"] == [[1, 6], [2, 6], [8, 6]] and meta["refittable"] is True
-    assert meta["profile"]["encoder_hidden_states"][2] == [8, 77, 192]  # 64 + 128: both encoders
+    assert meta["profile"]["encoder_hidden_states"][2] == [8, 231, 192]  # 64 + 128: both encoders; 3 chunks
     assert trt_export.read_metadata(plans["text_encoder_2"])["spec"]["outputs"][1][0] == "text_embeds"
 
 
