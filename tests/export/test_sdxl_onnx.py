@@ -7,27 +7,14 @@ import torch
 
 import runtime
 from export.manifest import Manifest
-from export.onnx import ensure_onnx, model_networks, network_module, specs_of
+from export.onnx import model_networks, network_module, specs_of
 from export.specs import NETWORKS_OF, ShapeProfile
 from runtime.backends.onnxruntime_backend import OrtNetwork
 from runtime.images import psnr
 from runtime.weights import load_components
 from tests.export.conftest import CHECK_SHAPE, SMALL_PROFILE
-from tests.sdxl_factory import save_sdxl_folder
 
 MIN_PSNR_DB = 30.0
-
-
-@pytest.fixture(scope="module")
-def sdxl_folder(tmp_path_factory):
-    return save_sdxl_folder(tmp_path_factory.mktemp("sdxl") / "base", "sdxl", seed=0)
-
-
-@pytest.fixture(scope="module")
-def sdxl_export(sdxl_folder, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sdxl-onnx")
-    ensure_onnx(out, sdxl_folder, profile=SMALL_PROFILE, progress=False)
-    return out
 
 
 def test_the_base_exports_five_graphs_with_sdxl_interfaces(sdxl_folder, sdxl_export):
