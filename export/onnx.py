@@ -38,8 +38,9 @@ log = logging.getLogger("export")
 
 OPSET = 17
 # Bump when a change here alters the exported graphs, so existing artifacts are rebuilt.
-# 2: graphs carry the digest of their weights (export/graph_stamp.py); 3: and their weight map (weight_map.py)
-EXPORTER_VERSION = 3
+# 2: graphs carry the digest of their weights (export/graph_stamp.py); 3: and their weight map (weight_map.py);
+# 4: the UNet's context length is a dynamic axis (long prompts: K x 77 tokens), no longer fixed at 77
+EXPORTER_VERSION = 4
 # Protobuf cannot serialise a message of 2 GiB or more; keep a margin for the graph itself.
 EXTERNAL_DATA_BYTES = 1_800_000_000
 # The graph dtypes export writes; bf16 exists only as a TensorRT engine precision (export/tensorrt.py).
@@ -228,8 +229,8 @@ def export_network(
     """Export `module` (a `network_module`) to out_dir/<spec.name>.onnx; return the file names written.
 
     The graph is traced near `sample` (an ImageShape, default the default profile's opt shape; see
-    _odd_latent) with every batch / height / width axis dynamic. Graphs whose weights exceed ~1.8 GB keep them in
-    <name>.onnx.data beside the graph. Files appear in out_dir only once written and checked.
+    _odd_latent) with every batch / height / width / context-token axis dynamic. Graphs whose weights exceed
+    ~1.8 GB keep them in <name>.onnx.data beside the graph. Files appear in out_dir only once written and checked.
     """
     import onnx
     import onnxslim
@@ -238,7 +239,10 @@ def export_network(
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype, device = _module_dtype_device(module)
     dtype_name(dtype)
-    inputs = spec.sample_inputs(_odd_latent(sample or ShapeProfile().opt, spec.factor), dtype=dtype, device=device)
+    # The UNet is traced with a 2-chunk context: a size frozen into the trace would then break the common
+    # 1-chunk case, not hide behind it (as _odd_latent does for the latent size).
+    image = _odd_latent(sample or ShapeProfile().opt, spec.factor)
+    inputs = spec.sample_inputs(image, dtype=dtype, device=device, chunks=2)
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     external = weight_bytes > EXTERNAL_DATA_BYTES
     graph_name, data_name = f"{spec.name}.onnx", f"{spec.name}.onnx.data"
@@ -304,7 +308,8 @@ def _odd_latent(image: ImageShape, factor: int) -> ImageShape:
 
 
 def _check_interface(model, spec: NetworkSpec, path: Path) -> None:
-    """The cleaned graph must keep our tensor names and only standard ONNX ops."""
+    """The cleaned graph must keep our tensor names, a symbolic dim on every dynamic input axis of the spec
+    (a traced size can freeze an axis silently), and only standard ONNX ops."""
     inputs = [value.name for value in model.graph.input]
     outputs = [value.name for value in model.graph.output]
     if inputs != spec.input_names or outputs != spec.output_names:
@@ -312,6 +317,15 @@ def _check_interface(model, spec: NetworkSpec, path: Path) -> None:
             f"{path}: exported graph has inputs {inputs} / outputs {outputs}, expected "
             f"{spec.input_names} / {spec.output_names}"
         )
+    axes = spec.dynamic_axes()
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        for axis, axis_name in axes[value.name].items():
+            if not dims[axis].dim_param:
+                raise ArtifactError(
+                    f"{path}: input {value.name!r} axis {axis} ({axis_name}) came out fixed at "
+                    f"{dims[axis].dim_value}, not dynamic"
+                )
     custom = sorted({node.op_type for node in model.graph.node if node.domain not in ("", "ai.onnx")})
     if custom:
         raise ArtifactError(

@@ -7,6 +7,9 @@ Shapes are described once, symbolically, with these dimension symbols:
     "B"  the network's batch (the guided UNet and the text encoder see 2x the image batch)
     "H", "W"  image height and width in pixels
     "h", "w"  latent height and width = H / factor, W / factor (factor 8 for every SD VAE)
+    "T"  the UNet's text context length: K x 77 tokens for a prompt of K chunks (runtime/prompt_syntax.py:
+         more than 75 tokens, or BREAK, takes more chunks). Any multiple of the chunk runs on onnxruntime;
+         TensorRT engines take 1 .. TENSORRT_CONTEXT_CHUNKS chunks (their profile: min = opt = 1 chunk).
 
 The VAE encoder outputs the latent distribution's mean ("latent", what AutoencoderKL.encode returns)
 and its log-variance ("latent_logvar"), so img2img can sample the posterior as diffusers does.
@@ -25,9 +28,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-SYMBOLS = ("B", "H", "W", "h", "w")
+SYMBOLS = ("B", "H", "W", "h", "w", "T")
 # Readable names for the dynamic axes in the ONNX graph (TensorRT and Netron show them).
-AXIS_NAMES = {"B": "batch", "H": "height", "W": "width", "h": "latent_height", "w": "latent_width"}
+AXIS_NAMES = {
+    "B": "batch",
+    "H": "height",
+    "W": "width",
+    "h": "latent_height",
+    "w": "latent_width",
+    "T": "context_tokens",
+}
+# A TensorRT engine's profile covers contexts of 1 .. this many prompt chunks (3 x 77 = 231 tokens).
+TENSORRT_CONTEXT_CHUNKS = 3
 # Every network any model has, in export order; NETWORKS_OF says which ones a model kind has.
 NETWORKS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 NETWORKS_OF = {
@@ -120,6 +132,7 @@ class NetworkSpec:
     outputs: tuple[TensorSpec, ...]
     factor: int = 8  # pixels per latent cell (the VAE's downsampling factor)
     guided: bool = False  # batch is [uncond; cond]: up to 2x the image batch
+    chunk_tokens: int = 0  # tokens per prompt chunk (77) where an input has the "T" axis; 0: none has
     component: str = field(default="", compare=False)  # the model folder the weights come from
 
     @property
@@ -137,31 +150,36 @@ class NetworkSpec:
             for tensor in self.inputs + self.outputs
         }
 
-    def symbols(self, image: ImageShape, *, guided: bool | None = None) -> dict[str, int]:
-        """Symbol values for an image batch; guided networks double the batch unless guided=False."""
+    def symbols(self, image: ImageShape, *, guided: bool | None = None, chunks: int = 1) -> dict[str, int]:
+        """Symbol values for an image batch; guided networks double the batch unless guided=False.
+        A network with a context axis gets T = chunks x chunk_tokens."""
         doubled = self.guided if guided is None else (guided and self.guided)
         if image.height % self.factor or image.width % self.factor:
             raise ValueError(
                 f"{self.name}: image size {image.height}x{image.width} is not a multiple "
                 f"of the VAE factor {self.factor}"
             )
-        return {
+        values = {
             "B": image.batch * (2 if doubled else 1),
             "H": image.height,
             "W": image.width,
             "h": image.height // self.factor,
             "w": image.width // self.factor,
         }
+        if self.chunk_tokens:
+            values["T"] = chunks * self.chunk_tokens
+        return values
 
     def profile_shapes(self, profile: ShapeProfile) -> dict[str, tuple[tuple, tuple, tuple]]:
         """{input name: (min shape, opt shape, max shape)}, a TensorRT optimization profile.
 
         A guided network's minimum keeps the single image batch so that guidance <= 1 (one UNet
-        pass on the conditional half only) still fits; opt and max are doubled.
+        pass on the conditional half only) still fits; opt and max are doubled. The context axis runs
+        from one chunk (min and opt: most prompts have one) to TENSORRT_CONTEXT_CHUNKS chunks.
         """
         profile.check_multiple_of(self.factor)
         low = self.symbols(profile.min, guided=False)
-        mid, high = self.symbols(profile.opt), self.symbols(profile.max)
+        mid, high = self.symbols(profile.opt), self.symbols(profile.max, chunks=TENSORRT_CONTEXT_CHUNKS)
         return {tensor.name: (tensor.shape(low), tensor.shape(mid), tensor.shape(high)) for tensor in self.inputs}
 
     def bind(self, input_shapes: Mapping[str, tuple]) -> dict[str, int]:
@@ -196,7 +214,21 @@ class NetworkSpec:
         if "H" in values:
             values.setdefault("h", values["H"] // self.factor)
             values.setdefault("w", values["W"] // self.factor)
+        if "T" in values:
+            self.context_chunks(values["T"])
         return values
+
+    def context_chunks(self, tokens: int) -> int:
+        """K for a context of `tokens` = K x chunk_tokens tokens; a clear error for any other length."""
+        name = next((t.name for t in self.inputs if "T" in t.dims), None)
+        if name is None:
+            raise ValueError(f"{self.name}: no input has a context-token axis")
+        if tokens < self.chunk_tokens or tokens % self.chunk_tokens:
+            raise ValueError(
+                f"{self.name}: input {name!r} has {tokens} context tokens, which is not a multiple of "
+                f"{self.chunk_tokens}: a prompt's context is K x {self.chunk_tokens} tokens (K = 1, 2, 3, ...)"
+            )
+        return tokens // self.chunk_tokens
 
     def to_dict(self) -> dict:
         """JSON form, stored in the manifest so engines can be built without loading the model."""
@@ -205,6 +237,7 @@ class NetworkSpec:
             "component": self.component,
             "factor": self.factor,
             "guided": self.guided,
+            "chunk_tokens": self.chunk_tokens,
             "inputs": [[t.name, list(t.dims), t.dtype, t.high] for t in self.inputs],
             "outputs": [[t.name, list(t.dims), t.dtype, t.high] for t in self.outputs],
         }
@@ -217,6 +250,7 @@ class NetworkSpec:
                 component=data["component"],
                 factor=data["factor"],
                 guided=data["guided"],
+                chunk_tokens=data.get("chunk_tokens", 0),  # absent in exports made before the "T" axis
                 inputs=tuple(TensorSpec(n, tuple(d), t, h) for n, d, t, h in data["inputs"]),
                 outputs=tuple(TensorSpec(n, tuple(d), t, h) for n, d, t, h in data["outputs"]),
             )
@@ -234,10 +268,12 @@ class NetworkSpec:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         seed: int = 0,
+        chunks: int = 1,
     ) -> tuple[torch.Tensor, ...]:
-        """Random inputs of the right names' shapes and dtypes (in input order); never zeros."""
+        """Random inputs of the right names' shapes and dtypes (in input order), a context of `chunks`
+        prompt chunks; never zeros."""
         generator = torch.Generator("cpu").manual_seed(seed)
-        values = self.symbols(image)
+        values = self.symbols(image, chunks=chunks)
         tensors = []
         for tensor in self.inputs:
             shape, tensor_dtype = tensor.shape(values), tensor.torch_dtype(dtype)
@@ -288,13 +324,15 @@ def sdxl_text_encoder_spec(name: str, text_config) -> NetworkSpec:
 
 
 def unet_spec(unet_config, vae_config, text_length: int = 77, pooled_width: int | None = None) -> NetworkSpec:
-    """pooled_width: SDXL's UNet (addition_embed_type "text_time") also takes text_embeds [B, pooled_width]
+    """text_length: tokens per prompt chunk (the text encoder's window); the context is [B, T, C], T any
+    multiple of it (a long prompt's chunks side by side).
+    pooled_width: SDXL's UNet (addition_embed_type "text_time") also takes text_embeds [B, pooled_width]
     and time_ids [B, n], n = (projection_class_embeddings_input_dim - pooled_width) / addition_time_embed_dim."""
     # Timesteps travel as float32 [B]: Euler-family schedulers use fractional timesteps.
     inputs = (
         TensorSpec("sample", ("B", unet_config.in_channels, "h", "w"), "float"),
         TensorSpec("timestep", ("B",), "float32"),
-        TensorSpec("encoder_hidden_states", ("B", text_length, unet_config.cross_attention_dim), "float"),
+        TensorSpec("encoder_hidden_states", ("B", "T", unet_config.cross_attention_dim), "float"),
     )
     if pooled_width is not None:
         time_ids = (unet_config.projection_class_embeddings_input_dim - pooled_width) // (
@@ -309,6 +347,7 @@ def unet_spec(unet_config, vae_config, text_length: int = 77, pooled_width: int 
         component="unet",
         guided=True,
         factor=vae_factor(vae_config),
+        chunk_tokens=text_length,
         inputs=inputs,
         outputs=(TensorSpec("out_sample", ("B", unet_config.out_channels, "h", "w"), "float"),),
     )

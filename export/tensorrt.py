@@ -159,16 +159,30 @@ def check_engine_compatible(
 
 
 def check_shapes_in_profile(meta: dict, shapes: dict[str, tuple], plan_path) -> None:
-    """Every input shape must lie within the engine's optimization profile, dim by dim."""
+    """Every input shape must lie within the engine's optimization profile, dim by dim. A context longer
+    than the profile's is named as such: the prompt's chunks against the engine's most."""
+    spec = NetworkSpec.from_dict(meta["spec"])
     for name, shape in shapes.items():
         if name not in meta["profile"]:
             raise EngineMismatchError(f"{plan_path} has no input {name!r}; its inputs are {sorted(meta['profile'])}")
         low, _, high = meta["profile"][name]
+        dims = next(tensor.dims for tensor in spec.inputs if tensor.name == name)
+        if "T" in dims and len(shape) == len(dims):
+            _check_context_length(shape[dims.index("T")], high[dims.index("T")], spec.chunk_tokens, plan_path)
         if len(shape) != len(low) or any(not lo <= size <= hi for size, lo, hi in zip(shape, low, high)):
             raise EngineMismatchError(
                 f"{plan_path}: input {name!r} shape {list(shape)} is outside the engine's profile "
                 f"(min {low}, max {high}); export again with wider --min/--max"
             )
+
+
+def _check_context_length(tokens: int, most: int, chunk: int, plan_path) -> None:
+    if tokens > most:
+        chunks = -(-tokens // chunk)
+        raise EngineMismatchError(
+            f"{plan_path}: a prompt of {chunks} chunks needs context length {chunks}*{chunk} = {tokens}; this "
+            f"engine takes at most {most} ({most // chunk} chunks): shorten the prompt (fewer BREAKs or tokens)"
+        )
 
 
 def engine_key_fields(

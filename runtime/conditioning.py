@@ -1,8 +1,8 @@
 """SDXL's conditioning, numerically diffusers' StableDiffusionXL[Img2Img|Inpaint]Pipeline.
 
 The UNet reads three things per row of the guided batch [uncond; cond]:
-  context      [2B, 77, 768 + 1280]  the penultimate hidden states of both text encoders side by side
-                                     (the refiner: encoder 2 alone, 1280)
+  context      [2B, T, 768 + 1280]   the penultimate hidden states of both text encoders side by side
+                                     (the refiner: encoder 2 alone, 1280); T = K x 77 for K prompt chunks
   text_embeds  [2B, 1280]            encoder 2's pooled, projected state
   time_ids     [2B, 6]               micro-conditioning: original size (h, w), crop top-left (y, x),
                                      target size (h, w); the refiner: size, crop, aesthetic score [2B, 5]

@@ -7,7 +7,9 @@ checks each engine's metadata (TensorRT version, GPU, ONNX hash) before loading 
 components.unet / .text_encoder / .vae with the same stand-ins as the onnxruntime backend. A call
 with new input shapes is checked against the engine's profile, then gets its own static input and
 output buffers and one captured CUDA graph of execute_async_v3; later calls with those shapes copy
-inputs in, replay the graph, and return copies of the outputs.
+inputs in, replay the graph, and return copies of the outputs. The UNet's profile covers contexts of 1 to 3
+prompt chunks (77 .. 231 tokens, export/specs.py); a longer prompt is refused at its first UNet call, the
+message naming its chunks and the engine's limit.
 
 LoRAs need refittable engines (refittable=True): `set_initializers` refits the engine with the merged
 weights through trt.Refitter (export/tensorrt.py's refit_engine), no rebuild. The captured graphs are

@@ -1,4 +1,5 @@
-"""Shared fixtures of the export tests: small random SD1/SD2 diffusers folders and the sizes used."""
+"""Shared fixtures of the export tests: small random SD1/SD2 and SDXL base / refiner diffusers folders, their
+fp32 ONNX exports (once per session), and the sizes used."""
 
 import pytest
 
@@ -38,3 +39,37 @@ def onnx_export(model_folder, tmp_path_factory):
         return cache[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def sdxl_folder(tmp_path_factory):
+    from tests.sdxl_factory import save_sdxl_folder
+
+    return save_sdxl_folder(tmp_path_factory.mktemp("sdxl") / "base", "sdxl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def sdxl_export(sdxl_folder, tmp_path_factory):
+    """The SDXL base's five fp32 graphs."""
+    from export.onnx import ensure_onnx
+
+    out = tmp_path_factory.mktemp("sdxl-onnx")
+    ensure_onnx(out, sdxl_folder, profile=SMALL_PROFILE, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def refiner_folder(tmp_path_factory):
+    from tests.sdxl_factory import save_sdxl_folder
+
+    return save_sdxl_folder(tmp_path_factory.mktemp("sdxl") / "refiner", "sdxl-refiner", seed=1)
+
+
+@pytest.fixture(scope="session")
+def refiner_export(refiner_folder, tmp_path_factory):
+    """The SDXL refiner's four fp32 graphs (text encoder 2, UNet, VAE decoder and encoder)."""
+    from export.onnx import ensure_onnx
+
+    out = tmp_path_factory.mktemp("refiner-onnx")
+    ensure_onnx(out, refiner_folder, profile=SMALL_PROFILE, progress=False)
+    return out

@@ -7,27 +7,14 @@ import torch
 
 import runtime
 from export.manifest import Manifest
-from export.onnx import ensure_onnx, model_networks, network_module, specs_of
+from export.onnx import model_networks, network_module, specs_of
 from export.specs import NETWORKS_OF, ShapeProfile
 from runtime.backends.onnxruntime_backend import OrtNetwork
 from runtime.images import psnr
 from runtime.weights import load_components
 from tests.export.conftest import CHECK_SHAPE, SMALL_PROFILE
-from tests.sdxl_factory import save_sdxl_folder
 
 MIN_PSNR_DB = 30.0
-
-
-@pytest.fixture(scope="module")
-def sdxl_folder(tmp_path_factory):
-    return save_sdxl_folder(tmp_path_factory.mktemp("sdxl") / "base", "sdxl", seed=0)
-
-
-@pytest.fixture(scope="module")
-def sdxl_export(sdxl_folder, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sdxl-onnx")
-    ensure_onnx(out, sdxl_folder, profile=SMALL_PROFILE, progress=False)
-    return out
 
 
 def test_the_base_exports_five_graphs_with_sdxl_interfaces(sdxl_folder, sdxl_export):
@@ -107,7 +94,7 @@ def test_tensorrt_engines_for_every_sdxl_network(sdxl_folder, sdxl_export, tmp_p
     assert [name for name, _ in built] == [f"{n}.plan" for n in NETWORKS_OF["sdxl"]] and all(r for _, r in built)
     meta = trt_export.read_metadata(plans["unet"])
     assert meta["profile"]["time_ids"] == [[1, 6], [2, 6], [8, 6]] and meta["refittable"] is True
-    assert meta["profile"]["encoder_hidden_states"][2] == [8, 77, 192]  # 64 + 128: both encoders
+    assert meta["profile"]["encoder_hidden_states"][2] == [8, 231, 192]  # 64 + 128: both encoders; 3 chunks
     assert trt_export.read_metadata(plans["text_encoder_2"])["spec"]["outputs"][1][0] == "text_embeds"
 
 

@@ -38,7 +38,8 @@ def test_default_profile_of_the_guided_unet(specs):
     # min keeps one image (guidance <= 1 runs the conditional half only); opt and max are doubled.
     assert shapes["sample"] == ((1, 9, 32, 32), (2, 9, 64, 64), (8, 9, 128, 128))
     assert shapes["timestep"] == ((1,), (2,), (8,))
-    assert shapes["encoder_hidden_states"] == ((1, 77, 768), (2, 77, 768), (8, 77, 768))
+    # The context: one prompt chunk at min and opt, three (231 tokens) at max.
+    assert shapes["encoder_hidden_states"] == ((1, 77, 768), (2, 77, 768), (8, 231, 768))
     assert specs["text_encoder"].profile_shapes(ShapeProfile())["input_ids"] == ((1, 77), (2, 77), (8, 77))
 
 
@@ -56,6 +57,7 @@ def test_dynamic_axes_name_every_symbolic_dim(specs):
     assert specs["unet"].dynamic_axes()["sample"] == {0: "batch", 2: "latent_height", 3: "latent_width"}
     assert specs["vae_decoder"].dynamic_axes()["images"] == {0: "batch", 2: "height", 3: "width"}
     assert specs["text_encoder"].dynamic_axes()["input_ids"] == {0: "batch"}
+    assert specs["unet"].dynamic_axes()["encoder_hidden_states"] == {0: "batch", 1: "context_tokens"}
 
 
 def test_output_shapes_follow_the_inputs(specs):
@@ -67,6 +69,19 @@ def test_output_shapes_follow_the_inputs(specs):
     assert specs["unet"].output_shapes(
         {"sample": (2, 9, 5, 7), "timestep": (2,), "encoder_hidden_states": (2, 77, 768)}
     ) == {"out_sample": (2, 4, 5, 7)}
+    long = {"sample": (2, 9, 5, 7), "timestep": (2,), "encoder_hidden_states": (2, 4 * 77, 768)}
+    assert specs["unet"].output_shapes(long) == {"out_sample": (2, 4, 5, 7)}
+    assert specs["unet"].context_chunks(4 * 77) == 4
+
+
+def test_a_context_that_is_not_whole_chunks_is_refused(specs):
+    unet = specs["unet"]
+    for tokens in (76, 100, 155, 0):
+        shapes = {"sample": (2, 9, 5, 7), "timestep": (2,), "encoder_hidden_states": (2, tokens, 768)}
+        with pytest.raises(ValueError, match=f"has {tokens} context tokens, which is not a multiple of 77"):
+            unet.bind(shapes)
+    with pytest.raises(ValueError, match="vae_decoder: no input has a context-token axis"):
+        specs["vae_decoder"].context_chunks(77)
 
 
 def test_bind_reports_bad_shapes(specs):
@@ -75,7 +90,7 @@ def test_bind_reports_bad_shapes(specs):
         unet.bind({"sample": (2, 9, 5), "timestep": (2,), "encoder_hidden_states": (2, 77, 768)})
     with pytest.raises(ValueError, match="dim batch is 3 but another input says 2"):
         unet.bind({"sample": (2, 9, 5, 7), "timestep": (3,), "encoder_hidden_states": (2, 77, 768)})
-    with pytest.raises(ValueError, match=r"expected \[batch, 77, 768\]"):
+    with pytest.raises(ValueError, match=r"expected \[batch, context_tokens, 768\]"):
         unet.bind({"sample": (2, 9, 5, 7), "timestep": (2,), "encoder_hidden_states": (2, 77, 1024)})
     with pytest.raises(ValueError, match="missing input 'timestep'"):
         unet.bind({"sample": (2, 9, 5, 7), "encoder_hidden_states": (2, 77, 768)})
@@ -85,6 +100,7 @@ def test_sample_inputs_have_the_right_shapes_dtypes_and_are_not_zero(specs):
     sample, timestep, context = specs["unet"].sample_inputs(ImageShape(2, 64, 48), dtype=torch.float16)
     assert sample.shape == (4, 9, 8, 6) and sample.dtype == torch.float16
     assert sample.abs().sum() > 0 and context.shape == (4, 77, 768)
+    assert specs["unet"].sample_inputs(ImageShape(1, 64, 48), chunks=3)[2].shape == (2, 231, 768)
     assert timestep.dtype == torch.float32 and ((timestep > 0) & (timestep < 1000)).all()
     (ids,) = specs["text_encoder"].sample_inputs(ImageShape(1, 64, 64))
     assert ids.dtype == torch.int64 and ids.shape == (2, 77) and ids.max() < 49408 and ids.unique().numel() > 10
@@ -93,5 +109,8 @@ def test_sample_inputs_have_the_right_shapes_dtypes_and_are_not_zero(specs):
 def test_spec_round_trips_through_json(specs):
     for spec in specs.values():
         assert NetworkSpec.from_dict(spec.to_dict()) == spec
+    assert NetworkSpec.from_dict(specs["unet"].to_dict()).chunk_tokens == 77
+    old = {key: value for key, value in specs["vae_decoder"].to_dict().items() if key != "chunk_tokens"}
+    assert NetworkSpec.from_dict(old) == specs["vae_decoder"]  # manifests written before the context axis
     with pytest.raises(ValueError, match="malformed network spec"):
         NetworkSpec.from_dict({"name": "unet"})

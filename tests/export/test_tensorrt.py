@@ -80,6 +80,20 @@ def test_shapes_outside_the_profile_are_refused():
         check_shapes_in_profile(meta, {"latent": (1, 4, 8, 8)}, "unet.plan")
 
 
+def test_a_context_past_the_profile_names_the_prompt_chunks_and_the_limit():
+    meta = _meta()
+    assert meta["profile"]["encoder_hidden_states"] == [[1, 77, 768], [2, 77, 768], [8, 231, 768]]
+    shapes = {"sample": (2, 4, 64, 96), "timestep": (2,)}
+    for tokens in (77, 154, 231):
+        check_shapes_in_profile(meta, {**shapes, "encoder_hidden_states": (2, tokens, 768)}, "unet.plan")
+    with pytest.raises(
+        EngineMismatchError,
+        match=r"unet.plan: a prompt of 4 chunks needs context length 4\*77 = 308; "
+        r"this engine takes at most 231 \(3 chunks\)",
+    ):
+        check_shapes_in_profile(meta, {**shapes, "encoder_hidden_states": (2, 308, 768)}, "unet.plan")
+
+
 def test_metadata_file_problems_are_named(tmp_path):
     plan = tmp_path / "unet.plan"
     with pytest.raises(ArtifactError, match="unet.plan does not exist"):
@@ -203,6 +217,7 @@ def test_engines_are_reused_rebuilt_and_checked_on_load(model_folder, onnx_expor
     assert meta["onnx_sha256"] == manifest.artifacts["unet.onnx"]["files"]["unet.onnx"]["sha256"]
     assert meta["profile"]["sample"] == [[1, 4, 4, 4], [2, 4, 8, 8], [8, 4, 16, 16]]
     assert meta["tensorrt_version"] == "10.3.0" and meta["compute_capability"] == "9.0"
+    assert meta["profile"]["encoder_hidden_states"] == [[1, 77, 64], [2, 77, 64], [8, 231, 64]]  # 1 .. 3 chunks
 
     trt_export.ensure_engines(out, folder, **build)
     assert len(built) == 2  # same inputs: nothing rebuilt
@@ -228,3 +243,46 @@ def test_engines_are_reused_rebuilt_and_checked_on_load(model_folder, onnx_expor
     plans["vae_decoder"].write_bytes(b"cut")
     with pytest.raises(ArtifactError, match=r"vae_decoder.plan is 3 bytes but manifest.json says"):
         trt_export.ensure_engines(out, folder, options=EngineOptions("bf16"), **build)
+
+
+def test_a_tensorrt_unet_refuses_a_context_past_its_profile_naming_the_limit(
+    model_folder, onnx_export, tmp_path, monkeypatch
+):
+    """The stand-in's path to the engine (DeployedUNet -> TensorRTNetwork.run) with an engine's metadata from
+    ensure_engines (TensorRT faked): 4 chunks are refused before any TensorRT call; 100 tokens before that."""
+    import shutil
+
+    import torch
+
+    import export.tensorrt as trt_export
+    from export.onnx import stored_spec
+    from runtime.backends.deployed import DeployedNetwork, DeployedUNet
+    from runtime.backends.tensorrt_backend import TensorRTNetwork
+    from tests.export.conftest import SMALL_PROFILE
+
+    out = shutil.copytree(onnx_export("sd1"), tmp_path / "engines")
+    fake = _FakeTensorRT("tensorrt")
+    fake.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trt_export, "current_gpu", lambda: dict(H100))
+
+    def fake_build(onnx_path, plan_path, spec, profile, options, timing_cache_path, meta):
+        plan_path.write_bytes(b"not an engine")
+        metadata_path(plan_path).write_text(json.dumps(meta))
+
+    monkeypatch.setattr(trt_export, "build_engine", fake_build)
+    build = dict(profile=SMALL_PROFILE, networks=["unet"], progress=False)
+    plans = trt_export.ensure_engines(out, model_folder("sd1"), **build)
+    network = TensorRTNetwork.__new__(TensorRTNetwork)  # no engine to load: only the checks before it run
+    DeployedNetwork.__init__(network, stored_spec(Manifest.open(out), "unet"), "cpu", *[torch.float32] * 2)
+    network.meta, network.graphs, network.plan_path = read_metadata(plans["unet"]), {}, plans["unet"]
+    unet = DeployedUNet(network, config=None)
+    sample = torch.randn(2, 4, 6, 8)
+    with pytest.raises(
+        EngineMismatchError,
+        match=r"unet.plan: a prompt of 4 chunks needs context length 4\*77 = 308; "
+        r"this engine takes at most 231 \(3 chunks\)",
+    ):
+        unet(sample, 400, torch.randn(2, 4 * 77, 64))
+    with pytest.raises(ValueError, match="has 100 context tokens, which is not a multiple of 77"):
+        unet(sample, 400, torch.randn(2, 100, 64))
