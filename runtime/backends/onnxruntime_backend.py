@@ -20,8 +20,8 @@ with relative error 0.90 against torch; 1.3e-6 at EXTENDED). With no replacement
 Sessions never spin-wait (`session.intra_op.allow_spinning` 0): the pipeline runs torch (scheduler,
 guidance) between ONNX calls in the same process, and onnxruntime's idle threads spinning for work took the
 cores from torch's threads. On this 2-core CPU (tiny preset, `python -m runtime.bench`) spinning made every
-row slower, not only this one (onnxruntime step 6.6-8.1 ms -> 4.7-5.9 ms, torch 14-18 -> 10.5-14 ms) and
-widened every row's p10-p90 spread about fivefold.
+row slower, not only this one (onnxruntime step 6.6-8.1 ms -> 4.7-5.9 ms, torch 14-18 -> 10.5-14 ms), and
+widened the spreads (the torch row's p90 was 20-23 ms in three runs with spinning, 12-20 ms in four without).
 """
 
 from __future__ import annotations
