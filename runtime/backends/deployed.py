@@ -130,7 +130,8 @@ class DeployedTextEncoder(_LoraTarget):
 
 class DeployedUNet(_LoraTarget):
     """The exported UNet. Its context is [B, K x 77, C] for a prompt of K chunks (export/specs.py's "T"
-    axis): any K on onnxruntime, 1 .. 3 on TensorRT (its profile); another length is a clear error."""
+    axis): any K on onnxruntime, 1 .. 3 on TensorRT (its profile); another length is a clear error from
+    the network's spec (NetworkSpec.bind), before the engine runs."""
 
     def __call__(
         self,
@@ -140,9 +141,6 @@ class DeployedUNet(_LoraTarget):
         text_embeds: torch.Tensor | None = None,
         time_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        spec = self.network.spec
-        if spec.chunk_tokens:  # exports before the context axis fix 77 tokens; bind says so
-            spec.context_chunks(encoder_hidden_states.shape[1])
         timestep = timestep_batch(timestep, sample.shape[0], sample.device)
         inputs = dict(sample=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states)
         added = {"text_embeds": text_embeds, "time_ids": time_ids}

@@ -67,6 +67,7 @@ class TensorRTNetwork(DeployedNetwork):
         shapes = {name: tuple(value.shape) for name, value in inputs.items()}
         key = tuple(sorted(shapes.items()))
         if key not in self.graphs:
+            self.spec.bind(shapes)  # the spec's own errors first (a context of whole chunks), then the profile's
             check_shapes_in_profile(self.meta, shapes, self.plan_path)
             self.graphs[key] = self._capture(shapes)
         graph, static_inputs, static_outputs = self.graphs[key]

@@ -26,12 +26,11 @@ def check_prompt(pipe, prompt: str, field: str = "prompt") -> None:
         return
     if pipe.lora_dir is None:
         raise FieldError(field, f"{tags[0].tag}: this server has no LoRAs (it was started without --lora-dir)")
-    offered = prompt_loras.available(pipe.lora_dir)
     for tag in tags:
         try:
             prompt_loras.resolve(tag.name, pipe.lora_dir)
         except prompt_loras.PromptLoraError:
-            listing = ", ".join(offered) if offered else "none"
+            listing = ", ".join(prompt_loras.available(pipe.lora_dir)) or "none"
             raise FieldError(field, f"{tag.tag}: unknown LoRA {tag.name!r}; this server has: {listing}") from None
 
 

@@ -27,49 +27,48 @@ def model_folder(tmp_path_factory):
 @pytest.fixture(scope="session")
 def onnx_export(model_folder, tmp_path_factory):
     """kind -> an export directory holding that kind's four fp32 graphs (exported once per session)."""
-    from export.onnx import ensure_onnx
-
     cache = {}
 
     def get(kind: str):
         if kind not in cache:
-            out = tmp_path_factory.mktemp(f"{kind}-onnx")
-            ensure_onnx(out, model_folder(kind), profile=SMALL_PROFILE, progress=False)
-            cache[kind] = out
+            cache[kind] = _exported(model_folder(kind), tmp_path_factory.mktemp(f"{kind}-onnx"))
         return cache[kind]
 
     return get
 
 
-@pytest.fixture(scope="session")
-def sdxl_folder(tmp_path_factory):
+def _exported(folder, out):
+    """`folder`'s fp32 graphs exported into `out` at SMALL_PROFILE."""
+    from export.onnx import ensure_onnx
+
+    ensure_onnx(out, folder, profile=SMALL_PROFILE, progress=False)
+    return out
+
+
+def _sdxl(tmp_path_factory, kind: str, seed: int):
     from tests.sdxl_factory import save_sdxl_folder
 
-    return save_sdxl_folder(tmp_path_factory.mktemp("sdxl") / "base", "sdxl", seed=0)
+    role = "base" if kind == "sdxl" else "refiner"
+    return save_sdxl_folder(tmp_path_factory.mktemp("sdxl") / role, kind, seed=seed)
+
+
+@pytest.fixture(scope="session")
+def sdxl_folder(tmp_path_factory):
+    return _sdxl(tmp_path_factory, "sdxl", seed=0)
 
 
 @pytest.fixture(scope="session")
 def sdxl_export(sdxl_folder, tmp_path_factory):
     """The SDXL base's five fp32 graphs."""
-    from export.onnx import ensure_onnx
-
-    out = tmp_path_factory.mktemp("sdxl-onnx")
-    ensure_onnx(out, sdxl_folder, profile=SMALL_PROFILE, progress=False)
-    return out
+    return _exported(sdxl_folder, tmp_path_factory.mktemp("sdxl-onnx"))
 
 
 @pytest.fixture(scope="session")
 def refiner_folder(tmp_path_factory):
-    from tests.sdxl_factory import save_sdxl_folder
-
-    return save_sdxl_folder(tmp_path_factory.mktemp("sdxl") / "refiner", "sdxl-refiner", seed=1)
+    return _sdxl(tmp_path_factory, "sdxl-refiner", seed=1)
 
 
 @pytest.fixture(scope="session")
 def refiner_export(refiner_folder, tmp_path_factory):
     """The SDXL refiner's four fp32 graphs (text encoder 2, UNet, VAE decoder and encoder)."""
-    from export.onnx import ensure_onnx
-
-    out = tmp_path_factory.mktemp("refiner-onnx")
-    ensure_onnx(out, refiner_folder, profile=SMALL_PROFILE, progress=False)
-    return out
+    return _exported(refiner_folder, tmp_path_factory.mktemp("refiner-onnx"))

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
 import socket
 import threading
 import time
 
+import numpy as np
+import PIL.Image
 import pytest
 import uvicorn
 
@@ -60,3 +64,24 @@ def server(tiny_pipe):
     """(base URL, app) of a server with an API key, shared by a test module."""
     with running_server({"tiny": tiny_pipe}, api_key="test-key") as running:
         yield running
+
+
+def served_pixels(b64: str) -> np.ndarray:
+    """The RGB pixels of a base64 PNG the server returned."""
+    return np.asarray(PIL.Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+def in_process_twin(pipe, body: dict) -> np.ndarray:
+    """The pixels `pipe` makes in-process for an A1111 txt2img `body` with sampler "Euler"."""
+    assert body["sampler_name"] == "Euler"
+    image = pipe.generate(
+        body["prompt"],
+        seed=body["seed"],
+        guidance=body["cfg_scale"],
+        steps=body["steps"],
+        width=body["width"],
+        height=body["height"],
+        scheduler="euler",
+        progress=False,
+    )[0]
+    return np.asarray(image)

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 import runtime
 from runtime.images import psnr
 from tests.lora_factory import write_kohya_unet_lora
-from tests.serve.conftest import running_server
+from tests.serve.conftest import in_process_twin, running_server, served_pixels
 
 STEPS, SIZE = 2, 32
 LORA_EFFECT_DB = 35.0  # a LoRA here moves its image to 20-29 dB of the image without it
@@ -47,22 +47,7 @@ def _body(prompt: str, seed: int) -> dict:
 
 def _image(response) -> np.ndarray:
     assert response.status_code == 200, response.text
-    b64 = response.json()["images"][0]
-    return np.asarray(PIL.Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
-
-
-def _local(pipe, body) -> np.ndarray:
-    image = pipe.generate(
-        body["prompt"],
-        seed=body["seed"],
-        guidance=body["cfg_scale"],
-        steps=STEPS,
-        width=SIZE,
-        height=SIZE,
-        scheduler="euler",
-        progress=False,
-    )[0]
-    return np.asarray(image)
+    return served_pixels(response.json()["images"][0])
 
 
 def test_each_request_gets_its_own_loras_and_other_loras_never_share_a_loop(lora_pipe):
@@ -74,11 +59,13 @@ def test_each_request_gets_its_own_loras_and_other_loras_never_share_a_loop(lora
         loops = app.state.service.models["tiny"].batcher.progress.batches_run
     assert lora_pipe.loras == {}  # every prompt LoRA was removed after its loop
     for body, response in zip(bodies, responses):
-        served, alone = _image(response), _local(lora_pipe, body)
+        served, alone = _image(response), in_process_twin(lora_pipe, body)
         # batched: equal up to fp32 rounding, at most one level of 255 (another request's LoRA: 20-29 dB)
         assert np.abs(served.astype(int) - alone.astype(int)).max() <= 1, body["prompt"]
         if "<lora:" in body["prompt"]:
-            assert psnr(alone, _local(lora_pipe, {**body, "prompt": "a fox"})) < LORA_EFFECT_DB  # the LoRA acted
+            assert (
+                psnr(alone, in_process_twin(lora_pipe, {**body, "prompt": "a fox"})) < LORA_EFFECT_DB
+            )  # the LoRA acted
     assert 4 <= loops < len(bodies)  # four LoRA sets: at least four loops, and some requests shared one
     served_png = PIL.Image.open(io.BytesIO(base64.b64decode(responses[0].json()["images"][0])))
     assert "Lora hashes" in served_png.info["parameters"]
@@ -145,6 +132,6 @@ def test_embeddings_are_listed_and_used_by_name(embedding_pipe):
         "inkstyle": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": width, "vectors": 2}
     }
     assert list(listed["skipped"]) == ["otherfamily"]  # vectors of another width: this model cannot use it
-    assert np.array_equal(served, _local(embedding_pipe, body))  # alone in its loop: bit for bit
+    assert np.array_equal(served, in_process_twin(embedding_pipe, body))  # alone in its loop: bit for bit
     # the embedding stood in for its name (the tiny model's text weighs little: the image moves, a little)
-    assert not np.array_equal(served, _local(embedding_pipe, {**body, "prompt": "a fox, ink style"}))
+    assert not np.array_equal(served, in_process_twin(embedding_pipe, {**body, "prompt": "a fox, ink style"}))

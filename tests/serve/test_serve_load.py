@@ -3,27 +3,20 @@ timed-out, disconnected or interrupted work stops."""
 
 from __future__ import annotations
 
-import base64
-import io
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
-import PIL.Image
 import pytest
 
-from tests.serve.conftest import running_server
+from tests.serve.conftest import in_process_twin, running_server, served_pixels
 
 LOAD_SIZE, LOAD_STEPS = 32, 2  # the smallest the tiny model makes: the test is about the queue
 LONG_STEPS = 150  # a request that takes seconds, to be cancelled long before it ends
 # The issue's example: 64 requests from 16 clients (max_batch 8), each checked against its solo twin (~7 s).
 REQUESTS, CLIENTS = 64, 16
-
-
-def _image(b64: str) -> np.ndarray:
-    return np.asarray(PIL.Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
 
 
 def _request(index: int) -> dict:
@@ -53,21 +46,11 @@ def test_concurrent_clients_are_batched_and_each_gets_its_own_image(tiny_pipe):
         loops = _loops(app)
     assert [r.status_code for r in responses] == [200] * REQUESTS
     for index, response in enumerate(responses):
-        body = _request(index)
-        local = tiny_pipe.generate(
-            body["prompt"],
-            seed=body["seed"],
-            guidance=body["cfg_scale"],
-            steps=LOAD_STEPS,
-            width=LOAD_SIZE,
-            height=LOAD_SIZE,
-            scheduler="euler",
-            progress=False,
-        )
-        served = _image(response.json()["images"][0])
+        local = in_process_twin(tiny_pipe, _request(index))
+        served = served_pixels(response.json()["images"][0])
         # batched: equal up to fp32 rounding, at most one level of 255; alone: bit for bit
         tolerance = 1 if loops < REQUESTS else 0
-        assert np.abs(served.astype(int) - np.asarray(local[0]).astype(int)).max() <= tolerance, index
+        assert np.abs(served.astype(int) - local.astype(int)).max() <= tolerance, index
     assert loops < REQUESTS
 
 
